@@ -1,0 +1,3 @@
+from d2v2.cli import main
+
+raise SystemExit(main())

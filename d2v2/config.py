@@ -1,0 +1,106 @@
+"""Typed, validated configuration.
+
+Every config in the project is a pydantic model deriving from :class:`Config`: unknown keys, wrong
+types and impossible values fail early with a :class:`ConfigError` whose message names the dotted key.
+Presets are plain nested dicts; :func:`merge` lays user values over them and :func:`apply_overrides`
+applies command-line ``key.sub=value`` strings (values parsed as YAML).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import pydantic
+import yaml
+
+__all__ = ["Config", "ConfigError", "merge", "apply_overrides", "load_yaml", "validate"]
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Config(pydantic.BaseModel):
+    """Base class: strict about keys, validates on assignment, immutable defaults are copied."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` inside ``model`` (used to suggest a fix for a typo)."""
+    cls: Any = model
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}).keys())
+
+
+def validate(cls: type[C], data: Mapping[str, Any] | None, where: str = "") -> C:
+    """Build ``cls`` from ``data``; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return cls.model_validate(dict(data or {}))
+    except pydantic.ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            key = ".".join(str(p) for p in (where.split(".") if where else []) + list(loc))
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                options = _fields_at(cls, loc[:-1])
+                close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+                msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+                if options:
+                    msg += f"; valid keys: {', '.join(sorted(options))}"
+            elif "input" in e and e["type"] != "missing":
+                msg += f" (got {e['input']!r})"
+            lines.append(f"{key or cls.__name__}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Recursive dict merge: ``update`` wins; nested dicts are merged, everything else replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in (update or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; the value is parsed as YAML (``3`` -> int, ``[1,2]`` -> list)."""
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

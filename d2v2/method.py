@@ -1,0 +1,124 @@
+"""One interface for every pretraining method, and the registry that names them.
+
+data2vec 2.0 (`d2v2.data2vec2`) and the baselines (`baselines.*`) all implement
+:class:`PretrainMethod`; the engine, the benchmarks and the workflow only ever talk to this interface,
+so a comparison measures the method, not the plumbing.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from d2v2.config import Config, ConfigError, merge, validate
+
+__all__ = [
+    "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
+    "available_methods",
+]
+
+
+@dataclass
+class MethodOutput:
+    """What one pretraining forward returns."""
+
+    loss: torch.Tensor                 # scalar, normalised by ``sample_size``; call backward() on it
+    sample_size: int                   # number of predicted positions the loss averages over
+    logs: dict[str, Any] = field(default_factory=dict)   # detached scalar diagnostics
+
+
+class Masker(Protocol):
+    """Picklable callable run in data-loader workers: adds masks (and corruptions) to a batch."""
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
+class PretrainMethod(nn.Module):
+    """Base class of every pretraining method (see docs/ARCHITECTURE.md)."""
+
+    modality: str
+    cfg: Config
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def masker(self) -> Masker:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, num_updates: int) -> None:
+        """Bookkeeping after the optimiser step (the EMA teacher update); default: nothing."""
+
+    def encoder(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters excluded from weight decay beyond biases and 1-D tensors."""
+        return set()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config_cls: type[Config]
+    presets: Mapping[str, Mapping[str, Any]]
+    builder: Callable[[Config], PretrainMethod]
+
+
+_REGISTRY: dict[tuple[str, str], _Entry] = {}
+# Modules that register methods on import; imported lazily so `d2v2.config` users stay light.
+_PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm")
+
+
+def register_method(modality: str, name: str, config_cls: type[Config],
+                    presets: Mapping[str, Mapping[str, Any]]):
+    """Decorator registering ``builder(cfg) -> PretrainMethod`` under ``(modality, name)``."""
+
+    def deco(builder: Callable[[Config], PretrainMethod]):
+        _REGISTRY[(modality, name)] = _Entry(config_cls, presets, builder)
+        return builder
+
+    return deco
+
+
+def _load_providers() -> None:
+    for module in _PROVIDERS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a provider not written yet must not hide the others
+            if err.name != module:
+                raise
+
+
+def available_methods() -> list[tuple[str, str]]:
+    """Every registered ``(modality, method)`` pair."""
+    _load_providers()
+    return sorted(_REGISTRY)
+
+
+def _entry(modality: str, name: str) -> _Entry:
+    _load_providers()
+    if (modality, name) not in _REGISTRY:
+        options = ", ".join(f"{m}/{n}" for m, n in sorted(_REGISTRY))
+        raise ConfigError(f"method: '{name}' is not available for modality '{modality}' (available: {options})")
+    return _REGISTRY[(modality, name)]
+
+
+def method_config(modality: str, name: str, preset: str = "tiny",
+                  overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated config of a method: preset values, then ``overrides`` on top."""
+    entry = _entry(modality, name)
+    if preset not in entry.presets:
+        raise ConfigError(f"preset: '{preset}' unknown for {modality}/{name} (have {sorted(entry.presets)})")
+    return validate(entry.config_cls, merge(entry.presets[preset], overrides), where="method")
+
+
+def build_method(modality: str, name: str, preset: str = "tiny",
+                 overrides: Mapping[str, Any] | None = None) -> PretrainMethod:
+    """Build a method from its preset and overrides."""
+    cfg = method_config(modality, name, preset, overrides)
+    return _entry(modality, name).builder(cfg)
