@@ -1,0 +1,229 @@
+"""Masking schemes of the baselines (spec §2-§4); MAE's random masking lives in :mod:`d2v2.masking`.
+
+* :func:`beit_block_mask` - BEiT blockwise masking for data2vec 1.0 vision (spec §2): rectangles of at
+  least ``min_block`` patches with aspect ratio in [0.3, 1/0.3], placed until ~60% of the grid is masked.
+* :func:`span_mask` - wav2vec 2.0 span masking for data2vec 1.0 speech (spec §2): every frame starts a
+  span of 10 with probability ``mask_prob / span`` (0.065), ~49% of the frames masked.
+* :func:`bert_mask` - BERT/RoBERTa token corruption for MLM and data2vec 1.0 text (spec §4): 15% of the
+  tokens selected, of which 80% become ``<mask>``, 10% a random regular token and 10% stay unchanged.
+
+Each returns boolean masks (True = masked) and takes a ``torch.Generator`` so the data workers can
+reproduce a batch's masks from its seed. The ``*Masker`` classes wrap them as the picklable
+``masker(batch, generator) -> batch`` callables of docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
+    "BlockMasker", "SpanMasker", "BertMasker",
+    "PAD", "MASK", "NUM_SPECIAL",
+]
+
+# Text vocabulary (docs/ARCHITECTURE.md): <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4; regular tokens >= 5.
+PAD, MASK, NUM_SPECIAL = 1, 4, 5
+
+
+def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded by one draw of ``generator`` (same seed -> same masks)."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+def _one_beit_mask(rng: np.random.Generator, height: int, width: int, num_masked: int, min_block: int,
+                   max_block: int, log_aspect: tuple[float, float]) -> np.ndarray:
+    """BEiT's sequential placement for one image: add rectangles until ``num_masked`` patches are masked.
+
+    A rectangle of area ~U(min_block, budget) and aspect exp(U(log_aspect)) is placed at a uniform
+    position; it is accepted if it masks between 1 and ``budget`` new patches. After 10 rejected
+    placements in a row BEiT gives up, so a mask can fall slightly short of ``num_masked``.
+    """
+    mask = np.zeros((height, width), dtype=bool)
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(*sorted((min_block, budget)))    # near the end the budget is < min_block
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if h >= height or w >= width:
+                continue
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            block = mask[top:top + h, left:left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= budget:
+                block[...] = True
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    return mask.reshape(-1)
+
+
+def beit_block_mask(batch_size: int, grid: tuple[int, int], num_masked: int, generator: torch.Generator, *,
+                    min_block: int = 16, max_block: int | None = None, min_aspect: float = 0.3,
+                    max_aspect: float | None = None) -> torch.Tensor:
+    """BEiT blockwise masks ``(batch_size, H*W)`` over an ``H x W`` patch grid (spec §2, data2vec 1.0 vision).
+
+    ``max_block`` defaults to ``num_masked`` and ``max_aspect`` to ``1 / min_aspect`` as in BEiT. The
+    number of masked patches differs slightly between rows (at most ``num_masked``); data2vec 1.0 encodes
+    all patches, so rows need not match.
+    """
+    height, width = grid
+    if not 0 < num_masked < height * width:
+        raise ValueError(f"num_masked={num_masked} must be in (0, {height * width}) for a {height}x{width} grid")
+    if min_block < 1 or min_aspect <= 0:
+        raise ValueError(f"min_block={min_block} must be >= 1 and min_aspect={min_aspect} > 0")
+    max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
+    log_aspect = (math.log(min_aspect), math.log(max_aspect))
+    rng = _numpy_rng(generator)
+    rows = [_one_beit_mask(rng, height, width, num_masked, min_block, max_block or num_masked, log_aspect)
+            for _ in range(batch_size)]
+    return torch.from_numpy(np.stack(rows))
+
+
+def span_mask(batch_size: int, num_frames: int, generator: torch.Generator, *, mask_prob: float = 0.65,
+              span: int = 10, min_spans: int = 1, same_count: bool = True) -> torch.Tensor:
+    """wav2vec 2.0 span masks ``(batch_size, num_frames)`` (fairseq ``compute_mask_indices``, static lengths).
+
+    Each row draws ``int(mask_prob * T / span + U(0,1))`` (at least ``min_spans``) distinct start frames
+    and masks ``span`` frames from each; spans may overlap, so ~``1 - exp(-mask_prob)`` of the frames end
+    up masked. With ``same_count`` (fairseq's ``require_same_masks``, on in data2vec 1.0) every row is
+    then thinned at random to the smallest row's count.
+    """
+    T = num_frames
+    num_spans = (mask_prob * T / span + torch.rand(batch_size, generator=generator)).long().clamp(min=min_spans)
+    if int(num_spans.max()) >= T:
+        raise ValueError(f"span masking: {num_frames} frames is too short for mask_prob={mask_prob}, span={span}")
+    # Starts are drawn from [0, T - span); fairseq widens that range when it holds fewer than num_spans.
+    start_range = torch.where(T - span <= num_spans, T - num_spans - 1, torch.full_like(num_spans, T - span))
+    scores = torch.rand(batch_size, T, generator=generator)
+    scores[torch.arange(T) >= start_range[:, None]] = 2.0            # outside the range: never chosen
+    starts = scores.argsort(dim=1)[:, : int(num_spans.max())]        # distinct, uniform without replacement
+    valid = torch.arange(starts.shape[1]) < num_spans[:, None]
+    frames = starts[:, :, None] + torch.arange(span)                  # (B, spans, span)
+    keep = valid[:, :, None] & (frames < T)
+    mask = torch.zeros(batch_size, T + 1, dtype=torch.bool)
+    mask.scatter_(1, torch.where(keep, frames, T).reshape(batch_size, -1), True)   # column T is a sink
+    mask = mask[:, :T]
+    if same_count:
+        mask = _thin_to_min_count(mask, generator)
+    return mask
+
+
+def _thin_to_min_count(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Unmask random positions so that every row keeps exactly the smallest row's masked count."""
+    count = int(mask.sum(1).min())
+    scores = torch.rand(mask.shape, generator=generator).masked_fill(~mask, -1.0)
+    out = torch.zeros_like(mask)
+    out.scatter_(1, scores.topk(count, dim=1).indices, True)
+    return out
+
+
+class BertMasking(NamedTuple):
+    """The result of :func:`bert_mask`."""
+
+    source: torch.Tensor       # (B, L) corrupted tokens: <mask> / random token / unchanged at selected positions
+    selected: torch.Tensor     # (B, L) bool: the ~15% chosen positions (the MLM loss positions)
+    masked: torch.Tensor       # (B, L) bool: the selected positions that became <mask> (data2vec 1.0 text)
+
+
+def bert_mask(tokens: torch.Tensor, generator: torch.Generator, vocab_size: int, *, prob: float = 0.15,
+              mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> BertMasking:
+    """RoBERTa's dynamic masking (fairseq ``MaskTokensDataset``, spec §4) of a ``(B, L)`` token batch.
+
+    Per sequence ``n = int(prob * len + U(0,1))`` non-pad positions are chosen uniformly without
+    replacement (``<s>`` included, as in fairseq); each chosen token independently becomes ``<mask>``
+    with probability ``mask_token_prob``, a uniformly random regular token (id >= 5) with probability
+    ``random_token_prob``, and stays unchanged otherwise.
+    """
+    if tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(f"bert_mask expects (B, L) int64 token ids, got {tuple(tokens.shape)} {tokens.dtype}")
+    if vocab_size <= NUM_SPECIAL:
+        raise ValueError(f"vocab_size={vocab_size} leaves no regular token (ids >= {NUM_SPECIAL})")
+    B, L = tokens.shape
+    real = tokens != PAD
+    n = (prob * real.sum(1) + torch.rand(B, generator=generator)).long()
+    scores = torch.rand(B, L, generator=generator).masked_fill(~real, 2.0)
+    rank = scores.argsort(1).argsort(1)                               # a uniform random order of real tokens
+    selected = rank < n[:, None]
+    u = torch.rand(B, L, generator=generator)
+    masked = selected & (u < mask_token_prob)
+    randomised = selected & (u >= mask_token_prob) & (u < mask_token_prob + random_token_prob)
+    random_tokens = torch.randint(NUM_SPECIAL, vocab_size, (B, L), generator=generator)
+    source = torch.where(masked, torch.full_like(tokens, MASK), torch.where(randomised, random_tokens, tokens))
+    return BertMasking(source, selected, masked)
+
+
+# ---------------------------------------------------------------- maskers (run in data-loader workers)
+
+@dataclass(frozen=True)
+class BlockMasker:
+    """Image masker for data2vec 1.0: BEiT block masks over the patch grid of ``source (B, C, H, W)``."""
+
+    patch_size: int
+    mask_ratio: float = 0.6
+    min_block: int = 16
+    min_aspect: float = 0.3
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        B, _, H, W = batch["source"].shape
+        grid = (H // self.patch_size, W // self.patch_size)
+        num_masked = int(self.mask_ratio * grid[0] * grid[1])
+        mask = beit_block_mask(B, grid, num_masked, generator, min_block=self.min_block, min_aspect=self.min_aspect)
+        return {**batch, "mask": mask}
+
+
+@dataclass(frozen=True)
+class SpanMasker:
+    """Speech masker for data2vec 1.0: wav2vec 2.0 spans over the frames of ``source (B, N)``.
+
+    ``num_frames`` maps a waveform length to the encoder's frame count (a module-level function, or a
+    ``functools.partial`` of one, so the masker stays picklable).
+    """
+
+    num_frames: Callable[[int], int]
+    mask_prob: float = 0.65
+    span: int = 10
+    same_count: bool = True
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        B, N = batch["source"].shape
+        mask = span_mask(B, self.num_frames(N), generator, mask_prob=self.mask_prob, span=self.span,
+                         same_count=self.same_count)
+        return {**batch, "mask": mask}
+
+
+@dataclass(frozen=True)
+class BertMasker:
+    """Text masker: BERT-corrupts ``source`` and adds ``mlm_target`` (the original tokens) and ``mask``.
+
+    ``loss_on="selected"`` marks all chosen positions (RoBERTa MLM, spec §4); ``loss_on="masked"`` only
+    those that became ``<mask>`` (data2vec 1.0 text regresses there alone, spec §7.1 item 5).
+    """
+
+    vocab_size: int
+    loss_on: str = "selected"
+    prob: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+    def __post_init__(self):
+        if self.loss_on not in ("selected", "masked"):
+            raise ValueError(f"BertMasker.loss_on must be 'selected' or 'masked', got {self.loss_on!r}")
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        tokens = batch["source"]
+        out = bert_mask(tokens, generator, self.vocab_size, prob=self.prob, mask_token_prob=self.mask_token_prob,
+                        random_token_prob=self.random_token_prob)
+        mask = out.selected if self.loss_on == "selected" else out.masked
+        return {**batch, "source": out.source, "mlm_target": tokens, "mask": mask}
