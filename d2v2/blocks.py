@@ -1,0 +1,151 @@
+"""The Transformer block shared by every method (spec §1.2), plus ALiBi slopes and BERT init.
+
+data2vec 2.0 uses *post-LN* blocks (fairseq ``AltBlock`` with ``layer_norm_first=False``)::
+
+    x = x + DropPath(Attn(x))
+    r = LN1(x)
+    f = MLP(r)                                  # <- the block's "layer result" (data2vec 2.0 targets)
+    x = LN2(r + DropPath(Dropout(f)))
+
+``layer_norm_first=True`` gives the standard pre-LN block of ViT / MAE::
+
+    x = x + DropPath(Attn(LN1(x)))
+    f = MLP(LN2(x))                             # <- layer result
+    x = x + DropPath(Dropout(f))
+
+In both cases :meth:`Block.forward` returns ``(x, f)``: the block output and the FFN output ``f``
+before the last residual (and, post-LN, before LN2). Targets built from block outputs
+(``end_of_block_targets``) use the first element instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import stochastic_depth
+
+__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "init_bert_params"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused ``qkv`` (bias), SDPA, optional additive bias and key padding.
+
+    ``bias`` is added to the attention logits (ALiBi, spec §1.10), broadcastable to (B, H, T, T);
+    ``padding_mask`` (B, T) True = padded key, excluded from every query's softmax.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_dropout = attention_dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None
+        if bias is not None:
+            attn_mask = bias.to(q.dtype)
+            if padding_mask is not None:
+                attn_mask = attn_mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        elif padding_mask is not None:
+            attn_mask = ~padding_mask[:, None, None, :]          # bool: True = attend
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
+
+
+class Mlp(nn.Module):
+    """timm-style MLP: fc1 -> GELU -> Dropout -> fc2 -> Dropout (both ``activation_dropout``)."""
+
+    def __init__(self, dim: int, hidden: int, activation_dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(activation_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """One Transformer block (post-LN by default, pre-LN with ``layer_norm_first``); see module doc.
+
+    Dropouts: ``dropout`` after the attention output projection, ``attention_dropout`` on attention
+    probabilities, ``activation_dropout`` inside the MLP, ``post_mlp_dropout`` on the FFN output before
+    the residual; ``drop_path`` is stochastic depth on both residual branches.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, dropout: float = 0.0,
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                 post_mlp_dropout: float = 0.0, drop_path: float = 0.0, layer_norm_first: bool = False,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, attention_dropout, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_dropout)
+        self.post_mlp_dropout = nn.Dropout(post_mlp_dropout)
+
+    def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(block output, FFN output)``, both (B, T, D)."""
+        if self.layer_norm_first:
+            x = x + self._drop_path(self.attn(self.norm1(x), bias, padding_mask))
+            f = self.mlp(self.norm2(x))
+            x = x + self._drop_path(self.post_mlp_dropout(f))
+        else:
+            x = x + self._drop_path(self.attn(x, bias, padding_mask))
+            r = self.norm1(x)
+            f = self.mlp(r)
+            x = self.norm2(r + self._drop_path(self.post_mlp_dropout(f)))
+        return x, f
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """Per-head ALiBi slopes m_h (Press et al. 2022): geometric 2^(-8/n)..., and for a head count that
+    is not a power of two, the power-of-two set plus every other slope of the next set (spec §1.10)."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
+
+
+def alibi_bias(num_heads: int, length: int, device=None) -> torch.Tensor:
+    """The (H, T, T) ALiBi bias ``-m_h * |i - j|`` in original time distances."""
+    pos = torch.arange(length, device=device)
+    distance = (pos[None, :] - pos[:, None]).abs().float()
+    slopes = torch.tensor(alibi_slopes(num_heads), device=device)
+    return -slopes[:, None, None] * distance
+
+
+@torch.no_grad()
+def init_bert_params(module: nn.Module) -> None:
+    """fairseq's ``init_bert_params`` (spec §1.11): Linear/Embedding weights N(0, 0.02), biases 0,
+    the padding row of an embedding 0. Use with ``model.apply``."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(0.0, 0.02)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, 0.02)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()

@@ -1,0 +1,215 @@
+"""The encoder every method pretrains and fine-tuning starts from (docs/ARCHITECTURE.md "Encoder").
+
+    source --local_encoder--> (B, T, D) tokens          patch-embed + sin-cos / CNN + proj / token + pos
+           --mask: drop (sparse) or fill--> context_encoder (CLS, conv-pos, ALiBi, LN, dropout)
+           --blocks (prenet first, then main; layer-drop)--> [final LN if pre-LN]
+
+Data2vec 2.0 encodes only the visible tokens (``sparse=True``, spec §1.5); data2vec 1.0 and speech
+fine-tuning keep every position and replace masked ones by ``fill`` (``sparse=False``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pydantic
+import torch
+from torch import nn
+
+from d2v2.blocks import Block, init_bert_params
+from d2v2.config import Config
+from d2v2.masking import gather_tokens, keep_indices
+from d2v2.modalities import ContextEncoder
+from d2v2.modalities.audio import AudioConfig, AudioContextEncoder, AudioLocalEncoder
+from d2v2.modalities.image import ImageConfig, ImageContextEncoder, ImageLocalEncoder
+from d2v2.modalities.text import TextConfig, TextContextEncoder, TextLocalEncoder
+
+__all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "Prepared"]
+
+
+class EncoderConfig(Config):
+    """Transformer encoder for one modality. Defaults: ViT-B-sized post-LN data2vec 2.0 encoder.
+
+    ``depth`` counts the main blocks; ``prenet_depth`` blocks come first (image B: 2 + 10, spec §1.2).
+    Dropouts follow fairseq's names: ``dropout`` (after attention projection), ``attention_dropout``,
+    ``activation_dropout`` (inside the MLP), ``post_mlp_dropout``, ``prenet_dropout`` (after the context
+    LN); ``drop_path`` rises linearly from 0 to this value over all blocks; ``layerdrop`` /
+    ``prenet_layerdrop`` skip whole blocks during training. ``layer_norm_first`` selects pre-LN blocks
+    and adds a final LayerNorm (MAE); post-LN blocks have no final LN (spec §1.2).
+    """
+
+    modality: Literal["image", "audio", "text"]
+    embed_dim: int = pydantic.Field(768, ge=1)
+    num_heads: int = pydantic.Field(12, ge=1)
+    depth: int = pydantic.Field(12, ge=0)
+    prenet_depth: int = pydantic.Field(0, ge=0)
+    mlp_ratio: float = pydantic.Field(4.0, gt=0)
+    norm_eps: float = pydantic.Field(1e-5, gt=0)
+    layer_norm_first: bool = False
+    dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    attention_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    activation_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    post_mlp_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    prenet_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    drop_path: float = pydantic.Field(0.0, ge=0, lt=1)
+    layerdrop: float = pydantic.Field(0.0, ge=0, lt=1)
+    prenet_layerdrop: float = pydantic.Field(0.0, ge=0, lt=1)
+    image: ImageConfig | None = None
+    audio: AudioConfig | None = None
+    text: TextConfig | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "EncoderConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.depth + self.prenet_depth < 1:
+            raise ValueError("the encoder needs at least one block (depth + prenet_depth >= 1)")
+        for other in {"image", "audio", "text"} - {self.modality}:
+            if getattr(self, other) is not None:
+                raise ValueError(f"'{other}' settings given for a {self.modality} encoder")
+        if getattr(self, self.modality) is None:       # default sub-config for this modality
+            defaults = {"image": ImageConfig, "audio": AudioConfig, "text": TextConfig}[self.modality]()
+            object.__setattr__(self, self.modality, defaults)
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        return self.prenet_depth + self.depth
+
+
+@dataclass
+class EncoderOutput:
+    x: torch.Tensor                                     # (B, T_kept + extra, D)
+    layer_results: list[torch.Tensor] = field(default_factory=list)   # per block (B, T_kept, D)
+    padding_mask: torch.Tensor | None = None            # (B, T_kept + extra) True = pad
+    num_extra_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    """Tokens after masking and the context encoder, ready for the blocks."""
+
+    x: torch.Tensor
+    padding_mask: torch.Tensor | None
+    bias: torch.Tensor | None
+    num_extra_tokens: int
+
+
+class Encoder(nn.Module):
+    """``local_encoder`` + ``context_encoder`` + ``blocks`` (+ ``norm`` when pre-LN); see module doc."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, m = cfg.embed_dim, cfg.modality
+        # context LN: post-LN models only; text has none when it has no prenet blocks (spec §1.2)
+        ctx_norm = not cfg.layer_norm_first and not (m == "text" and cfg.prenet_depth == 0)
+        ctx = dict(norm=ctx_norm, norm_eps=cfg.norm_eps, dropout=cfg.prenet_dropout)
+        if m == "image":
+            self.local_encoder = ImageLocalEncoder(cfg.image, D)
+            self.context_encoder: ContextEncoder | None = ImageContextEncoder(cfg.image, D, **ctx)
+        elif m == "audio":
+            self.local_encoder = AudioLocalEncoder(cfg.audio, D)
+            self.context_encoder = AudioContextEncoder(cfg.audio, D, cfg.num_heads, **ctx)
+        else:
+            self.local_encoder = TextLocalEncoder(cfg.text, D, cfg.norm_eps)
+            self.context_encoder = TextContextEncoder(cfg.text, D, **ctx)
+        n = cfg.num_blocks
+        self.blocks = nn.ModuleList([
+            Block(D, cfg.num_heads, cfg.mlp_ratio, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                  activation_dropout=cfg.activation_dropout, post_mlp_dropout=cfg.post_mlp_dropout,
+                  drop_path=cfg.drop_path * i / max(n - 1, 1), layer_norm_first=cfg.layer_norm_first,
+                  norm_eps=cfg.norm_eps)
+            for i in range(n)])
+        self.layerdrop = [cfg.prenet_layerdrop] * cfg.prenet_depth + [cfg.layerdrop] * cfg.depth
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.layer_norm_first else None
+        self.apply(init_bert_params)                       # spec §1.11, then modality-specific re-inits
+        if hasattr(self.local_encoder, "reset_parameters"):
+            self.local_encoder.reset_parameters()
+
+    # ---- the three stages -------------------------------------------------------------------------
+    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """Raw input -> ``(x (B, T, D), padding_mask (B, T) | None)``; images include sin-cos positions."""
+        return self.local_encoder(source, padding_mask)
+
+    def prepare(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
+                fill: torch.Tensor | None = None) -> Prepared:
+        """Apply ``mask`` (True = masked) to local features and run the context encoder.
+
+        ``sparse=True`` drops masked tokens (every row must mask the same number); ``sparse=False``
+        replaces them by ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise).
+        """
+        ctx = self.context_encoder
+        if ctx is None:
+            raise RuntimeError("this encoder has no context encoder (a teacher sharing the student's)")
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device)[None]
+        if mask is not None and mask.shape != (B, T):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {T} tokens of {B} samples")
+        if mask is not None and not sparse:
+            if fill is None:
+                raise ValueError("sparse=False needs a fill value for masked positions")
+            x = torch.where(mask[..., None], fill.to(x.dtype), x)
+        x = ctx.add_positions(x, mask if sparse else None)
+        if mask is not None and sparse:
+            positions = keep_indices(mask)
+            x = gather_tokens(x, positions)
+            if padding_mask is not None:
+                padding_mask = padding_mask.gather(1, positions)
+        bias = ctx.attention_bias(positions, B)
+        extra = ctx.extra_tokens_for(B)
+        E = 0 if extra is None else extra.shape[1]
+        if E:
+            x = torch.cat([extra.to(x.dtype), x], dim=1)
+            if padding_mask is not None:
+                padding_mask = nn.functional.pad(padding_mask, (E, 0), value=False)
+            if bias is not None:
+                bias = nn.functional.pad(bias, (E, 0, E, 0))
+        return Prepared(ctx.finish(x), padding_mask, bias, E)
+
+    def run_blocks(self, p: Prepared, layer_results: Literal["ffn", "block", "none"] = "ffn") -> EncoderOutput:
+        """The Transformer blocks. ``layer_results``: keep each block's FFN output (data2vec 2.0
+        targets), block output (``end_of_block_targets``), or nothing (saves memory); extra tokens are
+        removed from the kept results. Layer-drop only in training mode."""
+        x, results = p.x, []
+        for block, drop in zip(self.blocks, self.layerdrop):
+            if self.training and drop > 0 and torch.rand(()) < drop:
+                continue
+            x, ffn = block(x, p.bias, p.padding_mask)
+            if layer_results != "none":
+                results.append((ffn if layer_results == "ffn" else x)[:, p.num_extra_tokens:])
+        if self.norm is not None:
+            x = self.norm(x)
+        return EncoderOutput(x, results, p.padding_mask, p.num_extra_tokens)
+
+    def contextualize(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                      padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
+                      fill: torch.Tensor | None = None,
+                      layer_results: Literal["ffn", "block", "none"] = "ffn") -> EncoderOutput:
+        """:meth:`prepare` then :meth:`run_blocks`."""
+        return self.run_blocks(self.prepare(x, mask, padding_mask, sparse=sparse, fill=fill), layer_results)
+
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """Unmasked feature extraction (fine-tuning, evaluation)."""
+        x, padding_mask = self.local_features(source, padding_mask)
+        return self.contextualize(x, None, padding_mask)
+
+    # ---- helpers for the engine -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Blocks + 1: the exponent base of layer-wise LR decay."""
+        return len(self.blocks) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer index of a parameter (name relative to this encoder) for layer-wise LR decay
+        (spec §5.1): ``blocks.{i}`` -> i + 1; everything else (patch-embed, CLS, context LN, and a
+        head outside the encoder) -> ``num_layers``, i.e. scale 1.0."""
+        match = re.match(r"blocks\.(\d+)\.", name)
+        return int(match.group(1)) + 1 if match else self.num_layers
+
+    def layer_scale(self, name: str, layer_decay: float) -> float:
+        """LR multiplier ``layer_decay ** (num_layers - layer_id)``: block i (1-indexed) of N gets
+        ``LD^(N+1-i)``, the rest 1.0 (data2vec 2.0's rule, which differs from MAE's for the patch-embed)."""
+        return layer_decay ** (self.num_layers - self.layer_id(name))

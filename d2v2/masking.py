@@ -1,0 +1,102 @@
+"""Mask generators (spec §1.9) and the gather helpers of sparse encoding (spec §1.5).
+
+Every generator returns a bool tensor (B, T), True = masked, with EXACTLY the same number of masked
+positions in every row (spec §7.2 item 7: sparse encoding gathers a fixed number of visible tokens per
+row). All are vectorised over the batch and draw only from the given ``torch.Generator``, so masks
+are reproducible whichever data-loader worker makes them.
+
+- :func:`block_mask`: block masking on a 1-D sequence or 2-D grid. With ``inverse=True`` the blocks
+  mark what is KEPT (data2vec 2.0 images: inverse block masking); with ``inverse=False`` they mark what
+  is masked (speech, and the "block" ablation). ``block_width=1`` is random masking.
+- :func:`random_mask`: MAE-style uniform random masking (text).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+__all__ = ["block_mask", "random_mask", "num_kept", "keep_indices", "gather_tokens", "scatter_tokens"]
+
+
+def num_kept(length: int, mask_ratio: float) -> int:
+    """Visible positions per row: ``int(T * (1 - R))`` (as in MAE / fairseq)."""
+    return int(length * (1 - mask_ratio))
+
+
+def _select_exact(marked: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool (B, T) with exactly ``count`` True per row: a random subset of ``marked`` if it has too many,
+    else all of ``marked`` plus random unmarked positions (spec §1.9 count adjustment)."""
+    score = marked.float() + torch.rand(marked.shape, generator=generator)
+    out = torch.zeros_like(marked)
+    return out.scatter_(1, score.topk(count, dim=1).indices, True)
+
+
+def block_mask(batch_size: int, shape: tuple[int, ...], mask_ratio: float, block_width: int,
+               adjust: float = 0.0, inverse: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(Inverse) block masking over a 1-D sequence (``shape=(T,)``) or 2-D grid (``shape=(H, W)``).
+
+    ``n = int(T * (p + A) / Bw**ndim)`` block centres are drawn uniformly with replacement
+    (p = 1 - R when ``inverse`` else R); every centre marks a ``Bw``-wide square/segment around it
+    (offset ``Bw // 2``, clipped at the borders). The marked set is then made exactly ``int(T * p)``
+    positions by dropping random marked or adding random unmarked ones. ``inverse``: marked = kept.
+    Returns bool (B, prod(shape)), True = masked.
+    """
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if block_width < 1:
+        raise ValueError(f"block_width must be >= 1, got {block_width}")
+    generator = generator if generator is not None else torch.default_generator
+    length = math.prod(shape)
+    p = 1.0 - mask_ratio if inverse else mask_ratio
+    target = num_kept(length, mask_ratio) if inverse else length - num_kept(length, mask_ratio)
+    n_centres = int(length * (p + adjust) / block_width ** len(shape))
+
+    marked = torch.zeros(batch_size, length, dtype=torch.bool)
+    if n_centres > 0:
+        centres = torch.randint(0, length, (batch_size, n_centres), generator=generator)
+        coords = torch.unravel_index(centres, shape)                  # ndim x (B, n)
+        rows = torch.arange(batch_size)[:, None].expand(-1, n_centres)
+        offset = block_width // 2
+        for delta in itertools.product(range(block_width), repeat=len(shape)):   # Bw**ndim offsets
+            cells = [(c + d - offset).clamp(0, s - 1) for c, d, s in zip(coords, delta, shape)]
+            flat = cells[0]
+            for c, s in zip(cells[1:], shape[1:]):
+                flat = flat * s + c
+            marked[rows, flat] = True
+    chosen = _select_exact(marked, target, generator)
+    return ~chosen if inverse else chosen
+
+
+def random_mask(batch_size: int, length: int, mask_ratio: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform random masking keeping ``int(T * (1 - R))`` positions per row (spec §1.9 text, MAE)."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    generator = generator if generator is not None else torch.default_generator
+    noise = torch.rand(batch_size, length, generator=generator)
+    keep = noise.topk(num_kept(length, mask_ratio), dim=1).indices
+    return torch.ones(batch_size, length, dtype=torch.bool).scatter_(1, keep, False)
+
+
+def keep_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted indices (B, T_vis) of the visible (False) positions; every row must have the same count."""
+    visible = (~mask).sum(1)
+    if visible.numel() and not bool((visible == visible[0]).all()):
+        raise ValueError("sparse encoding needs the same number of masked positions in every row; got "
+                         f"visible counts {sorted(set(visible.tolist()))}")
+    if visible.numel() and int(visible[0]) == 0:
+        raise ValueError("the mask leaves no visible token")
+    return (~mask).nonzero()[:, 1].view(mask.shape[0], -1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for (B, T, D) ``x`` and (B, K) ``index``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Copy of (B, T, D) ``base`` with ``values`` (B, K, D) written at positions ``index`` (B, K)."""
+    return base.scatter(1, index[..., None].expand(-1, -1, base.shape[-1]), values)

@@ -1,0 +1,45 @@
+"""Modality encoders (spec §1.10): for each modality a *local encoder* (raw input -> (B, T, D) tokens)
+and a *context encoder* (what happens between masking and the Transformer blocks).
+
+The split follows what data2vec 2.0's teacher shares with the student (spec §1.3): the image teacher
+EMA-copies both parts, the audio teacher shares the local encoder (CNN + projection), the text teacher
+shares both. :class:`ContextEncoder` holds the parts common to every modality (context LayerNorm and
+dropout, spec §1.2); subclasses add relative positions before masking (audio), an attention bias
+(audio ALiBi) and extra tokens (image CLS).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ContextEncoder"]
+
+
+class ContextEncoder(nn.Module):
+    """Context LN -> dropout applied to the (masked) token sequence, plus modality hooks."""
+
+    num_extra_tokens: int = 0
+
+    def __init__(self, dim: int, norm: bool, norm_eps: float, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else None
+        self.dropout = nn.Dropout(dropout)
+
+    def add_positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Add positional information to the full (B, T, D) sequence before masked tokens are dropped;
+        ``mask`` (True = masked) is given on the sparse path. Default: nothing (positions, if any, are
+        already in the local features)."""
+        return x
+
+    def attention_bias(self, positions: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """Additive attention bias for tokens at original ``positions`` (B or 1, T'); default none."""
+        return None
+
+    def extra_tokens_for(self, batch_size: int) -> torch.Tensor | None:
+        """(B, E, D) tokens prepended after masking (image CLS); default none."""
+        return None
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)

@@ -1,0 +1,128 @@
+"""Speech modality (spec §1.10 "Audio"): wav2vec 2.0 CNN feature extractor ("layer_norm" mode),
+LN + Linear projection, a convolutional relative positional encoder and learned-scale ALiBi."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v2.blocks import alibi_slopes
+from d2v2.config import Config
+from d2v2.modalities import ContextEncoder
+
+__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "frame_count"]
+
+# (channels, kernel, stride) per CNN layer: total stride 320 (20 ms at 16 kHz), receptive field 400.
+WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+class AudioConfig(Config):
+    conv_layers: list[tuple[int, int, int]] = WAV2VEC2_CONV
+    conv_pos_width: int = 95           # total width; each of the conv_pos_depth layers has kernel
+    conv_pos_depth: int = 5            #   max(3, conv_pos_width // conv_pos_depth)
+    conv_pos_groups: int = 16
+    use_alibi: bool = True             # ALiBi with a learned per-head scale (init alibi_scale)
+    alibi_scale: float = 1.0
+
+
+def frame_count(num_samples: int | torch.Tensor, conv_layers: list[tuple[int, int, int]]):
+    """Frames T produced from N samples: per layer ``T = floor((T - kernel) / stride) + 1``."""
+    for _, kernel, stride in conv_layers:
+        num_samples = (num_samples - kernel) // stride + 1
+    return num_samples
+
+
+class _ConvLayer(nn.Module):
+    """Conv1d (no bias, kaiming-normal) -> LayerNorm over channels (affine, fp32) -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=False)
+        nn.init.kaiming_normal_(self.conv.weight)
+        self.norm = nn.LayerNorm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # (B, C, T)
+        x = self.conv(x).transpose(1, 2)
+        x = F.layer_norm(x.float(), self.norm.normalized_shape, self.norm.weight.float(),
+                         self.norm.bias.float(), self.norm.eps).type_as(x)
+        return F.gelu(x).transpose(1, 2)
+
+
+class AudioLocalEncoder(nn.Module):
+    """``feature_extractor`` (CNN) -> ``project_features`` (LN(C) -> Linear(C, D)); the frame padding
+    mask is derived from the sample padding mask through :func:`frame_count`."""
+
+    def __init__(self, cfg: AudioConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        channels = [1] + [c for c, _, _ in cfg.conv_layers]
+        self.feature_extractor = nn.Sequential(*[
+            _ConvLayer(channels[i], c, k, s) for i, (c, k, s) in enumerate(cfg.conv_layers)])
+        self.project_features = nn.Sequential(nn.LayerNorm(channels[-1]), nn.Linear(channels[-1], dim))
+
+    def reset_parameters(self) -> None:
+        self.project_features[1].reset_parameters()       # PyTorch default, not BERT init (spec §1.11)
+
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if source.dim() != 2 or not source.is_floating_point():
+            raise ValueError(f"audio encoder expects a float waveform (B, N), got {tuple(source.shape)} "
+                             f"{source.dtype}")
+        receptive = frame_count(source.shape[1], self.cfg.conv_layers)
+        if receptive < 1:
+            raise ValueError(f"waveform of {source.shape[1]} samples is shorter than the CNN's receptive field")
+        x = self.feature_extractor(source[:, None, :]).transpose(1, 2)
+        x = self.project_features(x)
+        if padding_mask is not None and padding_mask.any():
+            lengths = frame_count((~padding_mask).sum(1), self.cfg.conv_layers)
+            padding_mask = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
+        else:
+            padding_mask = None
+        return x, padding_mask
+
+
+class _PosConv(nn.Module):
+    """Conv1d(D, D, k, groups) with "same" length -> LN(no affine) -> GELU."""
+
+    def __init__(self, dim: int, kernel: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:           # (B, D, T)
+        y = self.conv(x)[..., : x.shape[-1]]
+        return F.gelu(self.norm(y.transpose(1, 2))).transpose(1, 2)
+
+
+class AudioContextEncoder(ContextEncoder):
+    """``relative_positional_encoder`` (conv_pos_depth conv layers) added to the features; on the sparse
+    path it sees the full sequence with masked frames zeroed and is gathered at visible frames (spec
+    §1.5). ALiBi bias ``-alibi_scale_h * m_h * |i - j|`` over ORIGINAL positions, one learned
+    ``alibi_scale`` per head (clamped >= 0) shared by all layers."""
+
+    def __init__(self, cfg: AudioConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
+                 dropout: float):
+        super().__init__(dim, norm, norm_eps, dropout)
+        if dim % cfg.conv_pos_groups:
+            raise ValueError(f"embed_dim {dim} is not divisible by conv_pos_groups {cfg.conv_pos_groups}")
+        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
+        self.relative_positional_encoder = nn.Sequential(*[
+            _PosConv(dim, kernel, cfg.conv_pos_groups) for _ in range(cfg.conv_pos_depth)])
+        self.num_heads = num_heads
+        if cfg.use_alibi:
+            self.alibi_scale = nn.Parameter(torch.full((1, 1, num_heads, 1, 1), cfg.alibi_scale))
+            self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
+        else:
+            self.alibi_scale = None
+
+    def add_positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not len(self.relative_positional_encoder):
+            return x
+        inp = x if mask is None else x.masked_fill(mask[..., None], 0.0)
+        return x + self.relative_positional_encoder(inp.transpose(1, 2)).transpose(1, 2)
+
+    def attention_bias(self, positions: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        if self.alibi_scale is None:
+            return None
+        distance = (positions[:, None, :] - positions[:, :, None]).abs().float()      # (B|1, T', T')
+        slopes = self.alibi_slopes * self.alibi_scale.clamp_min(0).view(-1).float()
+        return -slopes[None, :, None, None] * distance[:, None]                       # (B|1, H, T', T')

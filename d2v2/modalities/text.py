@@ -1,0 +1,53 @@
+"""Text modality (spec §1.10 "Text"): token + learned absolute positions, embedding LayerNorm, dropout."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from d2v2.config import Config
+from d2v2.modalities import ContextEncoder
+
+__all__ = ["TextConfig", "TextLocalEncoder", "TextContextEncoder", "PAD", "MASK"]
+
+PAD, MASK = 1, 4        # fairseq dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4
+
+
+class TextConfig(Config):
+    vocab_size: int = 50265      # RoBERTa's GPT-2 BPE dictionary
+    max_positions: int = 512
+    pad_idx: int = PAD
+    dropout: float = 0.1         # after the embedding LayerNorm
+
+
+class TextLocalEncoder(nn.Module):
+    """``embed_tokens`` (no sqrt(D) scaling) + ``embed_positions`` (fairseq padding-offset convention:
+    real tokens get positions pad_idx+1, pad_idx+2, ...; pad tokens get pad_idx) -> LN -> dropout."""
+
+    def __init__(self, cfg: TextConfig, dim: int, norm_eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, dim, padding_idx=cfg.pad_idx)
+        self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_idx + 1, dim, padding_idx=cfg.pad_idx)
+        self.layernorm_embedding = nn.LayerNorm(dim, eps=norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if source.dim() != 2 or source.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text encoder expects integer token ids (B, L), got {tuple(source.shape)} "
+                             f"{source.dtype}")
+        if source.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"sequence length {source.shape[1]} exceeds max_positions {self.cfg.max_positions}")
+        padding_mask = source.eq(self.cfg.pad_idx)
+        real = (~padding_mask).long()
+        positions = torch.cumsum(real, dim=1) * real + self.cfg.pad_idx
+        x = self.embed_tokens(source) + self.embed_positions(positions)
+        x = self.dropout(self.layernorm_embedding(x))
+        return x, (padding_mask if padding_mask.any() else None)
+
+
+class TextContextEncoder(ContextEncoder):
+    """Nothing beyond the shared context LN/dropout (text's LN is absent when there are no prenet
+    blocks, spec §1.2)."""
+
+    def __init__(self, cfg: TextConfig, dim: int, norm: bool, norm_eps: float, dropout: float):
+        super().__init__(dim, norm, norm_eps, dropout)
