@@ -27,8 +27,8 @@ die() { log "$*"; exit 1; }
 # A pid file names a live process (a zombie counts as stopped: daemons may linger as zombies).
 alive() {
   local pidfile=$1 pid
-  [ -s "$pidfile" ] || return 1
-  pid=$(cat "$pidfile")
+  pid=$(cat "$pidfile" 2>/dev/null) || return 1
+  [ -n "$pid" ] || return 1
   [ -d "/proc/$pid" ] || return 1
   ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
 }
