@@ -1,0 +1,273 @@
+"""Metrics files and pretraining run directories -> validated tidy tables (``python -m d2v2 collect``).
+
+Outputs (each as parquet and CSV, written atomically):
+
+- ``evals``: one row per evaluation point, i.e. per fine-tuned checkpoint: identity (modality, method,
+  variant, its parameters as JSON and as ``param.<name>`` columns, seed, budget fraction, task), the
+  pretraining clocks at that checkpoint (train-only and end-to-end seconds, device-hours), updates,
+  samples and epochs seen, every metric (``metric.<name>``) plus ``value`` = the primary metric, and
+  provenance (git commit and dirty flag, package versions, device name and count, host, SLURM job ids,
+  preset) and the source file;
+- ``runs``: one row per pretraining run: status, throughput (samples/s, tokens/s), peak memory,
+  clocks and provenance from ``summary.json``, plus the number of events and the last logged loss
+  from ``events.jsonl``.
+
+Inputs are checked before anything is written; each problem is an error naming the file: a missing
+key or wrong type, a metrics file without provenance, the same identity twice, a task whose runs
+disagree on the primary metric or its direction. Within one comparison (a modality) the runs must
+share the preset and the device model, since times on different hardware or at different scales are
+not comparable: that is an error. Differing device counts are allowed (the ``device_hours`` clock
+accounts for them) with a warning, and so are differing or dirty git commits (warnings). The warnings
+are saved in ``collect_warnings.json`` for the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pydantic
+from pydantic import Field
+
+from d2v2.config import ConfigError, validate
+from d2v2.data.common import atomic_write, atomic_write_json
+
+__all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
+           "write_table", "main"]
+
+CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours")
+IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task")
+
+
+class CollectError(ValueError):
+    """Inconsistent or malformed inputs; the message names the file."""
+
+
+class _Model(pydantic.BaseModel):
+    # Producers may add keys (fine-tuning wall-clock, its config, ...): required keys are checked,
+    # others are carried along where the table has a place for them.
+    model_config = pydantic.ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Identity(_Model):
+    modality: str
+    method: str
+    variant: str
+    params: dict[str, Any] = {}
+    seed: int
+    budget_fraction: float = Field(ge=0, le=1)
+    task: str
+
+
+class PretrainState(_Model):
+    """Clocks and progress of the pretraining run at the checkpoint that was fine-tuned."""
+
+    train_time_s: float = Field(ge=0)
+    e2e_time_s: float = Field(ge=0)
+    device_hours: float = Field(ge=0)
+    device_count: int = Field(ge=1)
+    updates: int = Field(ge=0)
+    samples: int = Field(ge=0)
+    epochs: float = Field(ge=0)
+
+
+class Provenance(_Model):
+    git_commit: str | None
+    git_dirty: bool | None
+    versions: dict[str, str]
+    device: str
+    device_name: str | None = None
+    device_count: int = Field(ge=1)
+    host: str
+    slurm_job_ids: list[str] = []
+    preset: str | None
+
+
+class MetricsFile(_Model):
+    """The fine-tuning metrics file of docs/ARCHITECTURE.md ("Run directory")."""
+
+    identity: Identity
+    pretrain: PretrainState
+    metrics: dict[str, float]
+    primary_metric: str
+    higher_is_better: bool
+    provenance: Provenance
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CollectError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise CollectError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_metrics(path: str | Path) -> MetricsFile:
+    """Read and validate one metrics file; errors name the file and the key."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise CollectError(f"{path}: expected a JSON object")
+    if not data.get("provenance"):
+        raise CollectError(f"{path}: no provenance (git commit, versions, device, host, preset): "
+                           "results without provenance cannot be compared or reproduced")
+    try:
+        m = validate(MetricsFile, data)
+    except ConfigError as err:
+        raise CollectError(f"{path}: {err}") from None
+    if m.primary_metric not in m.metrics:
+        raise CollectError(f"{path}: primary_metric '{m.primary_metric}' is not among the metrics "
+                           f"({', '.join(sorted(m.metrics))})")
+    return m
+
+
+def _files(paths: Iterable[str | Path], pattern: str) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(pattern))
+            if not found:
+                raise CollectError(f"{p}: no {pattern} file in this folder")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise CollectError(f"{p}: no such file or directory")
+    return out
+
+
+def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
+    ident, prov = m.identity, m.provenance
+    row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
+    row["params"] = json.dumps(ident.params, sort_keys=True)
+    row.update({f"param.{k}": v for k, v in ident.params.items()})
+    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields)))
+    row.update(primary_metric=m.primary_metric, higher_is_better=m.higher_is_better,
+               value=m.metrics[m.primary_metric])
+    row.update({f"metric.{k}": v for k, v in m.metrics.items()})
+    row.update(git_commit=prov.git_commit, git_dirty=prov.git_dirty,
+               versions=json.dumps(prov.versions, sort_keys=True), device=prov.device,
+               device_name=prov.device_name or prov.device, prov_device_count=prov.device_count,
+               host=prov.host, slurm_job_ids=",".join(prov.slurm_job_ids), preset=prov.preset,
+               source=str(source))
+    return row
+
+
+def _check_consistency(evals: pd.DataFrame) -> list[str]:
+    """Raise on inputs that cannot be compared; return warnings for those that can, with care."""
+    key = list(IDENTITY_COLUMNS)
+    dup = evals[evals.duplicated(key, keep=False)]
+    if not dup.empty:
+        first = dup.groupby(key, sort=False)["source"].apply(list).iloc[0]
+        raise CollectError(f"duplicated run (same identity twice): {' and '.join(first)}")
+    for (modality, task), g in evals.groupby(["modality", "task"]):
+        for col in ("primary_metric", "higher_is_better"):
+            if g[col].nunique() > 1:
+                odd = g[g[col] != g[col].iloc[0]]["source"].iloc[0]
+                raise CollectError(f"{odd}: {col} differs from other '{modality}/{task}' runs "
+                                   f"({sorted(map(str, g[col].unique()))})")
+    notes = []
+    for modality, g in evals.groupby("modality"):
+        for col, what in (("preset", "presets"), ("device_name", "devices")):
+            if g[col].nunique(dropna=False) > 1:
+                odd = g[g[col] != g[col].iloc[0]]["source"].iloc[0]
+                raise CollectError(f"{odd}: mixed {what} within the '{modality}' comparison "
+                                   f"({sorted(map(str, g[col].unique()))}); times are only comparable "
+                                   "at one scale on one kind of device: collect them separately")
+        if g["prov_device_count"].nunique() > 1:
+            notes.append(f"{modality}: runs used different device counts "
+                         f"({sorted(g['prov_device_count'].unique().tolist())}); compare them on device_hours")
+    if evals["git_commit"].nunique(dropna=False) > 1:
+        notes.append(f"results come from {evals['git_commit'].nunique(dropna=False)} git commits")
+    dirty = int((evals["git_dirty"] != False).sum())  # noqa: E712  (None = unknown counts as dirty)
+    if dirty:
+        notes.append(f"{dirty} evaluation(s) ran from a modified (dirty) or unknown working tree")
+    return notes
+
+
+def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """The ``evals`` table and the warnings about it, from metrics files or folders of them."""
+    files = _files(paths, "*.json")
+    if not files:
+        raise CollectError("no metrics files found")
+    evals = pd.DataFrame([_row(load_metrics(f), f) for f in files])
+    notes = _check_consistency(evals)
+    evals = evals.sort_values(list(IDENTITY_COLUMNS), kind="stable").reset_index(drop=True)
+    return evals, notes
+
+
+def _events_summary(path: Path) -> dict[str, Any]:
+    """Number of events and last logged loss; a line cut by a crash at the end is tolerated."""
+    n, last_loss = 0, None
+    if not path.is_file():
+        return {"events": 0, "last_loss": None}
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise CollectError(f"{path}:{i + 1}: not valid JSON") from None
+        n += 1
+        loss = event.get("loss", event.get("value") if event.get("key") == "loss" else None)
+        if isinstance(loss, (int, float)):
+            last_loss = float(loss)
+    return {"events": n, "last_loss": last_loss}
+
+
+def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """The ``runs`` table: one row per pretraining run directory (``summary.json`` + ``events.jsonl``)."""
+    rows = []
+    for run in _files(run_dirs, "summary.json"):
+        summary_path = run if run.name == "summary.json" else run / "summary.json"
+        run_dir = summary_path.parent
+        summary = _read_json(summary_path)
+        if not isinstance(summary, dict):
+            raise CollectError(f"{summary_path}: expected a JSON object")
+        for required in ("status", "provenance"):
+            if not summary.get(required):
+                raise CollectError(f"{summary_path}: missing '{required}'")
+        flat = pd.json_normalize(summary, sep=".").iloc[0].to_dict()
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()}
+        rows.append({"run_dir": str(run_dir), **flat, **_events_summary(run_dir / "events.jsonl")})
+    return pd.DataFrame(rows)
+
+
+def write_table(df: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``name.parquet`` and ``name.csv`` atomically."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"{name}.parquet", out_dir / f"{name}.csv"]
+    with atomic_write(paths[0], "wb") as f:
+        df.to_parquet(f, index=False)
+    with atomic_write(paths[1], "w") as f:
+        df.to_csv(f, index=False)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m d2v2 collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files or folders of them")
+    parser.add_argument("--runs", nargs="*", default=[], help="pretraining run directories (or folders of them)")
+    parser.add_argument("--out", required=True, help="output folder for the tables (e.g. results/tables)")
+    args = parser.parse_args(argv)
+    try:
+        evals, notes = collect_evals(args.metrics)
+        runs = collect_runs(args.runs)
+    except CollectError as err:
+        print(f"collect: error: {err}", file=sys.stderr)
+        return 2
+    for note in notes:
+        warnings.warn(note, stacklevel=1)
+    written = write_table(evals, args.out, "evals") + write_table(runs, args.out, "runs")
+    atomic_write_json(Path(args.out) / "collect_warnings.json", notes)
+    print(f"collect: {len(evals)} evaluation points, {len(runs)} pretraining runs -> "
+          + ", ".join(map(str, written)))
+    return 0

@@ -1,0 +1,97 @@
+"""The collector builds the tidy tables from the fixture and rejects inconsistent inputs by file name."""
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from d2v2.analysis.collect import CollectError, collect_evals, collect_runs, main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "analysis"
+METRICS = FIXTURE / "metrics"
+
+
+@pytest.fixture
+def metrics_dir(tmp_path):
+    out = tmp_path / "metrics"
+    shutil.copytree(METRICS, out)
+    return out
+
+
+def _edit(path: Path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_collect_cli_writes_parquet_and_csv(tmp_path):
+    out = tmp_path / "tables"
+    assert main(["--metrics", str(METRICS), "--runs", str(FIXTURE / "runs"), "--out", str(out)]) == 0
+    evals = pd.read_parquet(out / "evals.parquet")
+    assert len(evals) == 30 and len(pd.read_csv(out / "evals.csv")) == 30
+    row = evals[(evals.method == "mae") & (evals.seed == 1) & (evals.budget_fraction == 1.0)].iloc[0]
+    assert row["value"] == pytest.approx(0.73) and row["metric.valid_accuracy"] == pytest.approx(0.74)
+    assert row["train_time_s"] == pytest.approx(60.0) and row["preset"] == "tiny"
+    assert row["git_commit"].startswith("0123") and row["slurm_job_ids"] == "101"
+    assert set(evals.loc[evals["param.num_masks"].notna(), "variant"]) == {"num_masks=1", "num_masks=4"}
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs.loc[0, "throughput.samples_per_s"] == pytest.approx(53.3)
+    assert runs.loc[0, "last_loss"] == pytest.approx(0.9) and runs.loc[0, "events"] == 4
+    assert json.loads((out / "collect_warnings.json").read_text()) == []
+
+
+def test_rejects_metrics_without_provenance(metrics_dir):
+    bad = metrics_dir / "image-mae-default-s0-f1.000.json"
+    _edit(bad, lambda d: d.pop("provenance"))
+    with pytest.raises(CollectError, match=r"image-mae-default-s0-f1\.000\.json: no provenance"):
+        collect_evals([metrics_dir])
+
+
+def test_rejects_duplicated_run(metrics_dir):
+    src = metrics_dir / "image-mae-default-s0-f1.000.json"
+    shutil.copy(src, metrics_dir / "copy.json")
+    with pytest.raises(CollectError, match=r"duplicated run.*(copy\.json|s0-f1\.000\.json).* and "):
+        collect_evals([metrics_dir])
+
+
+def test_rejects_missing_key_naming_file_and_key(metrics_dir):
+    bad = metrics_dir / "audio-data2vec1-default-s0-f0.333.json"
+    _edit(bad, lambda d: d["pretrain"].pop("train_time_s"))
+    with pytest.raises(CollectError, match=r"f0\.333\.json: pretrain\.train_time_s: Field required"):
+        collect_evals([metrics_dir])
+    _edit(bad, lambda d: (d["pretrain"].update(train_time_s=1.0), d.update(primary_metric="bleu")))
+    with pytest.raises(CollectError, match="primary_metric 'bleu'"):
+        collect_evals([bad])
+    bad.write_text("{not json")
+    with pytest.raises(CollectError, match="not valid JSON"):
+        collect_evals([bad])
+
+
+def test_rejects_mixed_presets_and_devices_warns_on_device_count(metrics_dir):
+    bad = metrics_dir / "image-mae-default-s2-f0.333.json"
+    _edit(bad, lambda d: d["provenance"].update(preset="base"))
+    with pytest.raises(CollectError, match=r"s2-f0\.333\.json: mixed presets within the 'image'"):
+        collect_evals([metrics_dir])
+    _edit(bad, lambda d: d["provenance"].update(preset="tiny", device_name="NVIDIA H100"))
+    with pytest.raises(CollectError, match="mixed devices"):
+        collect_evals([metrics_dir])
+    _edit(bad, lambda d: d["provenance"].update(device_name="Fixture CPU", device_count=2))
+    _, notes = collect_evals([metrics_dir])
+    assert any("different device counts" in n for n in notes)
+
+
+def test_rejects_disagreeing_metric_direction(metrics_dir):
+    _edit(metrics_dir / "audio-data2vec1-default-s0-f0.667.json", lambda d: d.update(higher_is_better=True))
+    with pytest.raises(CollectError, match="higher_is_better differs"):
+        collect_evals([metrics_dir])
+
+
+def test_missing_paths_and_bad_run_dirs(tmp_path, capsys):
+    assert main(["--metrics", str(tmp_path / "nope"), "--out", str(tmp_path / "t")]) == 2
+    assert "nope: no such file or directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(CollectError, match="summary.json: missing 'provenance'"):
+        collect_runs([run])
