@@ -28,11 +28,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from d2v2.analysis.stats import bootstrap_ratio_ci, median, olympic_mean
+from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
-    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "TimeToTarget", "AggregateTime", "Speedup",
-    "time_to_target", "aggregate_times", "speedup", "is_default_variant", "targets", "speedup_table",
+    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
+    "time_to_target", "aggregate_times", "speedup", "compare", "is_default_variant", "curves", "targets",
+    "speedup_table",
 ]
 
 REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not reached"
@@ -108,12 +109,12 @@ def aggregate_times(runs: Sequence[TimeToTarget]) -> AggregateTime:
 
 @dataclass(frozen=True)
 class Speedup:
-    """The speedup lies in ``[low, high]`` (0 and inf mean unbounded); ``ci`` is a bootstrap CI over
-    seeds of the reported value or bound."""
+    """The speedup lies in ``[low, high]`` (0 and inf mean unbounded); ``ci`` is the 95% bootstrap CI
+    over seeds of the reported value or bound (NaN with a single seed per method)."""
 
     low: float
     high: float
-    ci: tuple[float, float]
+    ci: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def relation(self) -> str:
@@ -137,8 +138,7 @@ class Speedup:
             return "undetermined"
         if rel == "in":
             return f"{self.low:.2f}x-{self.high:.2f}x"
-        prefix = {"=": "", ">=": ">= ", "<=": "<= "}[rel]
-        text = f"{prefix}{self.value:.2f}x"
+        text = {"=": "", ">=": ">= ", "<=": "<= "}[rel] + f"{self.value:.2f}x"
         if not any(math.isnan(c) for c in self.ci):
             text += f" [{_fmt_ratio(self.ci[0])}, {_fmt_ratio(self.ci[1])}]"
         return text
@@ -153,19 +153,67 @@ def _div(a: float, b: float) -> float:
         return float(np.divide(a, b))
 
 
-def speedup(baseline: Sequence[TimeToTarget], reference: Sequence[TimeToTarget], n_boot: int = 10_000,
-            seed: int = 0) -> Speedup:
-    """Speedup of ``reference`` (data2vec 2.0) over ``baseline``: median time ratio, as an interval."""
+def speedup(baseline: Sequence[TimeToTarget], reference: Sequence[TimeToTarget]) -> Speedup:
+    """Speedup of ``reference`` (data2vec 2.0) over ``baseline``: ratio of median times, as an interval."""
     b, r = aggregate_times(baseline), aggregate_times(reference)
-    low, high = _div(b.low, r.high), _div(b.high, r.low)
-    result = Speedup(low, high, (math.nan, math.nan))
-    # CI of the number reported: exact values use MLPerf's inf convention, bounds their own substitutes.
-    sides = {"=": ("high", "high"), ">=": ("low", "high"), "<=": ("high", "low")}.get(result.relation)
-    if sides is None:
-        return result
-    num = [getattr(x, sides[0]) for x in baseline]
-    den = [getattr(x, sides[1]) for x in reference]
-    return Speedup(low, high, bootstrap_ratio_ci(num, den, n_boot=n_boot, seed=seed))
+    return Speedup(_div(b.low, r.high), _div(b.high, r.low))
+
+
+Curve = tuple[np.ndarray, np.ndarray]   # one seed: (times, values) at its checkpoints, sorted by time
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """data2vec 2.0 against one baseline: the target, each seed's time to it, and the speedup."""
+
+    target: float
+    baseline: list[TimeToTarget]
+    reference: list[TimeToTarget]
+    speedup: Speedup
+
+
+def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_better: bool,
+            target: float | None = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Comparison:
+    """Time-to-target speedup of ``reference`` over ``baseline`` with a seeded bootstrap CI over seeds.
+
+    ``target=None`` uses the baseline's final quality (median over its seeds). Each bootstrap resample
+    draws seeds with replacement within each method and re-derives that target from the resampled
+    baseline seeds, since the target is estimated from them too. The CI is of the number reported:
+    an exact speedup gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower bound the
+    quantiles of the resampled lower bounds, an upper bound those of the upper bounds.
+    """
+    cache: dict[tuple[int, int, float], TimeToTarget] = {}
+
+    def times(group: int, curves: Sequence[Curve], idx, tgt: float) -> list[TimeToTarget]:
+        out = []
+        for i in idx:
+            key = (group, int(i), tgt)
+            if key not in cache:
+                cache[key] = time_to_target(*curves[i], tgt, higher_is_better)
+            out.append(cache[key])
+        return out
+
+    def target_of(idx) -> float:
+        return target if target is not None else median([baseline[i][1][-1] for i in idx])
+
+    nb, nr = len(baseline), len(reference)
+    tgt = target_of(range(nb))
+    tb, tr = times(0, baseline, range(nb), tgt), times(1, reference, range(nr), tgt)
+    point = speedup(tb, tr)
+    if max(nb, nr) < 2 or point.relation in ("in", "?"):
+        return Comparison(tgt, tb, tr, point)
+    rng = np.random.default_rng(seed)
+    lows, highs = np.empty(n_boot), np.empty(n_boot)
+    for k in range(n_boot):
+        ib, ir = rng.integers(0, nb, nb), rng.integers(0, nr, nr)
+        t = target_of(ib)
+        s = speedup(times(0, baseline, ib, t), times(1, reference, ir, t))
+        lows[k], highs[k] = s.low, s.high
+    if point.relation == "=":
+        ci = (percentile_interval(lows, level)[0], percentile_interval(highs, level)[1])
+    else:
+        ci = percentile_interval(lows if point.relation == ">=" else highs, level)
+    return Comparison(tgt, tb, tr, Speedup(point.low, point.high, ci))
 
 
 def is_default_variant(params: Mapping | str | None) -> bool:
@@ -175,28 +223,36 @@ def is_default_variant(params: Mapping | str | None) -> bool:
     return not params
 
 
-def _final_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each run's evaluation at its largest budget fraction."""
-    idx = runs.groupby("seed")["budget_fraction"].idxmax()
-    return runs.loc[idx]
+def curves(runs: pd.DataFrame, clock: str) -> list[Curve]:
+    """One (times, values) curve per seed of one (method, variant), on ``clock``."""
+    out = []
+    for _, r in runs.sort_values(clock).groupby("seed", sort=True):
+        out.append((r[clock].to_numpy(dtype=float), r["value"].to_numpy(dtype=float)))
+    return out
+
+
+def _baseline_runs(evals: pd.DataFrame, modality: str, task: str, method: str) -> pd.DataFrame:
+    return evals[(evals["modality"] == modality) & (evals["task"] == task) & (evals["method"] == method)
+                 & evals["params"].map(is_default_variant)]
 
 
 def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | None = None) -> pd.DataFrame:
     """Target per (modality, task, baseline): configured, or the baseline's final quality (median over
-    seeds at its largest budget fraction, normally 1.0) for its default variant."""
+    seeds of the value at each seed's largest budget fraction, normally 1.0) for its default variant."""
     configured = dict(configured or {})
     rows = []
     base = evals[(evals["method"] != REFERENCE_METHOD) & evals["params"].map(is_default_variant)]
     for (modality, task, method), runs in base.groupby(["modality", "task", "method"], sort=True):
-        final = _final_rows(runs)
+        final = runs.loc[runs.groupby("seed")["budget_fraction"].idxmax()]
         key = (modality, method)
         rows.append({
             "modality": modality, "task": task, "baseline": method,
             "primary_metric": runs["primary_metric"].iloc[0],
             "higher_is_better": bool(runs["higher_is_better"].iloc[0]),
+            "configured": key in configured,
             "target": float(configured[key]) if key in configured else median(final["value"]),
             "target_source": "configured" if key in configured else
-            f"baseline final (median of {len(final)} seed(s) at budget fraction "
+            f"baseline's final quality (median of {len(final)} seed(s) at budget fraction "
             f"{final['budget_fraction'].max():g})",
         })
     unknown = set(configured) - {(r["modality"], r["baseline"]) for r in rows}
@@ -205,34 +261,28 @@ def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | N
     return pd.DataFrame(rows)
 
 
-def run_times(runs: pd.DataFrame, target: float, higher_is_better: bool, clock: str) -> list[TimeToTarget]:
-    """Time to target of every seed of one (method, variant) curve, on ``clock``."""
-    return [time_to_target(r[clock].to_numpy(), r["value"].to_numpy(), target, higher_is_better)
-            for _, r in runs.groupby("seed", sort=True)]
-
-
 def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Iterable[str] = CLOCKS,
-                  n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+                  n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """One row per (target, data2vec 2.0 variant, clock): both methods' times and the speedup."""
     rows = []
     for t in target_table.itertuples(index=False):
+        base = _baseline_runs(evals, t.modality, t.task, t.baseline)
         same_task = evals[(evals["modality"] == t.modality) & (evals["task"] == t.task)]
-        base = same_task[(same_task["method"] == t.baseline) & same_task["params"].map(is_default_variant)]
-        ref_all = same_task[same_task["method"] == REFERENCE_METHOD]
-        for variant, ref in ref_all.groupby("variant", sort=True):
+        for variant, ref in same_task[same_task["method"] == REFERENCE_METHOD].groupby("variant", sort=True):
             for clock in clocks:
-                tb = run_times(base, t.target, t.higher_is_better, clock)
-                tr = run_times(ref, t.target, t.higher_is_better, clock)
-                ab, ar, s = aggregate_times(tb), aggregate_times(tr), speedup(tb, tr, n_boot, seed)
+                c = compare(curves(base, clock), curves(ref, clock), t.higher_is_better,
+                            t.target if t.configured else None, n_boot=n_boot, seed=seed)
+                ab, ar, s = aggregate_times(c.baseline), aggregate_times(c.reference), c.speedup
                 rows.append({
                     "modality": t.modality, "task": t.task, "baseline": t.baseline,
                     "variant": variant, "default_variant": is_default_variant(ref["params"].iloc[0]),
-                    "clock": clock, "primary_metric": t.primary_metric, "target": t.target,
+                    "clock": clock, "primary_metric": t.primary_metric, "target": c.target,
                     "target_source": t.target_source,
                     "baseline_time_low": ab.low, "baseline_time_high": ab.high,
                     "baseline_olympic": ab.olympic, "baseline_status": ab.status, "baseline_seeds": ab.n,
                     "d2v2_time_low": ar.low, "d2v2_time_high": ar.high, "d2v2_olympic": ar.olympic,
                     "d2v2_status": ar.status, "d2v2_seeds": ar.n,
+                    "d2v2_budget": float(np.median([cv[0][-1] for cv in curves(ref, clock)])),
                     "speedup_low": s.low, "speedup_high": s.high, "relation": s.relation,
                     "speedup": s.value, "ci_low": s.ci[0], "ci_high": s.ci[1], "speedup_text": s.describe(),
                 })

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["OLYMPIC_MIN_RUNS", "median", "olympic_mean", "bootstrap_ci", "bootstrap_ratio_ci"]
+__all__ = ["OLYMPIC_MIN_RUNS", "median", "olympic_mean", "bootstrap_ci", "percentile_interval"]
 
 OLYMPIC_MIN_RUNS = 5
 
@@ -51,7 +51,8 @@ def olympic_mean(values: Sequence[float], min_runs: int = OLYMPIC_MIN_RUNS) -> f
     return float(x[1:-1].mean())
 
 
-def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(stats: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap statistics, ends at the order statistics just outside it."""
     alpha = (1.0 - level) / 2.0
     lo = np.percentile(stats, 100 * alpha, method="lower")
     hi = np.percentile(stats, 100 * (1 - alpha), method="higher")
@@ -72,25 +73,4 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable[..., np.ndarray] =
     if x.size < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    return _percentile_interval(statistic(_resample(x, n_boot, rng), axis=1), level)
-
-
-def bootstrap_ratio_ci(numerator: Sequence[float], denominator: Sequence[float],
-                       statistic: Callable[..., np.ndarray] = np.median, n_boot: int = 10_000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """CI of ``statistic(numerator) / statistic(denominator)``, resampling both groups independently.
-
-    Used for speedups: time(baseline) / time(data2vec 2.0), seeds resampled within each method.
-    ``inf / inf`` resamples (neither converged) are undefined and make the interval ``(nan, nan)``.
-    """
-    a, b = _array(numerator), _array(denominator)
-    if a.size < 2 and b.size < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    sa = statistic(_resample(a, n_boot, rng), axis=1)
-    sb = statistic(_resample(b, n_boot, rng), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = sa / sb
-    if np.isnan(ratio).any():
-        return float("nan"), float("nan")
-    return _percentile_interval(ratio, level)
+    return percentile_interval(statistic(_resample(x, n_boot, rng), axis=1), level)

@@ -1,0 +1,205 @@
+"""Figures (matplotlib Agg + seaborn style, PNG and SVG, written atomically).
+
+- ``curves_<modality>``: fine-tuned primary metric vs pretraining time for every method (default
+  variants): median over seeds per checkpoint, a 95% bootstrap band over seeds, one marker per
+  checkpoint; the baselines' targets as dotted lines (the paper's efficiency figure, spec §6.2);
+- ``speedups``: measured speedups of data2vec 2.0 with CIs and bounds, beside the paper's claims and
+  the speedups its efficiency figure implies;
+- ``ablation_<modality>_<method>_<param>``: final metric vs an ablated parameter (e.g. M, decoder
+  depth), and ``ablation_<modality>_<method>_curves``: metric vs time per variant;
+- ``paper_efficiency``: the paper's efficiency figure redrawn from ``results/paper``.
+
+Every function returns ``[(png_path, caption), ...]``; captions name the clock, device and seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from d2v2.analysis.paper import METHOD_NAMES  # noqa: E402
+from d2v2.analysis.speedup import CLOCKS, is_default_variant  # noqa: E402
+from d2v2.analysis.stats import bootstrap_ci  # noqa: E402
+from d2v2.data.common import atomic_write  # noqa: E402
+
+__all__ = ["save", "curve_summary", "plot_curves", "plot_speedups", "plot_ablations", "plot_paper_efficiency"]
+
+Figure = tuple[Path, str]
+
+
+def _name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
+    """Write ``name.png`` and ``name.svg`` atomically; return the PNG path."""
+    out_dir = Path(out_dir)
+    for ext in ("png", "svg"):
+        with atomic_write(out_dir / f"{name}.{ext}", "wb") as f:
+            fig.savefig(f, format=ext, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out_dir / f"{name}.png"
+
+
+def _hardware(df: pd.DataFrame) -> str:
+    devices = ", ".join(sorted(df["device_name"].astype(str).unique()))
+    counts = "/".join(str(c) for c in sorted(df["prov_device_count"].unique()))
+    return f"{devices} x{counts}"
+
+
+def curve_summary(runs: pd.DataFrame, clock: str, seed: int = 0) -> pd.DataFrame:
+    """Per budget fraction: median time and median metric over seeds, with a bootstrap CI of the latter."""
+    rows = []
+    for fraction, g in runs.groupby("budget_fraction", sort=True):
+        lo, hi = bootstrap_ci(g["value"].to_numpy(), seed=seed, n_boot=2000)
+        rows.append({"budget_fraction": fraction, "time": g[clock].median(), "value": g["value"].median(),
+                     "ci_low": lo, "ci_high": hi, "seeds": g["seed"].nunique()})
+    return pd.DataFrame(rows)
+
+
+def _draw_curve(ax, runs: pd.DataFrame, clock: str, label: str, color) -> None:
+    s = curve_summary(runs, clock)
+    ax.plot(s["time"], s["value"], marker="o", color=color, label=label)
+    if s["ci_low"].notna().any():
+        ax.fill_between(s["time"], s["ci_low"], s["ci_high"], color=color, alpha=0.2, linewidth=0)
+
+
+def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s",
+                target_table: pd.DataFrame | None = None) -> list[Figure]:
+    """Metric vs pretraining time per modality and task, every method's default variant."""
+    sns.set_theme(style="whitegrid")
+    figures = []
+    default = evals[evals["params"].map(is_default_variant)]
+    for (modality, task), df in default.groupby(["modality", "task"], sort=True):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        palette = dict(zip(sorted(df["method"].unique()), sns.color_palette("colorblind")))
+        for method, runs in df.groupby("method", sort=True):
+            _draw_curve(ax, runs, clock, f"{_name(method)} ({runs['seed'].nunique()} seeds)", palette[method])
+        if target_table is not None:
+            for t in target_table[(target_table.modality == modality) & (target_table.task == task)].itertuples():
+                ax.axhline(t.target, ls=":", color=palette.get(t.baseline, "grey"), lw=1)
+        metric = df["primary_metric"].iloc[0]
+        better = "higher" if df["higher_is_better"].iloc[0] else "lower"
+        ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
+               ylabel=f"{metric} ({better} is better)", title=f"{modality} / {task}")
+        ax.legend(fontsize=8)
+        seeds = df.groupby("method")["seed"].nunique()
+        caption = (f"{modality} / {task}: fine-tuned {metric} vs pretraining time on the {clock} clock "
+                   f"({CLOCKS[clock]}); device {_hardware(df)}; preset {', '.join(map(str, df['preset'].unique()))}; "
+                   f"median over seeds ({', '.join(f'{_name(m)}: {n}' for m, n in seeds.items())}), "
+                   "band = 95% bootstrap CI over seeds (none with one seed), one marker per checkpoint; "
+                   "dotted lines: each baseline's target (its final quality).")
+        figures.append((save(fig, out_dir, f"curves_{modality}_{task}"), caption))
+    return figures
+
+
+def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFrame,
+                  out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
+    """Dot chart: measured speedups (CI bars, bound arrows) with the paper's claimed and implied values."""
+    sns.set_theme(style="whitegrid")
+    ours = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
+    keys = sorted({(r.modality, r.baseline) for r in ours.itertuples()}
+                  | {(r.modality, r.baseline) for r in claims.itertuples()})
+    if not keys:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(keys) + 1.4))
+    markers = {"=": "o", ">=": ">", "<=": "<"}
+    for y, (modality, baseline) in enumerate(keys):
+        for r in ours[(ours.modality == modality) & (ours.baseline == baseline)].itertuples():
+            if r.relation in markers:
+                ax.plot(r.speedup, y, markers[r.relation], color="C0", ms=8,
+                        label="measured (this run)" if y == 0 else None)
+                if not math.isnan(r.ci_low):
+                    hi = r.ci_high if math.isfinite(r.ci_high) else ax.get_xlim()[1]
+                    ax.hlines(y, max(r.ci_low, 1e-3), hi, color="C0", lw=2)
+        for r in implied[(implied.modality == modality) & (implied.baseline == baseline)].itertuples():
+            if r.relation in markers:
+                ax.plot(r.speedup, y + 0.15, "D", color="grey", ms=5)
+        for r in claims[(claims.modality == modality) & (claims.baseline == baseline)].itertuples():
+            ax.plot(r.speedup, y - 0.15, "X", color="C3", ms=8)
+    ax.plot([], [], "o", color="C0", label="measured (this run); > / < = bound")
+    ax.plot([], [], "D", color="grey", label="paper figure points (implied)")
+    ax.plot([], [], "X", color="C3", label="paper's claim")
+    handles, labels = ax.get_legend_handles_labels()
+    keep = {lab: h for h, lab in zip(handles, labels) if lab != "measured (this run)"}
+    ax.legend(keep.values(), keep.keys(), fontsize=8, loc="best")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(keys)), [f"{m}: vs {_name(b)}" for m, b in keys])
+    ax.set(xlabel=f"speedup of data2vec 2.0 (time to baseline's target, clock '{clock}')",
+           title="data2vec 2.0 speedups: measured vs paper")
+    caption = (f"Speedup of data2vec 2.0 = time(baseline) / time(data2vec 2.0) to reach the baseline's target, "
+               f"on the {clock} clock ({CLOCKS[clock]}); bars: 95% bootstrap CI over seeds; '>'/'<' markers "
+               "are bounds (target reached at the first checkpoint / not reached within the budget). "
+               "Paper values are on the paper's hardware and scale (results/paper).")
+    return [(save(fig, out_dir, "speedups"), caption)]
+
+
+def _final(runs: pd.DataFrame) -> pd.Series:
+    """Per seed, the value at the largest budget fraction."""
+    return runs.loc[runs.groupby("seed")["budget_fraction"].idxmax(), "value"]
+
+
+def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
+    """Ablations found in the table (variants = identity.params): metric vs each parameter and vs time."""
+    sns.set_theme(style="whitegrid")
+    figures = []
+    for (modality, method, task), df in evals.groupby(["modality", "method", "task"], sort=True):
+        variants = df[~df["params"].map(is_default_variant)]
+        if variants.empty:
+            continue
+        metric = df["primary_metric"].iloc[0]
+        default = df[df["params"].map(is_default_variant)]
+        params = sorted({k for p in variants["params"] for k in json.loads(p)})
+        for param in params:
+            col = f"param.{param}"
+            rows = variants[variants[col].notna()]
+            summary = (rows.groupby(col).apply(lambda g: _final(g).median(), include_groups=False)
+                       .rename("value").reset_index().sort_values(col))
+            fig, ax = plt.subplots(figsize=(5.2, 3.8))
+            ax.plot(summary[col].astype(str), summary["value"], marker="o")
+            if not default.empty:
+                ax.axhline(_final(default).median(), ls="--", color="grey", label="default variant")
+                ax.legend(fontsize=8)
+            ax.set(xlabel=param, ylabel=f"{metric} at the full budget",
+                   title=f"{modality} / {_name(method)}: {param}")
+            caption = (f"{modality} / {_name(method)} ablation of {param}: fine-tuned {metric} at the final "
+                       f"checkpoint (median over seeds) vs {param}; dashed: the default variant; device "
+                       f"{_hardware(df)}.")
+            safe = param.replace(".", "_")
+            figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_{safe}"), caption))
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for color, (variant, runs) in zip(sns.color_palette("colorblind", df["variant"].nunique()),
+                                          df.groupby("variant", sort=True)):
+            _draw_curve(ax, runs, clock, f"{variant} ({runs['seed'].nunique()} seeds)", color)
+        ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')", ylabel=metric,
+               title=f"{modality} / {_name(method)}: variants")
+        ax.legend(fontsize=8)
+        caption = (f"{modality} / {_name(method)}: fine-tuned {metric} vs pretraining time ({clock}) per "
+                   f"variant; median over seeds with 95% bootstrap band; device {_hardware(df)}.")
+        figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_curves"), caption))
+    return figures
+
+
+def plot_paper_efficiency(points: pd.DataFrame, out_dir: str | Path) -> list[Figure]:
+    """The paper's efficiency figure (spec §6.2) redrawn from its transcribed points."""
+    sns.set_theme(style="whitegrid")
+    modalities = list(dict.fromkeys(points["modality"]))
+    fig, axes = plt.subplots(1, len(modalities), figsize=(4.2 * len(modalities), 3.6))
+    for ax, modality in zip(np.atleast_1d(axes), modalities):
+        pts = points[points["modality"] == modality]
+        for method, g in pts.groupby("method", sort=True):
+            ax.plot(g["hours"], g["value"], marker="o", label=_name(method))
+        ax.set(title=modality, xlabel="pretraining hours (paper's hardware)", ylabel=pts["metric"].iloc[0])
+        ax.legend(fontsize=7)
+    caption = ("The paper's efficiency figure redrawn from results/paper/efficiency_points.csv (values read "
+               "off the plot: about ±0.5 h and ±0.1 points; GPU type not stated).")
+    return [(save(fig, out_dir, "paper_efficiency"), caption)]
