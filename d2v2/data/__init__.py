@@ -1,0 +1,128 @@
+"""The data API every other module uses (docs/ARCHITECTURE.md, "Batches").
+
+One function per question, dispatching on the modality (``image``, ``speech`` (alias ``audio``,
+the method modality), ``text``) to :mod:`d2v2.data.image`, :mod:`d2v2.data.speech`, :mod:`d2v2.data.text`:
+
+- :func:`pretrain_dataset` / :func:`pretrain_collater`: unlabelled items ``{"source", "id"}`` and the
+  collater that batches them and draws the method's masks (:class:`~d2v2.data.common.MaskingCollater`);
+- :func:`finetune_datasets` / :func:`finetune_collater` / :func:`task_info`: labelled splits, batches
+  and what to measure on them;
+- :func:`loader_kwargs`: DataLoader settings; :func:`prepare`: the preparation step (``prepare-data``).
+
+The modality modules are imported on first use, so ``import d2v2.data`` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from d2v2.data.common import MaskingCollater, MissingDataError, CorruptDataError, loader_kwargs
+from d2v2.data.config import DataConfig, ImageDataConfig, SpeechDataConfig, TextDataConfig
+
+__all__ = [
+    "DataConfig", "ImageDataConfig", "SpeechDataConfig", "TextDataConfig", "MODALITIES", "modality_name",
+    "pretrain_dataset", "pretrain_collater", "finetune_datasets", "finetune_collater", "task_info",
+    "loader_kwargs", "prepare", "MissingDataError", "CorruptDataError",
+]
+
+MODALITIES = ("image", "speech", "text")
+_ALIASES = {"audio": "speech"}
+SPEECH_TASKS = ("ctc",)
+_SPEECH_EXTRA_TESTS = ("test_flite", "test_asterisk")
+
+
+def modality_name(modality: str) -> str:
+    """The data modality for a method or data modality name (``audio`` -> ``speech``)."""
+    name = _ALIASES.get(modality, modality)
+    if name not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r} (have {', '.join(MODALITIES)}; 'audio' = 'speech')")
+    return name
+
+
+def _module(modality: str) -> ModuleType:
+    return importlib.import_module(f"d2v2.data.{modality_name(modality)}")
+
+
+def _speech_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / "speech"
+
+
+def pretrain_dataset(modality: str, cfg: DataConfig, split: str = "train") -> Dataset:
+    """Unlabelled items ``{"source", "id"}`` of ``split`` (``train`` or ``valid``)."""
+    if modality_name(modality) == "speech":
+        from d2v2.data.speech import SpeechPretrainDataset
+
+        return SpeechPretrainDataset(_speech_root(cfg), cfg.speech, "pretrain" if split == "train" else split)
+    return _module(modality).pretrain_dataset(cfg, split)
+
+
+def _pretrain_collate(modality: str) -> Callable[[list[dict]], dict]:
+    if modality_name(modality) == "speech":
+        from d2v2.data.speech import collate_pretrain
+
+        return collate_pretrain      # crops to the shortest utterance of the batch
+    return _module(modality).collate
+
+
+def pretrain_collater(modality: str, cfg: DataConfig, masker, seed: int) -> MaskingCollater:
+    """Batch the modality's items, then add the method's masks (``masker`` may be None: no masks)."""
+    return MaskingCollater(_pretrain_collate(modality), masker, seed)
+
+
+def finetune_datasets(modality: str, cfg: DataConfig, task: str) -> dict[str, Dataset]:
+    """``{"train", "valid", "test", (extra test sets)}`` labelled datasets of ``task``."""
+    if modality_name(modality) == "speech":
+        from d2v2.data.speech import SpeechFinetuneDataset
+
+        task_info(modality, task)
+        root = _speech_root(cfg)
+        splits = ["train", "valid", "test"] + [s for s in _SPEECH_EXTRA_TESTS if (root / f"{s}.tsv").is_file()]
+        return {s: SpeechFinetuneDataset(root, cfg.speech, s) for s in splits}
+    return _module(modality).finetune_datasets(cfg, task)
+
+
+def finetune_collater(modality: str, cfg: DataConfig, task: str) -> Callable[[list[dict]], dict]:
+    """Collater of fine-tuning items (padding + ``padding_mask`` where lengths differ)."""
+    if modality_name(modality) == "speech":
+        from d2v2.data.speech import collate_finetune
+
+        return collate_finetune
+    return _module(modality).finetune_collater(cfg, task)
+
+
+def task_info(modality: str, task: str) -> dict:
+    """``{"task", "num_classes" (1 for regression), "regression", "metrics", "primary_metric",
+    "higher_is_better"}``; metric names are those of :mod:`d2v2.engine.metrics`."""
+    if modality_name(modality) == "speech":
+        if task not in SPEECH_TASKS:
+            raise ValueError(f"unknown speech task {task!r} (have {', '.join(SPEECH_TASKS)})")
+        from d2v2.data.speech import LETTERS
+
+        return {"task": task, "num_classes": len(LETTERS), "regression": False, "metrics": ["wer", "cer"],
+                "primary_metric": "wer", "higher_is_better": False}
+    return _module(modality).task_info(task)
+
+
+def prepare(modalities, cfg: DataConfig) -> dict[str, dict]:
+    """Prepare each modality's data under ``cfg.root``; returns ``{modality: manifest}`` (each with
+    ``"skipped": True`` when the existing files already matched and nothing was done)."""
+    out = {}
+    for modality in modalities:
+        name = modality_name(modality)
+        if name == "image":
+            from d2v2.data.image import prepare_image
+
+            out[name] = prepare_image(cfg.root, cfg.image)
+        elif name == "text":
+            from d2v2.data.text import prepare_text
+
+            out[name] = prepare_text(cfg.root, cfg.text)
+        else:
+            from d2v2.data.speech import prepare_speech
+
+            out[name] = prepare_speech(_speech_root(cfg), cfg.speech)
+    return out

@@ -1,0 +1,287 @@
+"""Image data: Fashion-MNIST (embedded, tiny) and ImageNet-1k in ImageFolder layout (paper scale).
+
+Fashion-MNIST (DATA_SOURCES.md) is read by ``torchvision.datasets.FashionMNIST`` (``download=False``)
+from the IDX files that :func:`prepare_image` decompresses out of the Debian package into
+``<root>/fashion_mnist/FashionMNIST/raw/``. 28x28 with patch size 2 is the same 14x14 grid as ViT-B/16
+at 224 px, so inverse block masking applies unchanged.
+
+- Pretraining: the 60k training images without labels. Light augmentation (our choice for 28 px,
+  where the paper's scale (0.2, 1) crop would destroy most of a garment): random-resized-crop back to
+  28x28 over ``fmnist_crop_scale`` = (0.6, 1) of the area, then a horizontal flip (every class is
+  left/right symmetric), then normalisation with the training-set mean/std.
+- Fine-tuning ``fmnist`` (or ``fmnist-<N>`` for N labels per class): ``labels_per_class`` images per
+  class drawn from the training set with ``split_seed``, a class-balanced validation set disjoint from
+  them, and the official 10k test set.
+
+ImageNet-1k uses the paper's transforms (spec §1.10 pretraining, §5.1 fine-tuning) and
+:class:`MixupCutmix` as the fine-tuning batch transform.
+"""
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from d2v2.data.common import (
+    MANIFEST, CorruptDataError, atomic_dir, atomic_write_json, dpkg_version, file_record,
+    manifest_is_current, read_manifest, require_path, sha256_file,
+)
+from d2v2.data.config import DataConfig, ImageDataConfig
+
+__all__ = [
+    "FMNIST_MEAN", "FMNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FMNIST_FILES", "prepare_image",
+    "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater", "task_info",
+    "class_balanced_split", "MixupCutmix", "ImageItems",
+]
+
+# Pixel mean/std of the 60k Fashion-MNIST training images in [0, 1] (checked by the tests).
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_CLASSES = 10
+IMAGENET_CLASSES = 1000
+# IDX file -> (magic number, shape)
+FMNIST_FILES = {
+    "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60000,)),
+    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10000,)),
+}
+_FMNIST_DIR = "fashion_mnist"
+
+
+def _raw_dir(folder: Path) -> Path:
+    """Where torchvision's ``FashionMNIST(folder)`` reads the IDX files."""
+    return folder / "FashionMNIST" / "raw"
+
+
+def _check_idx(data: bytes, name: str, where: Path) -> None:
+    """IDX header and length must match Fashion-MNIST's (catches truncated or foreign files)."""
+    magic, shape = FMNIST_FILES[name]
+    header = 4 * (1 + len(shape))
+    got = tuple(int.from_bytes(data[4 * (i + 1):4 * (i + 2)], "big") for i in range(len(shape)))
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic or got != shape \
+            or len(data) != header + int(np.prod(shape)):
+        raise CorruptDataError(
+            f"{where}: not a valid Fashion-MNIST IDX file {name} ({len(data)} bytes; expected magic {magic}, "
+            f"shape {shape}, {header + int(np.prod(shape))} bytes); re-install dataset-fashion-mnist "
+            f"or delete it and run `python -m d2v2 prepare-data --modalities image`")
+
+
+def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
+    """Decompress and check the Fashion-MNIST IDX files under ``<root>/fashion_mnist`` (idempotent).
+
+    ImageNet is the user's download: only its presence is checked. Returns the manifest (with
+    ``"skipped": True`` when the existing files already matched).
+    """
+    root = Path(root)
+    if cfg.dataset == "imagenet":
+        base = require_path(cfg.imagenet_dir, "data.image.imagenet_dir", "ImageNet-1k in ImageFolder layout")
+        for split in ("train", "val"):
+            require_path(base / split, "data.image.imagenet_dir", f"needs {split}/<class>/*.JPEG")
+        return {"modality": "image", "dataset": "imagenet", "path": str(base), "skipped": True}
+
+    source = require_path(cfg.fmnist_source, "data.image.fmnist_source",
+                          "apt-get install -y dataset-fashion-mnist")
+    gz = {name: require_path(source / f"{name}.gz", "data.image.fmnist_source",
+                             "apt-get install -y dataset-fashion-mnist") for name in FMNIST_FILES}
+    inputs = {"dataset": "fmnist", "sources": {n: sha256_file(p) for n, p in gz.items()},
+              "packages": {"dataset-fashion-mnist": dpkg_version("dataset-fashion-mnist")}}
+    folder = root / _FMNIST_DIR
+    if manifest_is_current(folder, inputs):
+        return {**read_manifest(folder), "skipped": True}
+
+    with atomic_dir(folder) as tmp:
+        raw = _raw_dir(tmp)
+        raw.mkdir(parents=True)
+        for name, path in gz.items():
+            try:
+                data = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError, zlib.error) as err:
+                raise CorruptDataError(f"{path}: corrupt gzip file ({err}); re-install dataset-fashion-mnist") from None
+            _check_idx(data, name, path)
+            (raw / name).write_bytes(data)
+        files = sorted(raw.iterdir())
+        manifest = {"modality": "image", "dataset": "fmnist", "inputs": inputs,
+                    "counts": {"train": 60000, "test": 10000, "classes": FMNIST_CLASSES},
+                    "files": [file_record(p, tmp) for p in files]}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return {**manifest, "skipped": False}
+
+
+def _fashion_mnist(root: Path, train: bool, transform) -> datasets.FashionMNIST:
+    raw = _raw_dir(root / _FMNIST_DIR)
+    for name in FMNIST_FILES:
+        if name.startswith("train" if train else "t10k"):
+            path = require_path(raw / name, "data.root",
+                                "run `python -m d2v2 prepare-data --modalities image`")
+            magic, shape = FMNIST_FILES[name]
+            expected = 4 * (1 + len(shape)) + int(np.prod(shape))
+            if path.stat().st_size != expected:
+                raise CorruptDataError(f"{path}: {path.stat().st_size} bytes, expected {expected} (truncated?); "
+                                       f"delete {root / _FMNIST_DIR} and prepare again")
+    return datasets.FashionMNIST(str(root / _FMNIST_DIR), train=train, transform=transform, download=False)
+
+
+def class_balanced_split(labels: np.ndarray, labels_per_class: int, valid_per_class: int,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (labelled, valid) index sets with exactly that many indices per class, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    train, valid = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < labels_per_class + valid_per_class:
+            raise ValueError(f"class {c}: {len(idx)} images < labels_per_class + valid_per_class "
+                             f"({labels_per_class} + {valid_per_class})")
+        train.append(idx[:labels_per_class])
+        valid.append(idx[labels_per_class:labels_per_class + valid_per_class])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))
+
+
+class ImageItems(Dataset):
+    """``(image, label)`` dataset -> dict items ``{"source", "id"}`` (+ ``"label"``) over ``indices``."""
+
+    def __init__(self, base: Dataset, indices=None, labelled: bool = False):
+        self.base, self.labelled = base, labelled
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        image, label = self.base[index]
+        item = {"source": image, "id": index}
+        if self.labelled:
+            item["label"] = int(label)
+        return item
+
+
+def _to_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def fmnist_transform(cfg: ImageDataConfig, train: bool) -> v2.Compose:
+    """Pretraining / fine-tuning augmentation for 28x28 (see module docstring); eval: normalise only."""
+    aug = [v2.RandomResizedCrop(28, scale=cfg.fmnist_crop_scale, antialias=True),
+           v2.RandomHorizontalFlip()] if train else []
+    return v2.Compose(aug + _to_tensor(FMNIST_MEAN, FMNIST_STD))
+
+
+def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
+    """``pretrain`` (spec §1.10), ``finetune`` and ``eval`` (spec §5.1) transforms."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    if kind == "pretrain":
+        return v2.Compose([v2.RandomResizedCrop(cfg.input_size, scale=cfg.crop_scale, interpolation=bicubic,
+                                                antialias=True),
+                           v2.RandomHorizontalFlip(), *_to_tensor(IMAGENET_MEAN, IMAGENET_STD)])
+    if kind == "finetune":   # timm create_transform(is_training=True): RRC(0.08, 1) + flip + RandAugment + erasing
+        return v2.Compose([v2.RandomResizedCrop(cfg.input_size, interpolation=bicubic, antialias=True),
+                           v2.RandomHorizontalFlip(),
+                           v2.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, interpolation=bicubic),
+                           *_to_tensor(IMAGENET_MEAN, IMAGENET_STD),
+                           v2.RandomErasing(p=cfg.reprob, value="random")])
+    return v2.Compose([v2.Resize(cfg.eval_resize, interpolation=bicubic, antialias=True),
+                       v2.CenterCrop(cfg.input_size), *_to_tensor(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _imagenet_folder(cfg: ImageDataConfig, split: str, transform) -> datasets.ImageFolder:
+    base = require_path(cfg.imagenet_dir, "data.image.imagenet_dir", "ImageNet-1k in ImageFolder layout")
+    path = require_path(base / split, "data.image.imagenet_dir", f"needs {split}/<class>/*.JPEG")
+    return datasets.ImageFolder(str(path), transform=transform)
+
+
+def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """Unlabelled images ``{"source": (C,H,W) float32, "id"}``; ``valid`` = the held-out images."""
+    icfg = cfg.image
+    if split not in ("train", "valid"):
+        raise ValueError(f"image pretraining split must be 'train' or 'valid' (got {split!r})")
+    if icfg.dataset == "fmnist":
+        return ImageItems(_fashion_mnist(Path(cfg.root), split == "train", fmnist_transform(icfg, train=True)))
+    return ImageItems(_imagenet_folder(icfg, "train" if split == "train" else "val",
+                                       imagenet_transform(icfg, "pretrain")))
+
+
+_FMNIST_TASK = re.compile(r"fmnist(?:-(\d+))?$")
+
+
+def finetune_datasets(cfg: DataConfig, task: str) -> dict[str, Dataset]:
+    """``train`` / ``valid`` / ``test`` labelled datasets for ``fmnist[-N]`` or ``imagenet``."""
+    icfg, root = cfg.image, Path(cfg.root)
+    if (match := _FMNIST_TASK.match(task)) and icfg.dataset == "fmnist":
+        per_class = int(match.group(1) or icfg.labels_per_class)
+        train_aug = _fashion_mnist(root, True, fmnist_transform(icfg, train=True))
+        train_eval = _fashion_mnist(root, True, fmnist_transform(icfg, train=False))
+        labelled, valid = class_balanced_split(train_aug.targets.numpy(), per_class, icfg.valid_per_class,
+                                              icfg.split_seed)
+        return {"train": ImageItems(train_aug, labelled, labelled=True),
+                "valid": ImageItems(train_eval, valid, labelled=True),
+                "test": ImageItems(_fashion_mnist(root, False, fmnist_transform(icfg, train=False)), labelled=True)}
+    if task == "imagenet" and icfg.dataset == "imagenet":
+        train = _imagenet_folder(icfg, "train", imagenet_transform(icfg, "finetune"))
+        test = ImageItems(_imagenet_folder(icfg, "val", imagenet_transform(icfg, "eval")), labelled=True)
+        if icfg.imagenet_holdout_per_class == 0:   # the paper selects and reports on val
+            return {"train": ImageItems(train, labelled=True), "valid": test, "test": test}
+        holdout_eval = datasets.ImageFolder(train.root, transform=imagenet_transform(icfg, "eval"))
+        labelled, valid = class_balanced_split(np.asarray(train.targets), 0, icfg.imagenet_holdout_per_class,
+                                              icfg.split_seed)
+        rest = np.setdiff1d(np.arange(len(train)), valid)
+        return {"train": ImageItems(train, rest, labelled=True),
+                "valid": ImageItems(holdout_eval, valid, labelled=True), "test": test}
+    raise ValueError(f"image task {task!r} does not match data.image.dataset={icfg.dataset!r} "
+                     f"(tasks: 'fmnist', 'fmnist-<labels per class>' with fmnist; 'imagenet' with imagenet)")
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images and ids (and labels when present)."""
+    batch = {"source": torch.stack([it["source"] for it in items]),
+             "id": torch.tensor([it["id"] for it in items], dtype=torch.int64)}
+    if "label" in items[0]:
+        batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+    return batch
+
+
+def finetune_collater(cfg: DataConfig, task: str):
+    """Fine-tuning batches ``{"source", "label", "id"}``; MixUp/CutMix is :class:`MixupCutmix`."""
+    return collate
+
+
+def task_info(task: str) -> dict:
+    num_classes = IMAGENET_CLASSES if task == "imagenet" else FMNIST_CLASSES
+    if task != "imagenet" and not _FMNIST_TASK.match(task):
+        raise ValueError(f"unknown image task {task!r} (have 'fmnist', 'fmnist-<N>', 'imagenet')")
+    return {"task": task, "num_classes": num_classes, "regression": False, "metrics": ["accuracy"],
+            "primary_metric": "accuracy", "higher_is_better": True}
+
+
+class MixupCutmix:
+    """Batch transform for fine-tuning (spec §5.1): with probability ``mix_prob`` apply MixUp (alpha 0.7)
+    or, with ``mix_switch_prob``, CutMix (alpha 1.0). Labels become soft ``(B, num_classes)`` float32;
+    label smoothing is left to the loss (``F.cross_entropy(..., label_smoothing=0.1)`` accepts soft
+    targets), unlike timm which folds it into the mixed targets.
+    """
+
+    def __init__(self, cfg: ImageDataConfig, num_classes: int):
+        choices, probs = [], []
+        if cfg.mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+            probs.append(1 - cfg.mix_switch_prob if cfg.cutmix_alpha > 0 else 1.0)
+        if cfg.cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+            probs.append(cfg.mix_switch_prob if cfg.mixup_alpha > 0 else 1.0)
+        self.num_classes, self.mix_prob = num_classes, cfg.mix_prob if choices else 0.0
+        self.mix = v2.RandomChoice(choices, p=probs) if choices else None
+
+    def __call__(self, batch: dict) -> dict:
+        label = batch["label"]
+        if self.mix is not None and torch.rand(()) < self.mix_prob:
+            source, soft = self.mix(batch["source"], label)
+        else:
+            source, soft = batch["source"], torch.nn.functional.one_hot(label, self.num_classes).float()
+        return {**batch, "source": source, "label": soft}

@@ -1,0 +1,526 @@
+"""Text data: a pretraining corpus cut into fixed-length token blocks, and labelled sentence tasks.
+
+Embedded (tiny) data, all offline (DATA_SOURCES.md):
+- corpus = King James Bible (``bible-kjv``) + Jane Austen's six novels (``r-cran-janeaustenr``, read from
+  its R lazy-load database with ``rdata``) + WordNet 3.0 glosses (``wordnet-base``);
+- a byte-level BPE trained on it with HF ``tokenizers`` (``vocab_size``), specials ``<s>``=0,
+  ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4 (fairseq order), saved as ``tokenizer.json``;
+- every line is encoded and followed by ``</s>``; chunks of 100 consecutive lines go to ``valid``
+  with probability ``valid_fraction``; tokens are stored as ``{train,valid}.bin`` (uint16 when the
+  vocabulary fits) and read back with ``np.memmap``;
+- labelled tasks from the human-rated VADER sets (Hutto & Gilbert 2014): binary sentiment where
+  ``|mean| >= 0.5`` for ``movie`` (the SST-2 analogue), ``tweet``, ``product``, ``editorial``, and
+  ``movie-intensity``, a regression on the mean rating (the STS-B analogue); fixed seeded splits stored
+  as TSV.
+
+Paper scale (spec §1.10, §5.3): raw text shards (Books + Wiki) encoded with the user's GPT-2 BPE
+(``vocab.json`` + ``merges.txt``; ids shifted by 5 so the five specials keep ids 0-4), and the eight
+GLUE tasks read from their ``.tsv`` files.
+
+Pretraining blocks are ``<s>`` + ``block_len - 1`` stream tokens (fairseq ``sample_break_mode: none``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import tarfile
+import gzip
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from d2v2.data.common import (
+    MANIFEST, CorruptDataError, MissingDataError, atomic_dir, atomic_write, atomic_write_json,
+    dpkg_version, file_record, manifest_is_current, read_manifest, require_path, sha256_file,
+)
+from d2v2.data.config import DataConfig, TextDataConfig
+
+__all__ = [
+    "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "load_tokenizer",
+    "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater",
+    "task_info", "embedded_corpus",
+]
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+BOS, PAD, EOS, UNK, MASK = range(5)
+_CHUNK_LINES = 100           # lines per document chunk for the held-out split
+_VADER = "vaderSentiment==3.3.2"
+_JANEAUSTENR = "r-cran-janeaustenr"
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+class TextTokenizer:
+    """A byte-level BPE with the five specials at ids 0-4: ``encode``/``decode`` and ``vocab_size``."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tok, self.offset = tokenizer, offset     # offset: GPT-2 ids are shifted past the specials
+        self.vocab_size = tokenizer.get_vocab_size() + offset
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[i + self.offset for i in enc.ids] for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) - self.offset for i in ids if int(i) >= len(SPECIALS)])
+
+
+def load_tokenizer(cfg: DataConfig) -> TextTokenizer:
+    """The embedded corpus's ``tokenizer.json``, or the GPT-2 BPE from ``gpt2_vocab``/``gpt2_merges``."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    if cfg.text.corpus == "raw":
+        vocab = require_path(cfg.text.gpt2_vocab, "data.text.gpt2_vocab", "GPT-2 encoder vocab.json")
+        merges = require_path(cfg.text.gpt2_merges, "data.text.gpt2_merges", "GPT-2 merges.txt")
+        return TextTokenizer(ByteLevelBPETokenizer(str(vocab), str(merges)), offset=len(SPECIALS))
+    path = require_path(_folder(cfg) / "tokenizer.json", "data.root",
+                        "run `python -m d2v2 prepare-data --modalities text`")
+    return TextTokenizer(Tokenizer.from_file(str(path)))
+
+
+def _train_bpe(lines: list[str], vocab_size: int):
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
+                            show_progress=False)
+    assert [tok.token_to_id(s) for s in SPECIALS] == list(range(len(SPECIALS)))
+    return tok
+
+
+# ------------------------------------------------------------------------------------ embedded sources
+def _run(cmd: list[str], what: str, hint: str, cwd: Path | None = None) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise MissingDataError(f"{what}: command '{cmd[0]}' not found ({hint})")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if out.returncode != 0:
+        raise MissingDataError(f"{what}: `{' '.join(cmd)}` failed: {out.stderr.strip()[-500:]} ({hint})")
+    return out.stdout
+
+
+def kjv_verses() -> list[str]:
+    """The 31,102 KJV verses (reference prefix removed)."""
+    out = _run(["bible", "-f", "Gen1:1-Rev22:21"], "KJV text", "apt-get install -y bible-kjv")
+    return [line.split(" ", 1)[1].strip() for line in out.splitlines() if " " in line]
+
+
+def _fetch_janeaustenr(cache: Path) -> Path:
+    """``apt-get download`` + ``dpkg-deb -x`` the R package once into ``cache``; its data folder."""
+    data = cache / "janeaustenr" / "usr/lib/R/site-library/janeaustenr/data"
+    if not (data / "Rdata.rdx").is_file():
+        hint = f"needs Debian's apt-get and dpkg-deb with network: `apt-get download {_JANEAUSTENR}`"
+        cache.mkdir(parents=True, exist_ok=True)
+        _run(["apt-get", "download", _JANEAUSTENR], "Jane Austen text", hint, cwd=cache)
+        deb = max(cache.glob(f"{_JANEAUSTENR}_*.deb"))
+        with atomic_dir(cache / "janeaustenr") as tmp:
+            _run(["dpkg-deb", "-x", str(deb), str(tmp)], "Jane Austen text", hint)
+    return data
+
+
+def austen_paragraphs(data: Path) -> list[str]:
+    """Paragraphs of the six novels from the package's lazy-load database (``Rdata.rdx``/``.rdb``).
+
+    The index is a gzip-compressed R object mapping each novel to ``(offset, length)`` in ``Rdata.rdb``,
+    whose entries are a 4-byte big-endian length followed by a zlib stream of a serialised character vector.
+    """
+    import warnings
+
+    import rdata
+
+    def parse(raw: bytes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # rdata warns that a bare serialisation "assumed RDS"
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    try:
+        index = parse(gzip.decompress((data / "Rdata.rdx").read_bytes()))["variables"]
+        rdb = (data / "Rdata.rdb").read_bytes()
+        paragraphs = []
+        for name in sorted(index):
+            offset, length = (int(v) for v in index[name])
+            blob = rdb[offset:offset + length]
+            (size,) = struct.unpack(">I", blob[:4])
+            text = zlib.decompress(blob[4:])
+            if len(text) != size:
+                raise ValueError(f"{name}: {len(text)} bytes, header says {size}")
+            current: list[str] = []
+            for line in list(parse(text)) + [""]:
+                if line.strip():
+                    current.append(line.strip())
+                elif current:
+                    paragraphs.append(" ".join(current))
+                    current = []
+    except (OSError, ValueError, KeyError, zlib.error, struct.error) as err:
+        raise CorruptDataError(f"{data}: cannot read the janeaustenr database ({err}); delete the folder "
+                               f"and prepare again") from None
+    return paragraphs
+
+
+def wordnet_glosses(folder: Path = Path("/usr/share/wordnet")) -> list[str]:
+    """The gloss (definition; examples) of every WordNet 3.0 synset."""
+    glosses = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = require_path(folder / f"data.{pos}", "WordNet", "apt-get install -y wordnet-base")
+        with open(path, encoding="utf-8") as f:
+            glosses += [line.split(" | ", 1)[1].strip() for line in f
+                        if not line.startswith("  ") and " | " in line]
+    return glosses
+
+
+def embedded_corpus(cache: Path) -> dict[str, list[str]]:
+    """Source name -> lines (one verse / paragraph / gloss each)."""
+    return {"kjv": kjv_verses(), "austen": austen_paragraphs(_fetch_janeaustenr(cache)),
+            "wordnet": wordnet_glosses()}
+
+
+def _fetch_vader(cache: Path) -> Path:
+    """The vaderSentiment sdist (it alone carries the human-rated sets), downloaded once into ``cache``."""
+    sdist = cache / "vaderSentiment-3.3.2.tar.gz"
+    if not sdist.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", _VADER, "-d",
+              str(cache)], "VADER sentiment sets", f"needs PyPI: `pip download --no-deps --no-binary :all: {_VADER}`")
+    return sdist
+
+
+def vader_ratings(sdist: Path) -> dict[str, list[tuple[float, str]]]:
+    """``{file stem: [(mean rating -4..4, text)]}`` from the sdist's nested ``hutto_ICWSM_2014.tar.gz``."""
+    try:
+        with tarfile.open(sdist) as outer:
+            inner_bytes = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
+        out = {}
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            for member in inner.getmembers():
+                name = Path(member.name).name
+                if name.endswith("_GroundTruth.txt"):
+                    text = inner.extractfile(member).read().decode("utf-8")
+                    rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+                    out[name.removesuffix("_GroundTruth.txt")] = [(float(r[1]), " ".join(r[2:]).strip()) for r in rows]
+    except (OSError, tarfile.TarError, KeyError, ValueError, IndexError, AttributeError) as err:
+        raise CorruptDataError(f"{sdist}: cannot read the VADER ground truth ({err}); delete it and prepare again") from None
+    return out
+
+
+# task name -> (VADER file, kind)
+TASKS = {
+    "movie": ("movieReviewSnippets", "binary"),
+    "tweet": ("tweets", "binary"),
+    "product": ("amazonReviewSnippets", "binary"),
+    "editorial": ("nytEditorialSnippets", "binary"),
+    "movie-intensity": ("movieReviewSnippets", "regression"),
+}
+
+
+def _vader_task_rows(ratings: list[tuple[float, str]], kind: str) -> list[tuple[str, str]]:
+    if kind == "regression":
+        return [(text, f"{mean:.6g}") for mean, text in ratings]
+    return [(text, str(int(mean > 0))) for mean, text in ratings if abs(mean) >= 0.5]
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[tuple[str, ...]]) -> None:
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(tuple(c.replace("\t", " ") for c in row) for row in rows)
+
+
+# ------------------------------------------------------------------------------------------ preparation
+def _folder(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / "text" / cfg.text.corpus
+
+
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def _write_tokens(path: Path, tokenizer: TextTokenizer, lines: Iterator[str], dtype, batch: int = 20000) -> int:
+    """Encode ``lines`` (each followed by ``</s>``) into a flat token file; returns the token count."""
+    count, pending = 0, []
+    with atomic_write(path) as f:
+        def flush():
+            nonlocal count
+            ids = np.fromiter((t for seq in tokenizer.encode_batch(pending) for t in (*seq, EOS)), dtype=np.int64)
+            f.write(ids.astype(dtype).tobytes())
+            count += len(ids)
+            pending.clear()
+        for line in lines:
+            if line.strip():
+                pending.append(line.strip())
+                if len(pending) >= batch:
+                    flush()
+        if pending:
+            flush()
+    return count
+
+
+def prepare_text(root: str | Path, cfg: TextDataConfig) -> dict:
+    """Prepare the text data under ``<root>/text/<corpus>`` (idempotent); returns the manifest."""
+    root = Path(root)
+    dcfg = DataConfig(root=str(root), text=cfg)
+    return _prepare_raw(dcfg) if cfg.corpus == "raw" else _prepare_embedded(dcfg)
+
+
+def _prepare_embedded(dcfg: DataConfig) -> dict:
+    cfg, folder, cache = dcfg.text, _folder(dcfg), Path(dcfg.root) / "cache"
+    _fetch_janeaustenr(cache)
+    sdist = _fetch_vader(cache)
+    deb = max(cache.glob(f"{_JANEAUSTENR}_*.deb"))
+    inputs = {
+        "corpus": "embedded", "vocab_size": cfg.vocab_size, "valid_fraction": cfg.valid_fraction,
+        "split_seed": cfg.split_seed, "task_fractions": list(cfg.task_fractions),
+        "packages": {p: dpkg_version(p) for p in ("bible-kjv", "bible-kjv-text", "wordnet-base")}
+        | {_JANEAUSTENR: deb.name.split("_")[1], "vaderSentiment": "3.3.2"},
+        "sources": {deb.name: sha256_file(deb), sdist.name: sha256_file(sdist)},
+    }
+    if manifest_is_current(folder, inputs):
+        return {**read_manifest(folder), "skipped": True}
+
+    corpus = embedded_corpus(cache)
+    rng = np.random.default_rng(cfg.split_seed)
+    split_lines: dict[str, list[str]] = {"train": [], "valid": []}
+    for name in sorted(corpus):
+        lines = corpus[name]
+        for start in range(0, len(lines), _CHUNK_LINES):
+            split = "valid" if rng.random() < cfg.valid_fraction else "train"
+            split_lines[split] += lines[start:start + _CHUNK_LINES]
+    counts: dict = {"lines": {k: len(v) for k, v in corpus.items()}}
+
+    with atomic_dir(folder) as tmp:
+        bpe = _train_bpe(split_lines["train"], cfg.vocab_size)   # the held-out text never shapes the vocab
+        bpe.save(str(tmp / "tokenizer.json"))
+        tokenizer = TextTokenizer(bpe._tokenizer)
+        dtype = _token_dtype(tokenizer.vocab_size)
+        counts["tokens"] = {s: _write_tokens(tmp / f"{s}.bin", tokenizer, iter(split_lines[s]), dtype)
+                            for s in ("train", "valid")}
+        counts["vocab_size"] = tokenizer.vocab_size
+        ratings = vader_ratings(sdist)
+        counts["tasks"] = {}
+        for task, (stem, kind) in TASKS.items():
+            rows = _vader_task_rows(ratings[stem], kind)
+            order = np.random.default_rng([cfg.split_seed, len(rows)]).permutation(len(rows))
+            n_train = int(round(cfg.task_fractions[0] * len(rows)))
+            n_valid = int(round(cfg.task_fractions[1] * len(rows)))
+            parts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
+                     "test": order[n_train + n_valid:]}
+            for split, idx in parts.items():
+                _write_tsv(tmp / "tasks" / task / f"{split}.tsv", ["sentence", "label"], [rows[i] for i in idx])
+            counts["tasks"][task] = {s: len(i) for s, i in parts.items()}
+        manifest = {"modality": "text", "corpus": "embedded", "inputs": inputs, "counts": counts,
+                    "dtype": np.dtype(dtype).name,
+                    "files": [file_record(p, tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return {**manifest, "skipped": False}
+
+
+def _prepare_raw(dcfg: DataConfig) -> dict:
+    """Encode the user's raw text shards with GPT-2 BPE (fingerprinted by path, size and mtime)."""
+    cfg, folder = dcfg.text, _folder(dcfg)
+    tokenizer = load_tokenizer(dcfg)
+    shards = {}
+    for split, key in (("train", "train_shards"), ("valid", "valid_shards")):
+        paths = getattr(cfg, key)
+        if not paths:
+            raise MissingDataError(f"data.text.{key}: empty; list the raw text files for '{split}'")
+        shards[split] = [require_path(p, f"data.text.{key}", "raw text file") for p in paths]
+    inputs = {"corpus": "raw", "gpt2": {k: sha256_file(getattr(cfg, k)) for k in ("gpt2_vocab", "gpt2_merges")},
+              "shards": {s: [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ps]
+                         for s, ps in shards.items()}}
+    if manifest_is_current(folder, inputs, verify=False):
+        return {**read_manifest(folder), "skipped": True}
+
+    def lines(paths):
+        for p in paths:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                yield from f
+
+    dtype = _token_dtype(tokenizer.vocab_size)
+    with atomic_dir(folder) as tmp:
+        counts = {"tokens": {s: _write_tokens(tmp / f"{s}.bin", tokenizer, lines(ps), dtype)
+                             for s, ps in shards.items()}, "vocab_size": tokenizer.vocab_size}
+        manifest = {"modality": "text", "corpus": "raw", "inputs": inputs, "counts": counts,
+                    "dtype": np.dtype(dtype).name,
+                    "files": [file_record(p, tmp) for p in sorted(tmp.glob("*.bin"))]}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return {**manifest, "skipped": False}
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+class TokenBlocks(Dataset):
+    """Fixed-length blocks ``<s> + t[i*(L-1):(i+1)*(L-1)]`` over a memory-mapped token file."""
+
+    def __init__(self, path: Path, num_tokens: int, dtype: str, block_len: int):
+        size = path.stat().st_size
+        if size != num_tokens * np.dtype(dtype).itemsize:
+            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {num_tokens} {dtype} tokens "
+                                   f"({num_tokens * np.dtype(dtype).itemsize} bytes); truncated? prepare again")
+        self.path, self.block_len, self.dtype = path, block_len, dtype
+        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+        self.stride = block_len - 1
+        if num_tokens < self.stride:
+            raise ValueError(f"{path}: {num_tokens} tokens, fewer than one block of {block_len}")
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.stride
+
+    def __getitem__(self, i: int) -> dict:
+        body = torch.from_numpy(self.tokens[i * self.stride:(i + 1) * self.stride].astype(np.int64))
+        return {"source": torch.cat([torch.tensor([BOS]), body]), "id": int(i)}
+
+
+def _manifest(cfg: DataConfig) -> dict:
+    folder = _folder(cfg)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise MissingDataError(f"data.root: no prepared text under {folder} "
+                               f"(run `python -m d2v2 prepare-data --modalities text`)")
+    return manifest
+
+
+def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """Token blocks ``{"source": (block_len,) int64, "id"}`` of the ``train`` or ``valid`` stream."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"text pretraining split must be 'train' or 'valid' (got {split!r})")
+    manifest = _manifest(cfg)
+    path = require_path(_folder(cfg) / f"{split}.bin", "data.root", "prepare the text data again")
+    return TokenBlocks(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len)
+
+
+# --------------------------------------------------------------------------------------- labelled tasks
+# GLUE task -> (folder, sentence columns, label column, label values or None for regression,
+#               metrics, primary metric); files with a header except CoLA (columns by position).
+GLUE_TASKS = {
+    "cola": ("CoLA", (3,), 1, ["0", "1"], ["mcc", "accuracy"], "mcc"),
+    "sst2": ("SST-2", ("sentence",), "label", ["0", "1"], ["accuracy"], "accuracy"),
+    "mrpc": ("MRPC", ("#1 String", "#2 String"), "Quality", ["0", "1"], ["f1", "accuracy"], "f1"),
+    "stsb": ("STS-B", ("sentence1", "sentence2"), "score", None, ["spearman", "pearson"], "spearman"),
+    "qqp": ("QQP", ("question1", "question2"), "is_duplicate", ["0", "1"], ["f1", "accuracy"], "f1"),
+    "mnli": ("MNLI", ("sentence1", "sentence2"), "gold_label", ["contradiction", "entailment", "neutral"],
+             ["accuracy"], "accuracy"),
+    "qnli": ("QNLI", ("question", "sentence"), "label", ["entailment", "not_entailment"], ["accuracy"], "accuracy"),
+    "rte": ("RTE", ("sentence1", "sentence2"), "label", ["entailment", "not_entailment"], ["accuracy"], "accuracy"),
+}
+
+
+def task_info(task: str) -> dict:
+    if task in TASKS:
+        regression = TASKS[task][1] == "regression"
+        metrics = ["pearson", "spearman"] if regression else ["accuracy", "f1", "mcc"]
+        return {"task": task, "num_classes": 1 if regression else 2, "regression": regression,
+                "metrics": metrics, "primary_metric": metrics[0], "higher_is_better": True}
+    if task in GLUE_TASKS:
+        _, _, _, labels, metrics, primary = GLUE_TASKS[task]
+        return {"task": task, "num_classes": 1 if labels is None else len(labels), "regression": labels is None,
+                "metrics": metrics, "primary_metric": primary, "higher_is_better": True}
+    raise ValueError(f"unknown text task {task!r} (embedded: {sorted(TASKS)}; GLUE: {sorted(GLUE_TASKS)})")
+
+
+def _read_tsv(path: Path, header: bool = True):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+                           header=0 if header else None, escapechar="\\" if header else None)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise CorruptDataError(f"{path}: cannot parse as TSV ({err})") from None
+
+
+class SentenceTask(Dataset):
+    """Tokenised sentences (or pairs) with labels: ``{"source": (L,) int64, "label", "id"}``."""
+
+    def __init__(self, sentences: list[tuple[str, ...]], labels: list, tokenizer: TextTokenizer, max_len: int):
+        columns = list(zip(*sentences))
+        encoded = [tokenizer.encode_batch(list(col)) for col in columns]
+        self.sources = [_join(parts, max_len) for parts in zip(*encoded)]
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"source": torch.tensor(self.sources[i], dtype=torch.int64), "label": self.labels[i], "id": i}
+
+
+def _join(parts: tuple[list[int], ...], max_len: int) -> list[int]:
+    """RoBERTa inputs: ``<s> A </s>`` or ``<s> A </s> </s> B </s>``, longest part truncated first."""
+    parts = [list(p) for p in parts]
+    budget = max_len - (2 if len(parts) == 1 else 4)
+    while sum(map(len, parts)) > budget:
+        max(parts, key=len).pop()
+    out = [BOS] + parts[0] + [EOS]
+    if len(parts) == 2:
+        out += [EOS] + parts[1] + [EOS]
+    return out
+
+
+def _labels(values, allowed, path: Path) -> list:
+    if allowed is None:
+        return [float(v) for v in values]
+    bad = sorted(set(values) - set(allowed))
+    if bad:
+        raise CorruptDataError(f"{path}: unexpected labels {bad[:5]} (expected {allowed})")
+    return [allowed.index(v) for v in values]
+
+
+def _glue_split(cfg: DataConfig, task: str, filename: str, tokenizer: TextTokenizer) -> SentenceTask:
+    folder, text_cols, label_col, allowed, _, _ = GLUE_TASKS[task]
+    base = require_path(cfg.text.glue_dir, "data.text.glue_dir", "folder with the GLUE task folders")
+    path = require_path(base / folder / filename, "data.text.glue_dir", f"GLUE {folder}/{filename}")
+    table = _read_tsv(path, header=task != "cola")
+    missing = [c for c in (*text_cols, label_col) if c not in table.columns]
+    if missing:
+        raise CorruptDataError(f"{path}: missing columns {missing} (have {list(table.columns)})")
+    return SentenceTask(list(zip(*(table[c].tolist() for c in text_cols))),
+                        _labels(table[label_col].tolist(), allowed, path), tokenizer, cfg.text.max_len)
+
+
+def finetune_datasets(cfg: DataConfig, task: str) -> dict[str, Dataset]:
+    """``train``/``valid``/``test`` for an embedded task, or GLUE's train/dev (test labels are private,
+    so, as in the paper, GLUE reports dev: ``test`` is dev and MNLI adds ``test_mismatched``)."""
+    task_info(task)
+    if task in GLUE_TASKS:
+        tokenizer = load_tokenizer(cfg)
+        dev = "dev_matched.tsv" if task == "mnli" else "dev.tsv"
+        out = {"train": _glue_split(cfg, task, "train.tsv", tokenizer), "valid": _glue_split(cfg, task, dev, tokenizer)}
+        out["test"] = out["valid"]
+        if task == "mnli":
+            out["test_mismatched"] = _glue_split(cfg, task, "dev_mismatched.tsv", tokenizer)
+        return out
+    if cfg.text.corpus != "embedded":
+        raise ValueError(f"text task {task!r} needs data.text.corpus=embedded (its tokenizer)")
+    tokenizer = load_tokenizer(cfg)
+    allowed = None if TASKS[task][1] == "regression" else ["0", "1"]
+    out = {}
+    for split in ("train", "valid", "test"):
+        path = require_path(_folder(cfg) / "tasks" / task / f"{split}.tsv", "data.root",
+                            "run `python -m d2v2 prepare-data --modalities text`")
+        table = _read_tsv(path)
+        out[split] = SentenceTask([(s,) for s in table["sentence"]], _labels(table["label"].tolist(), allowed, path),
+                                  tokenizer, cfg.text.max_len)
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    """Pad to the longest sequence with ``<pad>``; ``padding_mask`` True at padding."""
+    lengths = [len(it["source"]) for it in items]
+    source = torch.full((len(items), max(lengths)), PAD, dtype=torch.int64)
+    for row, it in enumerate(items):
+        source[row, :lengths[row]] = it["source"]
+    batch = {"source": source, "id": torch.tensor([it["id"] for it in items], dtype=torch.int64)}
+    if "label" in items[0]:
+        batch["padding_mask"] = torch.arange(source.shape[1]) >= torch.tensor(lengths)[:, None]
+        is_float = isinstance(items[0]["label"], float)
+        batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.float32 if is_float else torch.int64)
+    return batch
+
+
+def finetune_collater(cfg: DataConfig, task: str):
+    return collate
