@@ -1,0 +1,344 @@
+"""The synthesised speech corpus: WordNet sentences read by many espeak-ng voices, in noise.
+
+No multi-speaker labelled speech corpus can be downloaded here, so the embedded speech data is made
+(DATA_SOURCES.md, "Speech"). Clean synthetic speech is too easy and transfers badly, so every utterance
+gets a random voice, speed and pitch, a random time shift, coloured background noise at a random SNR and
+a random gain. The splits and what they measure:
+
+=================  ================================================  ==================================
+split              voices                                            sentences
+=================  ================================================  ==================================
+``pretrain``       espeak-ng: training accents x training variants   train pool (no transcripts written)
+``train``          same                                              train pool (labelled, small)
+``valid``          same                                              valid pool
+``test``           espeak-ng: held-out variants (and/or accents)     test pool
+``test_flite``     flite voices (a held-out engine)                  test pool
+``test_asterisk``  real recordings of one speaker (Asterisk prompts) their own prompts
+=================  ================================================  ==================================
+
+Sentences are WordNet 3.0 example sentences (about 31k usable), assigned to the three pools by a hash
+of the text, so the pools never share a sentence. Everything is drawn from ``numpy`` generators seeded
+with ``(seed, split, index)``: the corpus does not depend on the number of worker processes.
+
+Output: fairseq manifests (``<split>.tsv/.ltr/.wrd``, see :mod:`d2v2.data.speech`), 16-bit WAVs under
+``wav/<split>/``, a per-utterance record of how each was made (``<split>.meta.tsv``) and ``manifest.json``
+(config, tool versions, counts, checksums). The corpus is built in a temporary folder and renamed into
+place; a second call with the same config finds ``manifest.json`` and returns it.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, words_to_letters
+
+__all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "corpus_key"]
+
+FORMAT_VERSION = 1     # bump when the generator changes what it writes for a given config
+_SYNTH_SPLITS = {"pretrain": "train", "train": "train", "valid": "valid", "test": "test", "test_flite": "test"}
+_MIN_WORDS, _MAX_WORDS = 3, 14
+_MAX_ATTEMPTS = 50     # draws per utterance until one fits [min_seconds, max_seconds]
+_DIGITS = "ZERO ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE".split()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------------
+def normalise_text(text: str) -> str | None:
+    """Upper-case words of ``A-Z`` and ``'``, or None when the text cannot be read letter by letter.
+
+    Punctuation becomes a word break, single digits are spelled out; anything else (numbers, symbols,
+    acronyms, bracketed notes such as ``[beep]``) rejects the sentence, so audio and transcript agree.
+    """
+    if re.search(r"[\[\]()<>#*@$=+/&%]|\d\d|\b[A-Z]{2,}\b|\w\.\w", text):
+        return None
+    text = re.sub(r"\d", lambda m: f" {_DIGITS[int(m.group())]} ", text)
+    text = re.sub(r"[-.,;:!?\"…]+", " ", text)
+    if re.search(r"[^A-Za-z' ]", text):
+        return None
+    words = [w.strip("'") for w in text.upper().split()]
+    words = [w for w in words if w]
+    return " ".join(words) or None
+
+
+def wordnet_sentences(wordnet_dir: str | Path) -> list[str]:
+    """Normalised WordNet 3.0 example sentences (the quoted text in each gloss), sorted and unique."""
+    found = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = Path(wordnet_dir) / f"data.{pos}"
+        if not path.is_file():
+            raise FileNotFoundError(f"data.speech.synth.wordnet_dir: {path} not found "
+                                    "(apt-get install wordnet-base)")
+        for line in path.read_text(encoding="latin-1").splitlines():
+            _, sep, gloss = line.partition(" | ")
+            for example in re.findall(r'"([^"]+)"', gloss) if sep and not line.startswith("  ") else ():
+                text = normalise_text(example)
+                if text and _MIN_WORDS <= len(text.split()) <= _MAX_WORDS:
+                    found.add(text)
+    return sorted(found)
+
+
+def _pools(sentences: list[str]) -> dict[str, list[str]]:
+    """Disjoint train / valid / test sentence pools (80/10/10 by a hash of the text, seed-independent)."""
+    pools: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for s in sentences:
+        bucket = int(hashlib.sha1(s.encode()).hexdigest(), 16) % 10
+        pools["valid" if bucket == 8 else "test" if bucket == 9 else "train"].append(s)
+    return pools
+
+
+# ----------------------------------------------------------------------------------------------------
+# Voices and engines
+# ----------------------------------------------------------------------------------------------------
+def _voices(cfg: SynthConfig, split: str) -> list[str]:
+    """espeak-ng voices (``accent+variant``) of a split; the flite voices for ``test_flite``."""
+    if split == "test_flite":
+        return list(cfg.flite_voices)
+    if split == "test":
+        return [f"{a}+{v}" for a in cfg.accents for v in cfg.variants + cfg.heldout_variants
+                if a in cfg.heldout_accents or v in cfg.heldout_variants]
+    return [f"{a}+{v}" for a in cfg.accents if a not in cfg.heldout_accents for v in cfg.variants]
+
+
+def _tool_version(cmd: list[str]) -> str:
+    if shutil.which(cmd[0]) is None:
+        package = {"espeak-ng": "espeak-ng", "flite": "flite"}[cmd[0]]
+        raise FileNotFoundError(f"{cmd[0]} not found: apt-get install -y {package} (DATA_SOURCES.md, Speech)")
+    out = subprocess.run(cmd, capture_output=True, text=True)   # flite --version exits 1
+    return " ".join((out.stdout + out.stderr).split())[:200]
+
+
+def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text.lower()]
+    out = subprocess.run(cmd, capture_output=True, check=True)
+    wav, sr = sf.read(io.BytesIO(out.stdout), dtype="float32")
+    return wav, sr
+
+
+def _flite(text: str, voice: str, stretch: float, workdir: Path) -> tuple[np.ndarray, int]:
+    with tempfile.NamedTemporaryFile(suffix=".wav", dir=workdir) as f:
+        subprocess.run(["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.3f}",
+                        "-t", text.lower(), "-o", f.name], capture_output=True, check=True)
+        wav, sr = sf.read(f.name, dtype="float32")
+    return wav, sr
+
+
+def _resample(wav: np.ndarray, sr: int, target: int) -> np.ndarray:
+    g = math.gcd(sr, target)
+    return wav if sr == target else resample_poly(wav, target // g, sr // g).astype(np.float32)
+
+
+def _trim(wav: np.ndarray, sr: int, rel_threshold: float = 0.01, margin_s: float = 0.02) -> np.ndarray:
+    """Cut the synthesiser's leading/trailing silence (the random shift then sets the real margins)."""
+    loud = np.flatnonzero(np.abs(wav) > rel_threshold * np.abs(wav).max())
+    margin = int(margin_s * sr)
+    return wav[max(loud[0] - margin, 0):loud[-1] + margin + 1] if len(loud) else wav
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corruption: time shift, coloured noise at an SNR, gain
+# ----------------------------------------------------------------------------------------------------
+def coloured_noise(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-power Gaussian noise with power spectrum ~ 1/f^exponent (0 white, 1 pink, 2 brown)."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n)
+    freqs[0] = freqs[1] if n > 1 else 1.0
+    noise = np.fft.irfft(spectrum * freqs ** (-exponent / 2), n)
+    return noise / np.sqrt(np.mean(noise ** 2) + 1e-12)
+
+
+def _corrupt(speech: np.ndarray, lead: int, trail: int, snr_db: float, exponent: float, gain_db: float,
+             rng: np.random.Generator) -> np.ndarray:
+    clean = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
+    noise = coloured_noise(len(clean), exponent, rng) * np.sqrt(np.mean(speech ** 2) / 10 ** (snr_db / 10))
+    mixed = clean + noise
+    return (mixed * (10 ** (gain_db / 20) / np.abs(mixed).max())).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One utterance (runs in a worker process)
+# ----------------------------------------------------------------------------------------------------
+_STATE: dict = {}
+
+
+def _init_worker(cfg: SpeechDataConfig, pools: dict[str, list[str]], workdir: Path) -> None:
+    _STATE.update(cfg=cfg, pools=pools, workdir=workdir)
+
+
+def _make_utterance(job: tuple[str, int]) -> dict:
+    """Draw, synthesise, corrupt and write utterance ``index`` of ``split``; return its record."""
+    split, index = job
+    cfg: SpeechDataConfig = _STATE["cfg"]
+    syn, sr_out = cfg.synth, cfg.sample_rate
+    rng = np.random.default_rng([syn.seed, SPLITS.index(split), index])
+    pool, voices = _STATE["pools"][_SYNTH_SPLITS[split]], _voices(syn, split)
+    for _ in range(_MAX_ATTEMPTS):
+        sentence_id = int(rng.integers(len(pool)))
+        voice = voices[int(rng.integers(len(voices)))]
+        rec = {"sentence_id": sentence_id, "voice": voice}
+        if split == "test_flite":
+            rec.update(engine="flite", stretch=round(float(rng.uniform(*syn.flite_stretch)), 3))
+            wav, sr = _flite(pool[sentence_id], voice, rec["stretch"], _STATE["workdir"])
+        else:
+            rec.update(engine="espeak-ng", speed=int(rng.integers(syn.speed_wpm[0], syn.speed_wpm[1] + 1)),
+                       pitch=int(rng.integers(syn.pitch[0], syn.pitch[1] + 1)))
+            wav, sr = _espeak(pool[sentence_id], voice, rec["speed"], rec["pitch"])
+        lead, trail = (int(rng.uniform(0, syn.max_shift_seconds) * sr_out) for _ in range(2))
+        if not np.any(wav):           # the synthesiser said nothing: draw again
+            continue
+        speech = _resample(_trim(wav, sr), sr, sr_out)
+        if syn.min_seconds <= (len(speech) + lead + trail) / sr_out <= syn.max_seconds:
+            break
+    else:
+        raise RuntimeError(f"speech synth: no draw of {split}/{index} lasted {syn.min_seconds}-{syn.max_seconds} s "
+                           f"in {_MAX_ATTEMPTS} attempts; widen min_seconds/max_seconds or speed_wpm")
+    rec.update(snr_db=round(float(rng.uniform(*syn.snr_db)), 2),
+               noise_exponent=round(float(rng.uniform(*syn.noise_exponent)), 3),
+               gain_db=round(float(rng.uniform(*syn.gain_db)), 2), lead_s=lead / sr_out, trail_s=trail / sr_out)
+    audio = _corrupt(speech, lead, trail, rec["snr_db"], rec["noise_exponent"], rec["gain_db"], rng)
+    return _write(Path(_STATE["workdir"]), split, index, audio, sr_out, rec, pool[sentence_id])
+
+
+def _write(workdir: Path, split: str, index: int, audio: np.ndarray, sr: int, rec: dict, words: str) -> dict:
+    rel = f"wav/{split}/{index:06d}.wav"
+    sf.write(workdir / rel, audio, sr, subtype="PCM_16")
+    digest = hashlib.sha256((workdir / rel).read_bytes()).hexdigest()
+    return {"id": index, "file": rel, "num_samples": len(audio), "sha256": digest, "words": words, **rec}
+
+
+def _asterisk(cfg: SpeechDataConfig, workdir: Path) -> list[dict]:
+    """The Asterisk prompts with a letter-readable transcript, resampled to ``sample_rate``."""
+    syn = cfg.synth
+    listing = Path(syn.asterisk_transcripts)
+    if not listing.is_file():
+        raise FileNotFoundError(f"data.speech.synth.asterisk_transcripts: {listing} not found "
+                                "(apt-get install asterisk-core-sounds-en), or set data.speech.synth.asterisk=false")
+    prompts = {}
+    for line in gzip.open(listing, "rt", encoding="utf-8", errors="replace"):
+        name, sep, text = line.strip().partition(": ")
+        words = normalise_text(text) if sep and not name.startswith(";") else None
+        if words and (Path(syn.asterisk_dir) / f"{name}.wav").is_file():
+            prompts[name] = words
+    if not prompts:
+        raise FileNotFoundError(f"data.speech.synth.asterisk_dir: no prompt recordings in {syn.asterisk_dir} "
+                                "(apt-get install asterisk-core-sounds-en-wav)")
+    records = []
+    for index, name in enumerate(sorted(prompts)):
+        path = Path(syn.asterisk_dir) / f"{name}.wav"
+        wav, sr = sf.read(path, dtype="float32")
+        rec = {"engine": "human", "voice": "asterisk-allison", "prompt": name}
+        records.append(_write(workdir, "test_asterisk", index, _resample(wav, sr, cfg.sample_rate),
+                              cfg.sample_rate, rec, prompts[name]))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# The corpus
+# ----------------------------------------------------------------------------------------------------
+def _split_sizes(syn: SynthConfig) -> dict[str, int]:
+    return {"pretrain": syn.num_pretrain, "train": syn.num_train, "valid": syn.num_valid,
+            "test": syn.num_test, "test_flite": syn.num_test_flite}
+
+
+def corpus_key(cfg: SpeechDataConfig, tools: dict[str, str]) -> str:
+    """Hash of everything that determines the corpus: synth config, sample rate, tool versions, format."""
+    blob = json.dumps({"synth": cfg.synth.model_dump(), "sample_rate": cfg.sample_rate, "tools": tools,
+                       "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_split(workdir: Path, final_root: Path, split: str, records: list[dict], labelled: bool,
+                 sample_rate: int) -> dict:
+    """fairseq ``.tsv`` (+ ``.ltr``/``.wrd`` when labelled) and ``.meta.tsv``; returns the split summary."""
+    (workdir / f"{split}.tsv").write_text(
+        "".join([f"{final_root}\n"] + [f"{r['file']}\t{r['num_samples']}\n" for r in records]))
+    if labelled:
+        (workdir / f"{split}.wrd").write_text("".join(f"{r['words']}\n" for r in records))
+        (workdir / f"{split}.ltr").write_text("".join(f"{words_to_letters(r['words'])}\n" for r in records))
+    meta = pd.DataFrame([{k: v for k, v in r.items() if labelled or k != "words"} for r in records])
+    meta.to_csv(workdir / f"{split}.meta.tsv", sep="\t", index=False)
+    files = hashlib.sha256("".join(r["sha256"] for r in records).encode()).hexdigest()
+    return {"count": len(records), "seconds": round(sum(r["num_samples"] for r in records) / sample_rate, 2),
+            "labelled": labelled, "audio_sha256": files,
+            "voices": sorted({r["voice"] for r in records}), "engines": sorted({r["engine"] for r in records})}
+
+
+def _cached(root: Path, key: str) -> dict | None:
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if manifest.get("key") == key and all((root / f"{s}.tsv").is_file() for s in manifest["splits"]):
+        return manifest
+    return None
+
+
+def build_corpus(root: Path, cfg: SpeechDataConfig, workers: int | None = None) -> dict:
+    """Build the corpus at ``root`` unless the same one is there; return ``manifest.json``'s content.
+
+    A corpus made from another config is replaced. ``workers`` processes synthesise in parallel
+    (default: the CPU count); the result does not depend on it.
+    """
+    root = Path(root).absolute()
+    syn = cfg.synth
+    tools = {"espeak-ng": _tool_version(["espeak-ng", "--version"])}
+    if syn.num_test_flite:
+        tools["flite"] = _tool_version(["flite", "--version"])
+    key = corpus_key(cfg, tools)
+    if (manifest := _cached(root, key)) is not None:
+        return manifest
+
+    start = time.perf_counter()   # wall clock of the whole build (CPU only, no device to synchronise)
+    pools = _pools(wordnet_sentences(syn.wordnet_dir))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        sizes = _split_sizes(syn)
+        for split in SPLITS:
+            (workdir / "wav" / split).mkdir(parents=True)
+        jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
+        with ProcessPoolExecutor(workers or os.cpu_count() or 1, initializer=_init_worker,
+                                 initargs=(cfg, pools, workdir)) as pool:
+            results = list(pool.map(_make_utterance, jobs, chunksize=8))
+        records = {split: [r for (s, _), r in zip(jobs, results) if s == split] for split in sizes}
+        if syn.asterisk:
+            records["test_asterisk"] = _asterisk(cfg, workdir)
+        splits = {split: _write_split(workdir, root, split, recs, labelled=split != "pretrain",
+                              sample_rate=cfg.sample_rate)
+                  for split, recs in records.items()}
+        manifest = {"key": key, "format": FORMAT_VERSION, "sample_rate": cfg.sample_rate, "tools": tools,
+                    "synth": syn.model_dump(), "sentence_pools": {k: len(v) for k, v in pools.items()},
+                    "splits": splits, "build_seconds": round(time.perf_counter() - start, 1),
+                    "workers": workers or os.cpu_count()}
+        (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _install(workdir, root, key)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return _cached(root, key) or manifest
+
+
+def _install(workdir: Path, root: Path, key: str) -> None:
+    """Rename the finished corpus into place; an old corpus (another config) is moved away first."""
+    if _cached(root, key) is not None:      # another process finished the same corpus meanwhile
+        return
+    if root.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+        os.replace(root, old / "corpus")
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(workdir, root)
