@@ -9,25 +9,33 @@
 
 Each returns boolean masks (True = masked) and takes a ``torch.Generator`` so the data workers can
 reproduce a batch's masks from its seed. The ``*Masker`` classes wrap them as the picklable
-``masker(batch, generator) -> batch`` callables of docs/ARCHITECTURE.md.
+``masker(batch, generator) -> batch`` callables of docs/ARCHITECTURE.md, and the ``*MaskConfig``
+classes are their validated settings inside a method config (``kind`` names the scheme).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
+import pydantic
 import torch
+
+from d2v2.config import Config
+from d2v2.encoder import EncoderConfig
+from d2v2.modalities.audio import frame_count
+from d2v2.modalities.text import MASK, PAD
 
 __all__ = [
     "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
-    "BlockMasker", "SpanMasker", "BertMasker",
+    "BlockMasker", "SpanMasker", "BertMasker", "BlockMaskConfig", "SpanMaskConfig", "BertMaskConfig",
     "PAD", "MASK", "NUM_SPECIAL",
 ]
 
-# Text vocabulary (docs/ARCHITECTURE.md): <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4; regular tokens >= 5.
-PAD, MASK, NUM_SPECIAL = 1, 4, 5
+# Text vocabulary (docs/ARCHITECTURE.md): <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4; regular tokens after.
+NUM_SPECIAL = MASK + 1
 
 
 def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
@@ -227,3 +235,48 @@ class BertMasker:
                         random_token_prob=self.random_token_prob)
         mask = out.selected if self.loss_on == "selected" else out.masked
         return {**batch, "source": out.source, "mlm_target": tokens, "mask": mask}
+
+
+# ---------------------------------------------------------------- settings inside method configs
+
+class BlockMaskConfig(Config):
+    """BEiT block masking (data2vec 1.0 vision): ~60% of the patches in blocks of >= 16 (spec §2)."""
+
+    kind: Literal["block"] = "block"
+    mask_ratio: float = pydantic.Field(0.6, gt=0, lt=1)
+    min_block: int = pydantic.Field(16, ge=1)
+    min_aspect: float = pydantic.Field(0.3, gt=0, le=1)
+
+    def masker(self, enc: EncoderConfig) -> BlockMasker:
+        return BlockMasker(enc.image.patch_size, self.mask_ratio, self.min_block, self.min_aspect)
+
+
+class SpanMaskConfig(Config):
+    """wav2vec 2.0 span masking (data2vec 1.0 speech): p=0.65, spans of 10 frames (spec §2)."""
+
+    kind: Literal["span"] = "span"
+    mask_prob: float = pydantic.Field(0.65, gt=0, lt=1)
+    span: int = pydantic.Field(10, ge=1)
+    same_count: bool = True
+
+    def masker(self, enc: EncoderConfig) -> SpanMasker:
+        frames = functools.partial(frame_count, conv_layers=[tuple(c) for c in enc.audio.conv_layers])
+        return SpanMasker(frames, self.mask_prob, self.span, self.same_count)
+
+
+class BertMaskConfig(Config):
+    """BERT masking: 15% of the tokens, 80% <mask> / 10% random / 10% unchanged (spec §4)."""
+
+    kind: Literal["bert"] = "bert"
+    prob: float = pydantic.Field(0.15, gt=0, lt=1)
+    mask_token_prob: float = pydantic.Field(0.8, ge=0, le=1)
+    random_token_prob: float = pydantic.Field(0.1, ge=0, le=1)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "BertMaskConfig":
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError("mask_token_prob + random_token_prob must be <= 1")
+        return self
+
+    def masker(self, enc: EncoderConfig, loss_on: str) -> BertMasker:
+        return BertMasker(enc.text.vocab_size, loss_on, self.prob, self.mask_token_prob, self.random_token_prob)

@@ -1,0 +1,58 @@
+"""What the baselines share: the data2vec 2.0 encoder presets (one backbone for every method, so a
+comparison measures the method), token counting, and small diagnostics."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
+from d2v2.encoder import EncoderConfig
+from d2v2.modalities.audio import frame_count
+
+__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "NO_WEIGHT_DECAY"]
+
+# ALiBi scales are not weight-decayed (spec §1.12); biases and 1-D tensors are excluded by the engine.
+NO_WEIGHT_DECAY = {"alibi_scale"}
+
+
+def backbone(modality: str, preset: str, **changes) -> dict:
+    """The encoder section of data2vec 2.0's ``preset`` for ``modality`` (plus ``changes``), so every
+    baseline trains exactly the encoder data2vec 2.0 trains at that preset."""
+    return {**copy.deepcopy(D2V2_PRESETS[modality][preset]["encoder"]), **changes}
+
+
+def d2v2_setting(modality: str, preset: str, key: str):
+    """A top-level value of data2vec 2.0's preset (e.g. the tiny runs' shortened EMA schedule)."""
+    return D2V2_PRESETS[modality][preset][key]
+
+
+def num_tokens(cfg: EncoderConfig, source: torch.Tensor) -> int:
+    """Tokens per sample the encoder makes of ``source`` (patches, CNN frames or BPE tokens), no CLS."""
+    if cfg.modality == "image":
+        return (cfg.image.img_size // cfg.image.patch_size) ** 2
+    if cfg.modality == "audio":
+        return int(frame_count(source.shape[-1], cfg.audio.conv_layers))
+    return source.shape[-1]
+
+
+def feature_std(x: torch.Tensor) -> float:
+    """Per-dimension std over rows, averaged over dimensions (fairseq ``compute_var``; collapse signal)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    return float(torch.sqrt(x.var(0) + 1e-6).mean()) if x.shape[0] > 1 else 0.0
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run ``modules`` in eval mode (no dropout) and restore their previous modes afterwards."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
