@@ -106,33 +106,34 @@ def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.Data
     """Dot chart: measured speedups (CI bars, bound arrows) with the paper's claimed and implied values."""
     sns.set_theme(style="whitegrid")
     ours = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
-    keys = sorted({(r.modality, r.baseline) for r in ours.itertuples()}
-                  | {(r.modality, r.baseline) for r in claims.itertuples()})
+    keys = sorted({(r.modality, r.baseline) for df in (ours, implied, claims) for r in df.itertuples()})
     if not keys:
         return []
-    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(keys) + 1.4))
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(keys) + 1.4))
     markers = {"=": "o", ">=": ">", "<=": "<"}
+    finite = [v for df, col in ((ours, "speedup"), (ours, "ci_low"), (ours, "ci_high"), (implied, "speedup"),
+                                (claims, "speedup")) for v in df[col] if np.isfinite(v) and v > 0] + [1.0]
+    right = max(finite) * 2
     for y, (modality, baseline) in enumerate(keys):
         for r in ours[(ours.modality == modality) & (ours.baseline == baseline)].itertuples():
             if r.relation in markers:
-                ax.plot(r.speedup, y, markers[r.relation], color="C0", ms=8,
-                        label="measured (this run)" if y == 0 else None)
-                if not math.isnan(r.ci_low):
-                    hi = r.ci_high if math.isfinite(r.ci_high) else ax.get_xlim()[1]
-                    ax.hlines(y, max(r.ci_low, 1e-3), hi, color="C0", lw=2)
+                ax.plot(r.speedup, y, markers[r.relation], color="C0", ms=8)
+            if not math.isnan(r.ci_low):
+                ax.hlines(y, max(r.ci_low, 1e-3), min(r.ci_high, right), color="C0", lw=2)
+                if math.isinf(r.ci_high):
+                    ax.plot(right, y, ">", color="C0", ms=5)
         for r in implied[(implied.modality == modality) & (implied.baseline == baseline)].itertuples():
             if r.relation in markers:
-                ax.plot(r.speedup, y + 0.15, "D", color="grey", ms=5)
+                ax.plot(r.speedup, y + 0.18, markers[r.relation] if r.relation != "=" else "D", color="grey", ms=5)
         for r in claims[(claims.modality == modality) & (claims.baseline == baseline)].itertuples():
-            ax.plot(r.speedup, y - 0.15, "X", color="C3", ms=8)
-    ax.plot([], [], "o", color="C0", label="measured (this run); > / < = bound")
-    ax.plot([], [], "D", color="grey", label="paper figure points (implied)")
+            ax.plot(r.speedup, y - 0.18, "X", color="C3", ms=8)
+    ax.plot([], [], "o", color="C0", label="measured here, 95% CI (> lower / < upper bound)")
+    ax.plot([], [], "D", color="grey", label="implied by the paper's figure points")
     ax.plot([], [], "X", color="C3", label="paper's claim")
-    handles, labels = ax.get_legend_handles_labels()
-    keep = {lab: h for h, lab in zip(handles, labels) if lab != "measured (this run)"}
-    ax.legend(keep.values(), keep.keys(), fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
+    ax.set_xlim(min(finite) / 2, right * 1.2)
     ax.set_yticks(range(len(keys)), [f"{m}: vs {_name(b)}" for m, b in keys])
     ax.set(xlabel=f"speedup of data2vec 2.0 (time to baseline's target, clock '{clock}')",
            title="data2vec 2.0 speedups: measured vs paper")
@@ -141,6 +142,10 @@ def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.Data
                "are bounds (target reached at the first checkpoint / not reached within the budget). "
                "Paper values are on the paper's hardware and scale (results/paper).")
     return [(save(fig, out_dir, "speedups"), caption)]
+
+
+def _fmt_param(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _final(runs: pd.DataFrame) -> pd.Series:
@@ -165,7 +170,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             summary = (rows.groupby(col).apply(lambda g: _final(g).median(), include_groups=False)
                        .rename("value").reset_index().sort_values(col))
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
-            ax.plot(summary[col].astype(str), summary["value"], marker="o")
+            ax.plot([_fmt_param(v) for v in summary[col]], summary["value"], marker="o")
             if not default.empty:
                 ax.axhline(_final(default).median(), ls="--", color="grey", label="default variant")
                 ax.legend(fontsize=8)

@@ -1,0 +1,383 @@
+"""The report: Markdown and a self-contained HTML page (``python -m d2v2 report``).
+
+Reads the tables written by :mod:`d2v2.analysis.collect`, computes targets and speedups
+(:mod:`d2v2.analysis.speedup`), draws the figures (:mod:`d2v2.analysis.figures`), and writes
+
+- ``OUT/report.md`` (figures linked from ``OUT/figures/``) and ``OUT/report.html`` (figures embedded
+  as base64 PNG, inline CSS: one file that opens anywhere);
+- ``OUT/derived/{targets,speedups,final_quality,scorecard,paper_implied}.csv``: every number the
+  report prints, so it can be checked against the tables.
+
+Nothing in the report is typed in by hand: each number comes from the tables or ``results/paper``.
+The report is a list of blocks (heading, paragraph, list, table, figure, code) rendered twice, once
+as Markdown and once as HTML, so the two always say the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from d2v2.analysis import figures, paper
+from d2v2.analysis.collect import write_table
+from d2v2.analysis.paper import METHOD_NAMES
+from d2v2.analysis.speedup import (CLOCKS, REFERENCE_METHOD, is_default_variant, speedup_table,
+                                   targets)
+from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
+from d2v2.data.common import atomic_write
+
+__all__ = ["build_report", "render_markdown", "render_html", "main"]
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    df: pd.DataFrame
+
+
+@dataclass
+class Figure:
+    png: Path
+    caption: str
+
+
+@dataclass
+class Code:
+    text: str
+    lang: str = ""
+
+
+Block = Heading | Para | Bullets | Table | Figure | Code
+
+
+def _cell(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(blocks: list[Block], base: Path) -> str:
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"{'#' * b.level} {b.text}")
+        elif isinstance(b, Para):
+            out.append(b.text)
+        elif isinstance(b, Bullets):
+            out.append("\n".join(f"- {item}" for item in b.items))
+        elif isinstance(b, Table):
+            cols = [str(c) for c in b.df.columns]
+            rows = [[_cell(v).replace("|", "\\|") for v in r] for r in b.df.itertuples(index=False)]
+            out.append("\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                                 + ["| " + " | ".join(r) + " |" for r in rows]))
+        elif isinstance(b, Figure):
+            out.append(f"![{b.png.stem}]({b.png.relative_to(base).as_posix()})\n\n*{b.caption}*")
+        elif isinstance(b, Code):
+            out.append(f"```{b.lang}\n{b.text.rstrip()}\n```")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}th,td{border:1px solid #ccc;padding:.25rem .5rem}
+th{background:#f3f3f3}figure{margin:1.5rem 0}img{max-width:100%}figcaption{font-size:.85rem;color:#555}
+pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.8rem}"""
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    esc = html.escape
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+           f"<style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            out.append(f"<p>{esc(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            out.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{esc(str(c))}</th>" for c in b.df.columns)
+            body = "".join("<tr>" + "".join(f"<td>{esc(_cell(v))}</td>" for v in r) + "</tr>"
+                           for r in b.df.itertuples(index=False))
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif isinstance(b, Figure):
+            data = base64.b64encode(b.png.read_bytes()).decode("ascii")
+            out.append(f"<figure><img alt='{esc(b.caption)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{esc(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Code):
+            out.append(f"<pre><code>{esc(b.text)}</code></pre>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# --- content ---------------------------------------------------------------------------------------
+
+def _name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _hours(x: float, clock: str) -> str:
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.4g} h" if clock == "device_hours" else f"{x:.4g} s"
+
+
+def final_quality(evals: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per (modality, task, method, variant): the primary metric at each seed's largest budget fraction."""
+    rows = []
+    for (modality, task, method, variant), g in evals.groupby(["modality", "task", "method", "variant"]):
+        final = g.loc[g.groupby("seed")["budget_fraction"].idxmax()]
+        v = final["value"].to_numpy()
+        lo, hi = bootstrap_ci(v, seed=seed, n_boot=2000)
+        rows.append({"modality": modality, "task": task, "method": method, "variant": variant,
+                     "metric": g["primary_metric"].iloc[0], "seeds": len(v), "median": median(v),
+                     "ci_low": lo, "ci_high": hi, f"olympic_mean (>= {OLYMPIC_MIN_RUNS} seeds)": olympic_mean(v),
+                     "budget_fraction": final["budget_fraction"].max(),
+                     "train_time_s": final["train_time_s"].median(), "device_hours": final["device_hours"].median()})
+    return pd.DataFrame(rows)
+
+
+def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFrame, evals: pd.DataFrame,
+              clock: str) -> pd.DataFrame:
+    """Each paper claim (and each comparison the paper's figure implies) beside what this run measured."""
+    ours = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
+    # every comparison the paper's figure implies, plus any baseline run here that the figure lacks
+    extra = ours[~ours.set_index(["modality", "baseline"]).index.isin(
+        implied.set_index(["modality", "baseline"]).index)][["modality", "baseline"]].drop_duplicates()
+    implied = pd.concat([implied, extra.assign(speedup_text="not in the paper's figure")], ignore_index=True)
+    rows = []
+    for r in implied.itertuples():
+        claim = claims[(claims.modality == r.modality) & (claims.baseline == r.baseline)]
+        mine = ours[(ours.modality == r.modality) & (ours.baseline == r.baseline)]
+        sub = evals[evals.modality == r.modality]
+        ours_scale = (f"preset {', '.join(map(str, sub['preset'].unique()))}; "
+                      f"{', '.join(map(str, sub['device_name'].unique()))}; clock {clock}") if len(sub) else "–"
+        rows.append({
+            "modality": r.modality, "data2vec 2.0 vs": _name(r.baseline),
+            "paper claim": f"{claim['speedup'].iloc[0]:g}x ({claim['model'].iloc[0]})" if len(claim) else "–",
+            "paper figure implies": r.speedup_text,
+            "paper scale": "paper models and data, paper GPUs (type not stated)",
+            "measured here": "; ".join(f"{m.speedup_text} on {m.task}" for m in mine.itertuples())
+            if len(mine) else "not run here",
+            "target reached (baseline / data2vec 2.0)": "; ".join(
+                f"{m.baseline_status} / {m.d2v2_status}" for m in mine.itertuples()) if len(mine) else "–",
+            "our scale": ours_scale,
+        })
+    return pd.DataFrame(rows)
+
+
+def _summary(evals: pd.DataFrame, runs: pd.DataFrame, speedups: pd.DataFrame, clock: str) -> list[Block]:
+    blocks: list[Block] = [Heading("Summary")]
+    items = []
+    for modality, g in evals.groupby("modality"):
+        methods = ", ".join(f"{_name(m)} ({', '.join(sorted(v['variant'].unique()))})"
+                            for m, v in g.groupby("method"))
+        items.append(f"{modality} (task {', '.join(g['task'].unique())}, metric {g['primary_metric'].iloc[0]}): "
+                     f"{methods}; seeds {sorted(g['seed'].unique().tolist())}; checkpoints at budget fractions "
+                     f"{sorted(g['budget_fraction'].unique().tolist())}; preset "
+                     f"{', '.join(map(str, g['preset'].unique()))}; device "
+                     f"{', '.join(map(str, g['device_name'].unique()))} x{'/'.join(map(str, g['prov_device_count'].unique()))}")
+    blocks += [Para(f"What was run: {len(evals)} fine-tuned evaluation points from {len(runs)} pretraining "
+                    "run(s) with summaries. Every method was pretrained under the same budget per modality and "
+                    "fine-tuned with the same recipe at each checkpoint."), Bullets(items)]
+    head = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
+    lines = []
+    for r in head.itertuples():
+        lines.append(
+            f"{r.modality} / {r.task}: data2vec 2.0 vs {_name(r.baseline)}: {r.speedup_text} on the {clock} clock "
+            f"({CLOCKS[clock]}; 95% bootstrap CI over seeds in brackets). Target {r.primary_metric} = "
+            f"{r.target:.4g} ({r.target_source}); {_name(r.baseline)}: {r.baseline_status} "
+            f"(median {_hours(r.baseline_time_high, clock)}, {r.baseline_seeds} seed(s)); data2vec 2.0: "
+            f"{r.d2v2_status} (median {_hours(r.d2v2_time_high, clock)}, budget {_hours(r.d2v2_budget, clock)}, "
+            f"{r.d2v2_seeds} seed(s)).")
+    blocks += [Para("Headline speedups (time for data2vec 2.0 to reach each baseline's target; a bound where "
+                    "the target was reached at the first checkpoint or not within the budget):"),
+               Bullets(lines or ["no baseline with a data2vec 2.0 comparison in the tables"])]
+    return blocks
+
+
+def _provenance(evals: pd.DataFrame) -> list[Block]:
+    cols = ["git_commit", "git_dirty", "preset", "device", "device_name", "prov_device_count", "host"]
+    prov = evals.groupby(cols, dropna=False).agg(
+        evaluations=("source", "size"), slurm_job_ids=("slurm_job_ids", lambda s: ", ".join(
+            sorted({j for v in s for j in str(v).split(",") if j})) or "–")).reset_index()
+    versions = sorted(set(evals["versions"]))
+    return [Heading("Provenance"), Table(prov),
+            Para("Package versions (as recorded by each run):"),
+            Bullets([", ".join(f"{k} {v}" for k, v in json.loads(s).items()) for s in versions])]
+
+
+def _caveats(evals: pd.DataFrame, notes: list[str], clock: str) -> list[Block]:
+    presets = ", ".join(map(str, evals["preset"].unique()))
+    seeds = evals.groupby(["modality", "method", "variant"])["seed"].nunique()
+    items = [
+        f"Scale: preset {presets}. Models, data and budgets of a small preset are far smaller than the paper's "
+        "(ViT-B on ImageNet, Base on LibriSpeech 960 h, Base on Books+Wiki): speedups at this scale test the "
+        "mechanism, not the paper's numbers.",
+        "Hardware: the paper timed its runs on its own GPUs (type not stated; its SLURM configs request V100 "
+        f"32 GB); this run's devices are listed under Provenance. Compare speedups (ratios), not hours.",
+        f"Clock: speedups use '{clock}' ({CLOCKS[clock]}); the table of speedups lists every clock. Train-only "
+        "time excludes evaluation, checkpoint writing and data preparation; end-to-end includes them.",
+        "Data: the tiny/smoke presets use the embedded offline data (Fashion-MNIST, synthesised speech, "
+        "embedded English text and sentence tasks; see DATA_SOURCES) instead of ImageNet, LibriSpeech and GLUE.",
+        "Baselines: the paper's speech claim (10.6x) is against wav2vec 2.0, which this harness does not "
+        "train; it compares speech against data2vec 1.0 instead (the paper's figure implies about 3x there).",
+        "The paper's efficiency-figure points are read off a plot (about ±0.5 h, ±0.1 points); the implied "
+        "speedups carry that error.",
+        f"Seeds: {seeds.min()}-{seeds.max()} per configuration; the olympic mean needs at least "
+        f"{OLYMPIC_MIN_RUNS} seeds and a CI needs at least 2.",
+        "A target equal to the baseline's median final quality is by construction not reached by about half "
+        "of the baseline's seeds (counted as not converged); the median is what the speedup uses.",
+    ]
+    return [Heading("Caveats"), Bullets(items + [f"Collector warning: {n}" for n in notes])]
+
+
+def build_report(tables: str | Path, out: str | Path, config: str | Path | None = None,
+                 clock: str = "train_time_s", configured_targets: dict | None = None,
+                 paper_dir: str | Path = paper.PAPER_DIR, n_boot: int = 2000) -> dict[str, Path]:
+    """Everything ``python -m d2v2 report`` does; returns the paths written."""
+    tables, out = Path(tables), Path(out)
+    if clock not in CLOCKS:
+        raise ValueError(f"--clock: unknown clock '{clock}'; choose one of {', '.join(CLOCKS)}")
+    evals_path = tables / "evals.parquet"
+    if not evals_path.is_file():
+        raise FileNotFoundError(f"{evals_path}: not found (run `python -m d2v2 collect` first)")
+    evals = pd.read_parquet(evals_path)
+    runs_path = tables / "runs.parquet"
+    runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
+    notes_path = tables / "collect_warnings.json"
+    notes = json.loads(notes_path.read_text()) if notes_path.is_file() else []
+    config_text = None
+    if config is not None:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"--config: {config}: not found")
+        config_text = Path(config).read_text()
+
+    points, claims = paper.load("efficiency_points", paper_dir), paper.load("claims", paper_dir)
+    implied = paper.implied_speedups(paper_dir)
+    target_table = targets(evals, configured_targets)
+    speedups = speedup_table(evals, target_table, n_boot=n_boot)
+    quality = final_quality(evals)
+    card = scorecard(speedups, implied, claims, evals, clock)
+    derived = out / "derived"
+    for name, df in (("targets", target_table), ("speedups", speedups), ("final_quality", quality),
+                     ("scorecard", card), ("paper_implied", implied)):
+        write_table(df, derived, name)
+
+    fig_dir = out / "figures"
+    figs = {
+        "curves": figures.plot_curves(evals, fig_dir, clock, target_table),
+        "speedups": figures.plot_speedups(speedups, implied, claims, fig_dir, clock),
+        "ablations": figures.plot_ablations(evals, fig_dir, clock),
+        "paper": figures.plot_paper_efficiency(points, fig_dir),
+    }
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = "data2vec 2.0 reproduction: efficiency report"
+    speed_cols = ["modality", "task", "baseline", "variant", "clock", "target", "baseline_status",
+                  "baseline_time_high", "d2v2_status", "d2v2_time_high", "d2v2_budget", "speedup_text"]
+    blocks: list[Block] = [
+        Heading(title, 1),
+        Para(f"Generated {now} from {tables} by `python -m d2v2 report`. Paper: Baevski et al., Efficient "
+             "Self-supervised Learning with Contextualized Target Representations for Vision, Speech and Language "
+             "(data2vec 2.0), arXiv:2212.07525. The question: does data2vec 2.0 reach its baselines' fine-tuned "
+             "quality in less pretraining time, and by how much (the paper claims 16.4x vs MAE, 10.6x vs "
+             "wav2vec 2.0, 2x vs RoBERTa)?"),
+        *_summary(evals, runs, speedups, clock),
+        Heading("Scorecard: the paper's claims beside this run"),
+        Para("'paper figure implies' applies this report's time-to-target rule to the paper's efficiency-figure "
+             "points; 'measured here' is the speedup of data2vec 2.0 (default variant) with its 95% bootstrap CI."),
+        Table(card),
+        *[Figure(p, c) for p, c in figs["speedups"]],
+        Heading("Quality vs pretraining time"),
+        *[Figure(p, c) for p, c in figs["curves"]],
+        Heading("Speedups (all variants and clocks)"),
+        Para("Times are medians over seeds (upper ends when censored); 'not reached' = did not reach the target "
+             "within the budget (infinite time, MLPerf); 'reached at first checkpoint' = time at most the first "
+             "checkpoint's. speedup_text: value or bound with [95% bootstrap CI]."),
+        Table(speedups[speed_cols]),
+        Heading("Final quality per method"),
+        Table(quality),
+    ]
+    if figs["ablations"]:
+        blocks += [Heading("Ablations"), *[Figure(p, c) for p, c in figs["ablations"]]]
+        for name in ("ablation_multimask", "ablation_block_width"):
+            blocks += [Para(f"The paper's {name.replace('_', ' ')} (results/paper/{name}.csv):"),
+                       Table(paper.load(name, paper_dir))]
+    if not runs.empty:
+        keep = [c for c in runs.columns if c in ("run_dir", "status", "train_time_s", "e2e_time_s", "updates",
+                                                 "samples", "last_loss") or c.startswith(("throughput", "peak_"))]
+        blocks += [Heading("Pretraining runs: throughput and memory"), Table(runs[keep])]
+    blocks += [Heading("The paper's efficiency figure"), *[Figure(p, c) for p, c in figs["paper"]],
+               Table(implied)]
+    blocks += _provenance(evals)
+    blocks += [Heading("Configuration"),
+               Code(config_text, "yaml") if config_text else Para("No workflow configuration was given (--config).")]
+    blocks += _caveats(evals, notes, clock)
+
+    paths = {"markdown": out / "report.md", "html": out / "report.html"}
+    with atomic_write(paths["markdown"], "w") as f:
+        f.write(render_markdown(blocks, out))
+    with atomic_write(paths["html"], "w") as f:
+        f.write(render_html(blocks, title))
+    return paths
+
+
+def _parse_target(text: str) -> tuple[tuple[str, str], float]:
+    try:
+        key, value = text.split("=", 1)
+        modality, method = key.split(":", 1)
+        return (modality, method), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target '{text}': expected MODALITY:BASELINE=VALUE") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m d2v2 report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tables", required=True, help="folder written by `python -m d2v2 collect`")
+    parser.add_argument("--config", help="the resolved workflow config (YAML), printed in the report")
+    parser.add_argument("--out", required=True, help="output folder: report.md, report.html, figures/, derived/")
+    parser.add_argument("--clock", default="train_time_s", choices=list(CLOCKS), help="clock for headline speedups")
+    parser.add_argument("--target", action="append", type=_parse_target, default=[],
+                        help="configured target, e.g. image:mae=0.85 (default: the baseline's final quality)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_report(args.tables, args.out, args.config, args.clock, dict(args.target),
+                             n_boot=args.bootstrap)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {paths['markdown']}, {paths['html']}")
+    return 0
