@@ -140,9 +140,11 @@ def _attach(job_file: Path, command: Command) -> submitit.SlurmJob | None:
         return None
     if record.get("argv") != list(command.argv) or record.get("cwd") != command.cwd:
         return None
-    job = submitit.SlurmJob(folder=record["folder"], job_id=str(record["job_id"]))
-    state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
-    return job if state in ACTIVE_STATES else None
+    job_id = str(record["job_id"])
+    # squeue asks slurmctld itself: sacct may not list a job submitted a moment ago.
+    queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    state = queue.stdout.strip() if queue.returncode == 0 else ""
+    return submitit.SlurmJob(folder=record["folder"], job_id=job_id) if state in ACTIVE_STATES else None
 
 
 def submit_or_attach(command: Command, options: SlurmOptions, folder: str | Path, name: str,

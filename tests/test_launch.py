@@ -1,0 +1,95 @@
+"""The launchers without a cluster: local runs (threads, exit codes, signals) and SLURM option handling."""
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from d2v2.config import ConfigError, validate
+from d2v2.launch import main
+from d2v2.launch.local import thread_env
+from d2v2.launch.slurm import CheckpointableCommand, Command, SlurmOptions
+
+LAUNCH = [sys.executable, "-m", "d2v2", "launch"]
+
+
+def test_local_fixes_thread_count():
+    out = subprocess.run(LAUNCH + ["--backend", "local", "--threads", "1", "--", sys.executable, "-c",
+                                   "import os, torch; print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1"]
+
+
+def test_local_returns_the_command_exit_code():
+    assert main(["--backend", "local", "--", sys.executable, "-c", "raise SystemExit(7)"]) == 7
+    assert main(["--backend", "local", "--", sys.executable, "-c", "pass"]) == 0
+
+
+def test_local_forwards_sigterm_so_the_command_can_checkpoint(tmp_path):
+    marker = tmp_path / "stopped"
+    program = (f"import signal, sys, time, pathlib\n"
+               f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).write_text('ok'), sys.exit(0)))\n"
+               f"print('ready', flush=True)\n"
+               f"time.sleep(60)\n")
+    proc = subprocess.Popen(LAUNCH + ["--backend", "local", "--", sys.executable, "-c", program],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert marker.read_text() == "ok" and time.monotonic() - t0 < 20
+
+
+def test_thread_env_rejects_zero_threads():
+    with pytest.raises(ValueError, match="threads"):
+        thread_env(0)
+
+
+def test_missing_command_is_an_error(capsys):
+    assert main(["--backend", "local"]) == 2
+    assert "no command" in capsys.readouterr().err
+
+
+def test_slurm_backend_without_partition_names_the_key(capsys):
+    assert main(["--backend", "slurm", "--", "true"]) == 2
+    assert "slurm.partition" in capsys.readouterr().err
+
+
+def test_slurm_options_validate_and_name_the_key():
+    with pytest.raises(ConfigError, match="slurm.mem_gb"):
+        validate(SlurmOptions, {"partition": "p", "mem_gb": -1}, where="slurm")
+    with pytest.raises(ConfigError, match="slurm.gpus: unknown key"):
+        validate(SlurmOptions, {"partition": "p", "gpus": 8}, where="slurm")
+
+
+def test_slurm_options_map_to_submitit_parameters():
+    opts = SlurmOptions(partition="gpu", account="acc", qos="high", constraint="volta32gb", nodes=2,
+                        gpus_per_node=8, cpus_per_task=10, mem_gb=400, time_min=4320, signal_delay_s=120,
+                        setup=["module load cuda"], sbatch={"exclusive": True})
+    p = opts.executor_parameters()
+    assert p["tasks_per_node"] == 8 and p["gpus_per_node"] == 8 and p["nodes"] == 2   # one task per GPU
+    assert (p["slurm_partition"], p["slurm_account"], p["slurm_qos"], p["slurm_constraint"]) == \
+        ("gpu", "acc", "high", "volta32gb")
+    assert p["timeout_min"] == 4320 and p["slurm_signal_delay_s"] == 120 and p["mem_gb"] == 400
+    assert p["slurm_setup"] == ["module load cuda"] and p["slurm_additional_parameters"] == {"exclusive": True}
+    cpu = SlurmOptions(partition="cpu").executor_parameters()
+    assert cpu["tasks_per_node"] == 1 and "gpus_per_node" not in cpu and "slurm_account" not in cpu
+
+
+def test_sbatch_flag_needs_key_value(capsys):
+    assert main(["--backend", "slurm", "--partition", "p", "--sbatch", "novalue", "--", "true"]) == 2
+    assert "--sbatch 'novalue'" in capsys.readouterr().err
+
+
+def test_checkpoint_resubmits_the_same_immutable_command():
+    job = CheckpointableCommand(argv=("python", "-m", "d2v2", "pretrain"), cwd="/x", threads=2)
+    delayed = job.checkpoint()     # no running child in this process: nothing to stop
+    assert delayed.function == job and delayed.args == () and delayed.kwargs == {}
+    assert pickle.loads(pickle.dumps(delayed.function)) == job
+    with pytest.raises(AttributeError):   # frozen: a requeue can never carry changed state
+        job.argv = ("other",)
+    assert not hasattr(Command(argv=("true",), cwd="/"), "checkpoint")
