@@ -203,10 +203,11 @@ class Encoder(nn.Module):
         return len(self.blocks) + 1
 
     def layer_id(self, name: str) -> int:
-        """Layer index of a parameter (name relative to this encoder) for layer-wise LR decay
-        (spec §5.1): ``blocks.{i}`` -> i + 1; everything else (patch-embed, CLS, context LN, and a
-        head outside the encoder) -> ``num_layers``, i.e. scale 1.0."""
-        match = re.match(r"blocks\.(\d+)\.", name)
+        """Layer index of a parameter for layer-wise LR decay (spec §5.1): ``blocks.{i}`` -> i + 1;
+        everything else (patch-embed, CLS, context LN, and a head outside the encoder) -> ``num_layers``,
+        i.e. scale 1.0. Names may carry a prefix (``encoder.blocks.3.attn.qkv.weight``); pass only
+        encoder and head parameters (a pretraining decoder also has ``blocks``)."""
+        match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
         return int(match.group(1)) + 1 if match else self.num_layers
 
     def layer_scale(self, name: str, layer_decay: float) -> float:

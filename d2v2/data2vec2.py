@@ -1,0 +1,368 @@
+"""data2vec 2.0 (Baevski et al. 2022, arXiv:2212.07525): one training step of spec §1.1.
+
+    z = local_encoder(x)                             (B, T, D)    once per sample
+    y = targets(EMA teacher on the unmasked z)       (B, T, D)    once per sample, no grad
+    z' = repeat_interleave(z, M); M independent masks with the same masked count per row
+    h = student blocks on the VISIBLE tokens of z'   (B*M, T_vis (+CLS), D)
+    p = conv decoder(h scattered back + N(0, sigma) noise at masked positions)
+    loss = sum over masked positions of ||p - y||^2 * s / #masked   (+ CLS term for images)
+
+Presets: ``base`` follows the paper (Base models of each modality) and ``tiny`` / ``smoke`` are the
+same recipe sized for a 2-core CPU. Where the paper and the released fairseq configs disagree
+(spec §7.2 item 8) the ``base`` preset takes the PAPER's value and the field is explicit:
+
+- text ``mask_ratio`` 0.42 (paper; yaml 0.48);
+- text ``ema_end_decay`` 1.0 (paper; yaml 0.99999): the teacher freezes after ``ema_anneal_end_step``;
+- image ``average_top_k_layers`` 10 / audio 8 / text 12 agree; image ``cls_loss`` 0.01 (yaml);
+- batch size, GPU count and update counts belong to the engine config, not to this method.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+import torch
+from torch import nn
+
+from d2v2.config import Config, merge
+from d2v2.decoder import Decoder, DecoderConfig
+from d2v2.ema import EMATeacher, ema_decay
+from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
+from d2v2.masking import block_mask, keep_indices, num_kept, random_mask
+from d2v2.method import MethodOutput, PretrainMethod, register_method
+from d2v2.modalities.audio import frame_count
+from d2v2.targets import make_targets
+
+__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
+
+# Which student parts the teacher uses instead of EMA copies (spec §1.3). "nothing": the teacher
+# re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local
+# features (audio: CNN + projection shared); "embeddings": the student also runs the context stage and
+# the teacher holds only the blocks (text, fairseq ``ema_encoder_only``).
+TEACHER_SHARES = {"image": "nothing", "audio": "local_encoder", "text": "embeddings"}
+_SHARED_MODULES = {"nothing": (), "local_encoder": ("local_encoder",),
+                   "embeddings": ("local_encoder", "context_encoder")}
+
+
+class Data2Vec2Config(Config):
+    """Everything of spec §1 that is a choice. Names follow fairseq where one exists."""
+
+    encoder: EncoderConfig
+    decoder: DecoderConfig = DecoderConfig()
+    # multi-mask training and masking (spec §1.6, §1.9)
+    num_masks: int = pydantic.Field(16, ge=1)                     # M, fairseq clone_batch
+    mask_ratio: float = pydantic.Field(0.8, gt=0, lt=1)          # R
+    mask_width: int = pydantic.Field(3, ge=1)                    # Bw (1 = random masking)
+    mask_adjust: float = pydantic.Field(0.07, ge=0)              # A
+    inverse_mask: bool = True                                    # blocks mark what is kept
+    mask_noise_std: float = pydantic.Field(0.01, ge=0)           # sigma of the decoder's mask tokens
+    # targets (spec §1.4)
+    average_top_k_layers: int = pydantic.Field(10, ge=1)         # K
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    layer_norm_targets: bool = False
+    instance_norm_targets: bool = False
+    end_of_block_targets: bool = False                           # block outputs instead of FFN outputs
+    # loss (spec §1.8)
+    loss_scale: float | None = None                              # None -> 1/sqrt(D)
+    cls_loss: float = pydantic.Field(0.0, ge=0)                  # images: 0.01
+    # teacher (spec §1.3)
+    ema_decay: float = pydantic.Field(0.9998, gt=0, le=1)        # tau_0
+    ema_end_decay: float = pydantic.Field(0.99999, gt=0, le=1)   # tau_e
+    ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n
+    teacher_shares: Literal["nothing", "local_encoder", "embeddings"] | None = None  # None: per modality
+    # collapse guard (spec §1.8; 0 disables)
+    min_target_var: float = pydantic.Field(0.1, ge=0)
+    min_pred_var: float = pydantic.Field(0.01, ge=0)
+    collapse_check_after: int = pydantic.Field(5000, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "Data2Vec2Config":
+        enc = self.encoder
+        if self.average_top_k_layers > enc.depth:
+            raise ValueError(f"average_top_k_layers {self.average_top_k_layers} exceeds the "
+                             f"{enc.depth} main blocks")
+        if enc.embed_dim % self.decoder.groups:
+            raise ValueError(f"decoder.groups {self.decoder.groups} must divide embed_dim {enc.embed_dim}")
+        if enc.modality == "image":
+            length = (enc.image.img_size // enc.image.patch_size) ** 2
+            if num_kept(length, self.mask_ratio) < 1:
+                raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch of {length}")
+        if self.cls_loss > 0 and (enc.modality != "image" or enc.image.num_extra_tokens < 1):
+            raise ValueError("cls_loss needs an image encoder with a CLS token (num_extra_tokens >= 1)")
+        if self.instance_norm_target_layer and self.layer_norm_target_layer:
+            raise ValueError("instance_norm_target_layer and layer_norm_target_layer are exclusive")
+        return self
+
+
+@dataclass(frozen=True)
+class Data2Vec2Masker:
+    """Picklable masker: adds ``mask`` (B*M, T) bool, True = masked, row order = repeat_interleave(M).
+
+    ``mask_width == 1`` draws uniform random masks (text, fairseq ``random_masking``; ``adjust`` unused);
+    otherwise (inverse) block masks over the patch grid (images) or frame axis (audio)."""
+
+    modality: str
+    num_masks: int
+    mask_ratio: float
+    mask_width: int
+    mask_adjust: float
+    inverse: bool
+    grid: int | None = None                                        # image: patches per side
+    conv_layers: tuple[tuple[int, int, int], ...] | None = None   # audio: T = frame_count(N)
+
+    def token_shape(self, source: torch.Tensor) -> tuple[int, ...]:
+        if self.modality == "image":
+            return (self.grid, self.grid)
+        if self.modality == "audio":
+            return (int(frame_count(source.shape[-1], list(self.conv_layers))),)
+        return (source.shape[-1],)
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        shape = self.token_shape(batch["source"])
+        rows = batch["source"].shape[0] * self.num_masks
+        length = math.prod(shape)
+        if num_kept(length, self.mask_ratio) < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible token of {length}")
+        if self.mask_width == 1:
+            mask = random_mask(rows, length, self.mask_ratio, generator)
+        else:
+            mask = block_mask(rows, shape, self.mask_ratio, self.mask_width, self.mask_adjust,
+                              self.inverse, generator)
+        return {**batch, "mask": mask}
+
+
+@dataclass
+class Details:
+    """Everything needed to compare one training forward with another implementation."""
+
+    mask: torch.Tensor            # (B*M, T) True = masked
+    predictions: torch.Tensor     # (N_masked, D) decoder outputs at masked positions, row-major order
+    targets: torch.Tensor         # (N_masked, D) fp32
+    cls_prediction: torch.Tensor | None = None
+    cls_target: torch.Tensor | None = None
+
+
+class Data2Vec2(PretrainMethod):
+    """data2vec 2.0: ``student`` Encoder, EMA ``teacher``, conv ``decoder`` (see module doc)."""
+
+    def __init__(self, cfg: Data2Vec2Config):
+        super().__init__()
+        self.cfg, self.modality = cfg, cfg.encoder.modality
+        self.student = Encoder(cfg.encoder)
+        grid = None
+        if self.modality == "image":
+            side = cfg.encoder.image.img_size // cfg.encoder.image.patch_size
+            grid = (side, side)
+        self.decoder = Decoder(cfg.decoder, cfg.encoder.embed_dim, grid)
+        self.teacher_shares = cfg.teacher_shares or TEACHER_SHARES[self.modality]
+        self.teacher = EMATeacher(self.student, shared=_SHARED_MODULES[self.teacher_shares])
+        self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else cfg.encoder.embed_dim ** -0.5
+        self.num_updates = 0
+        self.current_decay = cfg.ema_decay
+
+    # ---- PretrainMethod interface -----------------------------------------------------------------
+    def masker(self) -> Data2Vec2Masker:
+        enc = self.cfg.encoder
+        return Data2Vec2Masker(
+            self.modality, self.cfg.num_masks, self.cfg.mask_ratio, self.cfg.mask_width, self.cfg.mask_adjust,
+            self.cfg.inverse_mask,
+            grid=enc.image.img_size // enc.image.patch_size if self.modality == "image" else None,
+            conv_layers=tuple(map(tuple, enc.audio.conv_layers)) if self.modality == "audio" else None)
+
+    def encoder(self) -> Encoder:
+        return self.student
+
+    def after_step(self, num_updates: int) -> None:
+        """EMA step with tau(num_updates) (skipped when tau >= 1)."""
+        self.num_updates = num_updates
+        self.current_decay = ema_decay(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay,
+                                       self.cfg.ema_anneal_end_step)
+        self.teacher.step(self.student, self.current_decay)
+
+    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Student tokens (B*M clones x visible + extra) + teacher tokens (B x all + extra)."""
+        length = math.prod(self.masker().token_shape(batch["source"]))
+        B, M = batch["source"].shape[0], self.cfg.num_masks
+        extra = self.student.context_encoder.num_extra_tokens
+        return B * M * (num_kept(length, self.cfg.mask_ratio) + extra) + B * (length + extra)
+
+    def no_weight_decay(self) -> set[str]:
+        """ALiBi scales are not decayed (spec §1.12); biases and 1-D tensors are excluded by the engine."""
+        return {n for n, _ in self.named_parameters() if n.endswith("alibi_scale")}
+
+    # ---- the training step ------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        return self.forward_details(batch)[0]
+
+    def forward_details(self, batch: dict[str, torch.Tensor],
+                        mask_noise_std: float | None = None) -> tuple[MethodOutput, Details]:
+        """Spec §1.1 end to end; ``mask_noise_std`` overrides the config (0 for exact comparisons)."""
+        source, padding_mask = batch["source"], batch.get("padding_mask")
+        if "mask" not in batch:                       # draw masks from the global RNG (seedable)
+            seed = int(torch.randint(0, 2**62, (1,)))
+            batch = self.masker()(batch, torch.Generator().manual_seed(seed))
+        M, B = self.cfg.num_masks, source.shape[0]
+        x, padding_mask = self.student.local_features(source, padding_mask)
+        T = x.shape[1]
+        mask = batch["mask"].to(x.device, non_blocking=True)
+        if mask.shape != (B * M, T):
+            raise ValueError(f"batch['mask'] has shape {tuple(mask.shape)}; expected (B*M, T) = "
+                             f"({B * M}, {T}) for {B} samples, num_masks={M}, {T} tokens")
+
+        y = self._targets(source, batch.get("padding_mask"), x, padding_mask)     # (B, T, D) fp32
+
+        student_pm = None if padding_mask is None else padding_mask.repeat_interleave(M, 0)
+        out = self.student.contextualize(x.repeat_interleave(M, 0), mask, student_pm, layer_results="none")
+        E = out.num_extra_tokens
+        keep = keep_indices(mask)
+        noise = self.cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
+        pred = self.decoder(out.x[:, E:], keep, T, noise)                         # (B*M, T, D)
+
+        rows, cols = mask.nonzero(as_tuple=True)
+        pred_m, y_m = pred[rows, cols].float(), y[rows // M, cols]
+        sample_size = int(rows.numel())
+        loss = (pred_m - y_m).pow(2).sum() * self.loss_scale
+        details = Details(mask, pred_m, y_m)
+        if self.cfg.cls_loss > 0:
+            cls_pred, cls_target = out.x[:, 0].float(), y.mean(1).repeat_interleave(M, 0)
+            # fairseq weights the per-clone CLS term by sample_size before the global division, i.e.
+            # L += cls_loss * sum over the local clones (spec §1.8)
+            loss = loss + self.cfg.cls_loss * (cls_pred - cls_target).pow(2).sum() * self.loss_scale * sample_size
+            details.cls_prediction, details.cls_target = cls_pred, cls_target
+        loss = loss / sample_size
+        logs = self._diagnostics(pred_m.detach(), y_m, sample_size, mask)
+        return MethodOutput(loss, sample_size, logs), details
+
+    @torch.no_grad()
+    def _targets(self, source, raw_padding_mask, x_local, padding_mask) -> torch.Tensor:
+        """Targets from the teacher run ONCE per distinct sample on the unmasked input (spec §1.4)."""
+        out = self._teacher_output(source, raw_padding_mask, x_local.detach(), padding_mask)
+        c = self.cfg
+        return make_targets(out.layer_results[-c.encoder.depth:], c.average_top_k_layers,    # main blocks
+                            instance_norm_target_layer=c.instance_norm_target_layer,
+                            layer_norm_target_layer=c.layer_norm_target_layer,
+                            layer_norm_targets=c.layer_norm_targets,
+                            instance_norm_targets=c.instance_norm_targets)
+
+    def _teacher_output(self, source, raw_padding_mask, x_local, padding_mask) -> EncoderOutput:
+        """Teacher forward on the unmasked input; what it shares with the student is spec §1.3's table."""
+        teacher: Encoder = self.teacher.model
+        if self.teacher_shares == "nothing":
+            prepared = teacher.prepare(*teacher.local_features(source, raw_padding_mask))
+        elif self.teacher_shares == "local_encoder":
+            prepared = teacher.prepare(x_local, None, padding_mask)
+        else:
+            prepared = self.student.prepare(x_local, None, padding_mask)
+        return teacher.run_blocks(prepared, "block" if self.cfg.end_of_block_targets else "ffn")
+
+    def _diagnostics(self, pred: torch.Tensor, target: torch.Tensor, sample_size: int,
+                     mask: torch.Tensor) -> dict[str, Any]:
+        """target_var / pred_var: per-dimension std over masked tokens, averaged over D (fairseq's
+        ``compute_var``); the collapse guard fires on them after ``collapse_check_after`` updates."""
+        target_var = float(torch.sqrt(target.var(0) + 1e-6).mean()) if sample_size > 1 else 0.0
+        pred_var = float(torch.sqrt(pred.var(0) + 1e-6).mean()) if sample_size > 1 else 0.0
+        c = self.cfg
+        if self.training and self.num_updates > c.collapse_check_after:
+            if target_var < c.min_target_var:
+                raise RuntimeError(f"data2vec 2.0 collapse guard: target std {target_var:.4f} < min_target_var "
+                                   f"{c.min_target_var} after {self.num_updates} updates (representation "
+                                   "collapse; try a lower LR, check the EMA schedule, or set min_target_var=0)")
+            if pred_var < c.min_pred_var:
+                raise RuntimeError(f"data2vec 2.0 collapse guard: prediction std {pred_var:.4f} < min_pred_var "
+                                   f"{c.min_pred_var} after {self.num_updates} updates (set min_pred_var=0 "
+                                   "to disable)")
+        student_params = [p.detach() for p in self.student.parameters()]
+        teacher_params = [p.detach() for p in self.teacher.model.parameters()]
+        return {"target_var": target_var, "pred_var": pred_var, "ema_decay": self.current_decay,
+                "masked_pct": sample_size / mask.numel(),
+                "model_norm": float(torch.stack(torch._foreach_norm(student_params)).norm()),
+                "ema_norm": float(torch.stack(torch._foreach_norm(teacher_params)).norm())}
+
+    # ---- entry points for exact comparisons with the official implementation ----------------------
+    @torch.no_grad()
+    def extract_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                         teacher: bool = False) -> EncoderOutput:
+        """Unmasked forward of the student (or teacher) returning the final output and every block's
+        FFN output (``layer_results``, extra tokens removed). Call ``eval()`` first for determinism."""
+        if not teacher:
+            return self.student(source, padding_mask)
+        x, pm = self.student.local_features(source, padding_mask)
+        return self._teacher_output(source, padding_mask, x, pm)
+
+
+# ---- presets --------------------------------------------------------------------------------------
+_IMAGE_BASE = {
+    "encoder": {"modality": "image", "embed_dim": 768, "num_heads": 12, "prenet_depth": 2, "depth": 10,
+                "norm_eps": 1e-6, "image": {"img_size": 224, "patch_size": 16, "in_chans": 3}},
+    "decoder": {"dim": 768, "kernel": 3, "groups": 16, "depth": 6, "residual": True, "input_dropout": 0.0},
+    "num_masks": 16, "mask_ratio": 0.8, "mask_width": 3, "mask_adjust": 0.07, "inverse_mask": True,
+    "average_top_k_layers": 10, "instance_norm_target_layer": True, "layer_norm_targets": True,
+    "cls_loss": 0.01, "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100_000,
+    "min_target_var": 0.0, "min_pred_var": 0.0,
+}
+_AUDIO_BASE = {
+    "encoder": {"modality": "audio", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
+                "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1, "prenet_dropout": 0.1,
+                "layerdrop": 0.05, "prenet_layerdrop": 0.05,
+                "audio": {"conv_pos_width": 95, "conv_pos_depth": 5, "conv_pos_groups": 16}},
+    "decoder": {"dim": 384, "kernel": 7, "groups": 16, "depth": 4, "residual": True, "input_dropout": 0.1},
+    "num_masks": 8, "mask_ratio": 0.5, "mask_width": 5, "mask_adjust": 0.05, "inverse_mask": False,
+    "average_top_k_layers": 8, "instance_norm_target_layer": True,
+    "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_end_step": 75_000,
+}
+_TEXT_BASE = {
+    "encoder": {"modality": "text", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
+                "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1,
+                "text": {"vocab_size": 50265, "max_positions": 512, "dropout": 0.1}},
+    "decoder": {"dim": 768, "kernel": 9, "groups": 1, "depth": 5, "residual": False, "input_dropout": 0.1,
+                "head_layers": 2},
+    "num_masks": 8, "mask_ratio": 0.42, "mask_width": 1, "mask_adjust": 0.0, "inverse_mask": False,
+    "average_top_k_layers": 12, "instance_norm_target_layer": True, "loss_scale": 1.0,
+    "ema_decay": 0.9999, "ema_end_decay": 1.0, "ema_anneal_end_step": 100_000,
+}
+
+# tiny: Fashion-MNIST 1x28x28 with 2x2 patches (the 14x14 grid of ViT-B/16 at 224 px, so the image
+# masking parameters carry over), ~2-4 s of 16 kHz speech through a narrow CNN with the same strides
+# (20 ms frames), 128-token BPE blocks with an 8192 vocabulary. The EMA schedule is shortened to the
+# few hundred updates of a tiny run (an unscaled 100k-step anneal would leave the teacher frozen).
+_TINY_ENCODER = {"embed_dim": 64, "num_heads": 4, "depth": 4, "mlp_ratio": 4.0}
+_TINY_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2
+_TINY = {
+    "image": {"encoder": {**_TINY_ENCODER, "prenet_depth": 1, "depth": 3,
+                          "image": {"img_size": 28, "patch_size": 2, "in_chans": 1}},
+              "decoder": {"dim": 64, "groups": 4, "depth": 3},
+              "num_masks": 4, "average_top_k_layers": 3},
+    "audio": {"encoder": {**_TINY_ENCODER, "audio": {"conv_layers": _TINY_CONV, "conv_pos_width": 18,
+                                                     "conv_pos_depth": 2, "conv_pos_groups": 4}},
+              "decoder": {"dim": 64, "groups": 4, "depth": 2},
+              "num_masks": 4, "average_top_k_layers": 4},
+    "text": {"encoder": {**_TINY_ENCODER, "text": {"vocab_size": 8192, "max_positions": 128}},
+             "decoder": {"dim": 64, "depth": 2},
+             "num_masks": 4, "average_top_k_layers": 4,
+             "ema_end_decay": 0.9999},            # the paper's tau_e = 1 would freeze a short run's teacher
+}
+_TINY_EMA = {"ema_decay": 0.99, "ema_anneal_end_step": 1000}
+_SMOKE_ENCODER = {"embed_dim": 32, "num_heads": 2, "depth": 2, "prenet_depth": 0}
+_SMOKE = {
+    "image": {"encoder": {**_SMOKE_ENCODER}, "decoder": {"dim": 32, "groups": 2, "depth": 1},
+              "num_masks": 2, "average_top_k_layers": 2},
+    "audio": {"encoder": {**_SMOKE_ENCODER, "audio": {"conv_layers": [(16, 10, 5)] + [(16, 3, 2)] * 4
+                                                                   + [(16, 2, 2)] * 2,
+                                                      "conv_pos_width": 5, "conv_pos_depth": 1,
+                                                      "conv_pos_groups": 2}},
+              "decoder": {"dim": 32, "groups": 2, "depth": 1}, "num_masks": 2, "average_top_k_layers": 2},
+    "text": {"encoder": {**_SMOKE_ENCODER}, "decoder": {"dim": 32, "depth": 1},
+             "num_masks": 2, "average_top_k_layers": 2},
+}
+_BASE = {"image": _IMAGE_BASE, "audio": _AUDIO_BASE, "text": _TEXT_BASE}
+PRESETS: dict[str, dict[str, dict]] = {
+    m: {"base": _BASE[m],
+        "tiny": merge(merge(_BASE[m], _TINY[m]), _TINY_EMA),
+        "smoke": merge(merge(merge(_BASE[m], _TINY[m]), _TINY_EMA), _SMOKE[m])}
+    for m in _BASE
+}
+for _modality in PRESETS:
+    register_method(_modality, "data2vec2", Data2Vec2Config, PRESETS[_modality])(Data2Vec2)

@@ -1,0 +1,48 @@
+"""Teacher targets (spec §1.4): the average of the top-K layer results, normalised.
+
+data2vec 2.0 default: each of the K FFN outputs is instance-normalised (every channel over time,
+within each sample, no affine, eps 1e-5, fp32), the K are averaged, and images add a final
+parameter-free LayerNorm over channels ("IN -> AVG -> LN"; speech and text: "IN -> AVG").
+Instance norm statistics include every position, so the input must not be padded (pretraining batches
+are cropped or fixed-length, spec §7.2 item 10).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["make_targets"]
+
+
+def _instance_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.instance_norm(x.transpose(1, 2)).transpose(1, 2)          # (B, T, D): over T per (b, d)
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def make_targets(layer_results: list[torch.Tensor], top_k: int, *, instance_norm_target_layer: bool = True,
+                 layer_norm_target_layer: bool = False, layer_norm_targets: bool = False,
+                 instance_norm_targets: bool = False) -> torch.Tensor:
+    """(B, T, D) fp32 targets from per-layer (B, T, D) results (extra tokens already removed).
+
+    Per layer: instance norm (``instance_norm_target_layer``) or parameter-free LayerNorm
+    (``layer_norm_target_layer``, data2vec 1.0 text / text L); after averaging: LayerNorm
+    (``layer_norm_targets``, images) and/or instance norm (``instance_norm_targets``)."""
+    if not 1 <= top_k <= len(layer_results):
+        raise ValueError(f"average_top_k_layers={top_k} but the teacher produced {len(layer_results)} layers")
+    if instance_norm_target_layer and layer_norm_target_layer:
+        raise ValueError("choose one per-layer target normalisation (instance or layer norm), not both")
+    with torch.autocast(layer_results[0].device.type, enabled=False):
+        layers = [y.float() for y in layer_results[-top_k:]]
+        if instance_norm_target_layer:
+            layers = [_instance_norm(y) for y in layers]
+        elif layer_norm_target_layer:
+            layers = [_layer_norm(y) for y in layers]
+        y = torch.stack(layers).mean(0)
+        if layer_norm_targets:
+            y = _layer_norm(y)
+        if instance_norm_targets:
+            y = _instance_norm(y)
+    return y

@@ -1,0 +1,104 @@
+"""The shared Transformer block: post-/pre-LN formulas, attention with ALiBi bias and padding, slopes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes
+
+
+def manual_attention(attn: Attention, x, bias=None, padding_mask=None):
+    B, T, D = x.shape
+    H = attn.num_heads
+    q, k, v = attn.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(D // H)
+    if bias is not None:
+        logits = logits + bias
+    if padding_mask is not None:
+        logits = logits.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+    out = logits.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+def test_attention_matches_softmax_with_bias_and_padding():
+    torch.manual_seed(0)
+    attn = Attention(16, 4).eval()
+    x = torch.randn(2, 7, 16)
+    bias = torch.randn(2, 4, 7, 7)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    for b, p in [(None, None), (bias, None), (None, pad), (bias, pad)]:
+        torch.testing.assert_close(attn(x, b, p), manual_attention(attn, x, b, p), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_keys_do_not_influence_real_positions():
+    torch.manual_seed(0)
+    block = Block(16, 4).eval()
+    x = torch.randn(1, 6, 16)
+    pad = torch.tensor([[False] * 4 + [True] * 2])
+    y1, _ = block(x, padding_mask=pad)
+    x2 = x.clone()
+    x2[:, 4:] = 100 * torch.randn(1, 2, 16)
+    y2, _ = block(x2, padding_mask=pad)
+    torch.testing.assert_close(y1[:, :4], y2[:, :4])
+
+
+def test_post_ln_block_formula_and_ffn_layer_result():
+    torch.manual_seed(0)
+    block = Block(16, 4, layer_norm_first=False).eval()
+    x = torch.randn(2, 5, 16)
+    y, f = block(x)
+    h = x + block.attn(x)
+    r = block.norm1(h)
+    f_ref = block.mlp(r)
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(y, block.norm2(r + f_ref))
+
+
+def test_pre_ln_block_formula():
+    torch.manual_seed(0)
+    block = Block(16, 4, layer_norm_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    y, f = block(x)
+    h = x + block.attn(block.norm1(x))
+    f_ref = block.mlp(block.norm2(h))
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(y, h + f_ref)
+
+
+def test_dropouts_and_drop_path_only_in_training():
+    torch.manual_seed(0)
+    block = Block(16, 4, dropout=0.5, attention_dropout=0.5, activation_dropout=0.5, post_mlp_dropout=0.5,
+                  drop_path=0.5)
+    x = torch.randn(4, 5, 16)
+    block.eval()
+    torch.testing.assert_close(block(x)[0], block(x)[0])
+    block.train()
+    assert not torch.allclose(block(x)[0], block(x)[0])
+
+
+def test_alibi_slopes_follow_the_spec():
+    assert alibi_slopes(8) == pytest.approx([2.0 ** -i for i in range(1, 9)])
+    twelve = alibi_slopes(12)
+    assert twelve[:8] == pytest.approx([2.0 ** -i for i in range(1, 9)])
+    assert twelve[8:] == pytest.approx([2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
+    bias = alibi_bias(4, 5)
+    assert bias.shape == (4, 5, 5)
+    assert bias[0, 1, 4].item() == pytest.approx(-alibi_slopes(4)[0] * 3)
+
+
+def test_bad_head_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        Block(10, 3)
+
+
+def test_block_under_bf16_autocast_with_bias():
+    torch.manual_seed(0)
+    block = Block(16, 4)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    bias = torch.randn(1, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, f = block(x, bias, torch.zeros(2, 5, dtype=torch.bool))
+    (y.float().sum() + f.float().sum()).backward()
+    assert x.grad is not None and bias.grad is not None and torch.isfinite(x.grad).all()
