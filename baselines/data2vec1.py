@@ -1,0 +1,202 @@
+"""data2vec 1.0 (Baevski et al. 2022, arXiv:2202.03555) for images, speech and text (spec §2).
+
+    z = local_encoder(x)                                  (B, T, D)   (text: of the BERT-corrupted tokens)
+    h = student blocks on ALL T tokens, masked ones replaced by a learned mask embedding (one mask/sample)
+    y = top-K teacher layer outputs on the UNMASKED input, normalised per layer, averaged   (no grad)
+    loss = sum over masked positions of sum_d SmoothL1_beta(head(h) - y) * s / #masked
+
+Differences from data2vec 2.0 (spec §2 table): the student encodes every token (mask embeddings, not
+dropped), one mask per sample, a Linear head (text: Linear-GELU-Linear) instead of the conv decoder,
+per-modality target normalisation and loss, BEiT / wav2vec 2.0 / BERT masking, and an EMA teacher that
+holds only the Transformer blocks: the student's local encoder and context stage (CLS, positions, conv
+positions, ALiBi scale, context LN) produce the teacher's input, in eval mode (no dropout).
+
+Per modality (``base`` presets; paper values where the paper and fairseq's yamls differ):
+
+| | image | audio | text |
+|---|---|---|---|
+| masking | BEiT blocks, 60% (paper) | spans p=0.65, len 10 | BERT 15%, loss on ``<mask>`` only (#4229) |
+| K / per-layer norm | 6 / parameter-free LN (paper) | 8 / instance norm | 10 / parameter-free LN |
+| loss | Smooth-L1 beta 2, scale 1/sqrt(D) | L2, 1/sqrt(D) | Smooth-L1 beta 4, scale 1 |
+| EMA tau0 -> tau_e over n | 0.9998 constant (paper) | 0.999 -> 0.9999 over 30k | 0.999 -> 0.9999 over 100k (paper) |
+
+docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT backbone for vision).
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Union
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.common import NO_WEIGHT_DECAY, backbone, d2v2_setting, eval_mode, feature_std, num_tokens
+from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
+from d2v2.config import Config
+from d2v2.ema import EMATeacher, ema_decay
+from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
+from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
+from d2v2.targets import make_targets
+
+__all__ = ["Data2Vec1Config", "Data2Vec1", "PRESETS"]
+
+_MASKING_OF = {"image": "block", "audio": "span", "text": "bert"}
+
+
+class Data2Vec1Config(Config):
+    """data2vec 1.0 settings (spec §2); names follow fairseq's ``data2vec_{audio,text,vision}``."""
+
+    encoder: EncoderConfig
+    mask: Annotated[Union[BlockMaskConfig, SpanMaskConfig, BertMaskConfig], pydantic.Field(discriminator="kind")]
+    # targets
+    average_top_k_layers: int = pydantic.Field(8, ge=1)            # K over all blocks
+    instance_norm_target_layer: bool = False
+    layer_norm_target_layer: bool = False
+    layer_norm_targets: bool = False                               # final parameter-free LN (fairseq vision yaml)
+    # head and loss
+    head_layers: int = pydantic.Field(1, ge=1, le=2)               # 2: Linear(D,2D)-GELU-Linear(2D,D) (text)
+    loss_beta: float = pydantic.Field(0.0, ge=0)                   # 0 = L2, else Smooth-L1 with this beta
+    loss_scale: float | None = None                                # None -> 1/sqrt(D)
+    # teacher
+    ema_decay: float = pydantic.Field(0.999, gt=0, le=1)           # tau_0
+    ema_end_decay: float = pydantic.Field(0.9999, gt=0, le=1)      # tau_e
+    ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "Data2Vec1Config":
+        modality = self.encoder.modality
+        if self.mask.kind != _MASKING_OF[modality]:
+            raise ValueError(f"mask.kind '{self.mask.kind}' does not fit a {modality} encoder "
+                             f"(data2vec 1.0 uses '{_MASKING_OF[modality]}')")
+        if self.average_top_k_layers > self.encoder.num_blocks:
+            raise ValueError(f"average_top_k_layers {self.average_top_k_layers} exceeds the "
+                             f"{self.encoder.num_blocks} blocks")
+        if self.instance_norm_target_layer and self.layer_norm_target_layer:
+            raise ValueError("instance_norm_target_layer and layer_norm_target_layer are exclusive")
+        return self
+
+
+class Data2Vec1(PretrainMethod):
+    """``student`` Encoder + ``mask_emb`` + ``head``; EMA ``teacher`` of the student's blocks."""
+
+    def __init__(self, cfg: Data2Vec1Config):
+        super().__init__()
+        self.cfg, self.modality = cfg, cfg.encoder.modality
+        D = cfg.encoder.embed_dim
+        self.student = Encoder(cfg.encoder)
+        # The learned mask embedding (text uses the <mask> token of the corrupted input instead):
+        # fairseq inits it U(0, 1) for speech and trunc-normal(0.02) for vision.
+        self.mask_emb = None
+        if self.modality == "audio":
+            self.mask_emb = nn.Parameter(torch.rand(D))
+        elif self.modality == "image":
+            self.mask_emb = nn.Parameter(nn.init.trunc_normal_(torch.empty(D), std=0.02))
+        self.head = nn.Linear(D, D) if cfg.head_layers == 1 else \
+            nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
+        self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else D ** -0.5
+        self.current_decay = cfg.ema_decay
+
+    # ---- PretrainMethod interface -----------------------------------------------------------------
+    def masker(self) -> Masker:
+        if self.modality == "text":
+            return self.cfg.mask.masker(self.cfg.encoder, loss_on="masked")
+        return self.cfg.mask.masker(self.cfg.encoder)
+
+    def encoder(self) -> Encoder:
+        return self.student
+
+    def after_step(self, num_updates: int) -> None:
+        """EMA step of the teacher's blocks with tau(num_updates) (skipped when tau >= 1)."""
+        self.current_decay = ema_decay(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay,
+                                       self.cfg.ema_anneal_end_step)
+        self.teacher.step(self.student, self.current_decay)
+
+    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Student and teacher both encode all T (+ CLS) tokens of every sample."""
+        T = num_tokens(self.cfg.encoder, batch["source"])
+        return 2 * batch["source"].shape[0] * (T + self.student.context_encoder.num_extra_tokens)
+
+    def no_weight_decay(self) -> set[str]:
+        return set(NO_WEIGHT_DECAY)
+
+    # ---- the training step ------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        if "mask" not in batch:
+            batch = self.masker()(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        source, padding_mask = batch["source"], batch.get("padding_mask")
+        x, padding_mask = self.student.local_features(source, padding_mask)
+        mask = batch["mask"].to(x.device)
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"batch['mask'] has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}")
+        y = self._targets(batch, x, padding_mask)[mask]                          # (N_masked, D) fp32
+
+        out = self.student.contextualize(x, mask if self.mask_emb is not None else None, padding_mask,
+                                         sparse=False, fill=self._fill(), layer_results="none")
+        h = out.x[:, out.num_extra_tokens:][mask]
+        pred = self.head(h).float()
+        if self.cfg.loss_beta == 0:
+            per_token = (pred - y).pow(2).sum(-1)
+        else:
+            per_token = F.smooth_l1_loss(pred, y, reduction="none", beta=self.cfg.loss_beta).sum(-1)
+        sample_size = int(per_token.numel())
+        loss = per_token.sum() * self.loss_scale / max(sample_size, 1)
+        logs = {"target_var": feature_std(y), "pred_var": feature_std(pred), "ema_decay": self.current_decay,
+                "masked_pct": sample_size / mask.numel()}
+        return MethodOutput(loss, sample_size, logs)
+
+    def _fill(self) -> torch.Tensor | None:
+        """What replaces a masked token before the context stage: the mask embedding, plus (images) the
+        sin-cos position that the local encoder added to the token it replaces."""
+        if self.mask_emb is None:
+            return None
+        if self.modality == "image":
+            return self.mask_emb + self.student.local_encoder.pos_embed
+        return self.mask_emb
+
+    @torch.no_grad()
+    def _targets(self, batch: dict[str, torch.Tensor], x_local: torch.Tensor,
+                 padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) targets: the EMA blocks on the unmasked input (text: the original tokens), embedded
+        by the student's local and context stages in eval mode."""
+        student, c = self.student, self.cfg
+        with eval_mode(student.local_encoder, student.context_encoder):
+            if self.modality == "text":
+                x_local, padding_mask = student.local_features(batch["mlm_target"], batch.get("padding_mask"))
+            out: EncoderOutput = self.teacher.model.run_blocks(student.prepare(x_local.detach(), None, padding_mask))
+        return make_targets(out.layer_results, c.average_top_k_layers,
+                            instance_norm_target_layer=c.instance_norm_target_layer,
+                            layer_norm_target_layer=c.layer_norm_target_layer,
+                            layer_norm_targets=c.layer_norm_targets)
+
+
+# ---- presets ----------------------------------------------------------------------------------------
+_BASE = {
+    "image": {"mask": {"kind": "block", "mask_ratio": 0.6}, "average_top_k_layers": 6,
+              "layer_norm_target_layer": True, "loss_beta": 2.0, "ema_decay": 0.9998, "ema_end_decay": 0.9998},
+    "audio": {"mask": {"kind": "span", "mask_prob": 0.65, "span": 10}, "average_top_k_layers": 8,
+              "instance_norm_target_layer": True, "loss_beta": 0.0,
+              "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 30_000},
+    "text": {"mask": {"kind": "bert"}, "average_top_k_layers": 10, "layer_norm_target_layer": True,
+             "head_layers": 2, "loss_beta": 4.0, "loss_scale": 1.0,
+             "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 100_000},
+}
+# tiny / smoke: the encoders of data2vec 2.0's presets, K scaled with depth (base K/12 of the blocks), and
+# data2vec 2.0's shortened EMA warm-up (a 30k-100k-step anneal would never start in a tiny run).
+_TOP_K = {"tiny": {"image": 2, "audio": 3, "text": 3}, "smoke": {"image": 1, "audio": 2, "text": 2}}
+
+
+def _preset(modality: str, name: str) -> dict:
+    preset = {**_BASE[modality], "encoder": backbone(modality, name)}
+    if name != "base":
+        preset.update(average_top_k_layers=_TOP_K[name][modality],
+                      ema_decay=d2v2_setting(modality, name, "ema_decay"),
+                      ema_anneal_end_step=d2v2_setting(modality, name, "ema_anneal_end_step"))
+    return preset
+
+
+PRESETS = {m: {name: _preset(m, name) for name in ("base", "tiny", "smoke")} for m in _BASE}
+for _modality in PRESETS:
+    register_method(_modality, "data2vec1", Data2Vec1Config, PRESETS[_modality])(Data2Vec1)
