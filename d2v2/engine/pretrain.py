@@ -1,0 +1,586 @@
+"""Pretrain one method under a budget: ``python -m d2v2 pretrain --config run.yaml --out RUN [key=value ...]``.
+
+The loop is the paper's (spec §1.1, §1.12): AdamW, warm-up + cosine LR, gradient clipping, mixed
+precision, an EMA step after every update (``method.after_step``). Around it, what a benchmark needs:
+
+- **Budgets** (d2v2.engine.runconfig): updates, epochs, train seconds or device-hours; the LR follows the
+  fraction of the budget consumed and the run stops at the first update that consumes it.
+- **Checkpoints** at the configured budget fractions and ``checkpoint_last.pt`` every few minutes, written
+  atomically (d2v2.engine.checkpoint). Each holds the whole state: model (student, decoder, EMA teacher),
+  optimiser, loss scaler, schedule position, every process' RNG states, data position, clocks, segment
+  table, config, method identity and the encoder config (fine-tuning rebuilds the encoder from it alone).
+- **Resume**: re-running the same command continues from ``checkpoint_last.pt`` (or its ``.prev`` copy
+  when the last one is corrupt); on CPU with an updates budget the final weights are bit-identical to an
+  uninterrupted run. A finished run (``DONE``) is not run again.
+- **Clocks** (d2v2.engine.clock): train-only and end-to-end, cumulative across restarts.
+- **Signals**: SIGTERM / SIGUSR2 finish the current update, write ``checkpoint_last.pt`` and exit with
+  ``128 + signal`` (so a launcher can requeue); the next start resumes.
+- **Failures**: a non-finite loss or gradient norm stops the run naming the update, the diagnostics and
+  the last good checkpoint (exit 3, ``run_stop`` status ``diverged``); nothing non-finite is saved.
+- **DDP** (d2v2.engine.distributed): one process per device, gloo on CPU, NCCL on GPU.
+
+The step does no host-device synchronisation: losses and diagnostics are summed on the device and read
+(with a device sync before the timestamp) once per logging interval.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from d2v2 import data
+from d2v2.config import ConfigError
+from d2v2.data.common import atomic_write, atomic_write_json
+from d2v2.engine import distributed
+from d2v2.engine.checkpoint import CheckpointError, load_latest, save_checkpoint
+from d2v2.engine.clock import RunClock, SegmentTable
+from d2v2.engine.events import EventLog
+from d2v2.engine.optim import build_optimizer, param_groups, set_lr
+from d2v2.engine.provenance import job_id, provenance
+from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
+from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
+from d2v2.method import PretrainMethod, build_method
+
+__all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
+
+EXIT_DIVERGED = 3
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm; the message names the update and the last good checkpoint."""
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process' RNG states as checkpoint-safe values (tensors, lists, numbers)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, *rest = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _ignore_signals_in_worker(init_fn):
+    """Data workers leave SIGTERM/SIGUSR2 to the main process (which checkpoints, then stops them)."""
+
+    def worker_init(worker_id: int) -> None:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if init_fn is not None:
+            init_fn(worker_id)
+
+    return worker_init
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated by tensors; CPU: max resident set size of the main process."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Pretrainer:
+    """One pretraining run in ``out`` (see module docstring); :meth:`fit` returns the exit status."""
+
+    def __init__(self, cfg: PretrainRunConfig, out: str | Path):
+        self.cfg, self.out = cfg, Path(out)
+        self.device = _resolve_device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        self.segments = SegmentTable.resume(self.out / "segments.csv")
+        self.clock = RunClock(self.device, e2e_before_s=self.segments.e2e_before_s)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.world = distributed.init_distributed(self.device.type)
+        self.rank, self.main = distributed.rank(), distributed.is_main()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # control messages (stop / save decisions) go through a CPU group, so agreeing costs no device sync
+        self.control = dist.new_group(backend="gloo") if self.world > 1 else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "checkpoints").mkdir(exist_ok=True)
+
+        m = cfg.method
+        _seed_all(cfg.seed)                      # identical initial weights on every process
+        self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
+        _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
+        self.model = self.method
+        if self.world > 1:
+            enc = self.method.encoder().cfg
+            find_unused = cfg.ddp_find_unused_parameters
+            if find_unused is None:     # layer-drop leaves some blocks without gradient in a step
+                find_unused = getattr(enc, "layerdrop", 0) > 0 or getattr(enc, "prenet_layerdrop", 0) > 0
+            self.model = DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused)
+        self.optimizer = build_optimizer(
+            param_groups(self.method, cfg.optim.weight_decay, no_weight_decay=self.method.no_weight_decay()),
+            cfg.optim)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+        self.dataset = data.pretrain_dataset(m.modality, cfg.data)
+        self.updates = self.tokens = self._local_tokens = 0
+        self.fraction = 0.0
+        self.fractions_done: list[float] = []
+        self.lr = cfg.optim.lr_at(0.0)
+        self.last_good: str | None = None
+        self.resumed_from: Path | None = None
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ budget and progress
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    @property
+    def samples(self) -> int:
+        return self.updates * self.global_batch
+
+    @property
+    def epochs(self) -> float:
+        return self.updates * self.cfg.grad_accum / self.sampler.batches_per_epoch
+
+    def budget_fraction(self, train_time_s: float) -> float:
+        """Fraction of the budget consumed after ``self.updates`` updates and ``train_time_s`` seconds."""
+        kind, value = self.cfg.budget.kind, self.cfg.budget.value
+        if kind == "updates":
+            return self.updates / value
+        if kind == "epochs":
+            return self.epochs / value
+        if kind == "train_seconds":
+            return train_time_s / value
+        return train_time_s * self.world / 3600.0 / value
+
+    def _count_tokens(self) -> None:
+        """Add the tokens all processes encoded since the last count (a collective: call on all ranks)."""
+        if self.world > 1:
+            t = torch.tensor([self._local_tokens], dtype=torch.float64)
+            dist.all_reduce(t, group=self.control)
+            self._local_tokens = int(t.item())
+        self.tokens += self._local_tokens
+        self._local_tokens = 0
+
+    def pretrain_record(self) -> dict[str, Any]:
+        """The clocks and progress behind the current weights (the metrics file's ``pretrain`` entry)."""
+        train = self.clock.train_time_s()
+        return {"train_time_s": train, "e2e_time_s": self.clock.e2e_time_s(),
+                "device_hours": train * self.world / 3600.0, "device_count": self.world,
+                "updates": self.updates, "samples": self.samples, "epochs": self.epochs, "tokens": self.tokens}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _encoder_prefix(self) -> str:
+        encoder = self.method.encoder()
+        return next(name + "." for name, module in self.method.named_modules() if module is encoder)
+
+    def state(self, budget_fraction: float | None) -> dict[str, Any]:
+        """Everything needed to resume, or to fine-tune from the encoder (see module docstring)."""
+        self._count_tokens()
+        rng = _rng_state()
+        rng_all = [rng]
+        if self.world > 1:
+            rng_all = [None] * self.world
+            dist.all_gather_object(rng_all, rng, group=self.control)
+        m, encoder = self.cfg.method, self.method.encoder()
+        epoch, batch = self.sampler.position(self.updates * self.cfg.grad_accum)
+        return {
+            "kind": "pretrain",
+            "identity": {"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed},
+            "method_config": self.method.cfg.model_dump(mode="json"),
+            "encoder_config": encoder.cfg.model_dump(mode="json"),
+            "encoder_prefix": self._encoder_prefix(),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": {"fraction": self.fraction, "lr": self.cfg.optim.lr_at(self.fraction)},
+            "rng": rng_all,
+            "data_position": {"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
+            "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done},
+            "clock": {"train_time_s": self.clock.train_time_s(), "e2e_time_s": self.clock.e2e_time_s()},
+            "pretrain": self.pretrain_record(),
+            "budget": self.cfg.budget.model_dump(),
+            "budget_fraction": budget_fraction,
+            "fraction_consumed": self.fraction,
+            "segments": self.segments.rows,
+            "world_size": self.world,
+            "config": self.cfg.model_dump(mode="json"),
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: Path, budget_fraction: float | None = None, keep_previous: bool = False) -> None:
+        """Write a checkpoint (all processes join; rank 0 writes), outside the train clock."""
+        self.check_finite()
+        with self.clock.paused():
+            state = self.state(budget_fraction)
+            if self.main:
+                save_checkpoint(state, path, keep_previous=keep_previous)
+                self.events.log("checkpoint", {"path": str(path.relative_to(self.out)), "updates": self.updates,
+                                               "budget_fraction": budget_fraction, "fraction_consumed": self.fraction,
+                                               "train_time_s": state["clock"]["train_time_s"]})
+                self.segments.update(self.clock, train_time_s=state["clock"]["train_time_s"])
+        self.last_good = str(path)
+        self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
+
+    def save_last(self) -> None:
+        self.save(self.out / "checkpoint_last.pt", keep_previous=self.cfg.checkpoint.keep_previous)
+
+    def restore(self) -> None:
+        """Continue from ``checkpoint_last.pt`` (or its previous copy when it is unreadable)."""
+        self._check_config(self.out / "config.yaml")
+        path = self.out / "checkpoint_last.pt"
+        if not path.exists() and not path.with_name("checkpoint_last.prev.pt").exists():
+            return
+        ckpt, used, problems = load_latest(path, map_location=self.device)
+        for problem in problems:
+            self._warn(f"rejected {problem}; resuming from {used}")
+        self._check_config(used, ckpt["config"])
+        if ckpt["world_size"] != self.world:
+            raise ConfigError(f"{self.out} was started with {ckpt['world_size']} processes, now {self.world}: "
+                              "the data order and results would change")
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"][self.rank])
+        self.updates, self.tokens = ckpt["progress"]["updates"], ckpt["progress"]["tokens"]
+        self.fractions_done = list(ckpt["progress"]["fractions_done"])
+        self.fraction = ckpt["fraction_consumed"]
+        # segments.csv is newer than any checkpoint; the checkpoint's copy is the fallback if it was lost
+        self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"])
+        self.clock = RunClock(self.device, ckpt["clock"]["train_time_s"], self.segments.e2e_before_s)
+        self.resumed_from, self.last_good = used, str(used)
+
+    def _check_config(self, where: Path, saved: dict | None = None) -> None:
+        """A run directory belongs to one config: refuse to continue it with another."""
+        if saved is None:
+            if not where.is_file():
+                return
+            saved = yaml.safe_load(where.read_text())
+        differences = config_differences(saved, self.cfg.model_dump(mode="json"))
+        if differences:
+            raise ConfigError(f"{where} holds a different config; use a new --out folder or the same config: "
+                              + "; ".join(differences))
+
+    # ------------------------------------------------------------------ reporting
+    def _warn(self, message: str) -> None:
+        if self.main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+            if hasattr(self, "events"):
+                self.events.log("warning", message)
+
+    def check_finite(self) -> None:
+        """Raise :class:`Diverged` if any update so far had a non-finite loss or gradient norm (one sync)."""
+        first_bad = int(self._first_bad)
+        if first_bad >= 0:
+            diagnostics = {k: float(v) for k, v in self._last_logs.items()}
+            last = self.last_good or "none (no checkpoint was written)"
+            raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
+                           f"update: {diagnostics}; last good checkpoint: {last}")
+
+    def log_interval(self) -> None:
+        """Read the device-side sums of the interval (one sync), log one ``train_progress`` event."""
+        self.check_finite()
+        self._count_tokens()
+        train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
+        n = self.updates - self._interval_start_updates
+        sums = torch.stack([self._loss_sum, self._gnorm_sum, *self._log_sums.values()])
+        distributed.all_reduce_mean(sums)
+        values = (sums / max(n, 1)).tolist()
+        seconds = max(train - self._interval_start_train, 1e-9)
+        tokens = self.tokens - self._interval_start_tokens
+        record = {
+            "updates": self.updates, "train_samples": self.samples, "epoch": self.epochs,
+            "budget_fraction": self.fraction, "train_time_s": train, "e2e_time_s": e2e,
+            "loss": values[0], "lr": self.lr, "grad_norm": values[1],
+            "diagnostics": {**dict(zip(self._log_sums, values[2:])),
+                            **{k: v / max(n, 1) for k, v in self._host_log_sums.items()}},
+            "throughput": {"samples_per_s": n * self.global_batch / seconds,
+                           "tokens_per_s": tokens / seconds, "updates_per_s": n / seconds},
+        }
+        if self.main:
+            self.events.log("train_progress", record)
+            self.segments.update(self.clock)
+            line = (f"update {self.updates} ({100 * self.fraction:.1f}%) loss {values[0]:.4f} "
+                    f"lr {record['lr']:.3g} gnorm {values[1]:.3g} "
+                    f"{record['throughput']['samples_per_s']:.1f} samples/s train {train:.1f}s")
+            if self.bar is not None:
+                self.bar.set_postfix_str(line, refresh=False)
+            else:
+                print(line, flush=True)
+        self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self._loss_sum, self._gnorm_sum = zero.clone(), zero.clone()
+        self._log_sums = {k: zero.clone() for k in self._log_sums}
+        self._host_log_sums = {k: 0.0 for k in self._host_log_sums}
+        self._interval_start_updates, self._interval_start_tokens = self.updates, self.tokens
+        self._interval_start_train = self.clock.train_time_s(sync=False)
+
+    def write_summary(self, status: str) -> dict[str, Any]:
+        record = self.pretrain_record()
+        summary = {
+            "status": status,
+            "identity": {"modality": self.cfg.method.modality, "method": self.cfg.method.name,
+                         "preset": self.cfg.method.preset, "seed": self.cfg.seed},
+            **record,
+            "budget": self.cfg.budget.model_dump(), "budget_fraction_consumed": self.fraction,
+            "throughput": {"samples_per_s": record["samples"] / max(record["train_time_s"], 1e-9),
+                           "tokens_per_s": record["tokens"] / max(record["train_time_s"], 1e-9),
+                           "clock": "train_time_s"},
+            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_max_rss_main_process",
+            "batch": {"per_device": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "processes": self.world,
+                      "effective": self.global_batch, "reference": self.cfg.reference_batch_size},
+            "checkpoints": sorted(str(p.relative_to(self.out)) for p in (self.out / "checkpoints").glob("*.pt")),
+            "segments": self.segments.rows,
+            "provenance": {**self.provenance, "slurm_job_ids": [j for j in self.segments.job_ids
+                                                                 if not j.startswith("local-")]},
+        }
+        if self.main:
+            atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signal = signum
+
+    def _agree(self, fraction: float, save_due: bool) -> tuple[float, bool, bool]:
+        """All processes adopt the largest fraction / any stop or save request (one CPU all-reduce)."""
+        flags = [fraction, float(self._signal is not None), float(save_due)]
+        if self.control is not None:
+            t = torch.tensor(flags, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+            flags = t.tolist()
+            if flags[1] and self._signal is None:
+                self._signal = signal.SIGTERM
+        return flags[0], bool(flags[1]), bool(flags[2])
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batches) -> None:
+        """One update: ``grad_accum`` forward/backward passes, clip, optimiser step, EMA step."""
+        accum = self.cfg.grad_accum
+        for i in range(accum):
+            batch = self._to_device(next(batches))
+            sync = (self.model.no_sync() if self.world > 1 and i < accum - 1 else contextlib.nullcontext())
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                      enabled=self.autocast_dtype is not None):
+                try:
+                    output = self.model(batch)
+                except RuntimeError as err:    # the method's collapse guard (spec §7.1 item 1)
+                    if "collapse guard" not in str(err):
+                        raise
+                    raise Diverged(f"{err} (update {self.updates + 1}); last good checkpoint: "
+                                   f"{self.last_good or 'none (no checkpoint was written)'}") from None
+            self.scaler.scale(output.loss / accum).backward()
+            loss = output.loss.detach().float()
+            self._loss_sum += loss / accum
+            self._bad |= ~torch.isfinite(loss)
+            for key, value in output.logs.items():   # tensors summed on the device, numbers on the host
+                if torch.is_tensor(value):
+                    if key not in self._log_sums:
+                        self._log_sums[key] = torch.zeros((), device=self.device)
+                    self._log_sums[key] += value.detach().float() / accum
+                else:
+                    self._host_log_sums[key] = self._host_log_sums.get(key, 0.0) + float(value) / accum
+            self._last_logs = output.logs
+            self._local_tokens += self.method.encoder_tokens(batch)
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.optim.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.clip_grad, gnorm)
+        if not self.scaler.is_enabled():   # with fp16 an overflow is the loss scaler's business
+            self._bad |= ~torch.isfinite(gnorm)
+        self._gnorm_sum += gnorm.detach().float()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        self.method.after_step(self.updates)
+        self._update_counter += 1
+        self._first_bad = torch.where(self._bad & (self._first_bad < 0), self._update_counter, self._first_bad)
+
+    def _loader(self) -> DataLoader:
+        m = self.cfg.method
+        self.sampler = ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.rank,
+                                             self.world, start=self.updates * self.cfg.grad_accum)
+        kwargs = data.loader_kwargs(self.cfg.data, self.device)
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = _ignore_signals_in_worker(kwargs.get("worker_init_fn"))
+        collater = data.pretrain_collater(m.modality, self.cfg.data, self.method.masker(), self.cfg.seed)
+        # its own generator: creating the loader must not draw from the training RNG (bit-exact resume)
+        return DataLoader(WithEpoch(self.dataset, self.cfg.seed), batch_sampler=self.sampler, collate_fn=collater,
+                          generator=torch.Generator().manual_seed(self.cfg.seed), **kwargs)
+
+    def _start_events(self) -> None:
+        self.events = EventLog(self.out / "events.jsonl", enabled=self.main)
+        self.provenance = provenance(self.cfg.method.preset, self.device, self.world)
+        cfg = self.cfg
+        self.events.log("run_start", None, segment=len(self.segments.rows), job_id=job_id(),
+                        resumed_from=str(self.resumed_from) if self.resumed_from else None,
+                        updates=self.updates, provenance=self.provenance)
+        self.events.log("seed", cfg.seed)
+        self.events.log("global_batch_size", self.global_batch, per_device=cfg.batch_size,
+                        grad_accum=cfg.grad_accum, processes=self.world, reference=cfg.reference_batch_size)
+        self.events.log("train_samples", len(self.dataset))
+        self.events.log("budget", cfg.budget.model_dump(), checkpoint_fractions=cfg.checkpoint.fractions)
+        if cfg.reference_batch_size and cfg.reference_batch_size != self.global_batch:
+            self._warn(f"effective batch {self.global_batch} (= {cfg.batch_size} x {cfg.grad_accum} accumulation x "
+                       f"{self.world} processes) differs from the paper's {cfg.reference_batch_size} "
+                       f"({self.global_batch / cfg.reference_batch_size:.3g}x): results may differ (spec §7.1)")
+
+    def fit(self) -> int:
+        """Train until the budget is consumed or a signal arrives; return the process exit status."""
+        if self.main and not (self.out / "config.yaml").exists():
+            with atomic_write(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump(self.cfg.model_dump(mode="json"), f, sort_keys=False)
+        self.restore()
+        loader = self._loader()
+        self._start_events()
+        if self.main:
+            self.segments.begin(job_id(), self.provenance["host"], self.clock)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._host_log_sums: dict[str, float] = {}
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._update_counter = torch.full((), self.updates, dtype=torch.long, device=self.device)
+        self._last_logs: dict[str, Any] = {}
+        self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
+        self.bar = self._progress_bar()
+        self.method.train()
+        status, exit_code = "success", 0
+        try:
+            self.clock.start_train()
+            self._reset_interval()
+            batches = iter(loader)
+            while self.fraction < 1.0:
+                self.lr = self.cfg.optim.lr_at(self.fraction)
+                set_lr(self.optimizer, self.lr)
+                self.train_step(batches)
+                save_due = self.clock.e2e_time_s(sync=False) - self._last_saved_e2e >= self.cfg.checkpoint.last_every_s
+                timed = self.cfg.budget.kind in ("train_seconds", "device_hours")
+                self.fraction, stop, save_due = self._agree(
+                    self.budget_fraction(self.clock.train_time_s(sync=timed and self._near_end())), save_due)
+                if self.bar is not None:
+                    self.bar.update(int(1000 * min(self.fraction, 1.0)) - self.bar.n)
+                if self.updates % self.cfg.log_every == 0 or self.fraction >= 1.0 or stop:
+                    self.log_interval()
+                for f in self.cfg.checkpoint.fractions:
+                    if f not in self.fractions_done and self.fraction >= f:
+                        self.fractions_done.append(f)
+                        self.save(self.out / "checkpoints" / f"checkpoint_f{f:.3f}.pt", budget_fraction=f)
+                if stop:
+                    status, exit_code = "interrupted", 128 + int(self._signal)
+                    break
+                if save_due:
+                    self.save_last()
+            self.clock.stop_train()
+            self.save_last()
+        except Diverged as err:
+            status, exit_code = "diverged", EXIT_DIVERGED
+            self._warn(str(err))
+            if self.main:
+                print(f"error: run diverged: {err}", file=sys.stderr, flush=True)
+        except BaseException as err:
+            status, exit_code = "aborted", 1
+            self._warn(f"aborted at update {self.updates}: {type(err).__name__}: {err}; "
+                       f"last good checkpoint: {self.last_good}")
+            raise
+        finally:
+            if self.clock.running:
+                self.clock.stop_train()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.bar is not None:
+                self.bar.close()
+            self._finish(status, exit_code)
+        return exit_code
+
+    def _near_end(self) -> bool:
+        """Time budgets: sync the device only when the host clock says the budget is nearly spent."""
+        return self.budget_fraction(self.clock.train_time_s(sync=False)) >= 0.99
+
+    def _progress_bar(self):
+        show = self.cfg.progress
+        if show == "auto":
+            show = sys.stdout.isatty() and "SLURM_JOB_ID" not in os.environ
+        if not (show and self.main):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=1000, initial=int(1000 * min(self.fraction, 1.0)), unit="‰", dynamic_ncols=True)
+
+    def _finish(self, status: str, exit_code: int) -> None:
+        reason = {"success": "completed", "interrupted": f"signal:{signal.Signals(self._signal).name}"
+                  if self._signal else "interrupted"}.get(status, status)
+        if self.main:
+            self.segments.update(self.clock, reason=reason)
+            summary = self.write_summary(status)
+            self.events.log("run_stop", {"updates": self.updates, "train_time_s": summary["train_time_s"],
+                                         "e2e_time_s": summary["e2e_time_s"]}, status=status, exit_code=exit_code)
+            if status == "success":
+                (self.out / "DONE").write_text(f"updates {self.updates}\n")
+        self.events.close()
+
+
+def run(cfg: PretrainRunConfig, out: str | Path) -> int:
+    """Pretrain ``cfg`` into ``out`` (resuming if it has a checkpoint); return the exit status."""
+    if (Path(out) / "DONE").exists():
+        print(f"{out}: already finished (DONE exists); nothing to do")
+        return 0
+    trainer = Pretrainer(cfg, out)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m d2v2 pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="run config YAML (d2v2.engine.runconfig.PretrainRunConfig)")
+    parser.add_argument("--out", required=True, help="run directory (created; resumed if it has a checkpoint)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. budget.value=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        return run(cfg, args.out)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

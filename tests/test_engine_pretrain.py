@@ -1,0 +1,249 @@
+"""The pretraining runner: budgets, schedule, outputs, failures (d2v2.engine.pretrain, optim, runconfig).
+
+Runs use the real data2vec 2.0 "smoke" model on real Fashion-MNIST, in-process, for a few updates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from d2v2.config import ConfigError, merge
+from d2v2.data import DataConfig, prepare
+from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.engine.checkpoint import encoder_state_dict, load_checkpoint
+from d2v2.engine.events import read_events
+from d2v2.engine.optim import OptimConfig, lr_at, param_groups
+from d2v2.engine.pretrain import EXIT_DIVERGED, main, run
+from d2v2.engine.runconfig import resolve_run_config
+
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    """The embedded Fashion-MNIST, prepared once (idempotent: skipped when already there)."""
+    prepare(["image"], DataConfig(root=str(DATA_ROOT)))
+    return str(DATA_ROOT)
+
+
+def run_config(data_root: str, **changes):
+    """A few updates of the smoke image data2vec 2.0 on 1 thread; ``changes`` are merged on top."""
+    base = {
+        "method": {"modality": "image", "name": "data2vec2", "preset": "smoke", "overrides": {"mask_noise_std": 0.0}},
+        "data": {"root": data_root, "num_workers": 0},
+        "optim": {"lr": 1e-3, "warmup_fraction": 0.2, "final_lr": 1e-5},
+        "batch_size": 8,
+        "budget": {"kind": "updates", "value": 6},
+        "checkpoint": {"fractions": [0.5, 1.0]},
+        "log_every": 2, "threads": 1, "progress": False, "device": "cpu",
+    }
+    return resolve_run_config(merge(base, changes))
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+def test_param_groups_exclude_biases_1d_and_named_params_from_decay():
+    model = nn.Module()
+    model.proj = nn.Linear(4, 4)
+    model.norm = nn.LayerNorm(4)
+    model.alibi_scale = nn.Parameter(torch.ones(1, 2, 1, 1))     # 4-D, excluded by name (spec §1.12)
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, 4))          # 3-D: decayed, as in the paper
+    groups = param_groups(model, 0.05, no_weight_decay={"alibi_scale"})
+    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert decay == {"proj.weight", "cls_token"}
+    assert sum(len(g["params"]) for g in groups) == 6
+
+
+def test_param_groups_layer_decay_scales():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    groups = param_groups(model, 0.0, layer_decay=0.5, layer_id=lambda name: int(name.split(".")[0]), num_layers=2)
+    scales = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scales["0.weight"] == 0.25 and scales["1.weight"] == 0.5 and scales["2.weight"] == 1.0
+    with pytest.raises(ValueError, match="layer_id"):
+        param_groups(model, 0.0, layer_decay=0.5)
+
+
+def test_lr_schedules():
+    assert lr_at(0.0, 1.0, 0.1) == 0.0                       # warm-up starts from 0
+    assert lr_at(0.05, 1.0, 0.1) == pytest.approx(0.5)
+    assert lr_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(0.55, 1.0, 0.1, final_lr=0.2) == pytest.approx(0.6)   # cosine midpoint
+    assert lr_at(1.0, 1.0, 0.1, final_lr=0.2) == pytest.approx(0.2)
+    assert lr_at(0.55, 1.0, 0.1, schedule="linear") == pytest.approx(0.5)
+    assert lr_at(0.3, 1.0, 0.1, 0.05, "tristage", hold_fraction=0.4) == 1.0
+    assert lr_at(1.0, 1.0, 0.1, 0.05, "tristage", hold_fraction=0.4) == pytest.approx(0.05)
+    assert lr_at(0.75, 1.0, 0.1, 0.05, "tristage", hold_fraction=0.4) == pytest.approx(0.05 ** 0.5)
+    assert lr_at(0.9, 1.0, 0.1, schedule="constant") == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0.5, 1.0, 0.1, schedule="step")
+    with pytest.raises(ValueError):
+        OptimConfig(warmup_fraction=0.8, hold_fraction=0.4)
+
+
+# ---------------------------------------------------------------- config errors
+def test_bad_configs_fail_before_compute_naming_the_key(tmp_path, capsys, data_root):
+    cfg = tmp_path / "run.yaml"
+    good = {"method": {"modality": "image", "name": "data2vec2", "preset": "smoke"}, "batch_size": 8,
+            "budget": {"kind": "updates", "value": 2}}
+    cases = [
+        ({"batch_sise": 8}, "batch_sise: unknown key (did you mean 'batch_size'?)"),
+        ({"budget": {"kind": "hours", "value": 1}}, "budget.kind"),
+        ({"budget": {"kind": "updates", "value": 2.5}}, "whole number"),
+        ({"checkpoint": {"fractions": [0.5, 1.5]}}, "checkpoint.fractions"),
+        ({"method": {"overrides": {"decoder": {"depth": 0}}}}, "method.decoder.depth"),
+        ({"method": {"name": "nope"}}, "'nope' is not available"),
+        ({"optim": {"lr": -1}}, "optim.lr"),
+    ]
+    for change, message in cases:
+        cfg.write_text(yaml.safe_dump(merge(good, change)))
+        out = tmp_path / "never"
+        assert main(["--config", str(cfg), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    cfg.write_text(yaml.safe_dump(good))
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "x"), "seed=oops"]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- budgets and outputs
+def test_updates_budget_outputs_and_rerun(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    cfg = run_config(data_root, budget={"kind": "updates", "value": 6}, checkpoint={"fractions": [0.3, 1.0]})
+    assert run(cfg, out) == 0
+    s = summary(out)
+    assert s["status"] == "success" and s["updates"] == 6 and s["samples"] == 48
+    assert s["train_time_s"] > 0 and s["e2e_time_s"] > s["train_time_s"]
+    assert s["throughput"]["samples_per_s"] > 0 and s["peak_memory_bytes"] > 0
+    for name in ("config.yaml", "events.jsonl", "segments.csv", "checkpoint_last.pt", "DONE"):
+        assert (out / name).is_file(), name
+    early = load_checkpoint(out / "checkpoints" / "checkpoint_f0.300.pt")
+    assert early["progress"]["updates"] == 2 and early["budget_fraction"] == 0.3   # first update with >= 30%
+    assert early["pretrain"]["updates"] == 2 and early["pretrain"]["train_time_s"] < s["train_time_s"]
+    last = load_checkpoint(out / "checkpoint_last.pt")
+    assert last["progress"]["updates"] == 6 and last["identity"]["method"] == "data2vec2"
+    # the encoder is rebuilt from the checkpoint alone
+    encoder = Encoder(EncoderConfig(**last["encoder_config"]))
+    encoder.load_state_dict(encoder_state_dict(last))
+    events = read_events(out / "events.jsonl")
+    keys = [e["key"] for e in events]
+    assert keys[:3] == ["run_start", "seed", "global_batch_size"] and keys[-1] == "run_stop"
+    assert events[-1]["metadata"]["status"] == "success"
+    progress = [e["value"] for e in events if e["key"] == "train_progress"]
+    assert [p["updates"] for p in progress] == [2, 4, 6]
+    assert all(math.isfinite(p["loss"]) and "target_var" in p["diagnostics"] for p in progress)
+    # the saved config reproduces the run: the method config is complete in it
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"]["overrides"]["encoder"]["embed_dim"] == 32
+    # a finished run re-invoked does nothing
+    mtime = (out / "checkpoint_last.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(cfg, out) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (out / "checkpoint_last.pt").stat().st_mtime_ns == mtime
+
+
+def test_epochs_budget(tmp_path, data_root):
+    out = tmp_path / "run"
+    batches_per_epoch = 60_000 // 8
+    cfg = run_config(data_root, budget={"kind": "epochs", "value": 0.001})   # 7.5 batches
+    assert run(cfg, out) == 0
+    s = summary(out)
+    assert s["updates"] == math.ceil(0.001 * batches_per_epoch) == 8
+    assert s["epochs"] == pytest.approx(8 / batches_per_epoch)
+
+
+@pytest.mark.parametrize("kind, value, seconds", [("train_seconds", 2.0, 2.0), ("device_hours", 2.0 / 3600, 2.0)])
+def test_time_budgets_stop_on_time_with_a_complete_schedule(tmp_path, data_root, kind, value, seconds):
+    out = tmp_path / "run"
+    cfg = run_config(data_root, budget={"kind": kind, "value": value}, log_every=1,
+                     checkpoint={"fractions": [0.5, 1.0]})
+    assert run(cfg, out) == 0
+    s = summary(out)
+    progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
+    step = max(b["train_time_s"] - a["train_time_s"] for a, b in zip(progress, progress[1:]))
+    assert seconds <= s["train_time_s"] <= seconds + 2 * step       # stopped at the first update past the budget
+    assert progress[-2]["budget_fraction"] < 1.0 <= progress[-1]["budget_fraction"]
+    lrs = [p["lr"] for p in progress]
+    peak = cfg.optim.lr
+    assert max(lrs) > 0.8 * peak                                   # the warm-up reached the peak
+    assert lrs[-1] < 0.1 * peak                                     # and the decay finished by the end
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[lrs.index(max(lrs)):], lrs[lrs.index(max(lrs)) + 1:]))
+    half = load_checkpoint(out / "checkpoints" / "checkpoint_f0.500.pt")
+    assert half["fraction_consumed"] >= 0.5 and half["pretrain"]["train_time_s"] >= 0.5 * seconds
+
+
+# ---------------------------------------------------------------- failures
+def test_nan_loss_stops_naming_update_and_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
+    """Fault injection: the real model's loss becomes NaN from update 4 on."""
+    from d2v2.data2vec2 import Data2Vec2
+
+    forward = Data2Vec2.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        output = forward(self, batch)
+        calls["n"] += 1
+        if calls["n"] >= 4:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(Data2Vec2, "forward", poisoned)
+    out = tmp_path / "run"
+    cfg = run_config(data_root, budget={"kind": "updates", "value": 10}, log_every=3,
+                     checkpoint={"fractions": [0.2, 1.0]})
+    assert run(cfg, out) == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient norm at update 4" in err
+    assert "checkpoint_f0.200.pt" in err and "target_var" in err
+    stop = read_events(out / "events.jsonl", "run_stop")[-1]
+    assert stop["metadata"]["status"] == "diverged" and summary(out)["status"] == "diverged"
+    assert not (out / "DONE").exists()
+    assert not (out / "checkpoint_last.pt").exists()       # nothing non-finite was saved
+    assert "diverged" in (out / "segments.csv").read_text()
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    assert run(run_config(data_root), out) == 0
+    (out / "DONE").unlink()
+    with pytest.raises(ConfigError, match="optim.lr: 0.001 -> 0.002"):
+        run(run_config(data_root, optim={"lr": 2e-3}), out)
+    assert run(run_config(data_root, log_every=3), out) == 0     # execution-only keys may change
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, data_root, monkeypatch):
+    """SIGTERM mid-run: the update finishes, checkpoint_last is written, exit 128+15; a rerun resumes."""
+    from d2v2.data2vec2 import Data2Vec2
+
+    after_step = Data2Vec2.after_step
+
+    def signalled(self, num_updates):
+        after_step(self, num_updates)
+        if num_updates == 3 and not os.environ.get("_D2V2_SIGNALLED"):
+            os.environ["_D2V2_SIGNALLED"] = "1"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Data2Vec2, "after_step", signalled)
+    monkeypatch.delenv("_D2V2_SIGNALLED", raising=False)
+    out = tmp_path / "run"
+    cfg = run_config(data_root, budget={"kind": "updates", "value": 6})
+    assert run(cfg, out) == 128 + signal.SIGTERM
+    assert load_checkpoint(out / "checkpoint_last.pt")["progress"]["updates"] == 3
+    assert read_events(out / "events.jsonl", "run_stop")[-1]["metadata"]["status"] == "interrupted"
+    assert run(cfg, out) == 0
+    rows = (out / "segments.csv").read_text().splitlines()
+    assert len(rows) == 3 and "signal:SIGTERM" in rows[1] and "completed" in rows[2]
+    assert summary(out)["updates"] == 6
