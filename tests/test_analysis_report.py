@@ -1,0 +1,66 @@
+"""Figures and the report render from the fixture tables; the HTML is self-contained."""
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from d2v2.analysis import collect, report
+
+FIXTURE = Path(__file__).parent / "fixtures" / "analysis"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    tables = root / "tables"
+    assert collect.main(["--metrics", str(FIXTURE / "metrics"), "--runs", str(FIXTURE / "runs"),
+                         "--out", str(tables)]) == 0
+    config = root / "config.yaml"
+    config.write_text("preset: tiny\nseeds: [0, 1, 2]\n")
+    assert report.main(["--tables", str(tables), "--config", str(config), "--out", str(root),
+                        "--bootstrap", "200"]) == 0
+    return root
+
+
+def test_figures_exist_as_png_and_svg(rendered):
+    figs = rendered / "figures"
+    for name in ("curves_image_fmnist", "curves_audio_synth-words", "speedups", "paper_efficiency",
+                 "ablation_image_data2vec2_num_masks", "ablation_image_data2vec2_curves"):
+        assert (figs / f"{name}.png").stat().st_size > 10_000, name
+        assert (figs / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_html_is_self_contained_and_has_the_scorecard(rendered):
+    page = (rendered / "report.html").read_text()
+    assert "<h2>Scorecard: the paper&#x27;s claims beside this run</h2>" in page
+    assert page.count("src='data:image/png;base64,") == 6
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)          # nothing loaded from elsewhere
+    assert "<link" not in page and "<script" not in page
+    assert "16.4x (ViT-B)" in page and "seeds: [0, 1, 2]" in page       # claim and the exact config
+
+
+def test_numbers_come_from_the_tables(rendered):
+    md = (rendered / "report.md").read_text()
+    speedups = pd.read_csv(rendered / "derived" / "speedups.csv")
+    row = speedups[(speedups.modality == "image") & (speedups.variant == "default")
+                   & (speedups.clock == "train_time_s")].iloc[0]
+    # fixture: MAE's median final accuracy 0.72 at 60 s; data2vec 2.0 crosses it at 25 s
+    assert row["target"] == pytest.approx(0.72) and row["speedup"] == pytest.approx(2.4)
+    assert f"data2vec 2.0 vs MAE: {row['speedup_text']}" in md
+    audio = speedups[(speedups.modality == "audio") & (speedups.clock == "train_time_s")].iloc[0]
+    # WER (lower is better): data2vec 1.0 final 0.55 at 60 s; data2vec 2.0 crosses 0.55 at 20 + 20/3 s
+    assert audio["speedup"] == pytest.approx(60 / (20 + 20 / 3))
+    card = pd.read_csv(rendered / "derived" / "scorecard.csv")
+    assert set(card["data2vec 2.0 vs"]) >= {"MAE", "wav2vec 2.0", "RoBERTa (MLM)"}
+    for section in ("## Summary", "## Provenance", "## Configuration", "## Caveats", "## Ablations"):
+        assert section in md
+    assert "0123456789abcdef" in md and "Fixture CPU" in md
+
+
+def test_report_errors_name_the_problem(tmp_path, capsys):
+    assert report.main(["--tables", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "evals.parquet: not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main(["--tables", str(tmp_path), "--out", str(tmp_path), "--target", "image-mae"])
+    assert "expected MODALITY:BASELINE=VALUE" in capsys.readouterr().err
