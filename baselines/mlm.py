@@ -1,0 +1,92 @@
+"""RoBERTa-style masked language modelling (Liu et al. 2019) on the shared text encoder (spec §4).
+
+    x = BERT-corrupt(tokens): 15% selected; 80% <mask>, 10% random token, 10% unchanged
+    h = post-LN Transformer on all tokens                    (B, L, D)
+    logits = LMHead(h at the selected positions)             (N_selected, V)
+    loss = cross-entropy(logits, original tokens), averaged over ALL selected positions
+
+The LM head is RoBERTa's: dense -> GELU -> LayerNorm -> projection whose weight IS the input token
+embedding (tied), plus a per-token bias. The encoder is data2vec 2.0's text encoder of the same preset
+(RoBERTa-base sized at ``base``: 12 x 768, learned positions, embedding LN, dropout 0.1).
+"""
+from __future__ import annotations
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.common import backbone
+from baselines.masking import BertMaskConfig, BertMasker
+from d2v2.blocks import init_bert_params
+from d2v2.config import Config
+from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.method import MethodOutput, PretrainMethod, register_method
+
+__all__ = ["MLMConfig", "MLM", "LMHead", "PRESETS"]
+
+
+class MLMConfig(Config):
+    """RoBERTa MLM settings: the text encoder and BERT masking (spec §4)."""
+
+    encoder: EncoderConfig
+    mask: BertMaskConfig = BertMaskConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "MLMConfig":
+        if self.encoder.modality != "text":
+            raise ValueError(f"MLM is a text method; got a {self.encoder.modality} encoder")
+        return self
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LN -> ``F.linear(., embedding weight) + bias`` (RoBERTa's ``lm_head``)."""
+
+    def __init__(self, embed_tokens: nn.Embedding, norm_eps: float):
+        super().__init__()
+        vocab, dim = embed_tokens.weight.shape
+        self.dense = nn.Linear(dim, dim)
+        self.layer_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.weight = embed_tokens.weight                  # tied: the same Parameter, not a copy
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.layer_norm(F.gelu(self.dense(h))), self.weight) + self.bias
+
+
+class MLM(PretrainMethod):
+    """``student`` text Encoder + tied ``lm_head``."""
+
+    modality = "text"
+
+    def __init__(self, cfg: MLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.student = Encoder(cfg.encoder)
+        self.lm_head = LMHead(self.student.local_encoder.embed_tokens, cfg.encoder.norm_eps)
+        self.lm_head.apply(init_bert_params)                      # as the encoder (fairseq RoBERTa)
+
+    def masker(self) -> BertMasker:
+        return self.cfg.mask.masker(self.cfg.encoder, loss_on="selected")
+
+    def encoder(self) -> Encoder:
+        return self.student
+
+    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["source"].numel()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        if "mask" not in batch:
+            batch = self.masker()(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        out = self.student(batch["source"], batch.get("padding_mask"))
+        selected = batch["mask"].to(out.x.device)
+        logits = self.lm_head(out.x[selected]).float()          # only the selected positions, as fairseq
+        target = batch["mlm_target"].to(out.x.device)[selected]
+        sample_size = int(target.numel())
+        loss = F.cross_entropy(logits, target, reduction="sum") / max(sample_size, 1)
+        accuracy = float((logits.argmax(-1) == target).float().mean()) if sample_size else 0.0
+        return MethodOutput(loss, sample_size, {"accuracy": accuracy, "masked_pct": sample_size / selected.numel()})
+
+
+PRESETS = {name: {"encoder": backbone("text", name), "mask": {"kind": "bert"}} for name in ("base", "tiny", "smoke")}
+register_method("text", "mlm", MLMConfig, PRESETS)(MLM)
