@@ -115,10 +115,11 @@ def test_generation_is_deterministic_and_cached(tmp_path, corpus):
     for split, info in again["splits"].items():
         assert info["audio_sha256"] == first["splits"][split]["audio_sha256"], split
     stamp = (tmp_path / "a" / "manifest.json").stat().st_mtime_ns
-    assert prepare_speech(tmp_path / "a", cfg)["key"] == again["key"]          # cached: nothing rewritten
+    assert not again["skipped"] and prepare_speech(tmp_path / "a", cfg)["skipped"]     # cached: nothing rewritten
     assert (tmp_path / "a" / "manifest.json").stat().st_mtime_ns == stamp
     other = prepare_speech(tmp_path / "a", _cfg(synth={"asterisk": False, "seed": 1, "num_pretrain": 2}))
-    assert other["key"] != again["key"] and other["splits"]["pretrain"]["count"] == 2   # rebuilt in place
+    assert not other["skipped"] and other["splits"]["pretrain"]["count"] == 2       # another config: rebuilt
+    assert other["splits"]["train"]["audio_sha256"] != again["splits"]["train"]["audio_sha256"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]               # no temp folders left
 
 
@@ -149,20 +150,20 @@ def test_librispeech_layout_and_fairseq_manifest_give_the_same_items(tmp_path):
     for a, b, text in zip(libri, fair, texts):
         assert torch.equal(a["source"], b["source"]) and torch.equal(a["target"], b["target"])
         assert a["transcript"] == b["transcript"] == text
-    pre = SpeechPretrainDataset(None, _cfg(source="librispeech", librispeech_root=str(tmp_path),
-                                           min_sample_size=10000), "dev-clean")
-    assert len(pre) == 1 and len(pre[0]["source"]) == 12000         # the 8000-sample utterance is dropped
+    pre = SpeechPretrainDataset(None, _cfg(source="librispeech", librispeech_root=str(tmp_path), min_sample_size=10000,
+                                           split_names={"pretrain": "dev-clean+dev-clean"}), "pretrain")
+    assert len(pre) == 2 and len(pre[0]["source"]) == 12000         # the 8000-sample utterances are dropped
 
 
-def test_pretrain_random_crop_is_seeded(corpus):
+def test_pretrain_random_crop_follows_torch_rng(corpus):
     root, cfg, _ = corpus
-    small = cfg.model_copy(update={"max_sample_size": 16000})
-    ds = SpeechPretrainDataset(root, small, "pretrain", seed=3)
+    full = SpeechPretrainDataset(root, cfg, "pretrain")[0]["source"]     # normalised before cropping
+    ds = SpeechPretrainDataset(root, cfg.model_copy(update={"max_sample_size": 16000}), "pretrain")
+    torch.manual_seed(0)                        # the engine's WithEpoch seeds it from (seed, epoch, index)
     a = ds[0]["source"]
+    torch.manual_seed(0)
     assert len(a) == 16000 and torch.equal(a, ds[0]["source"])
-    full = SpeechPretrainDataset(root, cfg, "pretrain")[0]["source"]      # normalised before cropping
-    ds.set_epoch(1)
-    assert _offset(full, a) != _offset(full, ds[0]["source"])        # another epoch, another crop
+    assert len({_offset(full, ds[0]["source"]) for _ in range(4)}) > 1
 
 
 # ---------------------------------------------------------------------------------------------- collaters
@@ -176,7 +177,9 @@ def test_collate_pretrain_crops_to_shortest(corpus):
     assert batch["id"].tolist() == [0, 1, 2, 3]
     offsets = [_offset(it["source"], row) for row, it in zip(batch["source"], items)]
     assert len(set(offsets)) > 1                    # random offsets, not all from the start
-    assert torch.equal(collate_pretrain(items)["source"], batch["source"])     # deterministic by ids
+    assert torch.equal(collate_pretrain(items)["source"], batch["source"])     # deterministic by (epoch, ids)
+    later = collate_pretrain([{**it, "epoch": 1} for it in items])["source"]
+    assert later.shape == batch["source"].shape and not torch.equal(later, batch["source"])
 
 
 def test_collate_finetune_pads(corpus):

@@ -21,7 +21,6 @@ CTC letters (spec §5.2): blank=0, ``|``=1 (word boundary), ``A``..``Z`` = 2..27
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -33,11 +32,13 @@ from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from d2v2.config import Config
+from d2v2.data.common import CorruptDataError, MissingDataError, read_manifest, \
+    require_path, stable_seed
 
 __all__ = [
     "LETTERS", "BLANK", "WORD_SEP", "words_to_letters", "letters_to_words", "letters_to_ids",
     "ids_to_letters", "SynthConfig", "SpeechDataConfig", "SPLITS", "prepare_speech", "Utterances",
-    "read_manifest", "read_librispeech", "load_audio", "SpeechPretrainDataset", "SpeechFinetuneDataset",
+    "read_fairseq_manifest", "read_librispeech", "load_audio", "SpeechPretrainDataset", "SpeechFinetuneDataset",
     "collate_pretrain", "collate_finetune",
 ]
 
@@ -156,6 +157,10 @@ class SpeechDataConfig(Config):
     normalize: bool = True                 # per-utterance zero mean / unit variance (data2vec 2.0: true)
     max_sample_size: int = Field(320_000, ge=1)   # pretraining random crop (20 s)
     min_sample_size: int = Field(32_000, ge=0)    # pretraining drops shorter utterances (2 s)
+    # our split name -> the source's (manifest stem or "+"-joined LibriSpeech subsets), e.g. for LS-960:
+    # {pretrain: train-clean-100+train-clean-360+train-other-500, train: train-clean-100, valid: dev-other,
+    #  test: test-other}; unmapped names are used as they are
+    split_names: dict[str, str] = {}
     synth: SynthConfig = SynthConfig()
 
     @model_validator(mode="after")
@@ -171,14 +176,14 @@ def prepare_speech(root: Path, cfg: SpeechDataConfig, workers: int | None = None
     """Make the synthesised corpus under ``root`` if needed and return its manifest (a no-op when cached).
 
     For the ``manifest`` / ``librispeech`` sources nothing is generated: the paths are checked and a small
-    manifest describing them is returned.
+    manifest describing them is returned. ``"skipped"`` says whether existing files were reused.
     """
     if cfg.source == "synth":
         from d2v2.data.speech_synth import build_corpus  # the generator is only needed to prepare
 
         return build_corpus(Path(root), cfg, workers=workers)
     key, path = _source_path(cfg)
-    return {"source": cfg.source, key: str(path)}
+    return {"modality": "speech", "source": cfg.source, key: str(path), "skipped": True}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,21 +201,20 @@ class Utterances:
 
 def _source_path(cfg: SpeechDataConfig) -> tuple[str, Path]:
     key = {"manifest": "manifest_dir", "librispeech": "librispeech_root"}[cfg.source]
-    path = Path(getattr(cfg, key))
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.speech.{key}: folder not found: {path}")
-    return key, path
+    hint = "fairseq manifests <split>.tsv/.ltr" if cfg.source == "manifest" else "folder containing LibriSpeech/"
+    return key, require_path(getattr(cfg, key), f"data.speech.{key}", hint)
 
 
-def read_manifest(manifest_dir: Path, split: str) -> Utterances:
+def read_fairseq_manifest(manifest_dir: Path, split: str) -> Utterances:
     """Read fairseq's ``<split>.tsv`` (+ ``.ltr``/``.wrd`` when present)."""
     tsv = Path(manifest_dir) / f"{split}.tsv"
     if not tsv.is_file():
         have = sorted(p.stem for p in Path(manifest_dir).glob("*.tsv"))
-        raise FileNotFoundError(f"speech split '{split}': no manifest {tsv} (have: {have})")
+        raise MissingDataError(f"speech split '{split}': no manifest {tsv} (have: {have}; "
+                               "map split names with data.speech.split_names)")
     lines = tsv.read_text().splitlines()
     if not lines:
-        raise ValueError(f"{tsv}: empty manifest (the first line must be the audio root folder)")
+        raise CorruptDataError(f"{tsv}: empty manifest (the first line must be the audio root folder)")
     root = Path(lines[0].strip())
     paths, sizes = [], []
     for n, line in enumerate(lines[1:], start=2):
@@ -218,7 +222,7 @@ def read_manifest(manifest_dir: Path, split: str) -> Utterances:
             rel, size = line.split("\t")[:2]
             sizes.append(int(size))
         except ValueError:
-            raise ValueError(f"{tsv}:{n}: expected 'relative_path<TAB>num_samples', got {line!r}") from None
+            raise CorruptDataError(f"{tsv}:{n}: expected 'relative_path<TAB>num_samples', got {line!r}") from None
         paths.append(root / rel)
 
     def side(ext: str) -> list[str] | None:
@@ -227,7 +231,7 @@ def read_manifest(manifest_dir: Path, split: str) -> Utterances:
             return None
         rows = path.read_text().splitlines()
         if len(rows) != len(paths):
-            raise ValueError(f"{path}: {len(rows)} lines but {tsv} lists {len(paths)} utterances")
+            raise CorruptDataError(f"{path}: {len(rows)} lines but {tsv} lists {len(paths)} utterances")
         return rows
 
     letters, words = side(".ltr"), side(".wrd")
@@ -243,7 +247,7 @@ def read_librispeech(root: Path, split: str) -> Utterances:
     paths, sizes, words = [], [], []
     for subset in split.split("+"):
         if not (Path(root) / "LibriSpeech" / subset).is_dir():
-            raise FileNotFoundError(f"data.speech.librispeech_root: no LibriSpeech/{subset} under {root}")
+            raise MissingDataError(f"data.speech.librispeech_root: no LibriSpeech/{subset} under {root}")
         ds = LIBRISPEECH(root, url=subset, download=False)
         for n in range(len(ds)):
             rel, _, transcript, *_ = ds.get_metadata(n)
@@ -251,20 +255,21 @@ def read_librispeech(root: Path, split: str) -> Utterances:
             try:
                 sizes.append(sf.info(str(path)).frames)
             except (sf.LibsndfileError, RuntimeError) as err:
-                raise ValueError(f"corrupt or unreadable audio file {path}: {err}") from None
+                raise CorruptDataError(f"corrupt or unreadable audio file {path}: {err}") from None
             paths.append(path)
             words.append(transcript.upper())
     return Utterances(paths, np.asarray(sizes, dtype=np.int64), words, [words_to_letters(w) for w in words])
 
 
 def _utterances(root: Path, cfg: SpeechDataConfig, split: str) -> Utterances:
+    name = cfg.split_names.get(split, split)
     if cfg.source == "synth":
-        if not (Path(root) / "manifest.json").is_file():
-            raise FileNotFoundError(f"speech corpus not prepared at {root}: run the data preparation "
-                                    "(d2v2.data.speech.prepare_speech) first")
-        return read_manifest(Path(root), split)
+        if read_manifest(root) is None:
+            raise MissingDataError(f"speech corpus not prepared at {root}: run "
+                                   "`python -m d2v2 prepare-data --modalities speech` first")
+        return read_fairseq_manifest(Path(root), name)
     _, path = _source_path(cfg)
-    return read_manifest(path, split) if cfg.source == "manifest" else read_librispeech(path, split)
+    return read_fairseq_manifest(path, name) if cfg.source == "manifest" else read_librispeech(path, name)
 
 
 def load_audio(path: Path, num_samples: int | None, sample_rate: int) -> np.ndarray:
@@ -272,13 +277,13 @@ def load_audio(path: Path, num_samples: int | None, sample_rate: int) -> np.ndar
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError) as err:
-        raise ValueError(f"corrupt or unreadable audio file {path}: {err}") from None
+        raise CorruptDataError(f"corrupt or unreadable audio file {path}: {err}") from None
     if sr != sample_rate:
-        raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz")
+        raise CorruptDataError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz")
     if wav.ndim != 1:
-        raise ValueError(f"{path}: {wav.shape[1]} channels, expected mono")
+        raise CorruptDataError(f"{path}: {wav.shape[1]} channels, expected mono")
     if num_samples is not None and len(wav) != num_samples:
-        raise ValueError(f"{path}: truncated or changed audio file: {len(wav)} samples, "
+        raise CorruptDataError(f"{path}: truncated or changed audio file: {len(wav)} samples, "
                          f"the manifest says {num_samples}")
     return wav
 
@@ -286,12 +291,6 @@ def load_audio(path: Path, num_samples: int | None, sample_rate: int) -> np.ndar
 def _normalise(wav: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance over the utterance, as fairseq's ``F.layer_norm(wav, wav.shape)`` (eps 1e-5)."""
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)).astype(np.float32)
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    """A generator seeded from integers, identical in every process (no dependence on worker state)."""
-    digest = hashlib.sha256(np.asarray(parts, dtype=np.int64).tobytes()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,26 +320,22 @@ class SpeechPretrainDataset(_SpeechDataset):
     """Unlabelled waveforms: ``{"source": float32 (N,), "id": int}``, N <= ``max_sample_size``.
 
     Utterances shorter than ``min_sample_size`` are dropped; longer ones than ``max_sample_size`` are cropped
-    at an offset drawn from ``(seed, epoch, id)`` (call :meth:`set_epoch`), after normalising the whole
-    utterance as fairseq does.
+    at a random offset after normalising the whole utterance, as fairseq does. The offset comes from torch's
+    global RNG, which the engine's ``WithEpoch`` seeds from ``(seed, epoch, index)``.
     """
 
-    def __init__(self, root: Path, cfg: SpeechDataConfig, split: str = "pretrain", seed: int = 0):
+    def __init__(self, root: Path, cfg: SpeechDataConfig, split: str = "pretrain"):
         super().__init__(root, cfg, split)
         self.index = np.flatnonzero(self.utts.sizes >= cfg.min_sample_size)
         if len(self.index) == 0:
-            raise ValueError(f"speech split '{split}': every utterance is shorter than "
-                             f"data.speech.min_sample_size={cfg.min_sample_size}")
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+            raise MissingDataError(f"speech split '{split}': every utterance is shorter than "
+                                   f"data.speech.min_sample_size={cfg.min_sample_size}")
 
     def __getitem__(self, i: int) -> dict:
         wav = self._wave(i)
         excess = len(wav) - self.cfg.max_sample_size
         if excess > 0:
-            start = int(torch.randint(excess + 1, (1,), generator=_seeded(self.seed, self.epoch, i)))
+            start = int(torch.randint(excess + 1, (1,)))
             wav = wav[start:start + self.cfg.max_sample_size]
         return {"source": torch.from_numpy(wav), "id": i}
 
@@ -351,7 +346,7 @@ class SpeechFinetuneDataset(_SpeechDataset):
     def __init__(self, root: Path, cfg: SpeechDataConfig, split: str = "train"):
         super().__init__(root, cfg, split)
         if self.utts.letters is None:
-            raise FileNotFoundError(f"speech split '{split}' has no transcripts (no {split}.ltr / {split}.wrd)")
+            raise MissingDataError(f"speech split '{split}' has no transcripts (no .ltr / .wrd next to its .tsv)")
 
     def __getitem__(self, i: int) -> dict:
         j = self.index[i]
@@ -363,16 +358,17 @@ class SpeechFinetuneDataset(_SpeechDataset):
 def collate_pretrain(items: list[dict], generator: torch.Generator | None = None) -> dict:
     """Crop every utterance to the shortest of the batch (spec §7.2 item 7: no padding).
 
-    Crop offsets come from ``generator``, or by default from a generator seeded with the batch's ids, so a
-    batch is the same whichever worker builds it.
+    Crop offsets come from ``generator``, or by default from one seeded with the batch's ``(epoch, ids)``
+    (:func:`~d2v2.data.common.stable_seed`), so a batch is the same whichever worker builds it.
     """
     ids = torch.tensor([it["id"] for it in items], dtype=torch.long)
     size = min(len(it["source"]) for it in items)
-    gen = generator if generator is not None else _seeded(*ids.tolist())
+    if generator is None:
+        generator = torch.Generator().manual_seed(stable_seed(0, int(items[0].get("epoch", 0)), ids))
     crops = []
     for it in items:
         excess = len(it["source"]) - size
-        start = int(torch.randint(excess + 1, (1,), generator=gen)) if excess else 0
+        start = int(torch.randint(excess + 1, (1,), generator=generator)) if excess else 0
         crops.append(it["source"][start:start + size])
     return {"source": torch.stack(crops), "id": ids}
 

@@ -22,15 +22,15 @@ with ``(seed, split, index)``: the corpus does not depend on the number of worke
 
 Output: fairseq manifests (``<split>.tsv/.ltr/.wrd``, see :mod:`d2v2.data.speech`), 16-bit WAVs under
 ``wav/<split>/``, a per-utterance record of how each was made (``<split>.meta.tsv``) and ``manifest.json``
-(config, tool versions, counts, checksums). The corpus is built in a temporary folder and renamed into
-place; a second call with the same config finds ``manifest.json`` and returns it.
+(config, package versions, counts, checksums of every file). The corpus is built in a temporary folder
+and renamed into place (:func:`~d2v2.data.common.atomic_dir`); a second call with the same config finds a
+current ``manifest.json`` whose files still match their checksums, and does nothing.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -46,9 +46,11 @@ import pandas as pd
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from d2v2.data.common import (MANIFEST, MissingDataError, atomic_dir, atomic_write_json, dpkg_version, file_record,
+                              manifest_is_current, read_manifest, require_path)
 from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, words_to_letters
 
-__all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "corpus_key"]
+__all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "coloured_noise"]
 
 FORMAT_VERSION = 1     # bump when the generator changes what it writes for a given config
 _SYNTH_SPLITS = {"pretrain": "train", "train": "train", "valid": "valid", "test": "test", "test_flite": "test"}
@@ -81,10 +83,8 @@ def wordnet_sentences(wordnet_dir: str | Path) -> list[str]:
     """Normalised WordNet 3.0 example sentences (the quoted text in each gloss), sorted and unique."""
     found = set()
     for pos in ("noun", "verb", "adj", "adv"):
-        path = Path(wordnet_dir) / f"data.{pos}"
-        if not path.is_file():
-            raise FileNotFoundError(f"data.speech.synth.wordnet_dir: {path} not found "
-                                    "(apt-get install wordnet-base)")
+        path = require_path(Path(wordnet_dir) / f"data.{pos}", "data.speech.synth.wordnet_dir",
+                            "apt-get install -y wordnet-base")
         for line in path.read_text(encoding="latin-1").splitlines():
             _, sep, gloss = line.partition(" | ")
             for example in re.findall(r'"([^"]+)"', gloss) if sep and not line.startswith("  ") else ():
@@ -114,14 +114,6 @@ def _voices(cfg: SynthConfig, split: str) -> list[str]:
         return [f"{a}+{v}" for a in cfg.accents for v in cfg.variants + cfg.heldout_variants
                 if a in cfg.heldout_accents or v in cfg.heldout_variants]
     return [f"{a}+{v}" for a in cfg.accents if a not in cfg.heldout_accents for v in cfg.variants]
-
-
-def _tool_version(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        package = {"espeak-ng": "espeak-ng", "flite": "flite"}[cmd[0]]
-        raise FileNotFoundError(f"{cmd[0]} not found: apt-get install -y {package} (DATA_SOURCES.md, Speech)")
-    out = subprocess.run(cmd, capture_output=True, text=True)   # flite --version exits 1
-    return " ".join((out.stdout + out.stderr).split())[:200]
 
 
 def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
@@ -218,17 +210,15 @@ def _make_utterance(job: tuple[str, int]) -> dict:
 def _write(workdir: Path, split: str, index: int, audio: np.ndarray, sr: int, rec: dict, words: str) -> dict:
     rel = f"wav/{split}/{index:06d}.wav"
     sf.write(workdir / rel, audio, sr, subtype="PCM_16")
-    digest = hashlib.sha256((workdir / rel).read_bytes()).hexdigest()
-    return {"id": index, "file": rel, "num_samples": len(audio), "sha256": digest, "words": words, **rec}
+    return {"id": index, "file": rel, "num_samples": len(audio), "words": words, **rec}
 
 
 def _asterisk(cfg: SpeechDataConfig, workdir: Path) -> list[dict]:
     """The Asterisk prompts with a letter-readable transcript, resampled to ``sample_rate``."""
     syn = cfg.synth
-    listing = Path(syn.asterisk_transcripts)
-    if not listing.is_file():
-        raise FileNotFoundError(f"data.speech.synth.asterisk_transcripts: {listing} not found "
-                                "(apt-get install asterisk-core-sounds-en), or set data.speech.synth.asterisk=false")
+    listing = require_path(syn.asterisk_transcripts, "data.speech.synth.asterisk_transcripts",
+                           "apt-get install -y asterisk-core-sounds-en, or set data.speech.synth.asterisk=false")
+    require_path(syn.asterisk_dir, "data.speech.synth.asterisk_dir", "apt-get install -y asterisk-core-sounds-en-wav")
     prompts = {}
     for line in gzip.open(listing, "rt", encoding="utf-8", errors="replace"):
         name, sep, text = line.strip().partition(": ")
@@ -236,8 +226,8 @@ def _asterisk(cfg: SpeechDataConfig, workdir: Path) -> list[dict]:
         if words and (Path(syn.asterisk_dir) / f"{name}.wav").is_file():
             prompts[name] = words
     if not prompts:
-        raise FileNotFoundError(f"data.speech.synth.asterisk_dir: no prompt recordings in {syn.asterisk_dir} "
-                                "(apt-get install asterisk-core-sounds-en-wav)")
+        raise MissingDataError(f"data.speech.synth.asterisk_dir: no prompt recordings in {syn.asterisk_dir} "
+                               "(apt-get install -y asterisk-core-sounds-en-wav)")
     records = []
     for index, name in enumerate(sorted(prompts)):
         path = Path(syn.asterisk_dir) / f"{name}.wav"
@@ -256,89 +246,71 @@ def _split_sizes(syn: SynthConfig) -> dict[str, int]:
             "test": syn.num_test, "test_flite": syn.num_test_flite}
 
 
-def corpus_key(cfg: SpeechDataConfig, tools: dict[str, str]) -> str:
-    """Hash of everything that determines the corpus: synth config, sample rate, tool versions, format."""
-    blob = json.dumps({"synth": cfg.synth.model_dump(), "sample_rate": cfg.sample_rate, "tools": tools,
-                       "format": FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _inputs(cfg: SpeechDataConfig) -> dict:
+    """Everything that determines the corpus: the synth config, the sample rate, package versions, format."""
+    syn = cfg.synth
+    tools = ["espeak-ng"] + (["flite"] if syn.num_test_flite else [])
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise MissingDataError(f"data.speech.synth: {tool} not found (apt-get install -y {tool}; "
+                                   "DATA_SOURCES.md, Speech)")
+    packages = tools + ["espeak-ng-data", "wordnet-base"]
+    packages += ["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"] if syn.asterisk else []
+    return {"synth": syn.model_dump(), "sample_rate": cfg.sample_rate, "format": FORMAT_VERSION,
+            "packages": {p: dpkg_version(p) for p in packages}}
 
 
-def _write_split(workdir: Path, final_root: Path, split: str, records: list[dict], labelled: bool,
-                 sample_rate: int) -> dict:
-    """fairseq ``.tsv`` (+ ``.ltr``/``.wrd`` when labelled) and ``.meta.tsv``; returns the split summary."""
-    (workdir / f"{split}.tsv").write_text(
+def _write_split(folder: Path, final_root: Path, split: str, records: list[dict], labelled: bool) -> None:
+    """fairseq ``.tsv`` (+ ``.ltr``/``.wrd`` when labelled) and the per-utterance ``.meta.tsv``."""
+    (folder / f"{split}.tsv").write_text(
         "".join([f"{final_root}\n"] + [f"{r['file']}\t{r['num_samples']}\n" for r in records]))
     if labelled:
-        (workdir / f"{split}.wrd").write_text("".join(f"{r['words']}\n" for r in records))
-        (workdir / f"{split}.ltr").write_text("".join(f"{words_to_letters(r['words'])}\n" for r in records))
+        (folder / f"{split}.wrd").write_text("".join(f"{r['words']}\n" for r in records))
+        (folder / f"{split}.ltr").write_text("".join(f"{words_to_letters(r['words'])}\n" for r in records))
     meta = pd.DataFrame([{k: v for k, v in r.items() if labelled or k != "words"} for r in records])
-    meta.to_csv(workdir / f"{split}.meta.tsv", sep="\t", index=False)
-    files = hashlib.sha256("".join(r["sha256"] for r in records).encode()).hexdigest()
+    meta.to_csv(folder / f"{split}.meta.tsv", sep="\t", index=False)
+
+
+def _summary(records: list[dict], files: dict[str, str], labelled: bool, sample_rate: int) -> dict:
+    """Count, duration, a checksum over the split's audio, and who spoke it."""
+    audio = hashlib.sha256("".join(files[r["file"]] for r in records).encode()).hexdigest()
     return {"count": len(records), "seconds": round(sum(r["num_samples"] for r in records) / sample_rate, 2),
-            "labelled": labelled, "audio_sha256": files,
-            "voices": sorted({r["voice"] for r in records}), "engines": sorted({r["engine"] for r in records})}
-
-
-def _cached(root: Path, key: str) -> dict | None:
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if manifest.get("key") == key and all((root / f"{s}.tsv").is_file() for s in manifest["splits"]):
-        return manifest
-    return None
+            "labelled": labelled, "audio_sha256": audio, "voices": sorted({r["voice"] for r in records}),
+            "engines": sorted({r["engine"] for r in records})}
 
 
 def build_corpus(root: Path, cfg: SpeechDataConfig, workers: int | None = None) -> dict:
-    """Build the corpus at ``root`` unless the same one is there; return ``manifest.json``'s content.
+    """Build the corpus at ``root`` unless the same one is there; return its manifest.
 
-    A corpus made from another config is replaced. ``workers`` processes synthesise in parallel
-    (default: the CPU count); the result does not depend on it.
+    ``workers`` processes synthesise in parallel (default: the CPU count); the result does not depend on
+    it. A corpus made from another config is replaced. ``"skipped"`` says whether the files were reused.
     """
     root = Path(root).absolute()
     syn = cfg.synth
-    tools = {"espeak-ng": _tool_version(["espeak-ng", "--version"])}
-    if syn.num_test_flite:
-        tools["flite"] = _tool_version(["flite", "--version"])
-    key = corpus_key(cfg, tools)
-    if (manifest := _cached(root, key)) is not None:
-        return manifest
+    inputs = _inputs(cfg)
+    if manifest_is_current(root, inputs):
+        return {**read_manifest(root), "skipped": True}
 
     start = time.perf_counter()   # wall clock of the whole build (CPU only, no device to synchronise)
     pools = _pools(wordnet_sentences(syn.wordnet_dir))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        sizes = _split_sizes(syn)
+    workers = workers or os.cpu_count() or 1
+    with atomic_dir(root) as tmp:
         for split in SPLITS:
-            (workdir / "wav" / split).mkdir(parents=True)
-        jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
-        with ProcessPoolExecutor(workers or os.cpu_count() or 1, initializer=_init_worker,
-                                 initargs=(cfg, pools, workdir)) as pool:
+            (tmp / "wav" / split).mkdir(parents=True)
+        jobs = [(split, i) for split, n in _split_sizes(syn).items() for i in range(n)]
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg, pools, tmp)) as pool:
             results = list(pool.map(_make_utterance, jobs, chunksize=8))
-        records = {split: [r for (s, _), r in zip(jobs, results) if s == split] for split in sizes}
+        records = {split: [r for (s, _), r in zip(jobs, results) if s == split] for split in _split_sizes(syn)}
         if syn.asterisk:
-            records["test_asterisk"] = _asterisk(cfg, workdir)
-        splits = {split: _write_split(workdir, root, split, recs, labelled=split != "pretrain",
-                              sample_rate=cfg.sample_rate)
-                  for split, recs in records.items()}
-        manifest = {"key": key, "format": FORMAT_VERSION, "sample_rate": cfg.sample_rate, "tools": tools,
-                    "synth": syn.model_dump(), "sentence_pools": {k: len(v) for k, v in pools.items()},
-                    "splits": splits, "build_seconds": round(time.perf_counter() - start, 1),
-                    "workers": workers or os.cpu_count()}
-        (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _install(workdir, root, key)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return _cached(root, key) or manifest
-
-
-def _install(workdir: Path, root: Path, key: str) -> None:
-    """Rename the finished corpus into place; an old corpus (another config) is moved away first."""
-    if _cached(root, key) is not None:      # another process finished the same corpus meanwhile
-        return
-    if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-        os.replace(root, old / "corpus")
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(workdir, root)
+            records["test_asterisk"] = _asterisk(cfg, tmp)
+        for split, recs in records.items():
+            _write_split(tmp, root, split, recs, labelled=split != "pretrain")
+        files = [file_record(p, tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]
+        digests = {f["path"]: f["sha256"] for f in files}
+        manifest = {"modality": "speech", "source": "synth", "inputs": inputs,
+                    "sentence_pools": {k: len(v) for k, v in pools.items()},
+                    "splits": {split: _summary(recs, digests, split != "pretrain", cfg.sample_rate)
+                               for split, recs in records.items()},
+                    "build_seconds": round(time.perf_counter() - start, 1), "workers": workers, "files": files}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return {**manifest, "skipped": False}
