@@ -29,7 +29,8 @@ def test_collect_cli_writes_parquet_and_csv(tmp_path):
     out = tmp_path / "tables"
     assert main(["--metrics", str(METRICS), "--runs", str(FIXTURE / "runs"), "--out", str(out)]) == 0
     evals = pd.read_parquet(out / "evals.parquet")
-    assert len(evals) == 30 and len(pd.read_csv(out / "evals.csv")) == 30
+    assert len(evals) == 32 and len(pd.read_csv(out / "evals.csv")) == 32
+    assert (evals["init"] == "random").sum() == 2
     row = evals[(evals.method == "mae") & (evals.seed == 1) & (evals.budget_fraction == 1.0)].iloc[0]
     assert row["value"] == pytest.approx(0.73) and row["metric.valid_accuracy"] == pytest.approx(0.74)
     assert row["train_time_s"] == pytest.approx(60.0) and row["preset"] == "tiny"
@@ -95,3 +96,21 @@ def test_missing_paths_and_bad_run_dirs(tmp_path, capsys):
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(CollectError, match="summary.json: missing 'provenance'"):
         collect_runs([run])
+
+
+def test_identity_includes_mode_and_devices_come_from_pretraining(metrics_dir):
+    src = metrics_dir / "image-mae-default-s0-f1.000.json"
+    probe = metrics_dir / "probe.json"
+    shutil.copy(src, probe)
+    _edit(probe, lambda d: d["identity"].update(mode="linear_probe"))
+    evals, _ = collect_evals([metrics_dir])                       # not a duplicate: another evaluation
+    assert set(evals["mode"]) == {"finetune", "linear_probe"}
+    # fine-tuned elsewhere, pretrained on the same device: comparable
+    _edit(probe, lambda d: (d["provenance"].update(device_name="Other CPU"),
+                            d.update(pretrain_provenance={**d["provenance"], "device_name": "Fixture CPU"})))
+    evals, _ = collect_evals([metrics_dir])
+    row = evals[evals["mode"] == "linear_probe"].iloc[0]
+    assert (row["device_name"], row["ft_device_name"]) == ("Fixture CPU", "Other CPU")
+    _edit(probe, lambda d: d["pretrain_provenance"].update(device_name="Other CPU"))
+    with pytest.raises(CollectError, match=r"probe\.json: mixed devices"):
+        collect_evals([metrics_dir])

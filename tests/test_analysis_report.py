@@ -56,6 +56,7 @@ def test_numbers_come_from_the_tables(rendered):
     for section in ("## Summary", "## Provenance", "## Configuration", "## Caveats", "## Ablations"):
         assert section in md
     assert "0123456789abcdef" in md and "Fixture CPU" in md
+    assert "Fine-tuned from random initialisation" in md
 
 
 def test_report_errors_name_the_problem(tmp_path, capsys):

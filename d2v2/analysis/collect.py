@@ -14,7 +14,7 @@ Outputs (each as parquet and CSV, written atomically):
 
 Inputs are checked before anything is written; each problem is an error naming the file: a missing
 key or wrong type, a metrics file without provenance, the same identity twice, a task whose runs
-disagree on the primary metric or its direction. Within one comparison (a modality) the runs must
+disagree on the primary metric or its direction. Within one comparison (a modality) the pretrained runs must
 share the preset and the device model, since times on different hardware or at different scales are
 not comparable: that is an error. Differing device counts are allowed (the ``device_hours`` clock
 accounts for them) with a warning, and so are differing or dirty git commits (warnings). The warnings
@@ -40,7 +40,7 @@ __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "coll
            "write_table", "main"]
 
 CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours")
-IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task")
+IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task", "init", "mode")
 
 
 class CollectError(ValueError):
@@ -61,6 +61,8 @@ class Identity(_Model):
     seed: int
     budget_fraction: float = Field(ge=0, le=1)
     task: str
+    init: str = "pretrained"           # "random": fine-tuned from random weights (budget_fraction 0)
+    mode: str = "finetune"             # or "linear_probe"
 
 
 class PretrainState(_Model):
@@ -69,7 +71,7 @@ class PretrainState(_Model):
     train_time_s: float = Field(ge=0)
     e2e_time_s: float = Field(ge=0)
     device_hours: float = Field(ge=0)
-    device_count: int = Field(ge=1)
+    device_count: int = Field(ge=0)    # 0 for random initialisation (no pretraining)
     updates: int = Field(ge=0)
     samples: int = Field(ge=0)
     epochs: float = Field(ge=0)
@@ -92,10 +94,11 @@ class MetricsFile(_Model):
 
     identity: Identity
     pretrain: PretrainState
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]   # None: undefined (e.g. MCC of a constant prediction)
     primary_metric: str
     higher_is_better: bool
-    provenance: Provenance
+    provenance: Provenance                    # of the fine-tuning run
+    pretrain_provenance: Provenance | None = None   # of the pretraining run behind the clocks
 
 
 def _read_json(path: Path) -> Any:
@@ -123,6 +126,8 @@ def load_metrics(path: str | Path) -> MetricsFile:
     if m.primary_metric not in m.metrics:
         raise CollectError(f"{path}: primary_metric '{m.primary_metric}' is not among the metrics "
                            f"({', '.join(sorted(m.metrics))})")
+    if m.metrics[m.primary_metric] is None:
+        raise CollectError(f"{path}: primary metric '{m.primary_metric}' is null (NaN): the fine-tune failed")
     return m
 
 
@@ -142,19 +147,23 @@ def _files(paths: Iterable[str | Path], pattern: str) -> list[Path]:
 
 
 def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
-    ident, prov = m.identity, m.provenance
+    """One table row. Provenance columns describe the pretraining run behind the clocks (the metrics
+    file's ``pretrain_provenance``; the fine-tuning provenance for random initialisation), and
+    ``ft_*`` columns the fine-tuning run."""
+    ident, prov, ft = m.identity, m.pretrain_provenance or m.provenance, m.provenance
     row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
     row["params"] = json.dumps(ident.params, sort_keys=True)
     row.update({f"param.{k}": v for k, v in ident.params.items()})
     row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields)))
     row.update(primary_metric=m.primary_metric, higher_is_better=m.higher_is_better,
                value=m.metrics[m.primary_metric])
-    row.update({f"metric.{k}": v for k, v in m.metrics.items()})
+    row.update({f"metric.{k}": (float("nan") if v is None else v) for k, v in m.metrics.items()})
     row.update(git_commit=prov.git_commit, git_dirty=prov.git_dirty,
                versions=json.dumps(prov.versions, sort_keys=True), device=prov.device,
                device_name=prov.device_name or prov.device, prov_device_count=prov.device_count,
                host=prov.host, slurm_job_ids=",".join(prov.slurm_job_ids), preset=prov.preset,
-               source=str(source))
+               ft_git_commit=ft.git_commit, ft_device_name=ft.device_name or ft.device, ft_host=ft.host,
+               ft_slurm_job_ids=",".join(ft.slurm_job_ids), source=str(source))
     return row
 
 
@@ -172,7 +181,8 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
                 raise CollectError(f"{odd}: {col} differs from other '{modality}/{task}' runs "
                                    f"({sorted(map(str, g[col].unique()))})")
     notes = []
-    for modality, g in evals.groupby("modality"):
+    pretrained = evals[evals["init"] == "pretrained"]     # random-init rows have no pretraining clock
+    for modality, g in pretrained.groupby("modality"):
         for col, what in (("preset", "presets"), ("device_name", "devices")):
             if g[col].nunique(dropna=False) > 1:
                 odd = g[g[col] != g[col].iloc[0]]["source"].iloc[0]

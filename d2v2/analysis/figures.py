@@ -73,8 +73,9 @@ def _draw_curve(ax, runs: pd.DataFrame, clock: str, label: str, color) -> None:
 
 
 def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s",
-                target_table: pd.DataFrame | None = None) -> list[Figure]:
-    """Metric vs pretraining time per modality and task, every method's default variant."""
+                target_table: pd.DataFrame | None = None, random_init: pd.DataFrame | None = None) -> list[Figure]:
+    """Metric vs pretraining time per modality and task, every method's default variant; fine-tuning
+    from random initialisation (if given) as a dash-dotted line."""
     sns.set_theme(style="whitegrid")
     figures = []
     default = evals[evals["params"].map(is_default_variant)]
@@ -86,6 +87,11 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
         if target_table is not None:
             for t in target_table[(target_table.modality == modality) & (target_table.task == task)].itertuples():
                 ax.axhline(t.target, ls=":", color=palette.get(t.baseline, "grey"), lw=1)
+        if random_init is not None:
+            rand = random_init[(random_init.modality == modality) & (random_init.task == task)]
+            if not rand.empty:
+                ax.axhline(rand["value"].median(), ls="-.", color="black", lw=1,
+                           label=f"random init ({rand['seed'].nunique()} seeds)")
         metric = df["primary_metric"].iloc[0]
         better = "higher" if df["higher_is_better"].iloc[0] else "lower"
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
@@ -96,7 +102,8 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
                    f"({CLOCKS[clock]}); device {_hardware(df)}; preset {', '.join(map(str, df['preset'].unique()))}; "
                    f"median over seeds ({', '.join(f'{_name(m)}: {n}' for m, n in seeds.items())}), "
                    "band = 95% bootstrap CI over seeds (none with one seed), one marker per checkpoint; "
-                   "dotted lines: each baseline's target (its final quality).")
+                   "dotted lines: each baseline's target (its final quality); dash-dotted: fine-tuned from random "
+                   "initialisation (if run).")
         figures.append((save(fig, out_dir, f"curves_{modality}_{task}"), caption))
     return figures
 

@@ -265,15 +265,23 @@ def _caveats(evals: pd.DataFrame, notes: list[str], clock: str) -> list[Block]:
 
 def build_report(tables: str | Path, out: str | Path, config: str | Path | None = None,
                  clock: str = "train_time_s", configured_targets: dict | None = None,
-                 paper_dir: str | Path = paper.PAPER_DIR, n_boot: int = 2000) -> dict[str, Path]:
-    """Everything ``python -m d2v2 report`` does; returns the paths written."""
+                 paper_dir: str | Path = paper.PAPER_DIR, n_boot: int = 2000, mode: str = "finetune") -> dict[str, Path]:
+    """Everything ``python -m d2v2 report`` does; returns the paths written.
+
+    Only evaluations in ``mode`` (``finetune`` or ``linear_probe``) are compared; fine-tunes from random
+    initialisation are shown as reference lines and in their own table, never used for speedups.
+    """
     tables, out = Path(tables), Path(out)
     if clock not in CLOCKS:
         raise ValueError(f"--clock: unknown clock '{clock}'; choose one of {', '.join(CLOCKS)}")
     evals_path = tables / "evals.parquet"
     if not evals_path.is_file():
         raise FileNotFoundError(f"{evals_path}: not found (run `python -m d2v2 collect` first)")
-    evals = pd.read_parquet(evals_path)
+    table = pd.read_parquet(evals_path)
+    table = table[table["mode"] == mode]
+    evals, random_init = table[table["init"] == "pretrained"], table[table["init"] == "random"]
+    if evals.empty:
+        raise ValueError(f"{evals_path}: no evaluations of pretrained checkpoints in mode '{mode}'")
     runs_path = tables / "runs.parquet"
     runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
     notes_path = tables / "collect_warnings.json"
@@ -297,7 +305,7 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
 
     fig_dir = out / "figures"
     figs = {
-        "curves": figures.plot_curves(evals, fig_dir, clock, target_table),
+        "curves": figures.plot_curves(evals, fig_dir, clock, target_table, random_init),
         "speedups": figures.plot_speedups(speedups, implied, claims, fig_dir, clock),
         "ablations": figures.plot_ablations(evals, fig_dir, clock),
         "paper": figures.plot_paper_efficiency(points, fig_dir),
@@ -330,6 +338,9 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
         Heading("Final quality per method"),
         Table(quality),
     ]
+    if not random_init.empty:
+        blocks += [Para("Fine-tuned from random initialisation (no pretraining), the reference every method "
+                        "should beat:"), Table(final_quality(random_init))]
     if figs["ablations"]:
         blocks += [Heading("Ablations"), *[Figure(p, c) for p, c in figs["ablations"]]]
         for name in ("ablation_multimask", "ablation_block_width"):
@@ -371,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", default="train_time_s", choices=list(CLOCKS), help="clock for headline speedups")
     parser.add_argument("--target", action="append", type=_parse_target, default=[],
                         help="configured target, e.g. image:mae=0.85 (default: the baseline's final quality)")
+    parser.add_argument("--mode", default="finetune", choices=("finetune", "linear_probe"),
+                        help="which evaluations to compare (default finetune)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     args = parser.parse_args(argv)
     try:
         paths = build_report(args.tables, args.out, args.config, args.clock, dict(args.target),
-                             n_boot=args.bootstrap)
+                             n_boot=args.bootstrap, mode=args.mode)
     except (FileNotFoundError, ValueError) as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
