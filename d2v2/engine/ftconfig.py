@@ -1,0 +1,202 @@
+"""The fine-tuning config (`FinetuneConfig`) and its presets per modality (spec §5).
+
+Fine-tuning is the same for every pretraining method: it only sees the Encoder of a checkpoint. A config
+is resolved as ``PRESETS[modality][preset]`` with the user's YAML and ``key=value`` overrides on top,
+then validated (unknown keys, wrong types and impossible values name the dotted key), all before any
+data or model is touched. :func:`finetune_config` does exactly that and is what the workflow calls at
+DAG-build time.
+
+Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``vox_10h`` CTC recipe,
+§5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (each fine-tune ~10-20 s);
+``smoke`` only checks that everything runs. Deviations at base scale, all written down here:
+
+* batches are counted in samples on a single device (fairseq's speech recipe counts ``max_tokens``
+  over 4 GPUs x 5 accumulation steps; ``batch_size`` 512 utterances approximates its ~400 s of audio);
+* the model is scored at the end of fine-tuning, not at its best validation checkpoint (spec §5.3
+  selects the best dev checkpoint); the LR sweep selects on validation only and reports that run's test;
+* speech is decoded greedily (no 4-gram LM, spec §5.2).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, model_validator
+
+from d2v2.config import Config, ConfigError, merge, validate
+from d2v2.data import DataConfig
+from d2v2.engine.optim import OptimConfig
+
+__all__ = ["BudgetConfig", "SpeechMaskConfig", "IdentityConfig", "ArchConfig", "FinetuneConfig",
+           "PRESETS", "finetune_config"]
+
+Modality = Literal["image", "audio", "text"]
+
+
+class BudgetConfig(Config):
+    """How long to fine-tune; the LR schedule runs on the fraction of this budget consumed."""
+
+    kind: Literal["updates", "epochs"] = "updates"
+    value: float = Field(1000, gt=0)
+
+
+class SpeechMaskConfig(Config):
+    """wav2vec 2.0 masking during CTC fine-tuning (spec §5.2): masked frames are kept and replaced by noise."""
+
+    prob: float = Field(0.75, ge=0, lt=1)            # mask_prob (fairseq): spans start at prob/length per frame
+    length: int = Field(10, ge=1)                    # mask_length (frames)
+    noise_std: float = Field(0.01, ge=0)             # masked frames := N(0, noise_std^2) (data2vec 2.0)
+    channel_prob: float = Field(0.25, ge=0, lt=1)    # mask_channel_prob; 0 disables channel masking
+    channel_length: int = Field(64, ge=1)            # mask_channel_length (feature channels, zeroed)
+
+
+class IdentityConfig(Config):
+    """What the workflow knows about the run that the checkpoint may not: the variant's name and parameters.
+
+    ``seed`` and ``budget_fraction`` default to the checkpoint's values; if given they must agree with it.
+    """
+
+    variant: str = "default"
+    params: dict[str, Any] = {}
+    seed: int | None = None
+    budget_fraction: float | None = Field(None, ge=0, le=1)
+
+
+class ArchConfig(Config):
+    """The architecture to build when there is no checkpoint to take it from (random initialisation)."""
+
+    method: str = "data2vec2"
+    preset: str = "tiny"
+    overrides: dict[str, Any] = {}
+
+
+class FinetuneConfig(Config):
+    """One fine-tuning run: task, recipe, and the identity of what is being fine-tuned."""
+
+    modality: Modality
+    preset: str = "tiny"
+    task: str                                        # d2v2.data.task_info(modality, task)
+    init: Literal["pretrained", "random"] = "pretrained"
+    arch: ArchConfig | None = None                   # random init without a checkpoint
+    mode: Literal["finetune", "linear_probe"] = "finetune"   # linear_probe: frozen encoder, BN + linear
+    data: DataConfig = DataConfig()
+    optim: OptimConfig
+    budget: BudgetConfig = BudgetConfig()
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    # Score at most this many samples per evaluation split (a fixed random subset, the same for every
+    # run); None = the whole split. Only the CPU presets set it: Fashion-MNIST's 10k test images
+    # would otherwise cost more than the fine-tuning itself.
+    eval_max_samples: int | None = Field(None, ge=1)
+    lr_sweep: list[float] = []                       # peak LRs to try; the best on valid is reported
+    # Regularisation of the encoder during fine-tuning (applied on top of its pretraining config).
+    layer_decay: float = Field(1.0, gt=0, le=1)      # spec §5.1; 1.0 = no layer-wise decay
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1)  # encoder dropouts; None keeps the pretraining values
+    activation_dropout: float | None = Field(None, ge=0, lt=1)   # inside the MLP; None keeps pretraining's
+    layerdrop: float = Field(0.0, ge=0, lt=1)
+    # Image
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: bool = False                              # MixUp/CutMix with data.image.{mixup,cutmix}_alpha...
+    # Speech
+    freeze_updates: int = Field(0, ge=0)             # Transformer frozen (only the head trains) until then
+    mask: SpeechMaskConfig = SpeechMaskConfig()
+    final_dropout: float = Field(0.0, ge=0, lt=1)    # before the CTC projection
+    # Text
+    pooler_dropout: float = Field(0.0, ge=0, lt=1)   # RoBERTa classification head dropout
+    # Run
+    seed: int = 0
+    device: str = "auto"                             # auto | cpu | cuda | cuda:N
+    threads: int | None = Field(None, ge=1)
+    log_every: int = Field(50, ge=1)
+    identity: IdentityConfig = IdentityConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(lr <= 0 for lr in self.lr_sweep):
+            raise ValueError(f"lr_sweep: learning rates must be > 0 (got {self.lr_sweep})")
+        if self.mixup and self.modality != "image":
+            raise ValueError("mixup: MixUp/CutMix apply to images only")
+        return self
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "image": {
+        # spec §5.1, ViT-B: 250,200 updates at batch 512, warmup 16k, cosine to 1e-6, LD 0.65, DP 0.1.
+        "base": {
+            "task": "imagenet", "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
+                                          "warmup_fraction": 16000 / 250200, "final_lr": 1e-6,
+                                          "schedule": "cosine", "clip_grad": None},
+            "budget": {"kind": "updates", "value": 250200}, "batch_size": 512,
+            "layer_decay": 0.65, "drop_path": 0.1, "dropout": 0.0, "activation_dropout": 0.0, "label_smoothing": 0.1, "mixup": True,
+        },
+        "tiny": {
+            "task": "fmnist", "optim": {"lr": 2e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
+                                        "warmup_fraction": 0.1, "final_lr": 1e-6,
+                                        "schedule": "cosine", "clip_grad": None},
+            "budget": {"kind": "updates", "value": 150}, "batch_size": 64,
+            "layer_decay": 0.75, "drop_path": 0.1, "dropout": 0.0, "activation_dropout": 0.0, "label_smoothing": 0.1, "mixup": False,
+        },
+        "smoke": {
+            "task": "fmnist", "optim": {"lr": 1e-3, "warmup_fraction": 0.1}, "budget": {"value": 4},
+            "batch_size": 8, "eval_batch_size": 64, "layer_decay": 0.75,
+        },
+    },
+    "audio": {
+        # spec §5.2, vox_10h: Adam (0.9, 0.98) eps 1e-8, lr 1e-4, tri-stage 10/40/50 to 0.05x, 20k updates,
+        # 10k frozen, mask 0.75 x 10, channel mask 0.25 x 64, layerdrop 0.1, dropouts 0.
+        "base": {
+            "task": "ctc", "optim": {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8,
+                                                 "weight_decay": 0.0, "schedule": "tristage", "warmup_fraction": 0.1,
+                                                 "hold_fraction": 0.4, "final_lr": 5e-6, "init_lr_scale": 0.01,
+                                                 "clip_grad": None},
+            "budget": {"kind": "updates", "value": 20000}, "batch_size": 512,
+            "freeze_updates": 10000, "dropout": 0.0, "activation_dropout": 0.1, "layerdrop": 0.1, "final_dropout": 0.0,
+            "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
+        },
+        "tiny": {
+            "task": "ctc", "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0,
+                                       "schedule": "tristage", "warmup_fraction": 0.1, "hold_fraction": 0.4,
+                                       "final_lr": 5e-5, "init_lr_scale": 0.01, "clip_grad": None},
+            "budget": {"kind": "updates", "value": 300}, "batch_size": 16,
+            "freeze_updates": 50, "dropout": 0.0, "layerdrop": 0.0,
+            "mask": {"prob": 0.3, "length": 5, "noise_std": 0.01, "channel_prob": 0.0, "channel_length": 8},
+        },
+        "smoke": {
+            "task": "ctc", "optim": {"lr": 1e-3, "schedule": "tristage", "warmup_fraction": 0.1, "final_lr": 5e-5},
+            "budget": {"value": 4}, "batch_size": 4, "eval_batch_size": 16, "freeze_updates": 2,
+            "mask": {"prob": 0.3, "length": 2, "channel_prob": 0.0},
+        },
+    },
+    "text": {
+        # spec §5.3 (SST-2): AdamW (0.9, 0.98) eps 1e-6 wd 0.1, linear decay after 6% warmup, 10 epochs,
+        # batch 32, LR swept over {1e-5, 2e-5, 4e-5, 6e-5}.
+        "base": {
+            "task": "sst2", "optim": {"lr": 2e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
+                                      "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
+                                      "clip_grad": None},
+            "budget": {"kind": "epochs", "value": 10}, "batch_size": 32,
+            "lr_sweep": [1e-5, 2e-5, 4e-5, 6e-5], "pooler_dropout": 0.0,
+        },
+        "tiny": {
+            "task": "movie", "optim": {"lr": 3e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
+                                       "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
+                                      "clip_grad": None},
+            "budget": {"kind": "updates", "value": 250}, "batch_size": 32,
+            "pooler_dropout": 0.0,
+        },
+        "smoke": {
+            "task": "movie", "optim": {"lr": 1e-4, "schedule": "linear", "warmup_fraction": 0.1},
+            "budget": {"value": 4}, "batch_size": 8, "eval_batch_size": 64,
+        },
+    },
+}
+
+
+def finetune_config(data: Mapping[str, Any]) -> FinetuneConfig:
+    """Resolve ``data`` (YAML + overrides, with ``modality`` and optionally ``preset``) over its preset."""
+    modality, preset = data.get("modality"), data.get("preset", "tiny")
+    if modality not in PRESETS:
+        raise ConfigError(f"modality: must be one of {sorted(PRESETS)} (got {modality!r})")
+    if preset not in PRESETS[modality]:
+        raise ConfigError(f"preset: '{preset}' unknown for {modality} fine-tuning (have {sorted(PRESETS[modality])})")
+    return validate(FinetuneConfig, merge(PRESETS[modality][preset], data))

@@ -1,0 +1,153 @@
+"""Task heads on top of a pretrained Encoder (spec §5); the same for every pretraining method.
+
+* :class:`ImageClassifier` (spec §5.1): encoder run unmasked, CLS dropped, patch tokens mean-pooled,
+  ``fc_norm`` LayerNorm (eps 1e-6), Linear head (trunc-normal 0.02, bias 0). As a linear probe the
+  encoder is frozen and the norm is a BatchNorm without affine parameters (MAE's linear probing).
+* :class:`CTCRecognizer` (spec §5.2): a Linear layer to the letters on every frame, CTC loss. The CNN
+  feature extractor stays frozen; the Transformer can be frozen for the first updates (only the head
+  trains); wav2vec 2.0 span masking keeps masked frames and fills them with N(0, sigma^2) noise, and
+  optional channel masking zeroes spans of feature channels.
+* :class:`SentenceClassifier` (spec §5.3): RoBERTa's head on the ``<s>`` position,
+  dropout -> dense -> tanh -> dropout -> out_proj (one output for regression).
+
+Each head's ``forward(batch)`` takes the fine-tuning batch of docs/ARCHITECTURE.md and returns logits;
+:meth:`loss` turns them into the training loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.masking import span_mask
+from d2v2.data.speech import BLANK, LETTERS
+
+__all__ = ["ImageClassifier", "CTCRecognizer", "SentenceClassifier"]
+
+
+class _Head(nn.Module):
+    """An encoder plus a task head; with ``freeze_encoder`` the encoder never trains (linear probe)."""
+
+    def __init__(self, encoder: nn.Module, freeze_encoder: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()          # no dropout / drop-path in a frozen feature extractor
+        return self
+
+
+class ImageClassifier(_Head):
+    """Mean-pooled patch tokens -> norm -> Linear (spec §5.1)."""
+
+    def __init__(self, encoder: nn.Module, dim: int, num_classes: int, linear_probe: bool = False):
+        super().__init__(encoder, freeze_encoder=linear_probe)
+        self.fc_norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if linear_probe else nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = self.encoder(batch["source"])
+        pooled = out.x[:, out.num_extra_tokens:].mean(dim=1)
+        return self.head(self.fc_norm(pooled))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy against class ids or, after MixUp/CutMix, soft targets (B, C)."""
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+class SentenceClassifier(_Head):
+    """RoBERTa classification head on the ``<s>`` token (spec §5.3); ``num_outputs=1`` is regression."""
+
+    def __init__(self, encoder: nn.Module, dim: int, num_outputs: int, pooler_dropout: float = 0.0,
+                 linear_probe: bool = False):
+        super().__init__(encoder, freeze_encoder=linear_probe)
+        self.dropout = nn.Dropout(pooler_dropout)
+        self.dense = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_outputs)
+        for layer in (self.dense, self.out_proj):       # init_bert_params, as the rest of the model
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = self.encoder(batch["source"], batch.get("padding_mask")).x[:, 0]
+        x = torch.tanh(self.dense(self.dropout(x)))
+        logits = self.out_proj(self.dropout(x))
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or mean squared error for regression (fairseq's sentence_prediction)."""
+        if logits.ndim == 1:
+            return F.mse_loss(logits, target.float())
+        return F.cross_entropy(logits, target)
+
+
+class CTCRecognizer(_Head):
+    """Frame-wise letter logits for CTC (spec §5.2, wav2vec 2.0 ``wav2vec_ctc`` recipe).
+
+    ``feature_extractor`` names the CNN submodule of the encoder that stays frozen throughout
+    (fairseq ``feature_grad_mult=0``). Call :meth:`set_transformer_frozen` each update: while frozen,
+    the encoder runs without gradients and only the output projection trains (``freeze_finetune_updates``).
+    """
+
+    def __init__(self, encoder: nn.Module, dim: int, vocab_size: int, feature_extractor: nn.Module, *,
+                 mask_prob: float = 0.0, mask_length: int = 10, mask_noise_std: float = 0.01,
+                 channel_prob: float = 0.0, channel_length: int = 64, final_dropout: float = 0.0,
+                 linear_probe: bool = False):
+        super().__init__(encoder, freeze_encoder=linear_probe)
+        feature_extractor.requires_grad_(False)
+        self.mask_prob, self.mask_length, self.mask_noise_std = mask_prob, mask_length, mask_noise_std
+        self.channel_prob, self.channel_length = channel_prob, channel_length
+        self.transformer_frozen = False
+        self.dropout = nn.Dropout(final_dropout)
+        self.proj = nn.Linear(dim, vocab_size)
+        nn.init.xavier_uniform_(self.proj.weight)       # fairseq wav2vec2_asr Linear()
+        nn.init.zeros_(self.proj.bias)
+
+    def set_transformer_frozen(self, frozen: bool) -> None:
+        self.transformer_frozen = frozen
+
+    def _time_mask(self, padding_mask: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor:
+        """Span masks drawn over each utterance's own frames (padding never masked)."""
+        lengths = [frames] * batch if padding_mask is None else (~padding_mask).sum(1).tolist()
+        mask = torch.zeros(batch, frames, dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            if n > self.mask_length:
+                mask[row, :n] = span_mask(1, n, None, mask_prob=self.mask_prob, span=self.mask_length,
+                                          same_count=False)[0]
+        return mask
+
+    def _channel_mask(self, batch: int, channels: int) -> torch.Tensor:
+        return span_mask(batch, channels, None, mask_prob=self.channel_prob, span=self.channel_length,
+                         min_spans=0, same_count=False)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Letter logits (B, T, V) and the number of valid frames per utterance (B,)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.transformer_frozen):
+            x, padding_mask = self.encoder.local_features(batch["source"], batch.get("padding_mask"))
+            mask, fill = None, None
+            if self.training and self.channel_prob > 0:
+                x = x.masked_fill(self._channel_mask(x.shape[0], x.shape[-1]).to(x.device)[:, None, :], 0.0)
+            if self.training and self.mask_prob > 0:
+                mask = self._time_mask(padding_mask, x.shape[0], x.shape[1]).to(x.device)
+                fill = torch.randn_like(x) * self.mask_noise_std
+            out = self.encoder.contextualize(x, mask, padding_mask, sparse=False, fill=fill, layer_results="none")
+            features = out.x[:, out.num_extra_tokens:]
+        logits = self.proj(self.dropout(features))
+        frames = torch.full((x.shape[0],), x.shape[1], device=x.device) if padding_mask is None \
+            else (~padding_mask).sum(1)
+        return logits, frames
+
+    def loss(self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
+             target_lengths: torch.Tensor) -> torch.Tensor:
+        """CTC averaged over utterances (fairseq ``sentence_avg``), ``zero_infinity`` as in the recipe."""
+        logits, frames = output
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)        # (T, B, V)
+        return F.ctc_loss(log_probs, target.clamp(min=0), frames, target_lengths, blank=LETTERS.index(BLANK),
+                          reduction="sum", zero_infinity=True) / target.shape[0]

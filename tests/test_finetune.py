@@ -1,0 +1,205 @@
+"""Fine-tuning and evaluation: config validation, layer decay, the metrics file of a real pretraining
+checkpoint, the LR sweep's selection rule, and a real learning signal per modality on the embedded data."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from d2v2.analysis.collect import load_metrics
+from d2v2.config import ConfigError
+from d2v2.data.common import MissingDataError
+from d2v2.encoder import Encoder
+from d2v2.engine import evaluate as E
+from d2v2.engine import finetune as F
+from d2v2.engine.checkpoint import load_checkpoint
+from d2v2.engine.ftconfig import finetune_config
+from d2v2.engine.heads import ImageClassifier
+from d2v2.method import build_method
+
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+
+
+def _data(modality: str) -> Path:
+    """The prepared embedded data (``python -m d2v2 prepare-data``), or skip naming the missing piece."""
+    from d2v2 import data as D
+
+    try:
+        D.finetune_datasets(modality, D.DataConfig(root=str(DATA_ROOT)),
+                            {"image": "fmnist", "audio": "ctc", "text": "movie"}[modality])
+    except (MissingDataError, FileNotFoundError) as err:
+        pytest.skip(f"{modality} data not prepared under {DATA_ROOT}: {err}")
+    return DATA_ROOT
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("data, key", [
+    ({"modality": "image", "lr_swep": [1e-3]}, "lr_swep"),
+    ({"modality": "image", "optim": {"lr": -1}}, "optim.lr"),
+    ({"modality": "image", "budget": {"kind": "hours"}}, "budget.kind"),
+    ({"modality": "audio", "mask": {"prob": 1.5}}, "mask.prob"),
+    ({"modality": "text", "mixup": True}, "mixup"),
+    ({"modality": "video"}, "modality"),
+    ({"modality": "image", "preset": "huge"}, "preset"),
+])
+def test_bad_config_names_the_key(data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        finetune_config(data)
+
+
+def test_cli_rejects_bad_config_before_any_compute(tmp_path, capsys):
+    # the checkpoint does not exist: a config error must come first, naming the key
+    rc = F.main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.json"),
+                 "modality=image", "layer_decay=2"])
+    assert rc == 2
+    assert "layer_decay" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_presets_resolve_for_every_modality():
+    for modality in ("image", "audio", "text"):
+        for preset in ("base", "tiny", "smoke"):
+            cfg = finetune_config({"modality": modality, "preset": preset})
+            assert cfg.optim.lr > 0 and cfg.task
+    base = finetune_config({"modality": "image", "preset": "base"})
+    assert (base.layer_decay, base.drop_path, base.label_smoothing, base.optim.lr) == (0.65, 0.1, 0.1, 1e-3)
+    assert finetune_config({"modality": "text", "preset": "base"}).lr_sweep == [1e-5, 2e-5, 4e-5, 6e-5]
+
+
+# ---- layer-wise LR decay (spec §5.1) -----------------------------------------------------------------
+def test_layer_decay_scales_follow_spec():
+    encoder = build_method("image", "data2vec2", "smoke").encoder()
+    model = ImageClassifier(Encoder(encoder.cfg), encoder.cfg.embed_dim, 10)
+    cfg = finetune_config({"modality": "image", "preset": "smoke", "layer_decay": 0.5})
+    optimizer = F._optimizer(model, cfg, cfg.optim)
+    scale = {name: g["lr_scale"] for g in optimizer.param_groups for name in g["param_names"]}
+    n = len(model.encoder.blocks)
+    for i in range(n):                         # block i (1-indexed i+1) of N gets LD^(N+1-(i+1))
+        assert scale[f"encoder.blocks.{i}.attn.qkv.weight"] == pytest.approx(0.5 ** (n - i))
+    for name in ("head.weight", "fc_norm.weight", "encoder.local_encoder.proj.weight"):
+        assert scale[name] == 1.0              # head, patch-embed, norms keep scale 1
+    assert all(scale[n_] == 1.0 for n_ in scale if "context_encoder" in n_)
+    assert any("extra_tokens" in n_ or "cls" in n_ for n_ in scale if "context_encoder" in n_)
+
+
+# ---- a real pretraining checkpoint -> metrics file -> evaluate ----------------------------------------
+@pytest.fixture(scope="module")
+def image_checkpoint(tmp_path_factory):
+    """Two real data2vec 2.0 updates (smoke model) through the pretraining CLI."""
+    root = _data("image")
+    from d2v2.engine import pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = {"method": {"modality": "image", "name": "data2vec2", "preset": "smoke"},
+           "data": {"root": str(root), "num_workers": 0}, "batch_size": 8, "seed": 3,
+           "budget": {"kind": "updates", "value": 2}, "checkpoint": {"fractions": [0.5, 1.0]}, "threads": 1}
+    (out / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert pretrain.main(["--config", str(out / "run.yaml"), "--out", str(out / "run")]) == 0
+    return out / "run" / "checkpoints" / "checkpoint_f0.500.pt"
+
+
+def _smoke_overrides(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.num_workers=0", "threads=1", "eval_max_samples=64", "budget.value=3"]
+
+
+def test_metrics_file_carries_identity_clocks_and_provenance(image_checkpoint, tmp_path):
+    root = _data("image")
+    out, saved = tmp_path / "m.json", tmp_path / "ft.pt"
+    rc = F.main(["--checkpoint", str(image_checkpoint), "--out", str(out), "--save", str(saved),
+                 "modality=image", "preset=smoke", "identity.variant=num_masks=2",
+                 "identity.params={num_masks: 2}", *_smoke_overrides(root)])
+    assert rc == 0
+    record, ckpt = json.loads(out.read_text()), load_checkpoint(image_checkpoint)
+    ident = record["identity"]
+    assert (ident["modality"], ident["method"], ident["seed"], ident["budget_fraction"]) == ("image", "data2vec2", 3, 0.5)
+    assert ident["variant"] == "num_masks=2" and ident["params"] == {"num_masks": 2} and ident["task"] == "fmnist"
+    for key in F.PRETRAIN_CLOCKS:
+        assert record["pretrain"][key] == ckpt["pretrain"][key]
+    assert record["pretrain"]["updates"] == 1 and record["pretrain"]["train_time_s"] > 0
+    assert record["primary_metric"] == "test_accuracy" and record["higher_is_better"] is True
+    assert set(record["metrics"]) == {"valid_accuracy", "test_accuracy"}
+    assert record["provenance"]["git_commit"] and record["provenance"]["preset"] == "smoke"
+    assert record["finetune"]["updates"] == 3 and record["finetune"]["train_time_s"] > 0
+    load_metrics(out)                          # the collector accepts it as it is
+
+    # the saved model re-scores to the same numbers without the pretraining checkpoint
+    scores = E.evaluate_checkpoint(saved, ["test"])
+    assert scores["metrics"]["test_accuracy"] == pytest.approx(record["metrics"]["test_accuracy"])
+
+
+def test_identity_must_agree_with_checkpoint(image_checkpoint, tmp_path):
+    root = _data("image")
+    cfg = finetune_config({"modality": "image", "preset": "smoke", "identity": {"seed": 99}, "data": {"root": str(root)}})
+    with pytest.raises(ConfigError, match="identity.seed"):
+        F.finetune(cfg, image_checkpoint)
+    cfg = finetune_config({"modality": "audio", "preset": "smoke"})
+    with pytest.raises(ConfigError, match="modality"):
+        F.finetune(cfg, image_checkpoint)
+
+
+def test_random_init_reports_budget_fraction_zero(image_checkpoint, tmp_path):
+    root = _data("image")
+    cfg = finetune_config({"modality": "image", "preset": "smoke", "init": "random", "data": {"root": str(root),
+                           "num_workers": 0}, "eval_max_samples": 32, "budget": {"value": 1}})
+    record = F.finetune(cfg, image_checkpoint, log=lambda *_: None)
+    assert record["identity"]["budget_fraction"] == 0.0 and record["identity"]["init"] == "random"
+    assert record["pretrain"]["train_time_s"] == 0 and record["pretrain"]["updates"] == 0
+
+
+# ---- the LR sweep selects on validation only -----------------------------------------------------------
+def test_lr_sweep_never_selects_on_test(image_checkpoint, monkeypatch):
+    root = _data("image")
+    scored = []
+
+    def fake_evaluate(model, cfg, info, loader, device):
+        # valid prefers lr 2e-3, test would prefer 1e-3: the sweep must follow valid
+        lr = model._lr
+        split = "valid" if len(scored) < 3 else "test"
+        scored.append((split, lr))
+        good = {"valid": 2e-3, "test": 1e-3}[split]
+        return {"accuracy": 0.9 if lr == good else 0.1}
+
+    real_train = F.train
+
+    def tagged_train(model, cfg, peak_lr, *args, **kwargs):
+        model._lr = peak_lr
+        return real_train(model, cfg, peak_lr, *args, **kwargs)
+
+    monkeypatch.setattr(F, "evaluate", fake_evaluate)
+    monkeypatch.setattr(F, "train", tagged_train)
+    cfg = finetune_config({"modality": "image", "preset": "smoke", "lr_sweep": [1e-3, 2e-3, 4e-3],
+                           "data": {"root": str(root), "num_workers": 0}, "budget": {"value": 1}})
+    record = F.finetune(cfg, image_checkpoint, log=lambda *_: None)
+    assert record["finetune"]["lr"] == 2e-3
+    assert scored == [("valid", 1e-3), ("valid", 2e-3), ("valid", 4e-3), ("test", 2e-3)]
+    assert all(not k.startswith("test") for entry in record["finetune"]["sweep"] for k in entry)
+    assert record["metrics"]["valid_accuracy"] == 0.9 and record["metrics"]["test_accuracy"] == 0.1
+
+
+# ---- a real learning signal per modality (tiny data, random init: the head and encoder must learn) -----
+def _learn(modality: str, overrides: dict) -> dict:
+    root = _data(modality)
+    torch.manual_seed(0)
+    cfg = finetune_config({"modality": modality, "preset": "tiny", "init": "random",
+                           "arch": {"method": "data2vec2", "preset": "smoke"},
+                           "data": {"root": str(root), "num_workers": 0}, "threads": 1, **overrides})
+    return F.finetune(cfg, None, log=lambda *_: None)["metrics"]
+
+
+def test_image_classification_learns():
+    m = _learn("image", {"budget": {"value": 60}, "batch_size": 32, "eval_max_samples": 500})
+    assert m["test_accuracy"] > 0.3            # chance: 0.1
+
+
+def test_text_classification_learns():
+    m = _learn("text", {"budget": {"value": 150}, "eval_max_samples": 500})
+    assert m["test_accuracy"] > 0.6            # balanced binary: chance 0.5
+
+
+@pytest.mark.slow
+def test_ctc_learns_letters():
+    m = _learn("audio", {"budget": {"value": 200}, "freeze_updates": 0, "eval_max_samples": 100})
+    assert m["test_cer"] < 0.9                 # all-blank output: CER 1.0
+    assert not math.isnan(m["test_wer"])
