@@ -1,0 +1,294 @@
+"""The workflow's run matrix and its DAG-build-time validation (used by the Snakefile).
+
+The workflow config (``config/config.yaml`` laid over ``config/presets/<preset>.yaml``, shape checked by
+``workflow/schemas/config.schema.yaml``) names modalities, methods per modality, seeds, one matched
+budget per modality, the checkpoint fractions, the fine-tuning task per modality and ablations. This
+module turns it into runs and per-run configs, and validates every one of them with the engine's own
+models (:func:`d2v2.engine.runconfig.resolve_run_config`, :func:`d2v2.engine.ftconfig.finetune_config`)
+before Snakemake schedules anything: a bad key, an impossible value or a missing data path fails the
+whole workflow at DAG-build time with a message that names the key.
+
+Ablations: ``ablations: {image: {data2vec2: {num_masks: [1, 2, 4], decoder.depth: [1, 3]}}}`` adds
+variant runs next to each method's ``default`` run. ``ablation_mode: one_at_a_time`` (default; the
+paper's ablations, spec §6.6) varies one field at a time (variants ``num_masks=1``, ``num_masks=2``,
+..., ``decoder.depth=3``); ``grid`` runs every combination (``decoder.depth=1,num_masks=2``). Paths
+hold modality/method/variant/seed, so variants never share outputs, and each run's Snakemake params
+hold only that run's own config: editing an ablation list adds or removes only the affected jobs.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from d2v2.config import ConfigError, merge
+
+__all__ = ["WorkflowConfigError", "Run", "with_preset", "variants", "expand_runs", "run_config",
+           "finetune_request", "random_init_request", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
+           "DATA_MODALITY"]
+
+DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
+
+
+class WorkflowConfigError(ValueError):
+    """A problem in the workflow config, found before any job runs; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pretraining run: (modality, method, variant, seed); ``params`` are the variant's dotted fields."""
+
+    modality: str
+    method: str
+    variant: str
+    seed: int
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        """The run's path below the runs/metrics folders: ``modality/method/variant/seed<seed>``."""
+        return f"{self.modality}/{self.method}/{self.variant}/seed{self.seed}"
+
+
+def with_preset(config: Mapping[str, Any], presets_dir: str | Path) -> dict[str, Any]:
+    """``config`` laid over ``presets_dir/<config['preset']>.yaml`` (default preset: tiny)."""
+    name = config.get("preset", "tiny")
+    path = Path(presets_dir) / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in Path(presets_dir).glob("*.yaml"))
+        raise WorkflowConfigError(f"preset: '{name}' unknown (have {', '.join(have)})")
+    preset = yaml.safe_load(path.read_text()) or {}
+    return merge(preset, config)
+
+
+def fraction_tag(fraction: float) -> str:
+    """How a budget fraction appears in file names (the engine's ``checkpoint_f{fraction:.3f}.pt``)."""
+    return f"{fraction:.3f}"
+
+
+def _format_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if "/" in text or text.startswith("."):
+        raise WorkflowConfigError(f"ablation value {value!r} cannot appear in a path")
+    return text
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"decoder.depth": 3}`` -> ``{"decoder": {"depth": 3}}`` (method overrides)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = copy.deepcopy(value)
+    return out
+
+
+def variants(fields: Mapping[str, Any], mode: str = "one_at_a_time") -> list[tuple[str, dict[str, Any]]]:
+    """``[(name, params)]``: the ``default`` variant, then the ablation variants of ``fields``."""
+    for key, values in fields.items():
+        if not isinstance(values, list) or not values:
+            raise WorkflowConfigError(f"{key}: expected a non-empty list of values (got {values!r})")
+    out: list[tuple[str, dict[str, Any]]] = [("default", {})]
+    keys = sorted(fields)
+    if mode == "grid":
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*(fields[k] for k in keys))] if keys else []
+    else:
+        combos = [{k: v} for k in keys for v in fields[k]]
+    for params in combos:
+        out.append((",".join(f"{k}={_format_value(v)}" for k, v in params.items()), params))
+    return out
+
+
+def expand_runs(config: Mapping[str, Any]) -> list[Run]:
+    """Every pretraining run of the config, in a stable order."""
+    runs = []
+    for modality in config["modalities"]:
+        for method in config["methods"].get(modality, []):
+            fields = config["ablations"].get(modality, {}).get(method, {})
+            for name, params in variants(fields, config["ablation_mode"]):
+                runs += [Run(modality, method, name, seed, params) for seed in config["seeds"]]
+    return runs
+
+
+def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The pretraining run config (PretrainRunConfig fields) of ``run``: only what this run depends on."""
+    pre = config["pretrain"]
+    cfg = merge(merge(pre.get("common", {}), pre.get(run.modality, {})),
+                pre.get("per_method", {}).get(run.modality, {}).get(run.method, {}))
+    method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(run.params))
+    return merge(cfg, {
+        "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
+                   "overrides": method_overrides},
+        "data": config["data"],
+        "budget": config["budget"][run.modality],
+        "checkpoint": {"fractions": list(config["checkpoint_fractions"])},
+        "seed": run.seed,
+    })
+
+
+def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:
+    """The fine-tuning config (FinetuneConfig fields) of ``run``'s checkpoint at ``fraction``."""
+    ft = config["finetune"]
+    cfg = merge(ft.get("common", {}), ft.get(run.modality, {}))
+    return merge(cfg, {
+        "modality": run.modality, "preset": config["preset"], "data": config["data"],
+        "identity": {"variant": run.variant, "params": dict(run.params), "seed": run.seed,
+                     "budget_fraction": fraction},
+    })
+
+
+def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> dict[str, Any]:
+    """Fine-tuning of a randomly initialised encoder (data2vec 2.0's architecture): the no-pretraining
+    reference every method should beat."""
+    ft = config["finetune"]
+    cfg = merge(ft.get("common", {}), ft.get(modality, {}))
+    return merge(cfg, {
+        "modality": modality, "preset": config["preset"], "data": config["data"], "seed": seed,
+        "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
+        "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
+    })
+
+
+def _check_data_paths(config: Mapping[str, Any], modalities) -> None:
+    """External data the config points at must exist (the embedded data is made by prepare-data)."""
+    from d2v2.data import DataConfig
+    from d2v2.data.common import MissingDataError, require_path
+
+    data = DataConfig.model_validate(config["data"])
+    checks = []
+    if "image" in modalities:
+        if data.image.dataset == "imagenet":
+            checks.append(("data.image.imagenet_dir", data.image.imagenet_dir))
+        else:
+            checks.append(("data.image.fmnist_source", data.image.fmnist_source))
+    if "audio" in modalities:
+        if data.speech.source == "manifest":
+            checks.append(("data.speech.manifest_dir", data.speech.manifest_dir))
+        elif data.speech.source == "librispeech":
+            checks.append(("data.speech.librispeech_root", data.speech.librispeech_root))
+    if "text" in modalities and data.text.corpus == "raw":
+        checks += [("data.text.gpt2_vocab", data.text.gpt2_vocab), ("data.text.gpt2_merges", data.text.gpt2_merges)]
+        checks += [(f"data.text.train_shards[{i}]", p) for i, p in enumerate(data.text.train_shards)]
+        checks += [(f"data.text.valid_shards[{i}]", p) for i, p in enumerate(data.text.valid_shards)]
+        if data.text.glue_dir is not None:
+            checks.append(("data.text.glue_dir", data.text.glue_dir))
+    for key, path in checks:
+        try:
+            require_path(path, key)
+        except MissingDataError as err:
+            raise WorkflowConfigError(f"missing data: {err}") from None
+
+
+def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
+    """Validate everything a run needs, before any job is scheduled; return the runs.
+
+    Raises :class:`WorkflowConfigError` naming the key (``budget.audio``, ``methods.text``,
+    ``ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth: ...``, ``slurm.partition``).
+    """
+    from d2v2.engine.ftconfig import finetune_config
+    from d2v2.engine.runconfig import resolve_run_config
+
+    for modality in config["modalities"]:
+        if not config["methods"].get(modality):
+            raise WorkflowConfigError(f"methods.{modality}: no methods listed for modality '{modality}'")
+        if modality not in config["budget"]:
+            raise WorkflowConfigError(f"budget.{modality}: missing (one matched budget per modality: kind + value)")
+    for section in ("methods", "ablations"):
+        for modality in config[section]:
+            if modality not in config["modalities"] and config[section][modality]:
+                raise WorkflowConfigError(f"{section}.{modality}: modality '{modality}' is not in modalities "
+                                          f"{config['modalities']}")
+    for modality, per_method in config["ablations"].items():
+        for method in per_method:
+            if method not in config["methods"].get(modality, []):
+                raise WorkflowConfigError(f"ablations.{modality}.{method}: '{method}' is not in methods.{modality}")
+    if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
+        raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
+                                  "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+    try:
+        runs = expand_runs(config)
+    except WorkflowConfigError as err:
+        raise WorkflowConfigError(f"ablations: {err}") from None
+    for run in runs:
+        try:
+            resolve_run_config(run_config(config, run))
+        except ConfigError as err:
+            if run.variant != "default":
+                where = f"ablations.{run.modality}.{run.method} variant {run.variant}"
+            elif str(err).startswith("method:"):
+                where = f"methods.{run.modality}"
+            else:
+                where = f"pretrain ({run.modality}/{run.method})"
+            raise WorkflowConfigError(f"{where}: {err}") from None
+    for run in {r.modality: r for r in runs}.values():
+        try:
+            finetune_config(finetune_request(config, run, 1.0))
+        except ConfigError as err:
+            raise WorkflowConfigError(f"finetune.{run.modality}: {err}") from None
+        if config["finetune_random_init"]:
+            try:
+                finetune_config(random_init_request(config, run.modality, run.seed))
+            except ConfigError as err:
+                raise WorkflowConfigError(f"finetune.{run.modality} (random init): {err}") from None
+    _check_data_paths(config, config["modalities"])
+    return runs
+
+
+def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
+                   job_file: str | None = None) -> str:
+    """The ``python -m d2v2 launch ... --`` prefix of a training rule's command (kind: pretrain|finetune)."""
+    launcher = config["launcher"]
+    threads = launcher[f"{kind}_threads"]
+    args = [sys.executable, "-m", "d2v2", "launch", "--backend", launcher["backend"], "--threads", str(threads)]
+    if launcher["backend"] == "slurm":
+        slurm = config["slurm"]
+        res = dict(slurm.get(kind, {}))
+        opts = {"partition": slurm["partition"], "account": slurm.get("account"), "qos": slurm.get("qos"),
+                "constraint": slurm.get("constraint"), "cpus_per_task": threads}
+        opts.update({k: v for k, v in res.items() if k not in ("setup", "sbatch") and v is not None})
+        args += ["--name", name, "--folder", folder, "--poll-s", str(launcher["poll_s"])]
+        for key, value in opts.items():
+            if value is not None:
+                args += ["--" + key.replace("_", "-"), str(value)]
+        for line in list(slurm.get("setup", [])) + list(res.get("setup", [])):
+            args += ["--setup", line]
+        for key, value in merge(slurm.get("sbatch", {}), res.get("sbatch", {})).items():
+            args += ["--sbatch", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+        if job_file:
+            args += ["--job-file", job_file]
+        if kind == "pretrain":
+            args += ["--checkpointable", "--grace-s", str(launcher["grace_s"])]
+    return shlex.join(args) + " --"
+
+
+def prepare_run_dir(run_dir: str | Path, request: Mapping[str, Any]) -> Path | None:
+    """Make ``run_dir`` ready for ``request``: a run dir holding another config is moved aside.
+
+    The pretraining runner resumes a run dir only with the same config (and refuses otherwise). When
+    Snakemake re-runs a run because its config changed, the old run is kept as
+    ``<run_dir>.replaced-<UTC time>`` (never deleted) and the new one starts fresh. Returns the new
+    location of the old run, if one was moved.
+    """
+    from d2v2.engine.runconfig import config_differences, resolve_run_config
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    new = resolve_run_config(request).model_dump(mode="json")
+    if not config_differences(yaml.safe_load(saved.read_text()) or {}, new):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    run_dir.rename(moved)
+    return moved

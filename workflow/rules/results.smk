@@ -1,0 +1,59 @@
+# Results: the resolved config, the tidy tables (d2v2 collect) and the figures + report (d2v2 report).
+# Figures and tables carry report() annotations for `snakemake --report report.html`.
+
+RESULTS = PATHS["results"]
+
+
+def all_metrics():
+    files = [f"{METRICS}/{run.key}/f{fraction}.json" for run in RUNS.values() for fraction in FRACTIONS]
+    if config["finetune_random_init"]:
+        files += [f"{METRICS}/{m}/random_init/seed{s}.json" for m in config["modalities"] for s in config["seeds"]]
+    return files
+
+
+rule resolved_config:
+    output:
+        f"{RESULTS}/config.yaml",
+    params:
+        text=yaml.safe_dump(dict(config), sort_keys=False),
+    run:
+        tmp = Path(output[0] + ".tmp")
+        tmp.write_text(params.text)
+        os.replace(tmp, output[0])
+
+
+rule collect:
+    input:
+        metrics=all_metrics(),
+        runs=[f"{PATHS['runs']}/{key}/summary.json" for key in RUNS],
+    output:
+        evals=report(f"{RESULTS}/tables/evals.csv", category="Tables", caption="../report/evals.rst"),
+        evals_parquet=f"{RESULTS}/tables/evals.parquet",
+        runs=report(f"{RESULTS}/tables/runs.csv", category="Tables", caption="../report/runs.rst"),
+        runs_parquet=f"{RESULTS}/tables/runs.parquet",
+    log:
+        f"{PATHS['logs']}/collect.log",
+    shell:
+        "python -m d2v2 collect --metrics {input.metrics} --runs {input.runs} --out {RESULTS}/tables > {log} 2>&1"
+
+
+rule report:
+    input:
+        evals=rules.collect.output.evals_parquet,
+        runs=rules.collect.output.runs_parquet,
+        config=rules.resolved_config.output[0],
+    output:
+        figures=report(directory(f"{RESULTS}/figures"), patterns=["{name}.png"], category="Figures",
+                       caption="../report/figures.rst"),
+        markdown=f"{RESULTS}/report.md",
+        html=report(f"{RESULTS}/report.html", category="Report", caption="../report/report.rst"),
+        derived=directory(f"{RESULTS}/derived"),
+    params:
+        clock=config["report"]["clock"],
+        targets=" ".join(f"--target {key}={value}" for key, value in config["report"]["targets"].items()),
+        bootstrap=config["report"]["bootstrap"],
+    log:
+        f"{PATHS['logs']}/report.log",
+    shell:
+        "python -m d2v2 report --tables {RESULTS}/tables --config {input.config} --out {RESULTS} "
+        "--clock {params.clock} --bootstrap {params.bootstrap} {params.targets} > {log} 2>&1"
