@@ -52,15 +52,17 @@ class RunClock:
     """Cumulative train-only and end-to-end clocks of one run (see module docstring).
 
     ``train_time_s``/``e2e_before_s`` are the totals of earlier segments (from the checkpoint and the
-    segment table); this process' end-to-end time counts from its start (:func:`process_start_time`).
+    segment table); this segment's end-to-end time counts from ``start_wall`` (a ``time.time()`` value:
+    the CLI passes :func:`process_start_time`, so interpreter start-up and imports count; default: now).
     """
 
-    def __init__(self, device: torch.device, train_time_s: float = 0.0, e2e_before_s: float = 0.0):
+    def __init__(self, device: torch.device, train_time_s: float = 0.0, e2e_before_s: float = 0.0,
+                 start_wall: float | None = None):
         self.device = device
         self._train = float(train_time_s)
         self._train_since: float | None = None
         self._e2e_before = float(e2e_before_s)
-        self.start_wall = min(process_start_time(), time.time())
+        self.start_wall = min(time.time() if start_wall is None else start_wall, time.time())
         self._t0 = time.perf_counter()
         self._t0_age = time.time() - self.start_wall
 
@@ -153,12 +155,14 @@ class SegmentTable:
                           "train_time_s": "", "e2e_time_s": ""})
         self.update(clock)
 
-    def update(self, clock: RunClock, reason: str = "running", train_time_s: float | None = None) -> None:
-        """Record the current segment's end (now), reason and clocks, and rewrite the file atomically."""
+    def update(self, clock: RunClock, reason: str = "running", train_time_s: float | None = None,
+               e2e_time_s: float | None = None) -> None:
+        """Record the current segment's end (now), reason and clocks (read from ``clock`` unless given),
+        and rewrite the file atomically."""
         row = self.rows[-1]
         row.update(end=_iso(time.time()), reason=reason,
                    train_time_s=round(clock.train_time_s(sync=False) if train_time_s is None else train_time_s, 3),
-                   e2e_time_s=round(clock.e2e_time_s(sync=False), 3))
+                   e2e_time_s=round(clock.e2e_time_s(sync=False) if e2e_time_s is None else e2e_time_s, 3))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.FIELDS)
         writer.writeheader()

@@ -46,7 +46,7 @@ from d2v2.config import ConfigError
 from d2v2.data.common import atomic_write, atomic_write_json
 from d2v2.engine import distributed
 from d2v2.engine.checkpoint import CheckpointError, load_latest, save_checkpoint
-from d2v2.engine.clock import RunClock, SegmentTable
+from d2v2.engine.clock import RunClock, SegmentTable, process_start_time
 from d2v2.engine.events import EventLog
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
@@ -116,13 +116,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
 class Pretrainer:
     """One pretraining run in ``out`` (see module docstring); :meth:`fit` returns the exit status."""
 
-    def __init__(self, cfg: PretrainRunConfig, out: str | Path):
+    def __init__(self, cfg: PretrainRunConfig, out: str | Path, start_wall: float | None = None):
         self.cfg, self.out = cfg, Path(out)
         self.device = _resolve_device(cfg.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         self.segments = SegmentTable.resume(self.out / "segments.csv")
-        self.clock = RunClock(self.device, e2e_before_s=self.segments.e2e_before_s)
+        self.clock = RunClock(self.device, e2e_before_s=self.segments.e2e_before_s, start_wall=start_wall)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.world = distributed.init_distributed(self.device.type)
@@ -196,10 +196,11 @@ class Pretrainer:
         self.tokens += self._local_tokens
         self._local_tokens = 0
 
-    def pretrain_record(self) -> dict[str, Any]:
+    def pretrain_record(self, train: float | None = None, e2e: float | None = None) -> dict[str, Any]:
         """The clocks and progress behind the current weights (the metrics file's ``pretrain`` entry)."""
-        train = self.clock.train_time_s()
-        return {"train_time_s": train, "e2e_time_s": self.clock.e2e_time_s(),
+        train = self.clock.train_time_s() if train is None else train
+        e2e = self.clock.e2e_time_s() if e2e is None else e2e
+        return {"train_time_s": train, "e2e_time_s": e2e,
                 "device_hours": train * self.world / 3600.0, "device_count": self.world,
                 "updates": self.updates, "samples": self.samples, "epochs": self.epochs, "tokens": self.tokens}
 
@@ -281,7 +282,8 @@ class Pretrainer:
         self.fraction = ckpt["fraction_consumed"]
         # segments.csv is newer than any checkpoint; the checkpoint's copy is the fallback if it was lost
         self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"])
-        self.clock = RunClock(self.device, ckpt["clock"]["train_time_s"], self.segments.e2e_before_s)
+        self.clock = RunClock(self.device, ckpt["clock"]["train_time_s"], self.segments.e2e_before_s,
+                              start_wall=self.clock.start_wall)
         self.resumed_from, self.last_good = used, str(used)
 
     def _check_config(self, where: Path, saved: dict | None = None) -> None:
@@ -351,8 +353,8 @@ class Pretrainer:
         self._interval_start_updates, self._interval_start_tokens = self.updates, self.tokens
         self._interval_start_train = self.clock.train_time_s(sync=False)
 
-    def write_summary(self, status: str) -> dict[str, Any]:
-        record = self.pretrain_record()
+    def write_summary(self, status: str, train: float, e2e: float) -> dict[str, Any]:
+        record = self.pretrain_record(train, e2e)
         summary = {
             "status": status,
             "identity": {"modality": self.cfg.method.modality, "method": self.cfg.method.name,
@@ -551,8 +553,9 @@ class Pretrainer:
         reason = {"success": "completed", "interrupted": f"signal:{signal.Signals(self._signal).name}"
                   if self._signal else "interrupted"}.get(status, status)
         if self.main:
-            self.segments.update(self.clock, reason=reason)
-            summary = self.write_summary(status)
+            train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
+            self.segments.update(self.clock, reason=reason, train_time_s=train, e2e_time_s=e2e)
+            summary = self.write_summary(status, train, e2e)
             self.events.log("run_stop", {"updates": self.updates, "train_time_s": summary["train_time_s"],
                                          "e2e_time_s": summary["e2e_time_s"]}, status=status, exit_code=exit_code)
             if status == "success":
@@ -560,12 +563,15 @@ class Pretrainer:
         self.events.close()
 
 
-def run(cfg: PretrainRunConfig, out: str | Path) -> int:
-    """Pretrain ``cfg`` into ``out`` (resuming if it has a checkpoint); return the exit status."""
+def run(cfg: PretrainRunConfig, out: str | Path, start_wall: float | None = None) -> int:
+    """Pretrain ``cfg`` into ``out`` (resuming if it has a checkpoint); return the exit status.
+
+    ``start_wall`` (``time.time()`` value) is where this segment's end-to-end clock starts; default now.
+    """
     if (Path(out) / "DONE").exists():
         print(f"{out}: already finished (DONE exists); nothing to do")
         return 0
-    trainer = Pretrainer(cfg, out)
+    trainer = Pretrainer(cfg, out, start_wall)
     try:
         return trainer.fit()
     finally:
@@ -580,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        return run(cfg, args.out)
+        return run(cfg, args.out, start_wall=process_start_time())
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

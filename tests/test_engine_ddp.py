@@ -1,0 +1,54 @@
+"""Real DDP (gloo, 2 CPU processes through torchrun) gives the result of 1 process with the same
+effective batch.
+
+The reference is 1 process x batch b x 2 accumulation steps: it sees exactly the samples of 2 processes
+x batch b, in the same micro-batches, hence the same masks (the collater seeds masks from the batch's
+sample ids), so the two runs must agree to float rounding. (1 process x batch 2b draws its masks per
+2b-sample batch, so its masks, and therefore its weights, differ by design.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from d2v2.engine.checkpoint import load_checkpoint
+from d2v2.engine.events import read_events
+from d2v2.engine.pretrain import run
+from test_engine_pretrain import data_root, run_config  # noqa: F401  (fixture re-used)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path, data_root):
+    changes = dict(batch_size=4, budget={"kind": "updates", "value": 5}, checkpoint={"fractions": [1.0]})
+    ddp_cfg = run_config(data_root, **changes)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(ddp_cfg.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "d2v2", "pretrain", "--config", str(config), "--out", str(ddp)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    single = tmp_path / "single"
+    assert run(run_config(data_root, **changes, grad_accum=2), single) == 0
+
+    a, b = load_checkpoint(ddp / "checkpoint_last.pt"), load_checkpoint(single / "checkpoint_last.pt")
+    for key in a["model"]:     # student, decoder and EMA teacher
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert a["world_size"] == 2 and len(a["rng"]) == 2        # every process' RNG state is kept
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ddp, single))
+    assert sa["batch"]["effective"] == sb["batch"]["effective"] == 8
+    assert sa["samples"] == sb["samples"] == 40 and sa["tokens"] == sb["tokens"]
+    assert sa["device_count"] == 2 and sa["device_hours"] == sa["train_time_s"] * 2 / 3600
+    assert len(read_events(ddp / "events.jsonl", "run_start")) == 1          # only rank 0 writes
+    losses = [e["value"]["loss"] for e in read_events(ddp / "events.jsonl", "train_progress")]
+    ref = [e["value"]["loss"] for e in read_events(single / "events.jsonl", "train_progress")]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-6)
