@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collect: error: {err}", file=sys.stderr)
         return 2
     for note in notes:
-        warnings.warn(note, stacklevel=1)
+        print(f"collect: warning: {note}", file=sys.stderr)
     written = write_table(evals, args.out, "evals") + write_table(runs, args.out, "runs")
     atomic_write_json(Path(args.out) / "collect_warnings.json", notes)
     print(f"collect: {len(evals)} evaluation points, {len(runs)} pretraining runs -> "

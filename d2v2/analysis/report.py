@@ -30,8 +30,7 @@ import pandas as pd
 from d2v2.analysis import figures, paper
 from d2v2.analysis.collect import write_table
 from d2v2.analysis.paper import METHOD_NAMES
-from d2v2.analysis.speedup import (CLOCKS, REFERENCE_METHOD, is_default_variant, speedup_table,
-                                   targets)
+from d2v2.analysis.speedup import CLOCKS, speedup_table, targets
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
 from d2v2.data.common import atomic_write
 
