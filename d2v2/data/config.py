@@ -13,15 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from d2v2.config import Config
-
-try:  # the speech engineer owns SpeechDataConfig
-    from d2v2.data.speech import SpeechDataConfig
-except ModuleNotFoundError as err:  # pragma: no cover - only while d2v2/data/speech.py does not exist
-    if err.name != "d2v2.data.speech":
-        raise
-
-    class SpeechDataConfig(Config):  # type: ignore[no-redef]
-        """Placeholder until ``d2v2.data.speech`` lands; accepts no keys."""
+from d2v2.data.speech import SpeechDataConfig  # owned by the speech data module
 
 __all__ = ["ImageDataConfig", "TextDataConfig", "SpeechDataConfig", "DataConfig"]
 

@@ -54,6 +54,7 @@ FMNIST_FILES = {
     "t10k-labels-idx1-ubyte": (2049, (10000,)),
 }
 _FMNIST_DIR = "fashion_mnist"
+FORMAT_VERSION = 1           # bump when the prepared files change for the same inputs
 
 
 def _raw_dir(folder: Path) -> Path:
@@ -91,7 +92,7 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
                           "apt-get install -y dataset-fashion-mnist")
     gz = {name: require_path(source / f"{name}.gz", "data.image.fmnist_source",
                              "apt-get install -y dataset-fashion-mnist") for name in FMNIST_FILES}
-    inputs = {"dataset": "fmnist", "sources": {n: sha256_file(p) for n, p in gz.items()},
+    inputs = {"format": FORMAT_VERSION, "dataset": "fmnist", "sources": {n: sha256_file(p) for n, p in gz.items()},
               "packages": {"dataset-fashion-mnist": dpkg_version("dataset-fashion-mnist")}}
     folder = root / _FMNIST_DIR
     if manifest_is_current(folder, inputs):

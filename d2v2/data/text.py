@@ -51,6 +51,7 @@ __all__ = [
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BOS, PAD, EOS, UNK, MASK = range(5)
+FORMAT_VERSION = 1           # bump when the prepared files change for the same inputs
 _CHUNK_LINES = 100           # lines per document chunk for the held-out split
 _VADER = "vaderSentiment==3.3.2"
 _JANEAUSTENR = "r-cran-janeaustenr"
@@ -113,17 +114,19 @@ def kjv_verses() -> list[str]:
     return [line.split(" ", 1)[1].strip() for line in out.splitlines() if " " in line]
 
 
-def _fetch_janeaustenr(cache: Path) -> Path:
-    """``apt-get download`` + ``dpkg-deb -x`` the R package once into ``cache``; its data folder."""
-    data = cache / "janeaustenr" / "usr/lib/R/site-library/janeaustenr/data"
-    if not (data / "Rdata.rdx").is_file():
-        hint = f"needs Debian's apt-get and dpkg-deb with network: `apt-get download {_JANEAUSTENR}`"
+def _fetch_janeaustenr(cache: Path) -> tuple[Path, Path]:
+    """``apt-get download`` + ``dpkg-deb -x`` the R package once into ``cache``: (the .deb, its data folder)."""
+    hint = f"needs Debian's apt-get and dpkg-deb with network: `apt-get download {_JANEAUSTENR}`"
+    debs = sorted(cache.glob(f"{_JANEAUSTENR}_*.deb"))
+    if not debs:
         cache.mkdir(parents=True, exist_ok=True)
         _run(["apt-get", "download", _JANEAUSTENR], "Jane Austen text", hint, cwd=cache)
-        deb = max(cache.glob(f"{_JANEAUSTENR}_*.deb"))
+        debs = sorted(cache.glob(f"{_JANEAUSTENR}_*.deb"))
+    data = cache / "janeaustenr" / "usr/lib/R/site-library/janeaustenr/data"
+    if not (data / "Rdata.rdx").is_file():
         with atomic_dir(cache / "janeaustenr") as tmp:
-            _run(["dpkg-deb", "-x", str(deb), str(tmp)], "Jane Austen text", hint)
-    return data
+            _run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], "Jane Austen text", hint)
+    return debs[-1], data
 
 
 def austen_paragraphs(data: Path) -> list[str]:
@@ -178,7 +181,7 @@ def wordnet_glosses(folder: Path = Path("/usr/share/wordnet")) -> list[str]:
 
 def embedded_corpus(cache: Path) -> dict[str, list[str]]:
     """Source name -> lines (one verse / paragraph / gloss each)."""
-    return {"kjv": kjv_verses(), "austen": austen_paragraphs(_fetch_janeaustenr(cache)),
+    return {"kjv": kjv_verses(), "austen": austen_paragraphs(_fetch_janeaustenr(cache)[1]),
             "wordnet": wordnet_glosses()}
 
 
@@ -196,7 +199,8 @@ def vader_ratings(sdist: Path) -> dict[str, list[tuple[float, str]]]:
     """``{file stem: [(mean rating -4..4, text)]}`` from the sdist's nested ``hutto_ICWSM_2014.tar.gz``."""
     try:
         with tarfile.open(sdist) as outer:
-            inner_bytes = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
+            nested = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+            inner_bytes = outer.extractfile(nested).read()
         out = {}
         with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
             for member in inner.getmembers():
@@ -206,7 +210,8 @@ def vader_ratings(sdist: Path) -> dict[str, list[tuple[float, str]]]:
                     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
                     out[name.removesuffix("_GroundTruth.txt")] = [(float(r[1]), " ".join(r[2:]).strip()) for r in rows]
     except (OSError, tarfile.TarError, KeyError, ValueError, IndexError, AttributeError) as err:
-        raise CorruptDataError(f"{sdist}: cannot read the VADER ground truth ({err}); delete it and prepare again") from None
+        raise CorruptDataError(f"{sdist}: cannot read the VADER ground truth ({err}); "
+                               f"delete it and prepare again") from None
     return out
 
 
@@ -227,10 +232,11 @@ def _vader_task_rows(ratings: list[tuple[float, str]], kind: str) -> list[tuple[
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[tuple[str, ...]]) -> None:
+    """GLUE-style TSV: no quoting or escaping (tabs and line breaks inside a field become spaces)."""
+    clean = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
     with atomic_write(path, "w") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(tuple(c.replace("\t", " ") for c in row) for row in rows)
+        for row in [header, *rows]:
+            f.write("\t".join(c.translate(clean) for c in row) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ preparation
@@ -271,12 +277,12 @@ def prepare_text(root: str | Path, cfg: TextDataConfig) -> dict:
 
 def _prepare_embedded(dcfg: DataConfig) -> dict:
     cfg, folder, cache = dcfg.text, _folder(dcfg), Path(dcfg.root) / "cache"
-    _fetch_janeaustenr(cache)
+    deb, _ = _fetch_janeaustenr(cache)
     sdist = _fetch_vader(cache)
-    deb = max(cache.glob(f"{_JANEAUSTENR}_*.deb"))
     inputs = {
-        "corpus": "embedded", "vocab_size": cfg.vocab_size, "valid_fraction": cfg.valid_fraction,
-        "split_seed": cfg.split_seed, "task_fractions": list(cfg.task_fractions),
+        "format": FORMAT_VERSION, "corpus": "embedded", "vocab_size": cfg.vocab_size,
+        "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
+        "task_fractions": list(cfg.task_fractions),
         "packages": {p: dpkg_version(p) for p in ("bible-kjv", "bible-kjv-text", "wordnet-base")}
         | {_JANEAUSTENR: deb.name.split("_")[1], "vaderSentiment": "3.3.2"},
         "sources": {deb.name: sha256_file(deb), sdist.name: sha256_file(sdist)},
@@ -331,7 +337,8 @@ def _prepare_raw(dcfg: DataConfig) -> dict:
         if not paths:
             raise MissingDataError(f"data.text.{key}: empty; list the raw text files for '{split}'")
         shards[split] = [require_path(p, f"data.text.{key}", "raw text file") for p in paths]
-    inputs = {"corpus": "raw", "gpt2": {k: sha256_file(getattr(cfg, k)) for k in ("gpt2_vocab", "gpt2_merges")},
+    inputs = {"format": FORMAT_VERSION, "corpus": "raw",
+              "gpt2": {k: sha256_file(getattr(cfg, k)) for k in ("gpt2_vocab", "gpt2_merges")},
               "shards": {s: [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ps]
                          for s, ps in shards.items()}}
     if manifest_is_current(folder, inputs, verify=False):
@@ -428,7 +435,7 @@ def _read_tsv(path: Path, header: bool = True):
 
     try:
         return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
-                           header=0 if header else None, escapechar="\\" if header else None)
+                           header=0 if header else None)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise CorruptDataError(f"{path}: cannot parse as TSV ({err})") from None
 
