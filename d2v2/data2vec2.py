@@ -120,11 +120,18 @@ class Data2Vec2Masker:
             return (int(frame_count(source.shape[-1], list(self.conv_layers))),)
         return (source.shape[-1],)
 
+    def num_visible(self, length: int) -> int:
+        """Visible tokens per row: ``int(T(1-R))`` for random and inverse block masks, ``T - int(TR)``
+        for plain block masks (fairseq's counts)."""
+        if self.mask_width == 1 or self.inverse:
+            return num_kept(length, self.mask_ratio)
+        return length - int(length * self.mask_ratio)
+
     def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         shape = self.token_shape(batch["source"])
         rows = batch["source"].shape[0] * self.num_masks
         length = math.prod(shape)
-        if num_kept(length, self.mask_ratio) < 1:
+        if self.num_visible(length) < 1:
             raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible token of {length}")
         if self.mask_width == 1:
             mask = random_mask(rows, length, self.mask_ratio, generator)
@@ -184,10 +191,11 @@ class Data2Vec2(PretrainMethod):
 
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Student tokens (B*M clones x visible + extra) + teacher tokens (B x all + extra)."""
-        length = math.prod(self.masker().token_shape(batch["source"]))
+        masker = self.masker()
+        length = math.prod(masker.token_shape(batch["source"]))
         B, M = batch["source"].shape[0], self.cfg.num_masks
         extra = self.student.context_encoder.num_extra_tokens
-        return B * M * (num_kept(length, self.cfg.mask_ratio) + extra) + B * (length + extra)
+        return B * M * (masker.num_visible(length) + extra) + B * (length + extra)
 
     def no_weight_decay(self) -> set[str]:
         """ALiBi scales are not decayed (spec §1.12); biases and 1-D tensors are excluded by the engine."""

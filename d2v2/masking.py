@@ -51,7 +51,7 @@ def block_mask(batch_size: int, shape: tuple[int, ...], mask_ratio: float, block
     generator = generator if generator is not None else torch.default_generator
     length = math.prod(shape)
     p = 1.0 - mask_ratio if inverse else mask_ratio
-    target = num_kept(length, mask_ratio) if inverse else length - num_kept(length, mask_ratio)
+    target = int(length * p)              # fairseq: exactly int(T*(1-R)) kept / int(T*R) masked
     n_centres = int(length * (p + adjust) / block_width ** len(shape))
 
     marked = torch.zeros(batch_size, length, dtype=torch.bool)

@@ -50,6 +50,8 @@ def test_block_masks_are_spatially_clustered_unlike_random():
 def test_1d_block_mask_exact_count_and_long_runs():
     mask = block_mask(128, (150,), 0.5, 5, 0.05, inverse=False, generator=gen())
     assert (mask.sum(1) == 75).all()
+    odd = block_mask(4, (99,), 0.5, 5, 0.05, inverse=False, generator=gen())
+    assert (odd.sum(1) == 49).all()                       # fairseq: exactly int(T * R) masked
     rand = random_mask(128, 150, 0.5, generator=gen())
 
     def mean_run(m):

@@ -1,0 +1,204 @@
+"""data2vec 2.0 end to end: the training step of spec §1.1 through the method registry."""
+import math
+import pickle
+
+import pytest
+import torch
+
+from d2v2.config import ConfigError
+from d2v2.data2vec2 import Data2Vec2
+from d2v2.decoder import Decoder, DecoderConfig
+from d2v2.masking import keep_indices
+from d2v2.method import MethodOutput, build_method, method_config
+from d2v2.modalities.audio import WAV2VEC2_CONV
+from d2v2.targets import make_targets
+
+MODALITIES = ["image", "audio", "text"]
+NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dropout": 0.0, "prenet_dropout": 0.0,
+              "layerdrop": 0.0, "prenet_layerdrop": 0.0}
+
+
+def batch_for(modality, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    source = {"image": lambda: torch.randn(B, 1, 28, 28, generator=g),
+              "audio": lambda: torch.randn(B, 12000, generator=g),
+              "text": lambda: torch.randint(5, 8192, (B, 48), generator=g)}[modality]()
+    return {"source": source, "id": torch.arange(B)}
+
+
+def build(modality, overrides=None, preset="smoke"):
+    torch.manual_seed(0)
+    return build_method(modality, "data2vec2", preset, overrides)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_forward_through_the_registry(modality):
+    method = build(modality)
+    assert isinstance(method, Data2Vec2) and method.encoder() is method.student
+    batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(1))
+    M, T = method.cfg.num_masks, batch["mask"].shape[1]
+    assert batch["mask"].shape == (3 * M, T)
+    out = method(batch)
+    assert isinstance(out, MethodOutput) and out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.sample_size == int(batch["mask"].sum())
+    assert set(out.logs) >= {"target_var", "pred_var", "ema_decay", "masked_pct", "model_norm", "ema_norm"}
+    out.loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())              # teacher: no gradient
+    assert method.student.blocks[0].attn.qkv.weight.grad is not None
+    assert method.decoder.proj.weight.grad is not None if hasattr(method.decoder.proj, "weight") else True
+    before = [p.clone() for p in method.teacher.model.blocks.parameters()]
+    with torch.no_grad():
+        for p in method.student.blocks.parameters():
+            p.add_(0.1)
+    method.after_step(1)
+    assert all(not torch.equal(a, b) for a, b in zip(before, method.teacher.model.blocks.parameters()))
+    pickle.loads(pickle.dumps(method.masker()))                                     # data-loader workers
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_student_sees_visible_tokens_teacher_runs_once_per_sample(modality):
+    method = build(modality)
+    batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(1))
+    B, M, T = 3, method.cfg.num_masks, batch["mask"].shape[1]
+    student_inputs, teacher_inputs = [], []
+    method.student.blocks[0].register_forward_hook(lambda m, a, o: student_inputs.append(a[0].shape))
+    method.teacher.model.blocks[0].register_forward_hook(lambda m, a, o: teacher_inputs.append(a[0].shape))
+    method(batch)
+    E = method.student.context_encoder.num_extra_tokens
+    visible = T - int(T * method.cfg.mask_ratio) if modality == "audio" else int(T * (1 - method.cfg.mask_ratio))
+    assert visible == method.masker().num_visible(T)
+    assert student_inputs == [(B * M, visible + E, method.cfg.encoder.embed_dim)]
+    assert teacher_inputs == [(B, T + E, method.cfg.encoder.embed_dim)]
+    assert method.encoder_tokens(batch) == B * M * (visible + E) + B * (T + E)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_targets_and_predictions_match_a_direct_computation(modality):
+    method = build(modality, {"encoder": NO_DROPOUT, "decoder": {"input_dropout": 0.0}}).eval()
+    batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(2))
+    out, details = method.forward_details(batch, mask_noise_std=0.0)
+    c, M = method.cfg, method.cfg.num_masks
+    teacher_layers = method.extract_features(batch["source"], teacher=True).layer_results
+    y = make_targets(teacher_layers[-c.encoder.depth:], c.average_top_k_layers,
+                     layer_norm_targets=c.layer_norm_targets)
+    mask = batch["mask"]
+    expected_targets = y.repeat_interleave(M, 0)[mask]
+    torch.testing.assert_close(details.targets, expected_targets)
+    # predictions: student on the visible tokens, decoder with zeros at masked positions
+    x, _ = method.student.local_features(batch["source"])
+    enc = method.student.contextualize(x.repeat_interleave(M, 0), mask)
+    dec = method.decoder(enc.x[:, enc.num_extra_tokens:], keep_indices(mask), mask.shape[1], 0.0)
+    torch.testing.assert_close(details.predictions, dec[mask].float())
+    D = c.encoder.embed_dim
+    scale = c.loss_scale if c.loss_scale is not None else D ** -0.5
+    reg = ((details.predictions - expected_targets) ** 2).sum() * scale
+    if c.cls_loss:
+        reg = reg + c.cls_loss * ((details.cls_prediction - details.cls_target) ** 2).sum() * scale * mask.sum()
+    torch.testing.assert_close(out.loss, reg / mask.sum())
+
+
+def test_decoder_shapes_residuals_and_noise():
+    torch.manual_seed(0)
+    dec2d = Decoder(DecoderConfig(dim=8, groups=2, depth=3, kernel=3), embed_dim=16, grid=(4, 4))
+    dec1d = Decoder(DecoderConfig(dim=16, groups=1, depth=2, kernel=9, residual=False, head_layers=2), 16)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 15]])
+    vis = torch.randn(2, 3, 16)
+    assert dec2d(vis, keep, 16, 0.01).shape == (2, 16, 16)
+    assert dec1d(vis, keep, 20, 0.0).shape == (2, 20, 16)
+    assert isinstance(dec1d.proj, torch.nn.Sequential) and dec1d.proj[0].out_features == 32
+    # noise 0 -> deterministic; noise > 0 -> fresh every call
+    torch.testing.assert_close(dec2d(vis, keep, 16, 0.0), dec2d(vis, keep, 16, 0.0))
+    assert not torch.allclose(dec2d(vis, keep, 16, 0.5), dec2d(vis, keep, 16, 0.5))
+    # 2-D: a visible token influences only its 3x3 neighbourhood per layer (depth 1 here)
+    one = Decoder(DecoderConfig(dim=8, groups=2, depth=1, kernel=3, residual=False), 16, grid=(4, 4))
+    v2 = vis.clone()
+    v2[0, 0] += 10.0                                        # position 0 = grid (0, 0)
+    diff = (one(vis, keep, 16, 0.0) - one(v2, keep, 16, 0.0))[0].abs().sum(-1).view(4, 4)
+    assert (diff[:2, :2] > 0).all() and (diff[2:] == 0).all() and (diff[:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("modality,ratio", [("image", 0.5), ("audio", 0.5), ("text", 0.42)])
+def test_tiny_model_overfits_one_batch(modality, ratio):
+    overrides = {"encoder": dict(NO_DROPOUT), "decoder": {"input_dropout": 0.0, "depth": 3},
+                 "ema_decay": 1.0, "ema_end_decay": 1.0, "mask_ratio": ratio}
+    if modality == "text":
+        overrides["encoder"]["text"] = {"dropout": 0.0}
+    method = build(modality, overrides)
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    batch = method.masker()(batch_for(modality, B=4), torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(80):
+        out = method(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_step(step + 1)
+        losses.append(out.loss.item())
+    assert losses[0] / min(losses[-5:]) > 5.0, losses[::10]
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_deterministic_under_a_seed(modality):
+    losses = []
+    for _ in range(2):
+        method = build(modality)
+        torch.manual_seed(123)
+        losses.append(method(batch_for(modality)).loss)                   # masks from the global RNG
+    assert torch.equal(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_bf16_autocast_forward_backward(modality):
+    method = build(modality)
+    batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(batch)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in method.student.parameters() if p.grad is not None)
+
+
+def test_audio_masker_counts_frames_from_samples():
+    method = build("audio", {"encoder": {"audio": {"conv_layers": WAV2VEC2_CONV}}, "num_masks": 8})
+    batch = method.masker()({"source": torch.zeros(2, 32000)}, torch.Generator().manual_seed(0))
+    assert batch["mask"].shape == (16, 99)                               # T = floor((N-400)/320)+1
+    assert (batch["mask"].sum(1) == int(99 * 0.5)).all()                 # fairseq: int(T*R) masked
+    assert "alibi_scale" in next(iter(method.no_weight_decay()))
+
+
+def test_collapse_guard_and_mask_shape_errors():
+    method = build("image", {"min_target_var": 100.0, "collapse_check_after": 0})
+    method.after_step(1)
+    with pytest.raises(RuntimeError, match="collapse guard: target std"):
+        method(batch_for("image"))
+    method = build("image")
+    with pytest.raises(ValueError, match=r"expected \(B\*M, T\)"):
+        method({**batch_for("image"), "mask": torch.zeros(3, 196, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"encoder": {"embed_dm": 3}}, r"method\.encoder\.embed_dm: unknown key"),
+    ({"mask_ratio": 0.999}, "leaves no visible patch"),
+    ({"decoder": {"depth": 0}}, r"method\.decoder\.depth"),
+    ({"encoder": {"embed_dim": 33}}, "not divisible by num_heads"),
+    ({"average_top_k_layers": 9}, "exceeds the 2 main blocks"),
+    ({"decoder": {"groups": 3, "dim": 33}}, "must divide embed_dim"),
+])
+def test_bad_configs_are_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        method_config("image", "data2vec2", "smoke", overrides)
+
+
+def test_base_presets_follow_the_paper():
+    img = method_config("image", "data2vec2", "base")
+    assert (img.num_masks, img.mask_ratio, img.mask_width, img.mask_adjust) == (16, 0.8, 3, 0.07)
+    assert (img.encoder.prenet_depth, img.encoder.depth, img.average_top_k_layers) == (2, 10, 10)
+    assert img.layer_norm_targets and img.cls_loss == 0.01
+    audio = method_config("audio", "data2vec2", "base")
+    assert (audio.num_masks, audio.mask_ratio, audio.decoder.dim, audio.decoder.kernel) == (8, 0.5, 384, 7)
+    text = method_config("text", "data2vec2", "base")
+    assert (text.mask_ratio, text.ema_end_decay, text.loss_scale, text.decoder.head_layers) == (0.42, 1.0, 1.0, 2)
+    model = build("image", preset="base")
+    n = sum(p.numel() for p in model.student.parameters())
+    assert 85e6 < n < 87e6, n                                             # ViT-B/16: 86M
+    assert math.isclose(model.loss_scale, 768 ** -0.5)

@@ -1,0 +1,86 @@
+"""EMA teacher (formula, schedule, what it holds) and target construction (spec §1.3, §1.4)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v2.ema import EMATeacher, ema_decay
+from d2v2.method import build_method
+from d2v2.targets import make_targets
+
+
+def test_decay_schedule_is_linear_then_constant():
+    assert ema_decay(0, 0.999, 0.99999, 1000) == pytest.approx(0.999)
+    assert ema_decay(500, 0.999, 0.99999, 1000) == pytest.approx((0.999 + 0.99999) / 2)
+    assert ema_decay(1000, 0.999, 0.99999, 1000) == 0.99999
+    assert ema_decay(10**6, 0.999, 0.99999, 1000) == 0.99999
+    assert ema_decay(3, 0.9, 1.0, 0) == 1.0
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.fixed = nn.Parameter(torch.randn(3), requires_grad=False)
+        self.register_buffer("stat", torch.zeros(3))
+        self.head = nn.Linear(3, 1)          # removed from the teacher: must be ignored
+
+
+def test_ema_step_formula_copies_frozen_tensors_and_ignores_missing():
+    torch.manual_seed(0)
+    student = Toy()
+    teacher = EMATeacher(student, shared=("head",))
+    assert teacher.model.head is None and not any(p.requires_grad for p in teacher.parameters())
+    before = teacher.model.a.weight.clone()
+    with torch.no_grad():
+        student.a.weight.add_(1.0)
+        student.fixed.add_(5.0)
+        student.stat.fill_(7.0)
+    teacher.step(student, 0.9)
+    torch.testing.assert_close(teacher.model.a.weight, 0.9 * before + 0.1 * student.a.weight)
+    torch.testing.assert_close(teacher.model.fixed, student.fixed)
+    torch.testing.assert_close(teacher.model.stat, student.stat)
+    frozen = teacher.model.a.weight.clone()
+    with torch.no_grad():
+        student.a.weight.add_(1.0)
+    teacher.step(student, 1.0)                                     # tau >= 1: no step
+    torch.testing.assert_close(teacher.model.a.weight, frozen)
+
+
+def test_teacher_stays_in_eval_mode():
+    teacher = EMATeacher(Toy())
+    teacher.train()
+    assert not teacher.model.training
+
+
+def test_targets_equal_direct_computation():
+    torch.manual_seed(0)
+    layers = [torch.randn(2, 7, 8) * (i + 1) + i for i in range(5)]
+
+    def inorm(y):               # per sample, per channel, over time; biased variance, eps 1e-5
+        return (y - y.mean(1, keepdim=True)) / torch.sqrt(y.var(1, unbiased=False, keepdim=True) + 1e-5)
+
+    def lnorm(y):
+        return (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    expected = lnorm(sum(inorm(y) for y in layers[-3:]) / 3)
+    got = make_targets(layers, 3, instance_norm_target_layer=True, layer_norm_targets=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got = make_targets(layers, 2, instance_norm_target_layer=False, layer_norm_target_layer=True)
+    torch.testing.assert_close(got, (lnorm(layers[-1]) + lnorm(layers[-2])) / 2, atol=1e-5, rtol=1e-5)
+    assert make_targets([y.bfloat16() for y in layers], 2).dtype == torch.float32
+    with pytest.raises(ValueError, match="average_top_k_layers=6"):
+        make_targets(layers, 6)
+
+
+@pytest.mark.parametrize("modality,has_local,has_context", [
+    ("image", True, True), ("audio", False, True), ("text", False, False)])
+def test_teacher_holds_what_the_spec_says(modality, has_local, has_context):
+    method = build_method(modality, "data2vec2", "smoke")
+    teacher = method.teacher.model
+    assert (teacher.local_encoder is not None) == has_local
+    assert (teacher.context_encoder is not None) == has_context
+    assert len(teacher.blocks) == len(method.student.blocks)
+    for (name, p_t) in teacher.named_parameters():                  # starts as an exact copy
+        torch.testing.assert_close(p_t, dict(method.student.named_parameters())[name])
+    assert not any(n.startswith("decoder") for n, _ in method.teacher.named_parameters())

@@ -1,0 +1,166 @@
+"""Encoder API for the three modalities: shapes, sparse masking, positions, padding, config errors."""
+import pytest
+import torch
+
+from d2v2.config import ConfigError, validate
+from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.masking import block_mask, keep_indices, random_mask
+from d2v2.modalities.audio import WAV2VEC2_CONV, frame_count
+from d2v2.modalities.image import sincos_2d
+
+SMALL_CONV = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
+
+
+def make(modality, **kw):
+    extra = {"image": {"image": {"img_size": 28, "patch_size": 2, "in_chans": 1}},
+             "audio": {"audio": {"conv_layers": SMALL_CONV, "conv_pos_width": 6, "conv_pos_depth": 2,
+                                 "conv_pos_groups": 4}},
+             "text": {"text": {"vocab_size": 50, "max_positions": 40}}}[modality]
+    cfg = dict(modality=modality, embed_dim=16, num_heads=4, depth=2, prenet_depth=1, **extra)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return Encoder(EncoderConfig(**cfg)).eval()
+
+
+def source(modality, B=2):
+    g = torch.Generator().manual_seed(1)
+    return {"image": lambda: torch.randn(B, 1, 28, 28, generator=g),
+            "audio": lambda: torch.randn(B, 8000, generator=g),
+            "text": lambda: torch.randint(5, 50, (B, 24), generator=g)}[modality]()
+
+
+@pytest.mark.parametrize("modality,T,E", [("image", 196, 1), ("audio", 24, 0), ("text", 24, 0)])
+def test_shapes_dense_and_sparse(modality, T, E):
+    enc = make(modality)
+    x, pm = enc.local_features(source(modality))
+    assert x.shape == (2, T, 16) and pm is None
+    out = enc(source(modality))
+    assert out.x.shape == (2, T + E, 16) and out.num_extra_tokens == E
+    assert len(out.layer_results) == 3 and all(r.shape == (2, T, 16) for r in out.layer_results)
+    mask = random_mask(2, T, 0.5, torch.Generator().manual_seed(0))
+    kept = T - int(mask[0].sum())
+    sparse = enc.contextualize(x, mask)
+    assert sparse.x.shape == (2, kept + E, 16)
+    assert sparse.layer_results[0].shape == (2, kept, 16)
+    assert enc.contextualize(x, mask, layer_results="none").layer_results == []
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "text"])
+def test_sparse_student_never_sees_masked_tokens(modality):
+    """Changing the features at masked positions must not change the sparse output (for audio this
+    also checks that the conv positional encoder sees masked frames as zeros)."""
+    enc = make(modality)
+    x, _ = enc.local_features(source(modality))
+    mask = random_mask(2, x.shape[1], 0.6, torch.Generator().manual_seed(0))
+    y1 = enc.contextualize(x, mask).x
+    x2 = x.clone()
+    x2[mask] = 50 * torch.randn_like(x2[mask])
+    torch.testing.assert_close(enc.contextualize(x2, mask).x, y1)
+    y_dense = enc.contextualize(x, mask, sparse=False, fill=torch.zeros(16)).x
+    assert y_dense.shape[1] == x.shape[1] + enc.context_encoder.num_extra_tokens
+
+
+def test_fill_path_replaces_masked_positions():
+    enc = make("text")
+    x, _ = enc.local_features(source("text"))
+    mask = random_mask(2, 24, 0.5, torch.Generator().manual_seed(0))
+    fill = torch.randn(16)
+    a = enc.contextualize(x, mask, sparse=False, fill=fill).x
+    x2 = x.clone()
+    x2[mask] = fill
+    torch.testing.assert_close(a, enc.contextualize(x2).x)
+    with pytest.raises(ValueError, match="fill"):
+        enc.contextualize(x, mask, sparse=False)
+
+
+def test_image_positions_are_mae_sincos_added_before_masking():
+    enc = make("image")
+    src = source("image")
+    x, _ = enc.local_features(src)
+    patches = enc.local_encoder.proj(src).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(x - patches, sincos_2d(16, 14)[None].expand(2, -1, -1))
+    table = sincos_2d(16, 14)
+    # MAE's layout: first half encodes the column, second half the row; each half is [sin, cos] of
+    # position * 10000^(-k / (dim / 4))
+    omega = torch.tensor([1.0, 0.1, 0.01, 0.001])
+    expected = torch.cat([omega.sin(), omega.cos(), torch.zeros(4), torch.ones(4)])      # row 0, col 1
+    torch.testing.assert_close(table[1], expected)
+    assert torch.equal(table[14, 8:], table[1, :8])          # row 1 == column 1 pattern
+    assert enc.context_encoder.extra_tokens.shape == (1, 1, 16)
+
+
+def test_audio_frame_count_matches_the_cnn_and_padding():
+    assert frame_count(16000, WAV2VEC2_CONV) == 49 and frame_count(320000, WAV2VEC2_CONV) == 999
+    enc = make("audio")
+    for n in (3000, 8000, 8321):
+        assert enc.local_features(torch.randn(1, n))[0].shape[1] == frame_count(n, SMALL_CONV)
+    pad = torch.zeros(2, 8000, dtype=torch.bool)
+    pad[1, 4000:] = True
+    _, fpm = enc.local_features(torch.randn(2, 8000), pad)
+    assert fpm.shape == (2, 24) and not fpm[0].any()
+    assert int((~fpm[1]).sum()) == frame_count(4000, SMALL_CONV)
+
+
+def test_audio_alibi_uses_original_distances_after_masking():
+    enc = make("audio")
+    ctx = enc.context_encoder
+    with torch.no_grad():
+        ctx.alibi_scale.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]).view(1, 1, 4, 1, 1))
+    mask = block_mask(2, (24,), 0.5, 5, 0.05, False, torch.Generator().manual_seed(0))
+    keep = keep_indices(mask)
+    full = ctx.attention_bias(torch.arange(24)[None], 2)[0]                      # (H, T, T)
+    sparse = ctx.attention_bias(keep, 2)
+    for b in range(2):
+        torch.testing.assert_close(sparse[b], full[:, keep[b]][:, :, keep[b]])
+    assert (full[3] == 0).all()                                                   # scale clamped at 0
+
+
+def test_text_positions_follow_fairseq_padding_convention():
+    enc = make("text")
+    src = source("text")
+    padded = torch.cat([src, torch.ones(2, 5, dtype=torch.long)], 1)           # right padding (pad=1)
+    a, pm_a = enc.local_features(src)
+    b, pm_b = enc.local_features(padded)
+    assert pm_a is None and pm_b[:, 24:].all() and not pm_b[:, :24].any()
+    torch.testing.assert_close(a, b[:, :24])
+    out_a, out_b = enc(src), enc(padded)
+    torch.testing.assert_close(out_a.x, out_b.x[:, :24], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_positions"):
+        enc.local_features(torch.randint(5, 50, (1, 41)))
+
+
+def test_layer_ids_for_layer_wise_decay():
+    enc = make("image")                              # 1 prenet + 2 main blocks
+    assert enc.num_layers == 4
+    assert enc.layer_id("blocks.0.attn.qkv.weight") == 1
+    assert enc.layer_id("encoder.blocks.2.mlp.fc1.bias") == 3
+    for name in ("local_encoder.proj.weight", "context_encoder.extra_tokens", "context_encoder.norm.weight",
+                 "head.weight"):
+        assert enc.layer_scale(name, 0.65) == 1.0
+    assert enc.layer_scale("blocks.2.norm1.weight", 0.65) == pytest.approx(0.65)
+    assert enc.layer_scale("blocks.0.norm1.weight", 0.65) == pytest.approx(0.65 ** 3)
+
+
+def test_pre_ln_option_has_final_norm_and_no_context_norm():
+    enc = make("image", layer_norm_first=True)
+    assert enc.norm is not None and enc.context_encoder.norm is None
+    out = enc(source("image"))
+    torch.testing.assert_close(out.x.mean(-1), torch.zeros(2, 197), atol=1e-5, rtol=0)
+    assert make("text", prenet_depth=0).context_encoder.norm is None
+    assert make("audio").context_encoder.norm is not None
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"encoder\.embed_dm: unknown key"):
+        validate(EncoderConfig, {"modality": "image", "embed_dm": 3}, where="encoder")
+    with pytest.raises(ConfigError, match="not divisible by num_heads"):
+        validate(EncoderConfig, {"modality": "image", "embed_dim": 10, "num_heads": 3})
+    with pytest.raises(ConfigError, match="'audio' settings given for a text encoder"):
+        validate(EncoderConfig, {"modality": "text", "audio": {}})
+    with pytest.raises(ConfigError, match="modality"):
+        validate(EncoderConfig, {"modality": "video"})
+    enc = make("image")
+    with pytest.raises(ValueError, match=r"expects source \(B, 1, 28, 28\)"):
+        enc.local_features(torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="mask shape"):
+        enc.contextualize(torch.randn(2, 196, 16), torch.zeros(2, 100, dtype=torch.bool))
