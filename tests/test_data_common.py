@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, Subset
 
 from baselines.masking import BlockMasker
 from d2v2.config import ConfigError
-from d2v2.data import (DataConfig, MaskingCollater, finetune_datasets, loader_kwargs, pretrain_collater,
-                       pretrain_dataset, task_info)
+from d2v2.data import (DataConfig, MaskingCollater, finetune_collater, finetune_datasets, loader_kwargs,
+                       prepare, pretrain_collater, pretrain_dataset, task_info)
 from d2v2.data.common import (MissingDataError, atomic_dir, atomic_write, atomic_write_json, file_record,
                               manifest_is_current, require_path, stable_seed)
 from d2v2.data.prepare import build_config, main as prepare_main
@@ -165,3 +165,18 @@ def test_prepare_reports_missing_source(tmp_path, capsys):
     assert code == 1
     assert "data.image.fmnist_source: not found" in capsys.readouterr().err
     assert prepare_main(["--modalities", "image", "image.nope=1"]) == 2
+
+
+def test_speech_dispatch(tmp_path):
+    """The API serves the speech module's corpus (a tiny synthesised one) like the other modalities."""
+    synth = {"num_pretrain": 4, "num_train": 2, "num_valid": 1, "num_test": 1, "num_test_flite": 1, "asterisk": False}
+    cfg = DataConfig(root=str(tmp_path), speech={"synth": synth, "min_sample_size": 0})
+    assert not prepare(["audio"], cfg)["speech"]["skipped"] and prepare(["speech"], cfg)["speech"]["skipped"]
+    dataset = pretrain_dataset("audio", cfg)
+    batch = pretrain_collater("audio", cfg, None, seed=0)([dataset[i] for i in range(4)])
+    assert len(dataset) == 4 and batch["source"].dtype == torch.float32
+    assert batch["source"].shape[1] == min(len(dataset[i]["source"]) for i in range(4))   # cropped to shortest
+    splits = finetune_datasets("speech", cfg, "ctc")
+    assert set(splits) == {"train", "valid", "test", "test_flite"}
+    ft = finetune_collater("speech", cfg, "ctc")([splits["train"][0], splits["train"][1]])
+    assert ft["padding_mask"].dtype == torch.bool and ft["target"].dtype == torch.int64

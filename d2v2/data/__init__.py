@@ -32,7 +32,7 @@ __all__ = [
 MODALITIES = ("image", "speech", "text")
 _ALIASES = {"audio": "speech"}
 SPEECH_TASKS = ("ctc",)
-_SPEECH_EXTRA_TESTS = ("test_flite", "test_asterisk")
+_SPEECH_SPLITS = ("pretrain", "train", "valid", "test")
 
 
 def modality_name(modality: str) -> str:
@@ -76,12 +76,15 @@ def pretrain_collater(modality: str, cfg: DataConfig, masker, seed: int) -> Mask
 def finetune_datasets(modality: str, cfg: DataConfig, task: str) -> dict[str, Dataset]:
     """``{"train", "valid", "test", (extra test sets)}`` labelled datasets of ``task``."""
     if modality_name(modality) == "speech":
-        from d2v2.data.speech import SpeechFinetuneDataset
+        from d2v2.data.speech import SPLITS, SpeechFinetuneDataset
 
         task_info(modality, task)
         root = _speech_root(cfg)
-        splits = ["train", "valid", "test"] + [s for s in _SPEECH_EXTRA_TESTS if (root / f"{s}.tsv").is_file()]
-        return {s: SpeechFinetuneDataset(root, cfg.speech, s) for s in splits}
+        # extra test sets: those the synthesised corpus wrote (test_flite, test_asterisk) or split_names adds
+        written = {s for s in SPLITS if s not in _SPEECH_SPLITS and (root / f"{s}.tsv").is_file()}
+        extra = sorted((written if cfg.speech.source == "synth" else set())
+                       | (set(cfg.speech.split_names) - set(_SPEECH_SPLITS)))
+        return {s: SpeechFinetuneDataset(root, cfg.speech, s) for s in ["train", "valid", "test", *extra]}
     return _module(modality).finetune_datasets(cfg, task)
 
 
