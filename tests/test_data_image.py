@@ -30,6 +30,9 @@ def test_pretrain_items(cfg):
     assert item["id"] == 0 and "label" not in item
     batch = torch.stack([ds[i]["source"] for i in range(256)])
     assert abs(batch.mean()) < 0.3 and 0.7 < batch.std() < 1.3      # normalised (augmented crops)
+    assert not torch.equal(ds[1]["source"], ds[1]["source"])              # augmented ...
+    valid = pretrain_dataset("image", cfg, "valid")
+    assert torch.equal(valid[1]["source"], valid[1]["source"])           # ... but not the held-out images
 
 
 def test_mean_std_constants_match_the_training_set(cfg):

@@ -199,14 +199,15 @@ def _imagenet_folder(cfg: ImageDataConfig, split: str, transform) -> datasets.Im
 
 
 def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
-    """Unlabelled images ``{"source": (C,H,W) float32, "id"}``; ``valid`` = the held-out images."""
-    icfg = cfg.image
+    """Unlabelled images ``{"source": (C,H,W) float32, "id"}``: ``train`` augmented, ``valid`` (the
+    official test / val images) with the evaluation transform."""
+    icfg, train = cfg.image, split == "train"
     if split not in ("train", "valid"):
         raise ValueError(f"image pretraining split must be 'train' or 'valid' (got {split!r})")
     if icfg.dataset == "fmnist":
-        return ImageItems(_fashion_mnist(Path(cfg.root), split == "train", fmnist_transform(icfg, train=True)))
-    return ImageItems(_imagenet_folder(icfg, "train" if split == "train" else "val",
-                                       imagenet_transform(icfg, "pretrain")))
+        return ImageItems(_fashion_mnist(Path(cfg.root), train, fmnist_transform(icfg, train=train)))
+    return ImageItems(_imagenet_folder(icfg, "train" if train else "val",
+                                       imagenet_transform(icfg, "pretrain" if train else "eval")))
 
 
 _FMNIST_TASK = re.compile(r"fmnist(?:-(\d+))?$")
