@@ -51,6 +51,9 @@ def test_truncated_memmap_gives_clear_error(cfg, tmp_path):
     (folder / "valid.bin").write_bytes(data[:-3])
     with pytest.raises(CorruptDataError, match=r"valid.bin: \d+ bytes, the manifest says \d+ uint16 tokens"):
         pretrain_dataset("text", DataConfig(root=str(tmp_path)), "valid")
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(CorruptDataError, match="tokenizer.json: not a valid tokenizer file"):
+        load_tokenizer(DataConfig(root=str(tmp_path)))
     with pytest.raises(MissingDataError, match="data.root: no prepared text"):
         pretrain_dataset("text", DataConfig(root=str(tmp_path / "none")))
 

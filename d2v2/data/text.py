@@ -77,7 +77,7 @@ class TextTokenizer:
 
 def load_tokenizer(cfg: DataConfig) -> TextTokenizer:
     """The embedded corpus's ``tokenizer.json``, or the GPT-2 BPE from ``gpt2_vocab``/``gpt2_merges``."""
-    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+    from tokenizers import ByteLevelBPETokenizer
 
     if cfg.text.corpus == "raw":
         vocab = require_path(cfg.text.gpt2_vocab, "data.text.gpt2_vocab", "GPT-2 encoder vocab.json")
@@ -85,7 +85,16 @@ def load_tokenizer(cfg: DataConfig) -> TextTokenizer:
         return TextTokenizer(ByteLevelBPETokenizer(str(vocab), str(merges)), offset=len(SPECIALS))
     path = require_path(_folder(cfg) / "tokenizer.json", "data.root",
                         "run `python -m d2v2 prepare-data --modalities text`")
-    return TextTokenizer(Tokenizer.from_file(str(path)))
+    return _tokenizer_file(path)
+
+
+def _tokenizer_file(path: Path) -> TextTokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        return TextTokenizer(Tokenizer.from_file(str(path)))
+    except Exception as err:   # tokenizers raises a bare Exception on a malformed file
+        raise CorruptDataError(f"{path}: not a valid tokenizer file ({err}); prepare the text data again") from None
 
 
 def _train_bpe(lines: list[str], vocab_size: int):
@@ -301,9 +310,9 @@ def _prepare_embedded(dcfg: DataConfig) -> dict:
     counts: dict = {"lines": {k: len(v) for k, v in corpus.items()}}
 
     with atomic_dir(folder) as tmp:
-        bpe = _train_bpe(split_lines["train"], cfg.vocab_size)   # the held-out text never shapes the vocab
-        bpe.save(str(tmp / "tokenizer.json"))
-        tokenizer = TextTokenizer(bpe._tokenizer)
+        # the held-out text never shapes the vocabulary; encode with the saved file the runs will load
+        _train_bpe(split_lines["train"], cfg.vocab_size).save(str(tmp / "tokenizer.json"))
+        tokenizer = _tokenizer_file(tmp / "tokenizer.json")
         dtype = _token_dtype(tokenizer.vocab_size)
         counts["tokens"] = {s: _write_tokens(tmp / f"{s}.bin", tokenizer, iter(split_lines[s]), dtype)
                             for s in ("train", "valid")}
