@@ -43,6 +43,7 @@ def _data(modality: str) -> Path:
     ({"modality": "text", "mixup": True}, "mixup"),
     ({"modality": "video"}, "modality"),
     ({"modality": "image", "preset": "huge"}, "preset"),
+    ({"modality": "image", "task": "cifar10"}, "task"),
 ])
 def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

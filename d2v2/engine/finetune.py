@@ -46,7 +46,7 @@ from d2v2.encoder import Encoder, EncoderConfig
 from d2v2.method import build_method
 
 __all__ = ["Pretrained", "load_pretrained", "build_encoder", "build_model", "resolve_device", "make_loader", "train",
-           "evaluate", "finetune", "resolve_config", "main"]
+           "evaluate", "sweep_lr", "finetune", "resolve_config", "main"]
 
 PRETRAIN_CLOCKS = ("train_time_s", "e2e_time_s", "device_hours", "device_count", "updates", "samples", "epochs")
 
@@ -159,6 +159,10 @@ def _optimizer(model: nn.Module, cfg: FinetuneConfig, optim: OptimConfig) -> tor
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,8 +176,13 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loss(model: nn.Module, cfg: FinetuneConfig, batch: dict) -> torch.Tensor:
-    out = model(batch)
+def _autocast(cfg: FinetuneConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def _loss(model: nn.Module, cfg: FinetuneConfig, batch: dict, device: torch.device) -> torch.Tensor:
+    with _autocast(cfg, device):
+        out = model(batch)
     if cfg.modality == "image":
         return model.loss(out, batch["label"], cfg.label_smoothing)
     if cfg.modality == "text":
@@ -182,8 +191,9 @@ def _loss(model: nn.Module, cfg: FinetuneConfig, batch: dict) -> torch.Tensor:
 
 
 def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoader,
-          device: torch.device, mix=None, log=print) -> dict[str, float]:
+          device: torch.device, mix=None, log=None) -> dict[str, float]:
     """Train ``model`` for the budget; return the train-only clock (device synchronised) and updates."""
+    log = log or _log
     optim = validate(OptimConfig, {**cfg.optim.model_dump(), "lr": peak_lr}, where="optim")
     optimizer = _optimizer(model, cfg, optim)
     per_epoch = len(loader)
@@ -204,7 +214,7 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
             set_lr(optimizer, optim.lr_at(step / total))
             if isinstance(model, CTCRecognizer):
                 model.set_transformer_frozen(step < cfg.freeze_updates)
-            loss = _loss(model, cfg, batch)
+            loss = _loss(model, cfg, batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if optim.clip_grad is not None:
@@ -232,7 +242,8 @@ def evaluate(model: nn.Module, cfg: FinetuneConfig, info: dict[str, Any], loader
     preds, labels = [], []
     for batch in loader:
         batch = _to(batch, device)
-        out = model(batch)
+        with _autocast(cfg, device):
+            out = model(batch)
         if cfg.modality == "audio":
             logits, frames = out
             preds += [letters_to_words(ids_to_letters(ids)) for ids in M.ctc_greedy_decode(logits, frames, blank=LETTERS.index(BLANK))]
@@ -264,65 +275,76 @@ def _better(a: float, b: float, higher_is_better: bool) -> bool:
     return math.isnan(b) or (a > b if higher_is_better else a < b)
 
 
+def sweep_lr(cfg: FinetuneConfig, pre: Pretrained, info: dict[str, Any], splits: dict, device: torch.device,
+             log=None) -> tuple[nn.Module, float, dict[str, float], dict[str, float], list[dict]]:
+    """Train once per learning rate (``lr_sweep`` or just ``optim.lr``) from the same weights and seed;
+    keep the model with the best *validation* primary metric. Test splits are never looked at here.
+
+    Returns ``(model, lr, valid metrics, train clock, sweep table)``.
+    """
+    primary, loader = info["primary_metric"], make_loader(splits["train"], cfg, cfg.batch_size, True, device)
+    mix = MixupCutmix(cfg.data.image, info["num_classes"]) if cfg.mixup else None
+    sweep, best = [], None
+    for lr in cfg.lr_sweep or [cfg.optim.lr]:
+        torch.manual_seed(cfg.seed)                  # same head init and data order for every LR
+        model = build_model(cfg, info, build_encoder(pre, cfg)).to(device)
+        clock = train(model, cfg, lr, loader, device, mix, log)
+        valid = evaluate(model, cfg, info, make_loader(splits["valid"], cfg, cfg.eval_batch_size, False, device), device)
+        sweep.append({"lr": lr, **{f"valid_{k}": v for k, v in valid.items()}, **clock})
+        (log or _log)(f"lr {lr:g}: valid {primary} {valid[primary]:.4f}")
+        if best is None or _better(valid[primary], best[2][primary], info["higher_is_better"]):
+            best = (model, lr, valid, clock)
+        del model
+    return (*best, sweep)
+
+
 def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_format: str = "d2v2",
-             save: str | Path | None = None, log=print) -> dict[str, Any]:
+             save: str | Path | None = None, log=None) -> dict[str, Any]:
     """Fine-tune (with the LR sweep, if any) and return the metrics record of docs/ARCHITECTURE.md."""
-    synchronize_start = time.perf_counter()
+    start = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    info = D.task_info(cfg.modality, cfg.task)
     pre = load_pretrained(cfg, checkpoint, checkpoint_format)
     for key in ("seed", "budget_fraction"):
         given, stored = getattr(cfg.identity, key), getattr(pre, key)
         if given is not None and pre.encoder_state is not None and stored is not None and given != stored:
             raise ConfigError(f"identity.{key}: config says {given} but the checkpoint has {stored}")
-    info = D.task_info(cfg.modality, cfg.task)
     splits = D.finetune_datasets(cfg.modality, cfg.data, cfg.task)
     for required in ("train", "valid", "test"):
         if required not in splits:
             raise ValueError(f"task '{cfg.task}' provides no '{required}' split")
-    train_loader = make_loader(splits["train"], cfg, cfg.batch_size, True, device)
-    mix = MixupCutmix(cfg.data.image, info["num_classes"]) if cfg.mixup else None
-    primary = info["primary_metric"]
 
-    sweep, best = [], None
-    for lr in cfg.lr_sweep or [cfg.optim.lr]:
-        torch.manual_seed(cfg.seed)                  # same head init and data order for every LR
-        model = build_model(cfg, info, build_encoder(pre, cfg)).to(device)
-        clock = train(model, cfg, lr, train_loader, device, mix, log)
-        valid = evaluate(model, cfg, info, make_loader(splits["valid"], cfg, cfg.eval_batch_size, False, device), device)
-        sweep.append({"lr": lr, **{f"valid_{k}": v for k, v in valid.items()}, **clock})
-        log(f"lr {lr:g}: valid {primary} {valid[primary]:.4f}")
-        if best is None or _better(valid[primary], best[1][primary], info["higher_is_better"]):
-            best = (lr, valid, model, clock)
-        del model
-    lr, valid, model, clock = best
+    model, lr, valid, clock, sweep = sweep_lr(cfg, pre, info, splits, device, log)
     results = {f"valid_{k}": v for k, v in valid.items()}
-    for name, dataset in splits.items():          # test splits scored for the selected LR only
+    for name, dataset in splits.items():          # the test splits, scored for the selected LR only
         if name not in ("train", "valid"):
             scores = evaluate(model, cfg, info, make_loader(dataset, cfg, cfg.eval_batch_size, False, device), device)
             results.update({f"{name}_{k}": v for k, v in scores.items()})
-
     if save is not None:
         save_checkpoint({"kind": "finetuned", "config": cfg.model_dump(mode="json"), "task_info": info,
                          "pretrained": {"modality": pre.modality, "method": pre.method,
                                         "encoder_config": pre.encoder_config},
                          "model": model.state_dict()}, save, keep_previous=False)
     synchronize(device)
+    pretrained = pre.encoder_state is not None
+    seed = next(s for s in (pre.seed, cfg.identity.seed, cfg.seed) if s is not None)
     return {
         "identity": {"modality": pre.modality, "method": pre.method, "variant": cfg.identity.variant,
-                     "params": cfg.identity.params, "seed": pre.seed if pre.seed is not None else cfg.identity.seed,
-                     "budget_fraction": pre.budget_fraction if pre.encoder_state is not None else 0.0,
+                     "params": cfg.identity.params, "seed": seed,
+                     "budget_fraction": pre.budget_fraction if pretrained else 0.0,
                      "task": cfg.task, "init": cfg.init, "mode": cfg.mode},
         "pretrain": pre.clocks,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
-        "primary_metric": f"test_{primary}",
+        "primary_metric": f"test_{info['primary_metric']}",
         "higher_is_better": info["higher_is_better"],
         "finetune": {"lr": lr, "sweep": sweep, "train_time_s": clock["train_time_s"],
-                     "e2e_time_s": time.perf_counter() - synchronize_start, "updates": clock["updates"],
-                     "epochs": clock["epochs"], "config": cfg.model_dump(mode="json")},
+                     "e2e_time_s": time.perf_counter() - start, "updates": clock["updates"],
+                     "epochs": clock["epochs"], "clock": "time.perf_counter, device synchronised",
+                     "config": cfg.model_dump(mode="json")},
         "provenance": provenance(cfg.preset, device),
-        "pretrain_provenance": pre.provenance,
+        "pretrain_provenance": pre.provenance if pretrained else None,
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, model_validator
 
 from d2v2.config import Config, ConfigError, merge, validate
-from d2v2.data import DataConfig
+from d2v2.data import DataConfig, task_info
 from d2v2.engine.optim import OptimConfig
 
 __all__ = ["BudgetConfig", "SpeechMaskConfig", "IdentityConfig", "ArchConfig", "FinetuneConfig",
@@ -106,6 +106,7 @@ class FinetuneConfig(Config):
     # Run
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"      # bf16: autocast for forward passes (the paper: fp16)
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(50, ge=1)
     identity: IdentityConfig = IdentityConfig()
@@ -116,6 +117,10 @@ class FinetuneConfig(Config):
             raise ValueError(f"lr_sweep: learning rates must be > 0 (got {self.lr_sweep})")
         if self.mixup and self.modality != "image":
             raise ValueError("mixup: MixUp/CutMix apply to images only")
+        try:
+            task_info(self.modality, self.task)
+        except ValueError as err:
+            raise ValueError(f"task: {err}") from None
         return self
 
 
@@ -133,7 +138,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "task": "fmnist", "optim": {"lr": 2e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
                                         "warmup_fraction": 0.1, "final_lr": 1e-6,
                                         "schedule": "cosine", "clip_grad": None},
-            "budget": {"kind": "updates", "value": 150}, "batch_size": 64,
+            "budget": {"kind": "updates", "value": 80}, "batch_size": 32, "eval_max_samples": 1000,
             "layer_decay": 0.75, "drop_path": 0.1, "dropout": 0.0, "activation_dropout": 0.0, "label_smoothing": 0.1, "mixup": False,
         },
         "smoke": {

@@ -59,7 +59,7 @@ class ImageClassifier(_Head):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy against class ids or, after MixUp/CutMix, soft targets (B, C)."""
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 class SentenceClassifier(_Head):
@@ -84,8 +84,8 @@ class SentenceClassifier(_Head):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, or mean squared error for regression (fairseq's sentence_prediction)."""
         if logits.ndim == 1:
-            return F.mse_loss(logits, target.float())
-        return F.cross_entropy(logits, target)
+            return F.mse_loss(logits.float(), target.float())
+        return F.cross_entropy(logits.float(), target)
 
 
 class CTCRecognizer(_Head):
