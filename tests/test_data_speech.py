@@ -228,3 +228,7 @@ def test_missing_paths_and_bad_config_fail_early(tmp_path):
         _cfg(synth={"num_pretrian": 3})
     with pytest.raises(ConfigError, match="heldout_variants: overlap"):
         _cfg(synth={"heldout_variants": ["m1"]})
+    with pytest.raises(FileNotFoundError, match=r"data.speech.synth.variants: espeak-ng has no voice \['m99'\]"):
+        prepare_speech(tmp_path / "x", _cfg(synth={"variants": ["m1", "m99"]}))
+    with pytest.raises(FileNotFoundError, match="data.speech.synth.wordnet_dir: not found"):
+        prepare_speech(tmp_path / "x", _cfg(synth={"wordnet_dir": str(tmp_path / "nowordnet")}))

@@ -116,6 +116,21 @@ def _voices(cfg: SynthConfig, split: str) -> list[str]:
     return [f"{a}+{v}" for a in cfg.accents if a not in cfg.heldout_accents for v in cfg.variants]
 
 
+def _check_espeak_voices(syn: SynthConfig) -> None:
+    """espeak-ng silently falls back to its default voice for an unknown name: check the names first."""
+    def listed(arg: str, column: int) -> set[str]:
+        out = subprocess.run(["espeak-ng", arg], capture_output=True, text=True, check=True).stdout
+        return {line.split()[column] for line in out.splitlines()[1:] if line.split()}
+
+    languages = listed("--voices", 1)
+    variants = {name.removeprefix("!v/") for name in listed("--voices=variant", -1)}
+    for key, names, have in (("accents", syn.accents, languages),
+                             ("variants", syn.variants + syn.heldout_variants, variants)):
+        if unknown := sorted(set(names) - have):
+            raise MissingDataError(f"data.speech.synth.{key}: espeak-ng has no voice {unknown} "
+                                   f"(see `espeak-ng --voices{'=variant' if key == 'variants' else ''}`)")
+
+
 def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
     cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text.lower()]
     out = subprocess.run(cmd, capture_output=True, check=True)
@@ -180,10 +195,10 @@ def _make_utterance(job: tuple[str, int]) -> dict:
     syn, sr_out = cfg.synth, cfg.sample_rate
     rng = np.random.default_rng([syn.seed, SPLITS.index(split), index])
     pool, voices = _STATE["pools"][_SYNTH_SPLITS[split]], _voices(syn, split)
-    for _ in range(_MAX_ATTEMPTS):
+    for draw in range(1, _MAX_ATTEMPTS + 1):
         sentence_id = int(rng.integers(len(pool)))
         voice = voices[int(rng.integers(len(voices)))]
-        rec = {"sentence_id": sentence_id, "voice": voice}
+        rec = {"sentence_id": sentence_id, "voice": voice, "draws": draw}
         if split == "test_flite":
             rec.update(engine="flite", stretch=round(float(rng.uniform(*syn.flite_stretch)), 3))
             wav, sr = _flite(pool[sentence_id], voice, rec["stretch"], _STATE["workdir"])
@@ -254,6 +269,7 @@ def _inputs(cfg: SpeechDataConfig) -> dict:
         if shutil.which(tool) is None:
             raise MissingDataError(f"data.speech.synth: {tool} not found (apt-get install -y {tool}; "
                                    "DATA_SOURCES.md, Speech)")
+    _check_espeak_voices(syn)
     packages = tools + ["espeak-ng-data", "wordnet-base"]
     packages += ["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"] if syn.asterisk else []
     return {"synth": syn.model_dump(), "sample_rate": cfg.sample_rate, "format": FORMAT_VERSION,
