@@ -162,3 +162,13 @@ def test_raw_shards_with_gpt2_bpe(tmp_path):
     bad = DataConfig(root=str(tmp_path / "data"), text={**text, "train_shards": [str(tmp_path / "missing.txt")]})
     with pytest.raises(MissingDataError, match=r"data\.text\.train_shards: not found: .*missing.txt"):
         prepare(["text"], bad)
+
+
+def test_missing_tools_name_the_package(tmp_path, monkeypatch):
+    from d2v2.data.text import _fetch_janeaustenr, kjv_verses
+
+    monkeypatch.setenv("PATH", str(tmp_path))          # no bible, apt-get or dpkg-deb on the PATH
+    with pytest.raises(MissingDataError, match=r"command 'bible' not found \(apt-get install -y bible-kjv\)"):
+        kjv_verses()
+    with pytest.raises(MissingDataError, match=r"command 'apt-get' not found .*apt-get download r-cran-janeaustenr"):
+        _fetch_janeaustenr(tmp_path / "cache")
