@@ -13,7 +13,7 @@ from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.encoder import EncoderConfig
 from d2v2.modalities.audio import frame_count
 
-__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "NO_WEIGHT_DECAY"]
+__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked", "NO_WEIGHT_DECAY"]
 
 # ALiBi scales are not weight-decayed (spec §1.12); biases and 1-D tensors are excluded by the engine.
 NO_WEIGHT_DECAY = {"alibi_scale"}
@@ -28,6 +28,17 @@ def backbone(modality: str, preset: str, **changes) -> dict:
 def d2v2_setting(modality: str, preset: str, key: str):
     """A top-level value of data2vec 2.0's preset (e.g. the tiny runs' shortened EMA schedule)."""
     return D2V2_PRESETS[modality][preset][key]
+
+
+def ensure_masked(batch: dict[str, torch.Tensor], masker, needs: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``batch`` if it carries masks (and the ``needs`` keys a masker adds), else ``batch`` masked by
+    ``masker`` with a seed drawn from torch's global RNG (so tests can call ``forward`` directly)."""
+    if "mask" not in batch:
+        return masker(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+    missing = [k for k in needs if k not in batch]
+    if missing:
+        raise ValueError(f"the batch has 'mask' but not {missing}: build text batches with the method's masker()")
+    return batch
 
 
 def num_tokens(cfg: EncoderConfig, source: torch.Tensor) -> int:

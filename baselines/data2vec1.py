@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import NO_WEIGHT_DECAY, backbone, d2v2_setting, eval_mode, feature_std, num_tokens
+from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
+                              num_tokens)
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
 from d2v2.config import Config
 from d2v2.ema import EMATeacher, ema_decay
@@ -124,8 +125,7 @@ class Data2Vec1(PretrainMethod):
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
-        if "mask" not in batch:
-            batch = self.masker()(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        batch = ensure_masked(batch, self.masker(), needs=("mlm_target",) if self.modality == "text" else ())
         source, padding_mask = batch["source"], batch.get("padding_mask")
         x, padding_mask = self.student.local_features(source, padding_mask)
         mask = batch["mask"].to(x.device)

@@ -19,7 +19,7 @@ import pydantic
 import torch
 from torch import nn
 
-from baselines.common import backbone, num_tokens
+from baselines.common import backbone, ensure_masked, num_tokens
 from d2v2.blocks import Block
 from d2v2.config import Config
 from d2v2.encoder import Encoder, EncoderConfig
@@ -130,8 +130,7 @@ class MAE(PretrainMethod):
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
-        if "mask" not in batch:
-            batch = self.masker()(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        batch = ensure_masked(batch, self.masker())
         images = batch["source"]
         x, _ = self.student.local_features(images)
         mask = batch["mask"].to(x.device)

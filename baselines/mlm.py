@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import backbone
+from baselines.common import backbone, ensure_masked
 from baselines.masking import BertMaskConfig, BertMasker
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
@@ -76,8 +76,7 @@ class MLM(PretrainMethod):
         return batch["source"].numel()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
-        if "mask" not in batch:
-            batch = self.masker()(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
+        batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
         out = self.student(batch["source"], batch.get("padding_mask"))
         selected = batch["mask"].to(out.x.device)
         logits = self.lm_head(out.x[selected]).float()          # only the selected positions, as fairseq

@@ -84,6 +84,15 @@ def test_config_errors_name_the_key():
         method_config("text", "mlm", "smoke", {"mask": {"mask_token_prob": 0.95}})
 
 
+@pytest.mark.parametrize("name", ["mlm", "data2vec1"])
+def test_text_batch_with_mask_but_no_original_tokens_is_rejected(name):
+    method = build_method("text", name, "smoke")
+    batch = masked(method, make_batch("text"))
+    del batch["mlm_target"]
+    with pytest.raises(ValueError, match="mlm_target"):
+        method(batch)
+
+
 # ------------------------------------------------------------------------------------ MAE
 
 def test_patchify_matches_unfold():
