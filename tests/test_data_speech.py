@@ -1,5 +1,4 @@
 """Speech data: the synthesised corpus, both manifest layouts, letters, collaters and errors."""
-import json
 import shutil
 
 import numpy as np
@@ -12,7 +11,7 @@ from d2v2.config import ConfigError, validate
 from d2v2.data.speech import (LETTERS, SpeechDataConfig, SpeechFinetuneDataset, SpeechPretrainDataset,
                               collate_finetune, collate_pretrain, ids_to_letters, letters_to_ids,
                               letters_to_words, prepare_speech, words_to_letters)
-from d2v2.data.speech_synth import normalise_text
+from d2v2.data.speech_synth import _corrupt, coloured_noise, normalise_text
 
 TINY = {"num_pretrain": 6, "num_train": 4, "num_valid": 2, "num_test": 4, "num_test_flite": 3}
 
@@ -123,6 +122,25 @@ def test_generation_is_deterministic_and_cached(tmp_path, corpus):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]               # no temp folders left
 
 
+def test_noise_colour_and_snr():
+    rng = np.random.default_rng(0)
+    for exponent in (0.0, 1.0, 2.0):        # power spectrum slope on a log-log scale is -exponent
+        noise = coloured_noise(1 << 16, exponent, rng)
+        power = np.abs(np.fft.rfft(noise)) ** 2
+        freqs = np.fft.rfftfreq(len(noise))
+        band = (freqs > 1e-3) & (freqs < 0.4)
+        slope = np.polyfit(np.log(freqs[band]), np.log(power[band]), 1)[0]
+        assert abs(np.mean(noise ** 2) - 1) < 1e-6 and abs(slope + exponent) < 0.1, (exponent, slope)
+    speech = np.sin(np.linspace(0, 2000, 16000))
+    mixed = _corrupt(speech, 800, 400, snr_db=5.0, exponent=1.0, gain_db=-6.0, rng=rng)
+    assert len(mixed) == 17200 and abs(np.abs(mixed).max() - 10 ** (-6 / 20)) < 1e-6
+    clean = np.concatenate([np.zeros(800), speech, np.zeros(400)])
+    gain = np.dot(mixed, clean) / np.dot(clean, clean)            # least-squares scale of the clean part
+    noise = mixed - gain * clean
+    snr = 10 * np.log10(np.mean((gain * speech) ** 2) / np.mean(noise ** 2))   # over the speech's own power
+    assert abs(snr - 5.0) < 0.3, snr
+
+
 # ---------------------------------------------------------------------------------------------- layouts
 def _librispeech_fixture(root):
     """Two short FLAC utterances in LibriSpeech's layout, plus a fairseq manifest of the same files."""
@@ -201,11 +219,10 @@ def test_collate_finetune_pads(corpus):
 def test_truncated_or_corrupt_wav_is_named(tmp_path, corpus):
     root, cfg, _ = corpus
     copy = tmp_path / "copy"
-    shutil.copytree(root, copy)
-    tsv = (copy / "train.tsv").read_text().splitlines()
-    (copy / "train.tsv").write_text("\n".join([str(copy)] + tsv[1:]) + "\n")
-    (copy / "manifest.json").write_text(json.dumps({}))
-    victim = copy / tsv[1].split("\t")[0]
+    shutil.copytree(root, copy)                                      # a moved corpus still loads
+    assert torch.equal(SpeechFinetuneDataset(copy, cfg, "train")[0]["source"],
+                       SpeechFinetuneDataset(root, cfg, "train")[0]["source"])
+    victim = copy / (copy / "train.tsv").read_text().splitlines()[1].split("\t")[0]
     victim.write_bytes(victim.read_bytes()[:5000])                  # truncated data chunk
     ds = SpeechFinetuneDataset(copy, cfg, "train")
     with pytest.raises(ValueError, match=f"{victim}.*truncated"):

@@ -7,10 +7,13 @@ Three sources give the same items, so one pipeline serves the embedded corpus an
   DATA_SOURCES.md, "Speech"), written by :func:`prepare_speech` in fairseq's manifest format;
 * ``manifest``: fairseq manifests (``<split>.tsv``: first line the audio root, then
   ``relative_path<TAB>num_samples``; ``<split>.ltr``: letters, ``|`` ends each word; ``<split>.wrd``),
-  as used for LibriSpeech / Libri-light by wav2vec 2.0 and data2vec;
+  as used for LibriSpeech / Libri-light by wav2vec 2.0 and data2vec. One extension: a relative root
+  (the synthesised corpus writes ``.``) is taken relative to the manifest's folder, so a corpus can be
+  copied (e.g. to node-local disk) without rewriting it;
 * ``librispeech``: the unpacked LibriSpeech archives (torchaudio's ``LIBRISPEECH`` layout,
   ``<root>/LibriSpeech/<subset>/<spk>/<chapter>/*.flac`` + ``.trans.txt``); join subsets with ``+``
-  (``train-clean-100+train-clean-360+train-other-500`` is LS-960).
+  (``train-clean-100+train-clean-360+train-other-500`` is LS-960). Every file header is read once to
+  get its length (minutes for LS-960): at that scale fairseq manifests, which store lengths, load faster.
 
 Input pipeline (spec §1.10): raw mono waveform, normalised per utterance to zero mean and unit variance
 (``normalize``, required by data2vec 2.0 checkpoints, spec §5.2); pretraining drops utterances shorter than
@@ -218,6 +221,7 @@ def read_fairseq_manifest(manifest_dir: Path, split: str) -> Utterances:
     if not lines:
         raise CorruptDataError(f"{tsv}: empty manifest (the first line must be the audio root folder)")
     root = Path(lines[0].strip())
+    root = root if root.is_absolute() else tsv.parent / root    # our extension: relative to the manifest
     paths, sizes = [], []
     for n, line in enumerate(lines[1:], start=2):
         try:

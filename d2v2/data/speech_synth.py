@@ -52,7 +52,7 @@ from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, words_to_let
 
 __all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "coloured_noise"]
 
-FORMAT_VERSION = 1     # bump when the generator changes what it writes for a given config
+FORMAT_VERSION = 2     # bump when the generator changes what it writes for a given config
 _SYNTH_SPLITS = {"pretrain": "train", "train": "train", "valid": "valid", "test": "test", "test_flite": "test"}
 _MIN_WORDS, _MAX_WORDS = 3, 14
 _MAX_ATTEMPTS = 50     # draws per utterance until one fits [min_seconds, max_seconds]
@@ -276,10 +276,13 @@ def _inputs(cfg: SpeechDataConfig) -> dict:
             "packages": {p: dpkg_version(p) for p in packages}}
 
 
-def _write_split(folder: Path, final_root: Path, split: str, records: list[dict], labelled: bool) -> None:
-    """fairseq ``.tsv`` (+ ``.ltr``/``.wrd`` when labelled) and the per-utterance ``.meta.tsv``."""
+def _write_split(folder: Path, split: str, records: list[dict], labelled: bool) -> None:
+    """fairseq ``.tsv`` (+ ``.ltr``/``.wrd`` when labelled) and the per-utterance ``.meta.tsv``.
+
+    The audio root (first ``.tsv`` line) is ``.``, i.e. the corpus folder, so the corpus can be moved.
+    """
     (folder / f"{split}.tsv").write_text(
-        "".join([f"{final_root}\n"] + [f"{r['file']}\t{r['num_samples']}\n" for r in records]))
+        "".join([".\n"] + [f"{r['file']}\t{r['num_samples']}\n" for r in records]))
     if labelled:
         (folder / f"{split}.wrd").write_text("".join(f"{r['words']}\n" for r in records))
         (folder / f"{split}.ltr").write_text("".join(f"{words_to_letters(r['words'])}\n" for r in records))
@@ -320,7 +323,7 @@ def build_corpus(root: Path, cfg: SpeechDataConfig, workers: int | None = None) 
         if syn.asterisk:
             records["test_asterisk"] = _asterisk(cfg, tmp)
         for split, recs in records.items():
-            _write_split(tmp, root, split, recs, labelled=split != "pretrain")
+            _write_split(tmp, split, recs, labelled=split != "pretrain")
         files = [file_record(p, tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]
         digests = {f["path"]: f["sha256"] for f in files}
         manifest = {"modality": "speech", "source": "synth", "inputs": inputs,
