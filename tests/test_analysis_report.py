@@ -65,3 +65,11 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main(["--tables", str(tmp_path), "--out", str(tmp_path), "--target", "image-mae"])
     assert "expected MODALITY:BASELINE=VALUE" in capsys.readouterr().err
+
+
+def test_report_without_baselines_says_so(tmp_path):
+    files = sorted(str(p) for p in (FIXTURE / "metrics").glob("image-data2vec2-default-*.json"))
+    assert collect.main(["--metrics", *files, "--out", str(tmp_path / "tables")]) == 0
+    assert report.main(["--tables", str(tmp_path / "tables"), "--out", str(tmp_path), "--bootstrap", "50"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "no baseline with a data2vec 2.0 comparison" in md and "No workflow configuration was given" in md

@@ -40,6 +40,13 @@ REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not r
 CLOCKS = {"train_time_s": "train-only seconds", "e2e_time_s": "end-to-end seconds",
           "device_hours": "device-hours"}
 REFERENCE_METHOD = "data2vec2"
+TARGET_COLUMNS = ["modality", "task", "baseline", "primary_metric", "higher_is_better", "configured", "target",
+                  "target_source"]
+SPEEDUP_COLUMNS = [
+    "modality", "task", "baseline", "variant", "default_variant", "clock", "primary_metric", "target",
+    "target_source", "baseline_time_low", "baseline_time_high", "baseline_olympic", "baseline_status",
+    "baseline_seeds", "d2v2_time_low", "d2v2_time_high", "d2v2_olympic", "d2v2_status", "d2v2_seeds",
+    "d2v2_budget", "speedup_low", "speedup_high", "relation", "speedup", "ci_low", "ci_high", "speedup_text"]
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,7 @@ def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | N
     unknown = set(configured) - {(r["modality"], r["baseline"]) for r in rows}
     if unknown:
         raise ValueError(f"configured targets for runs not in the table: {sorted(unknown)}")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=TARGET_COLUMNS)
 
 
 def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Iterable[str] = CLOCKS,
@@ -286,4 +293,4 @@ def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Itera
                     "speedup_low": s.low, "speedup_high": s.high, "relation": s.relation,
                     "speedup": s.value, "ci_low": s.ci[0], "ci_high": s.ci[1], "speedup_text": s.describe(),
                 })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SPEEDUP_COLUMNS)
