@@ -336,19 +336,19 @@ _TEXT_BASE = {
 # masking parameters carry over), ~2-4 s of 16 kHz speech through a narrow CNN with the same strides
 # (20 ms frames), 128-token BPE blocks with an 8192 vocabulary. The EMA schedule is shortened to the
 # few hundred updates of a tiny run (an unscaled 100k-step anneal would leave the teacher frozen).
-_TINY_ENCODER = {"embed_dim": 64, "num_heads": 4, "depth": 4, "mlp_ratio": 4.0}
+_TINY_ENCODER = {"embed_dim": 48, "num_heads": 3, "depth": 4, "mlp_ratio": 4.0}
 _TINY_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2
 _TINY = {
     "image": {"encoder": {**_TINY_ENCODER, "prenet_depth": 1, "depth": 3,
                           "image": {"img_size": 28, "patch_size": 2, "in_chans": 1}},
-              "decoder": {"dim": 64, "groups": 4, "depth": 3},
+              "decoder": {"dim": 24, "groups": 4, "depth": 3},
               "num_masks": 4, "average_top_k_layers": 3},
     "audio": {"encoder": {**_TINY_ENCODER, "audio": {"conv_layers": _TINY_CONV, "conv_pos_width": 18,
                                                      "conv_pos_depth": 2, "conv_pos_groups": 4}},
-              "decoder": {"dim": 64, "groups": 4, "depth": 2},
+              "decoder": {"dim": 24, "groups": 4, "depth": 2},
               "num_masks": 4, "average_top_k_layers": 4},
     "text": {"encoder": {**_TINY_ENCODER, "text": {"vocab_size": 8192, "max_positions": 128}},
-             "decoder": {"dim": 64, "depth": 2},
+             "decoder": {"dim": 24, "depth": 2},
              "num_masks": 4, "average_top_k_layers": 4,
              "ema_end_decay": 0.9999},            # the paper's tau_e = 1 would freeze a short run's teacher
 }

@@ -1,0 +1,155 @@
+"""Training-step throughput and peak memory of every registered pretraining method.
+
+For each (modality, method) in ``d2v2.method.available_methods()`` and each preset, build the method,
+feed it synthetic inputs of the preset's shape (masks drawn by its own masker, outside the timed
+region, as the data-loader workers do), and time ``forward + backward + AdamW step + after_step``
+with ``time.perf_counter`` (wall clock; the device is synchronised before every timestamp).
+
+Reported per row: seconds per step (median over the timed steps; "cpu s" is the process CPU time of
+the step, ``time.process_time``, which is what the step would take on idle cores when the machine is
+shared), samples/s, encoder tokens/s
+(``method.encoder_tokens``: student + teacher tokens), the per-sample training cost relative to
+data2vec 2.0 of the same modality and preset, and peak memory: ``torch.cuda.max_memory_allocated`` on
+GPU; on CPU the peak resident set size of a fresh process that runs only that row (so it includes the
+Python/torch runtime, ~0.3 GB).
+
+    python benchmarks/bench_step.py --presets tiny
+    python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+# samples of audio per utterance when benchmarking (the tiny data are 2-4 s; the paper crops to 20 s)
+AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}
+DEFAULT_BATCH = {"smoke": {"image": 16, "audio": 4, "text": 8},
+                 "tiny": {"image": 64, "audio": 16, "text": 32},          # config/presets/tiny.yaml
+                 "base": {"image": 16, "audio": 4, "text": 4}}            # per-GPU batches (spec §1.12)
+
+
+def synthetic_batch(encoder_cfg, modality: str, batch_size: int, preset: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if modality == "image":
+        c = encoder_cfg.image
+        source = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, generator=g)
+    elif modality == "audio":
+        source = torch.randn(batch_size, int(AUDIO_SECONDS[preset] * 16000), generator=g)
+    else:
+        c = encoder_cfg.text
+        source = torch.randint(5, c.vocab_size, (batch_size, c.max_positions), generator=g)
+        source[:, 0] = 0                                                    # <s>
+    return {"source": source, "id": torch.arange(batch_size)}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
+              device: str, dtype: str, threads: int) -> dict:
+    """Benchmark one (modality, method, preset); runs in its own process on CPU."""
+    from d2v2.method import build_method
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    method = build_method(modality, method_name, preset).to(device)
+    method.train()
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
+    raw = synthetic_batch(method.encoder().cfg, modality, batch_size, preset)
+    masker = method.masker()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    times, cpu_times, tokens = [], [], 0
+    for step in range(warmup + steps):
+        batch = _to(masker(dict(raw), torch.Generator().manual_seed(step)), device)
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = method(batch)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        method.after_step(step + 1)
+        _sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            tokens = method.encoder_tokens(batch)
+    step_s = statistics.median(times)
+    if device.startswith("cuda"):
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
+    return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size,
+            "step_s": step_s, "cpu_s": statistics.median(cpu_times), "samples_s": batch_size / step_s, "tokens_step": tokens,
+            "tokens_s": tokens / step_s, "peak_gb": peak_gb,
+            "params_m": sum(p.numel() for p in params) / 1e6}
+
+
+def _run_isolated(kwargs: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(bench_one, kwds=kwargs)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny"])
+    parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all registered)")
+    parser.add_argument("--modalities", nargs="+", default=["image", "audio", "text"])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="bf16/fp16: torch.autocast mixed precision (fp16 with a GradScaler)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+
+    from d2v2.method import available_methods
+
+    rows = []
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"cpu ({args.threads} threads)"
+    print(f"device: {device_name}; dtype: {args.dtype}; clock: time.perf_counter (wall), device synchronised; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    header = (f"{'preset':6} {'modality':8} {'method':10} {'batch':>5} {'params(M)':>9} {'s/step':>8} {'cpu s':>7} "
+              f"{'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
+              f"{'peak GB':>8}")
+    print(header)
+    for preset in args.presets:
+        # data2vec 2.0 first in each modality: the others' cost is relative to it
+        for modality, method in sorted(available_methods(), key=lambda mm: (mm[0], mm[1] != "data2vec2", mm[1])):
+            if modality not in args.modalities or (args.methods and method not in args.methods):
+                continue
+            batch = args.batch_size or DEFAULT_BATCH[preset][modality]
+            kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
+                          steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                          threads=args.threads)
+            row = _run_isolated(kwargs) if args.device == "cpu" else bench_one(**kwargs)
+            rows.append(row)
+            ref = next((r for r in rows if (r["preset"], r["modality"], r["method"]) ==
+                        (preset, modality, "data2vec2")), None)
+            ratio = f"{(row['step_s'] / row['batch']) / (ref['step_s'] / ref['batch']):.2f}x" if ref else "-"
+            print(f"{preset:6} {modality:8} {method:10} {batch:>5} {row['params_m']:>9.2f} {row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
+                  f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
+                  f"{row['peak_gb']:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
