@@ -67,6 +67,12 @@ def test_finetune_splits_balanced_disjoint_deterministic(cfg):
                                                "higher_is_better": True}
 
 
+def test_manifest_counts_from_the_files(cfg):
+    manifest = prepare(["image"], cfg)["image"]
+    assert manifest["skipped"] and manifest["counts"] == {"train": [6000] * 10, "test": [1000] * 10}
+    assert manifest["inputs"]["packages"]["dataset-fashion-mnist"].startswith("0.0~git2020")
+
+
 def test_class_balanced_split_needs_enough_images():
     with pytest.raises(ValueError, match="class 1: 2 images"):
         class_balanced_split(np.array([0, 0, 0, 1, 1]), 1, 2, seed=0)

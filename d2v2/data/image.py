@@ -54,7 +54,7 @@ FMNIST_FILES = {
     "t10k-labels-idx1-ubyte": (2049, (10000,)),
 }
 _FMNIST_DIR = "fashion_mnist"
-FORMAT_VERSION = 1           # bump when the prepared files change for the same inputs
+FORMAT_VERSION = 2           # bump when the prepared files change for the same inputs
 
 
 def _raw_dir(folder: Path) -> Path:
@@ -62,16 +62,20 @@ def _raw_dir(folder: Path) -> Path:
     return folder / "FashionMNIST" / "raw"
 
 
+def _idx_bytes(name: str) -> int:
+    """Size of a complete IDX file: 4-byte magic, 4 bytes per dimension, one byte per value."""
+    _, shape = FMNIST_FILES[name]
+    return 4 * (1 + len(shape)) + int(np.prod(shape))
+
+
 def _check_idx(data: bytes, name: str, where: Path) -> None:
     """IDX header and length must match Fashion-MNIST's (catches truncated or foreign files)."""
     magic, shape = FMNIST_FILES[name]
-    header = 4 * (1 + len(shape))
     got = tuple(int.from_bytes(data[4 * (i + 1):4 * (i + 2)], "big") for i in range(len(shape)))
-    if len(data) < header or int.from_bytes(data[:4], "big") != magic or got != shape \
-            or len(data) != header + int(np.prod(shape)):
+    if int.from_bytes(data[:4], "big") != magic or got != shape or len(data) != _idx_bytes(name):
         raise CorruptDataError(
             f"{where}: not a valid Fashion-MNIST IDX file {name} ({len(data)} bytes; expected magic {magic}, "
-            f"shape {shape}, {header + int(np.prod(shape))} bytes); re-install dataset-fashion-mnist "
+            f"shape {shape}, {_idx_bytes(name)} bytes); re-install dataset-fashion-mnist "
             f"or delete it and run `python -m d2v2 prepare-data --modalities image`")
 
 
@@ -92,7 +96,8 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
                           "apt-get install -y dataset-fashion-mnist")
     gz = {name: require_path(source / f"{name}.gz", "data.image.fmnist_source",
                              "apt-get install -y dataset-fashion-mnist") for name in FMNIST_FILES}
-    inputs = {"format": FORMAT_VERSION, "dataset": "fmnist", "sources": {n: sha256_file(p) for n, p in gz.items()},
+    inputs = {"format": FORMAT_VERSION, "dataset": "fmnist",
+              "sources": {n: sha256_file(p) for n, p in gz.items()},
               "packages": {"dataset-fashion-mnist": dpkg_version("dataset-fashion-mnist")}}
     folder = root / _FMNIST_DIR
     if manifest_is_current(folder, inputs):
@@ -101,6 +106,7 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
     with atomic_dir(folder) as tmp:
         raw = _raw_dir(tmp)
         raw.mkdir(parents=True)
+        counts = {}
         for name, path in gz.items():
             try:
                 data = gzip.decompress(path.read_bytes())
@@ -108,10 +114,10 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
                 raise CorruptDataError(f"{path}: corrupt gzip file ({err}); re-install dataset-fashion-mnist") from None
             _check_idx(data, name, path)
             (raw / name).write_bytes(data)
-        files = sorted(raw.iterdir())
-        manifest = {"modality": "image", "dataset": "fmnist", "inputs": inputs,
-                    "counts": {"train": 60000, "test": 10000, "classes": FMNIST_CLASSES},
-                    "files": [file_record(p, tmp) for p in files]}
+            if "labels" in name:   # images per class, e.g. {"train": [6000] * 10}
+                counts["train" if name.startswith("train") else "test"] = np.bincount(np.frombuffer(data, np.uint8, offset=8)).tolist()
+        manifest = {"modality": "image", "dataset": "fmnist", "inputs": inputs, "counts": counts,
+                    "files": [file_record(p, tmp) for p in sorted(raw.iterdir())]}
         atomic_write_json(tmp / MANIFEST, manifest)
     return {**manifest, "skipped": False}
 
@@ -122,8 +128,7 @@ def _fashion_mnist(root: Path, train: bool, transform) -> datasets.FashionMNIST:
         if name.startswith("train" if train else "t10k"):
             path = require_path(raw / name, "data.root",
                                 "run `python -m d2v2 prepare-data --modalities image`")
-            magic, shape = FMNIST_FILES[name]
-            expected = 4 * (1 + len(shape)) + int(np.prod(shape))
+            expected = _idx_bytes(name)
             if path.stat().st_size != expected:
                 raise CorruptDataError(f"{path}: {path.stat().st_size} bytes, expected {expected} (truncated?); "
                                        f"delete {root / _FMNIST_DIR} and prepare again")
