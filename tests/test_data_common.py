@@ -126,6 +126,17 @@ def test_loader_kwargs():
     DataLoader(range(4), **auto)   # accepted by DataLoader as is
 
 
+def test_loader_workers_shared_by_the_processes_of_a_node(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    assert loader_kwargs(DataConfig(), "cuda")["num_workers"] == 7        # 32 CPUs / 4 tasks - 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_kwargs(DataConfig(), "cuda")["num_workers"] == 10       # capped
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert loader_kwargs(DataConfig(), "cpu")["num_workers"] == 1         # 2-core CPU: one worker
+
+
 def test_config_errors_name_the_key():
     typo = r"data\.image\.labels_per_clas: unknown key \(did you mean 'labels_per_class'"
     with pytest.raises(ConfigError, match=typo):

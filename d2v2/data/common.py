@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -190,9 +191,12 @@ def _single_thread_worker(_: int) -> None:
 
 
 def _cpus_per_process() -> int:
+    """CPUs this process may use, shared among the training processes of the node (torchrun sets
+    ``LOCAL_WORLD_SIZE``; SLURM ``SLURM_NTASKS_PER_NODE``, e.g. ``4`` or ``4(x2)``)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
-    return max(1, cpus // max(1, local_world))
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    match = re.match(r"\d+", local)
+    return max(1, cpus // max(1, int(match.group()) if match else 1))
 
 
 def loader_kwargs(cfg, device: str | torch.device = "cpu") -> dict[str, Any]:
