@@ -1,0 +1,116 @@
+"""Overhead of the pretraining runner over the bare model step (same method, batch, device).
+
+- **bare**: ``forward -> backward -> clip -> AdamW step -> EMA step`` on batches collated (masks
+  included) before the clock starts, cycled from memory: the model's own speed.
+- **runner**: ``d2v2.engine.pretrain.run`` with an updates budget: data loading (workers, masks in the
+  workers), the LR schedule, logging, budget checks; its train-only clock from ``events.jsonl`` over
+  the updates after the warm-up (checkpoint writing is outside that clock).
+
+Both synchronise the device before each timestamp (``time.perf_counter``). Example:
+
+    python benchmarks/bench_runner.py --modality image --preset tiny --batch-size 32 --updates 40
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from d2v2 import data
+from d2v2.engine.clock import synchronize
+from d2v2.engine.events import read_events
+from d2v2.engine.optim import build_optimizer, param_groups
+from d2v2.engine.pretrain import run
+from d2v2.engine.runconfig import resolve_run_config
+from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
+from d2v2.method import build_method
+
+
+def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
+    """Samples/s of the bare training step on pre-collated batches."""
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    m = cfg.method
+    method = build_method(m.modality, m.name, m.preset, m.overrides).to(device).train()
+    optimizer = build_optimizer(param_groups(method, cfg.optim.weight_decay, method.no_weight_decay()), cfg.optim)
+    dataset = WithEpoch(data.pretrain_dataset(m.modality, cfg.data), cfg.seed)
+    collate = data.pretrain_collater(m.modality, cfg.data, method.masker(), cfg.seed)
+    sampler = iter(ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed))
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[key] for key in next(sampler)]).items()}
+               for _ in range(8)]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    stream = itertools.cycle(batches)
+
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = method(next(stream)).loss
+        loss.backward()
+        if cfg.optim.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(i + 1)
+
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + updates):
+        step(i)
+    synchronize(device)
+    return updates * cfg.batch_size / (time.perf_counter() - start)
+
+
+def runner_throughput(cfg, warmup: int, out: Path) -> float:
+    """Samples/s of the runner between the end of the warm-up and the end (train-only clock)."""
+    assert run(cfg, out) == 0
+    progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
+    first = next(p for p in progress if p["updates"] >= warmup)
+    last = progress[-1]
+    return (last["train_samples"] - first["train_samples"]) / (last["train_time_s"] - first["train_time_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modality", default="image")
+    p.add_argument("--method", default="data2vec2")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--updates", type=int, default=40, help="timed updates (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="data workers (default: data.loader_kwargs)")
+    p.add_argument("--data-root", default="data")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve_run_config({
+        "method": {"modality": args.modality, "name": args.method, "preset": args.preset},
+        "data": {"root": args.data_root, "num_workers": args.num_workers},
+        "batch_size": args.batch_size, "budget": {"kind": "updates", "value": args.warmup + args.updates},
+        "checkpoint": {"fractions": [1.0], "last_every_s": 1e9}, "log_every": args.warmup,
+        "precision": args.precision, "device": args.device, "threads": args.threads, "progress": False})
+    bare, runner = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):          # interleaved, so load changes hit both alike
+            bare.append(bare_step_throughput(cfg, args.warmup, args.updates))
+            runner.append(runner_throughput(cfg, args.warmup, Path(tmp) / f"run{r}"))
+    b, rn = statistics.median(bare), statistics.median(runner)
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    print(f"{args.modality}/{args.method}/{args.preset} batch {args.batch_size} {args.precision} on {device} "
+          f"({torch.get_num_threads()} threads), {args.updates} timed updates, median of {args.repeats}")
+    print(f"  bare step : {b:9.1f} samples/s   runs {', '.join(f'{x:.1f}' for x in bare)}")
+    print(f"  runner    : {rn:9.1f} samples/s   runs {', '.join(f'{x:.1f}' for x in runner)}")
+    print(f"  runner / bare = {rn / b:.3f}  (overhead {100 * (1 - rn / b):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
