@@ -24,7 +24,6 @@ docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT bac
 """
 from __future__ import annotations
 
-import math
 from typing import Annotated, Union
 
 import pydantic
