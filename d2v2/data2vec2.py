@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import pydantic
 import torch
-from torch import nn
 
 from d2v2.config import Config, merge
 from d2v2.decoder import Decoder, DecoderConfig

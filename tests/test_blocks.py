@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes
 

@@ -1,7 +1,6 @@
 """EMA teacher (formula, schedule, what it holds) and target construction (spec §1.3, §1.4)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d2v2.ema import EMATeacher, ema_decay

@@ -1,5 +1,4 @@
 """Mask generators: exact counts per row, block structure, reproducibility, gather helpers."""
-import pickle
 
 import pytest
 import torch
