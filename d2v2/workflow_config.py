@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ import yaml
 
 from d2v2.config import ConfigError, merge
 
-__all__ = ["WorkflowConfigError", "Run", "with_preset", "variants", "expand_runs", "run_config",
-           "finetune_request", "random_init_request", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
+__all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
+           "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
            "DATA_MODALITY"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
@@ -58,8 +59,31 @@ class Run:
         return f"{self.modality}/{self.method}/{self.variant}/seed{self.seed}"
 
 
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
+_WORDS = {"true": True, "false": False, "null": None}
+
+
+def coerce_scalars(value: Any) -> Any:
+    """Numbers, ``true``/``false`` and ``null`` written as strings, read back as such.
+
+    Snakemake parses nested ``--config key='{a: 2}'`` values with YAML's BaseLoader, which leaves every
+    scalar a string (``'2'``); this restores the types a YAML file would have given.
+    """
+    if isinstance(value, Mapping):
+        return {k: coerce_scalars(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce_scalars(v) for v in value]
+    if isinstance(value, str):
+        if value in _WORDS:
+            return _WORDS[value]
+        if _NUMBER.match(value):
+            return int(value) if value.lstrip("+-").isdigit() else float(value)
+    return value
+
+
 def with_preset(config: Mapping[str, Any], presets_dir: str | Path) -> dict[str, Any]:
-    """``config`` laid over ``presets_dir/<config['preset']>.yaml`` (default preset: tiny)."""
+    """``config`` (scalars coerced, see :func:`coerce_scalars`) laid over ``presets_dir/<preset>.yaml``."""
+    config = coerce_scalars(config)
     name = config.get("preset", "tiny")
     path = Path(presets_dir) / f"{name}.yaml"
     if not path.is_file():
@@ -67,6 +91,23 @@ def with_preset(config: Mapping[str, Any], presets_dir: str | Path) -> dict[str,
         raise WorkflowConfigError(f"preset: '{name}' unknown (have {', '.join(have)})")
     preset = yaml.safe_load(path.read_text()) or {}
     return merge(preset, config)
+
+
+def schema_error(err: Exception) -> str:
+    """A one-line message naming the key, from the jsonschema error inside Snakemake's ``validate`` error."""
+    chain = [err.__cause__, err.__context__, *getattr(err, "args", ())]
+    cause = next((c for c in chain if hasattr(c, "absolute_path")), None)
+    if cause is None:
+        return str(err)
+    key = ""
+    for part in cause.absolute_path:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    message = cause.message
+    if cause.validator == "additionalProperties":
+        unknown = sorted(set(cause.instance) - set(cause.schema.get("properties", {})))
+        allowed = ", ".join(sorted(cause.schema.get("properties", {})))
+        return "; ".join(f"{key + '.' if key else ''}{u}: unknown key (valid keys: {allowed})" for u in unknown)
+    return f"{key or 'config'}: {message}"
 
 
 def fraction_tag(fraction: float) -> str:
