@@ -5,13 +5,13 @@ feed it synthetic inputs of the preset's shape (masks drawn by its own masker, o
 region, as the data-loader workers do), and time ``forward + backward + AdamW step + after_step``
 with ``time.perf_counter`` (wall clock; the device is synchronised before every timestamp).
 
-Reported per row: seconds per step (median over the timed steps; "cpu s" is the process CPU time of
-the step, ``time.process_time``, which is what the step would take on idle cores when the machine is
-shared), samples/s, encoder tokens/s
-(``method.encoder_tokens``: student + teacher tokens), the per-sample training cost relative to
-data2vec 2.0 of the same modality and preset, and peak memory: ``torch.cuda.max_memory_allocated`` on
-GPU; on CPU the peak resident set size of a fresh process that runs only that row (so it includes the
-Python/torch runtime, ~0.3 GB).
+Reported per row: seconds per step (median over the timed steps); "cpu s", the process CPU time of
+the step (``time.process_time``: about what the step takes on idle cores when others share the
+machine); samples/s; encoder tokens per step and per second (``method.encoder_tokens``: student +
+teacher tokens); the per-sample training cost relative to data2vec 2.0 of the same modality and preset
+(from CPU time on a CPU, wall time on a GPU); and peak memory: ``torch.cuda.max_memory_allocated`` on a
+GPU, on a CPU the peak resident set size of a fresh process that runs only that row (so it includes the
+Python/torch runtime, ~0.6 GB).
 
     python benchmarks/bench_step.py --presets tiny
     python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
@@ -96,8 +96,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
     return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size,
-            "step_s": step_s, "cpu_s": statistics.median(cpu_times), "samples_s": batch_size / step_s, "tokens_step": tokens,
-            "tokens_s": tokens / step_s, "peak_gb": peak_gb,
+            "step_s": step_s, "cpu_s": statistics.median(cpu_times), "samples_s": batch_size / step_s,
+            "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
             "params_m": sum(p.numel() for p in params) / 1e6}
 
 
@@ -127,14 +127,18 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"cpu ({args.threads} threads)"
     print(f"device: {device_name}; dtype: {args.dtype}; clock: time.perf_counter (wall), device synchronised; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps after {args.warmup} warm-up; cost ratio from "
+          f"{'CPU time' if args.device == 'cpu' else 'wall time'}")
     header = (f"{'preset':6} {'modality':8} {'method':10} {'batch':>5} {'params(M)':>9} {'s/step':>8} {'cpu s':>7} "
               f"{'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
               f"{'peak GB':>8}")
+    # per-sample cost ratio: CPU time on a CPU (robust to other processes sharing the cores), else wall
+    cost = "cpu_s" if args.device == "cpu" else "step_s"
     print(header)
     for preset in args.presets:
         # data2vec 2.0 first in each modality: the others' cost is relative to it
-        for modality, method in sorted(available_methods(), key=lambda mm: (mm[0], mm[1] != "data2vec2", mm[1])):
+        ordered = sorted(available_methods(), key=lambda mm: (mm[0], mm[1] != "data2vec2", mm[1]))
+        for modality, method in ordered:
             if modality not in args.modalities or (args.methods and method not in args.methods):
                 continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
@@ -145,8 +149,9 @@ def main(argv=None) -> None:
             rows.append(row)
             ref = next((r for r in rows if (r["preset"], r["modality"], r["method"]) ==
                         (preset, modality, "data2vec2")), None)
-            ratio = f"{(row['step_s'] / row['batch']) / (ref['step_s'] / ref['batch']):.2f}x" if ref else "-"
-            print(f"{preset:6} {modality:8} {method:10} {batch:>5} {row['params_m']:>9.2f} {row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
+            ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
+            print(f"{preset:6} {modality:8} {method:10} {batch:>5} {row['params_m']:>9.2f} "
+                  f"{row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
                   f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
                   f"{row['peak_gb']:>8.2f}", flush=True)
 
