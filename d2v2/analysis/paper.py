@@ -13,13 +13,18 @@ import pandas as pd
 
 from d2v2.analysis.speedup import REACHED, REFERENCE_METHOD, TimeToTarget, speedup, time_to_target
 
-__all__ = ["PAPER_DIR", "TABLES", "METHOD_NAMES", "load", "implied_speedups"]
+__all__ = ["PAPER_DIR", "TABLES", "METHOD_NAMES", "PAPER_SCALE", "load", "implied_speedups"]
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 TABLES = ("efficiency_points", "claims", "imagenet", "librispeech", "glue", "ablation_multimask",
           "ablation_block_width")
 METHOD_NAMES = {"data2vec2": "data2vec 2.0", "data2vec1": "data2vec 1.0", "mae": "MAE",
                 "mlm": "RoBERTa (MLM)", "wav2vec2": "wav2vec 2.0"}
+
+# Scale and hardware behind the efficiency figure (spec §6.2, §6.5; GPU type not stated in the paper).
+PAPER_SCALE = {"image": "ViT-B, ImageNet-1k; GPU count and type not stated",
+               "audio": "Base, LibriSpeech 960 h; 16 GPUs (type not stated)",
+               "text": "Base, Books + Wikipedia; 16 GPUs (type not stated)"}
 
 
 def load(name: str, paper_dir: str | Path = PAPER_DIR) -> pd.DataFrame:
