@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -114,6 +115,11 @@ th{background:#f3f3f3}figure{margin:1.5rem 0}img{max-width:100%}figcaption{font-
 pre{background:#f6f6f6;padding:.75rem;overflow-x:auto;font-size:.8rem}"""
 
 
+def _inline_html(text: str) -> str:
+    """Escape, then render Markdown code spans (the only inline markup the report uses)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def render_html(blocks: list[Block], title: str) -> str:
     esc = html.escape
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
@@ -122,9 +128,9 @@ def render_html(blocks: list[Block], title: str) -> str:
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
-            out.append(f"<p>{esc(b.text)}</p>")
+            out.append(f"<p>{_inline_html(b.text)}</p>")
         elif isinstance(b, Bullets):
-            out.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b.items) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{esc(str(c))}</th>" for c in b.df.columns)
             body = "".join("<tr>" + "".join(f"<td>{esc(_cell(v))}</td>" for v in r) + "</tr>"
