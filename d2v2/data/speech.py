@@ -158,7 +158,7 @@ class SpeechDataConfig(Config):
     source: Literal["synth", "manifest", "librispeech"] = "synth"
     manifest_dir: str | None = None        # source=manifest: folder with <split>.tsv/.ltr (fairseq)
     librispeech_root: str | None = None    # source=librispeech: folder containing LibriSpeech/<subset>/
-    sample_rate: int = 16_000
+    sample_rate: int = Field(16_000, gt=0)
     normalize: bool = True                 # per-utterance zero mean / unit variance (data2vec 2.0: true)
     max_sample_size: int = Field(320_000, ge=1)   # pretraining random crop (20 s)
     min_sample_size: int = Field(32_000, ge=0)    # pretraining drops shorter utterances (2 s)
