@@ -27,19 +27,19 @@ import time
 import torch
 
 # samples of audio per utterance when benchmarking (the tiny data are 2-4 s; the paper crops to 20 s)
-AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}
+AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per GPU as 4 utterances
 DEFAULT_BATCH = {"smoke": {"image": 16, "audio": 4, "text": 8},
                  "tiny": {"image": 64, "audio": 16, "text": 32},          # config/presets/tiny.yaml
                  "base": {"image": 16, "audio": 4, "text": 4}}            # per-GPU batches (spec §1.12)
 
 
-def synthetic_batch(encoder_cfg, modality: str, batch_size: int, preset: str) -> dict:
+def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: float) -> dict:
     g = torch.Generator().manual_seed(0)
     if modality == "image":
         c = encoder_cfg.image
         source = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, generator=g)
     elif modality == "audio":
-        source = torch.randn(batch_size, int(AUDIO_SECONDS[preset] * 16000), generator=g)
+        source = torch.randn(batch_size, int(audio_seconds * 16000), generator=g)
     else:
         c = encoder_cfg.text
         source = torch.randint(5, c.vocab_size, (batch_size, c.max_positions), generator=g)
@@ -57,7 +57,7 @@ def _to(batch: dict, device: str) -> dict:
 
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
-              device: str, dtype: str, threads: int) -> dict:
+              device: str, dtype: str, threads: int, audio_seconds: float) -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
     from d2v2.method import build_method
 
@@ -69,7 +69,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     opt = torch.optim.AdamW(params, lr=1e-4)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
-    raw = synthetic_batch(method.encoder().cfg, modality, batch_size, preset)
+    raw = synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds)
     masker = method.masker()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -119,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="bf16/fp16: torch.autocast mixed precision (fp16 with a GradScaler)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--audio-seconds", type=float, default=None,
+                        help=f"utterance length for audio (default per preset: {AUDIO_SECONDS})")
     args = parser.parse_args(argv)
 
     from d2v2.method import available_methods
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
             kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
                           steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                          threads=args.threads)
+                          threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS[preset])
             row = _run_isolated(kwargs) if args.device == "cpu" else bench_one(**kwargs)
             rows.append(row)
             ref = next((r for r in rows if (r["preset"], r["modality"], r["method"]) ==

@@ -129,12 +129,12 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
 
 
-def alibi_bias(num_heads: int, length: int, device=None) -> torch.Tensor:
-    """The (H, T, T) ALiBi bias ``-m_h * |i - j|`` in original time distances."""
-    pos = torch.arange(length, device=device)
-    distance = (pos[None, :] - pos[:, None]).abs().float()
-    slopes = torch.tensor(alibi_slopes(num_heads), device=device)
-    return -slopes[:, None, None] * distance
+def alibi_bias(positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """ALiBi bias ``-m_h * |i - j|`` (B, H, T, T) for tokens at original ``positions`` (B, T), so that
+    after masking distances stay those of the full sequence (spec §1.5)."""
+    distance = (positions[:, None, :] - positions[:, :, None]).abs().float()
+    slopes = torch.tensor(alibi_slopes(num_heads), device=positions.device)
+    return -slopes[None, :, None, None] * distance[:, None]
 
 
 @torch.no_grad()

@@ -15,6 +15,10 @@ same recipe sized for a 2-core CPU. Where the paper and the released fairseq con
 - text ``ema_end_decay`` 1.0 (paper; yaml 0.99999): the teacher freezes after ``ema_anneal_end_step``;
 - image ``average_top_k_layers`` 10 / audio 8 / text 12 agree; image ``cls_loss`` 0.01 (yaml);
 - batch size, GPU count and update counts belong to the engine config, not to this method.
+
+Known differences from fairseq: the collapse guard's statistics are per process (fairseq all-reduces
+them); with ``teacher_shares="embeddings"`` (text) prenet blocks, if any (no released text config has
+them), are EMA-copied instead of run by the student; drop-path rises linearly over prenet + main blocks.
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ class Encoder(nn.Module):
             x = gather_tokens(x, positions)
             if padding_mask is not None:
                 padding_mask = padding_mask.gather(1, positions)
-        bias = ctx.attention_bias(positions, B)
+        bias = ctx.attention_bias(positions)
         extra = ctx.extra_tokens_for(B)
         E = 0 if extra is None else extra.shape[1]
         if E:

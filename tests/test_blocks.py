@@ -82,9 +82,11 @@ def test_alibi_slopes_follow_the_spec():
     twelve = alibi_slopes(12)
     assert twelve[:8] == pytest.approx([2.0 ** -i for i in range(1, 9)])
     assert twelve[8:] == pytest.approx([2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
-    bias = alibi_bias(4, 5)
-    assert bias.shape == (4, 5, 5)
-    assert bias[0, 1, 4].item() == pytest.approx(-alibi_slopes(4)[0] * 3)
+    bias = alibi_bias(torch.arange(5)[None], 4)
+    assert bias.shape == (1, 4, 5, 5)
+    assert bias[0, 0, 1, 4].item() == pytest.approx(-alibi_slopes(4)[0] * 3)
+    gathered = alibi_bias(torch.tensor([[0, 3, 4]]), 4)             # distances of original positions
+    assert gathered[0, 1, 0, 1].item() == pytest.approx(-alibi_slopes(4)[1] * 3)
 
 
 def test_bad_head_count_is_a_clear_error():

@@ -108,8 +108,8 @@ def test_audio_alibi_uses_original_distances_after_masking():
         ctx.alibi_scale.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]).view(1, 1, 4, 1, 1))
     mask = block_mask(2, (24,), 0.5, 5, 0.05, False, torch.Generator().manual_seed(0))
     keep = keep_indices(mask)
-    full = ctx.attention_bias(torch.arange(24)[None], 2)[0]                      # (H, T, T)
-    sparse = ctx.attention_bias(keep, 2)
+    full = ctx.attention_bias(torch.arange(24)[None])[0]                      # (H, T, T)
+    sparse = ctx.attention_bias(keep)
     for b in range(2):
         torch.testing.assert_close(sparse[b], full[:, keep[b]][:, :, keep[b]])
     assert (full[3] == 0).all()                                                   # scale clamped at 0

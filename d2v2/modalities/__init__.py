@@ -31,7 +31,7 @@ class ContextEncoder(nn.Module):
         already in the local features)."""
         return x
 
-    def attention_bias(self, positions: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    def attention_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Additive attention bias for tokens at original ``positions`` (B or 1, T'); default none."""
         return None
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.blocks import alibi_slopes
+from d2v2.blocks import alibi_bias
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
@@ -110,7 +110,6 @@ class AudioContextEncoder(ContextEncoder):
         self.num_heads = num_heads
         if cfg.use_alibi:
             self.alibi_scale = nn.Parameter(torch.full((1, 1, num_heads, 1, 1), cfg.alibi_scale))
-            self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
         else:
             self.alibi_scale = None
 
@@ -120,9 +119,8 @@ class AudioContextEncoder(ContextEncoder):
         inp = x if mask is None else x.masked_fill(mask[..., None], 0.0)
         return x + self.relative_positional_encoder(inp.transpose(1, 2)).transpose(1, 2)
 
-    def attention_bias(self, positions: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    def attention_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         if self.alibi_scale is None:
             return None
-        distance = (positions[:, None, :] - positions[:, :, None]).abs().float()      # (B|1, T', T')
-        slopes = self.alibi_slopes * self.alibi_scale.clamp_min(0).view(-1).float()
-        return -slopes[None, :, None, None] * distance[:, None]                       # (B|1, H, T', T')
+        scale = self.alibi_scale.clamp_min(0).view(1, -1, 1, 1).float()
+        return alibi_bias(positions, self.num_heads) * scale                           # (B|1, H, T', T')
