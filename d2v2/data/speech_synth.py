@@ -16,9 +16,11 @@ split              voices                                            sentences
 ``test_asterisk``  real recordings of one speaker (Asterisk prompts) their own prompts
 =================  ================================================  ==================================
 
-Sentences are WordNet 3.0 example sentences (about 31k usable), assigned to the three pools by a hash
-of the text, so the pools never share a sentence. Everything is drawn from ``numpy`` generators seeded
-with ``(seed, split, index)``: the corpus does not depend on the number of worker processes.
+Sentences are WordNet 3.0 example sentences (40,694 usable: 3-14 words, letters only), split 80/10/10
+into pools by a hash of the text, so the pools never share a sentence. Everything is drawn from ``numpy``
+generators seeded with ``(seed, split, index)``: the corpus does not depend on the number of workers.
+Building the default sizes takes about 105 CPU-seconds (user + system, workers and synthesisers
+included: about a minute on 2 idle cores) and 370 MB of disk.
 
 Output: fairseq manifests (``<split>.tsv/.ltr/.wrd``, see :mod:`d2v2.data.speech`), 16-bit WAVs under
 ``wav/<split>/``, a per-utterance record of how each was made (``<split>.meta.tsv``) and ``manifest.json``
