@@ -160,9 +160,11 @@ class MAE(PretrainMethod):
 
 
 # ---- presets: data2vec 2.0's image encoders made pre-LN ---------------------------------------------
+# MAE's decoder is 2/3 of ViT-B's width (512 / 768) and 8 blocks; tiny / smoke keep it narrower than the
+# encoder (32 / 48, 16 / 32) with half the encoder's depth.
 _DECODER = {"base": {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16},
-            "tiny": {"decoder_dim": 48, "decoder_depth": 2, "decoder_heads": 4},    # ~2/3 width, 1/2 depth
-            "smoke": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}
+            "tiny": {"decoder_dim": 32, "decoder_depth": 2, "decoder_heads": 4},
+            "smoke": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}}
 PRESETS = {name: {"encoder": backbone("image", name, layer_norm_first=True), "mask_ratio": 0.75, **dec}
            for name, dec in _DECODER.items()}
 
