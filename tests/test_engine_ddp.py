@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -25,6 +26,7 @@ from test_engine_pretrain import data_root, run_config  # noqa: F401  (fixture r
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow    # a subprocess start-up + two runs: ~15 s idle, >30 s on a loaded 2-core machine
 def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path, data_root):
     changes = dict(batch_size=4, budget={"kind": "updates", "value": 5}, checkpoint={"fractions": [1.0]})
     ddp_cfg = run_config(data_root, **changes)

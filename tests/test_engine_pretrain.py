@@ -104,6 +104,7 @@ def test_bad_configs_fail_before_compute_naming_the_key(tmp_path, capsys, data_r
         ({"method": {"overrides": {"decoder": {"depth": 0}}}}, "method.decoder.depth"),
         ({"method": {"name": "nope"}}, "'nope' is not available"),
         ({"optim": {"lr": -1}}, "optim.lr"),
+        ({"precision": "fp16", "device": "cpu"}, "precision: fp16 needs a CUDA device"),
     ]
     for change, message in cases:
         cfg.write_text(yaml.safe_dump(merge(good, change)))
@@ -116,6 +117,9 @@ def test_bad_configs_fail_before_compute_naming_the_key(tmp_path, capsys, data_r
     assert "seed" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "x"), f"data.root={tmp_path / 'nodata'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root: not found" in err and "nodata" in err and "prepare-data" in err
 
 
 # ---------------------------------------------------------------- budgets and outputs
@@ -153,6 +157,12 @@ def test_updates_budget_outputs_and_rerun(tmp_path, data_root, capsys):
     assert run(cfg, out) == 0
     assert "already finished" in capsys.readouterr().out
     assert (out / "checkpoint_last.pt").stat().st_mtime_ns == mtime
+
+
+def test_bf16_autocast_run(tmp_path, data_root):
+    out = tmp_path / "run"
+    assert run(run_config(data_root, precision="bf16", budget={"kind": "updates", "value": 2}), out) == 0
+    assert math.isfinite(read_events(out / "events.jsonl", "train_progress")[-1]["value"]["loss"])
 
 
 def test_epochs_budget(tmp_path, data_root):

@@ -121,6 +121,7 @@ def test_sampler_resumes_mid_epoch_and_shards():
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.slow    # a subprocess start-up + two runs: ~15 s idle, >30 s on a loaded 2-core machine
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_root):
     """SIGKILL a real run after it wrote checkpoint_last, restart it: bit-identical final weights, the
     lost work shows in the end-to-end clock only, and the segment table has both processes."""

@@ -57,6 +57,7 @@ from d2v2.method import PretrainMethod, build_method
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
 EXIT_DIVERGED = 3
+NEVER = 2**62           # "no non-finite update yet"
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
@@ -135,6 +136,7 @@ class Pretrainer:
         (self.out / "checkpoints").mkdir(exist_ok=True)
 
         m = cfg.method
+        self.dataset = data.pretrain_dataset(m.modality, cfg.data)     # a missing path fails before any compute
         _seed_all(cfg.seed)                      # identical initial weights on every process
         self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
         _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
@@ -154,7 +156,6 @@ class Pretrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
-        self.dataset = data.pretrain_dataset(m.modality, cfg.data)
         self.updates = self.tokens = self._local_tokens = 0
         self.fraction = 0.0
         self.fractions_done: list[float] = []
@@ -305,9 +306,12 @@ class Pretrainer:
                 self.events.log("warning", message)
 
     def check_finite(self) -> None:
-        """Raise :class:`Diverged` if any update so far had a non-finite loss or gradient norm (one sync)."""
+        """Raise :class:`Diverged` if any update so far had a non-finite loss or gradient norm (one sync);
+        every process learns of a divergence on any of them, so all stop together."""
+        if self.world > 1:
+            dist.all_reduce(self._first_bad, op=dist.ReduceOp.MIN)
         first_bad = int(self._first_bad)
-        if first_bad >= 0:
+        if first_bad < NEVER:
             diagnostics = {k: float(v) for k, v in self._last_logs.items()}
             last = self.last_good or "none (no checkpoint was written)"
             raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
@@ -437,7 +441,7 @@ class Pretrainer:
         self.updates += 1
         self.method.after_step(self.updates)
         self._update_counter += 1
-        self._first_bad = torch.where(self._bad & (self._first_bad < 0), self._update_counter, self._first_bad)
+        self._first_bad = torch.where(self._bad, torch.minimum(self._first_bad, self._update_counter), self._first_bad)
 
     def _loader(self) -> DataLoader:
         m = self.cfg.method
@@ -482,7 +486,7 @@ class Pretrainer:
         self._log_sums: dict[str, torch.Tensor] = {}
         self._host_log_sums: dict[str, float] = {}
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((), NEVER, dtype=torch.long, device=self.device)   # first bad update
         self._update_counter = torch.full((), self.updates, dtype=torch.long, device=self.device)
         self._last_logs: dict[str, Any] = {}
         self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
@@ -587,6 +591,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         return run(cfg, args.out, start_wall=process_start_time())
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, data.MissingDataError, data.CorruptDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

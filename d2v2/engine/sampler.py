@@ -68,7 +68,11 @@ class WithEpoch(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(self.seed, epoch, [index]))
+        rng = torch.default_generator                  # CPU transforms draw from it
+        state = rng.get_state()
+        rng.manual_seed(stable_seed(self.seed, epoch, [index]))
+        try:
             item = self.dataset[index]
+        finally:
+            rng.set_state(state)
         return {**item, "epoch": epoch}
