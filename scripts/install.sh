@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Embedded data (see README, "Data"): Fashion-MNIST, speech synthesisers, text corpora, real speech prompts.
-DATA_PKGS="dataset-fashion-mnist espeak-ng flite bible-kjv wordnet-base asterisk-core-sounds-en-wav"
+DATA_PKGS="dataset-fashion-mnist espeak-ng flite bible-kjv wordnet-base asterisk-core-sounds-en-wav asterisk-core-sounds-en"
 # A real one-node SLURM cluster for the workflow tests (tests/slurm/cluster.sh).
 SLURM_PKGS="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
 
