@@ -30,7 +30,8 @@ def build_config(config: str | None, root: str | None, overrides: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2v2 prepare-data", description="Prepare the embedded datasets (idempotent, atomic, timed).")
+    parser = argparse.ArgumentParser(prog="python -m d2v2 prepare-data",
+                                     description="Prepare the embedded datasets (idempotent, atomic, timed).")
     parser.add_argument("--root", default=None, help="data folder (default: data.root, 'data')")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES),
                         help=f"any of {', '.join(MODALITIES)} (default: all)")
