@@ -141,3 +141,15 @@ def test_speedup_table_uses_baseline_final_median_as_target():
     with pytest.raises(ValueError, match="configured targets"):
         sp.targets(evals, {("audio", "mae"): 1.0})
     assert sp.targets(evals, {("image", "mae"): 0.65}).loc[0, "target_source"] == "configured"
+
+
+def test_default_target_with_even_seeds_is_reached_by_half_the_baseline():
+    assert sp.median_final([0.70, 0.74], higher_is_better=True) == 0.70
+    assert sp.median_final([20.0, 24.0], higher_is_better=False) == 24.0          # WER: the worse is higher
+    assert sp.median_final([1.0, 3.0, 2.0], higher_is_better=True) == 2.0
+    # two baseline seeds end at 0.70 and 0.74: target 0.70, reached by both, so the baseline converges
+    base = [(np.array([10.0, 20.0]), np.array([0.6, 0.70])), (np.array([10.0, 20.0]), np.array([0.6, 0.74]))]
+    ref = [(np.array([5.0, 10.0]), np.array([0.6, 0.8]))] * 2
+    c = sp.compare(base, ref, higher_is_better=True, n_boot=100)
+    assert c.target == 0.70 and all(t.status == sp.REACHED for t in c.baseline)
+    assert c.speedup.relation == "=" and c.speedup.value == pytest.approx(((20 + 10 + 10 / 1.4) / 2) / 7.5)

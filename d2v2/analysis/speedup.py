@@ -16,8 +16,9 @@ does not move the median. The speedup of data2vec 2.0 over a baseline is
 data2vec 2.0 not reaching the target gives "speedup < T_baseline / T_budget(data2vec 2.0)", and
 reaching it at its first checkpoint gives "speedup >= T_baseline / T_first(data2vec 2.0)".
 
-The target of a baseline is, by default, its own final quality at the full budget (median over seeds),
-or a configured value.
+The target of a baseline is, by default, its own final quality at the full budget: the median over
+seeds, where for an even number of seeds the worse of the two middle values is taken, so that at least
+half of the baseline's seeds reach it and its median time is finite. Or a configured value.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
     "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
-    "time_to_target", "aggregate_times", "speedup", "compare", "is_default_variant", "curves", "targets",
+    "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
     "speedup_table",
 ]
 
@@ -166,6 +167,11 @@ def speedup(baseline: Sequence[TimeToTarget], reference: Sequence[TimeToTarget])
     return Speedup(_div(b.low, r.high), _div(b.high, r.low))
 
 
+def median_final(values: Sequence[float], higher_is_better: bool) -> float:
+    """Median final quality; with an even count, the worse middle value (see module docstring)."""
+    return float(np.quantile(np.asarray(values, dtype=float), 0.5, method="lower" if higher_is_better else "higher"))
+
+
 Curve = tuple[np.ndarray, np.ndarray]   # one seed: (times, values) at its checkpoints, sorted by time
 
 
@@ -183,7 +189,7 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
             target: float | None = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Comparison:
     """Time-to-target speedup of ``reference`` over ``baseline`` with a seeded bootstrap CI over seeds.
 
-    ``target=None`` uses the baseline's final quality (median over its seeds). Each bootstrap resample
+    ``target=None`` uses the baseline's final quality (:func:`median_final`). Each bootstrap resample
     draws seeds with replacement within each method and re-derives that target from the resampled
     baseline seeds, since the target is estimated from them too. The CI is of the number reported:
     an exact speedup gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower bound the
@@ -201,7 +207,7 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
         return out
 
     def target_of(idx) -> float:
-        return target if target is not None else median([baseline[i][1][-1] for i in idx])
+        return target if target is not None else median_final([baseline[i][1][-1] for i in idx], higher_is_better)
 
     nb, nr = len(baseline), len(reference)
     tgt = target_of(range(nb))
@@ -244,20 +250,20 @@ def _baseline_runs(evals: pd.DataFrame, modality: str, task: str, method: str) -
 
 
 def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | None = None) -> pd.DataFrame:
-    """Target per (modality, task, baseline): configured, or the baseline's final quality (median over
-    seeds of the value at each seed's largest budget fraction, normally 1.0) for its default variant."""
+    """Target per (modality, task, baseline): configured, or the baseline's final quality
+    (:func:`median_final` of each seed's value at its largest budget fraction, normally 1.0) for its
+    default variant."""
     configured = dict(configured or {})
     rows = []
     base = evals[(evals["method"] != REFERENCE_METHOD) & evals["params"].map(is_default_variant)]
     for (modality, task, method), runs in base.groupby(["modality", "task", "method"], sort=True):
         final = runs.loc[runs.groupby("seed")["budget_fraction"].idxmax()]
-        key = (modality, method)
+        key, hib = (modality, method), bool(runs["higher_is_better"].iloc[0])
         rows.append({
             "modality": modality, "task": task, "baseline": method,
             "primary_metric": runs["primary_metric"].iloc[0],
-            "higher_is_better": bool(runs["higher_is_better"].iloc[0]),
-            "configured": key in configured,
-            "target": float(configured[key]) if key in configured else median(final["value"]),
+            "higher_is_better": hib, "configured": key in configured,
+            "target": float(configured[key]) if key in configured else median_final(final["value"], hib),
             "target_source": "configured" if key in configured else
             f"baseline's final quality (median of {len(final)} seed(s) at budget fraction "
             f"{final['budget_fraction'].max():g})",
