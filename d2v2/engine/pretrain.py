@@ -220,6 +220,7 @@ class Pretrainer:
             dist.all_gather_object(rng_all, rng, group=self.control)
         m, encoder = self.cfg.method, self.method.encoder()
         epoch, batch = self.sampler.position(self.updates * self.cfg.grad_accum)
+        train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
         return {
             "kind": "pretrain",
             "identity": {"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed},
@@ -233,8 +234,8 @@ class Pretrainer:
             "rng": rng_all,
             "data_position": {"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
             "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done},
-            "clock": {"train_time_s": self.clock.train_time_s(), "e2e_time_s": self.clock.e2e_time_s()},
-            "pretrain": self.pretrain_record(),
+            "clock": {"train_time_s": train, "e2e_time_s": e2e},
+            "pretrain": self.pretrain_record(train, e2e),
             "budget": self.cfg.budget.model_dump(),
             "budget_fraction": budget_fraction,
             "fraction_consumed": self.fraction,
