@@ -211,7 +211,8 @@ def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]
 
 
 def _events_summary(path: Path) -> dict[str, Any]:
-    """Number of events and last logged loss; a line cut by a crash at the end is tolerated."""
+    """Number of events and the last logged loss (``{"key": "loss", "value": x}`` or a ``value`` dict
+    with a ``loss``, as in ``train_progress``); a line cut by a crash at the end is tolerated."""
     n, last_loss = 0, None
     if not path.is_file():
         return {"events": 0, "last_loss": None}
@@ -226,7 +227,8 @@ def _events_summary(path: Path) -> dict[str, Any]:
                 break
             raise CollectError(f"{path}:{i + 1}: not valid JSON") from None
         n += 1
-        loss = event.get("loss", event.get("value") if event.get("key") == "loss" else None)
+        value = event.get("value")
+        loss = value.get("loss") if isinstance(value, dict) else value if event.get("key") == "loss" else None
         if isinstance(loss, (int, float)):
             last_loss = float(loss)
     return {"events": n, "last_loss": last_loss}

@@ -361,7 +361,8 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
                        Table(paper.load(name, paper_dir))]
     if not runs.empty:
         keep = [c for c in runs.columns if c in ("run_dir", "status", "train_time_s", "e2e_time_s", "updates",
-                                                 "samples", "last_loss") or c.startswith(("throughput", "peak_"))]
+                                                 "samples", "last_loss")
+                or c.startswith(("identity.", "throughput.samples", "throughput.tokens", "peak_"))]
         blocks += [Heading("Pretraining runs: throughput and memory"), Table(runs[keep])]
     blocks += [Heading("The paper's efficiency figure"), *[Figure(p, c) for p, c in figs["paper"]],
                Table(implied)]
