@@ -200,12 +200,17 @@ def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> 
     })
 
 
-def _check_data_paths(config: Mapping[str, Any], modalities) -> None:
-    """External data the config points at must exist (the embedded data is made by prepare-data)."""
+def _check_data(config: Mapping[str, Any], modalities) -> None:
+    """The data config is valid and the external data it points at exists (the embedded data is made by
+    prepare-data, so only its sources are checked)."""
+    from d2v2.config import validate
     from d2v2.data import DataConfig
     from d2v2.data.common import MissingDataError, require_path
 
-    data = DataConfig.model_validate(config["data"])
+    try:
+        data = validate(DataConfig, config["data"], where="data")
+    except ConfigError as err:
+        raise WorkflowConfigError(str(err)) from None
     checks = []
     if "image" in modalities:
         if data.image.dataset == "imagenet":
@@ -256,6 +261,7 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
     if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
         raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
                                   "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+    _check_data(config, config["modalities"])
     try:
         runs = expand_runs(config)
     except WorkflowConfigError as err:
@@ -281,7 +287,6 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
                 finetune_config(random_init_request(config, run.modality, run.seed))
             except ConfigError as err:
                 raise WorkflowConfigError(f"finetune.{run.modality} (random init): {err}") from None
-    _check_data_paths(config, config["modalities"])
     return runs
 
 

@@ -1,0 +1,168 @@
+"""The Snakemake workflow: run matrix, DAG shapes, DAG-build-time validation, and real end-to-end runs.
+
+Every workflow run uses a temporary working directory (``snakemake -d``) and the repository's prepared
+data (``data/``, made by the workflow's own prepare_data rule when missing).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2v2 import workflow_config as wfc
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+def snakemake(workdir, *args, config=(), timeout=600, profile=None):
+    """Run Snakemake from the repository root on ``workdir``; ``config`` are extra --config entries."""
+    cmd = [sys.executable, "-m", "snakemake", "-d", str(workdir)]
+    if profile:
+        cmd += ["--profile", profile]
+    cmd += [*args, "--config", f"data={{root: {DATA}}}", *config]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table as {rule: count}."""
+    table = output.split("Job stats:", 1)[1].split("Reasons:", 1)[0] if "Job stats:" in output else ""
+    counts = dict((m.group(1), int(m.group(2))) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M))
+    counts.pop("total", None)
+    return counts
+
+
+def resolved(**changes) -> dict:
+    """The workflow config as the Snakefile resolves it (preset + schema defaults), without Snakemake."""
+    from snakemake.utils import validate
+
+    config = wfc.with_preset({"preset": "tiny", **changes}, REPO / "config" / "presets")
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+# ------------------------------------------------------------------ run matrix (in-process)
+def test_variants_one_at_a_time_and_grid():
+    fields = {"num_masks": [1, 2, 4], "decoder.depth": [1, 3]}
+    names = [n for n, _ in wfc.variants(fields)]
+    assert names == ["default", "decoder.depth=1", "decoder.depth=3", "num_masks=1", "num_masks=2", "num_masks=4"]
+    grid = wfc.variants(fields, "grid")
+    assert len(grid) == 1 + 6 and ("decoder.depth=3,num_masks=4", {"decoder.depth": 3, "num_masks": 4}) in grid
+
+
+def test_run_config_holds_the_variant_and_only_this_run():
+    config = resolved(ablations={"image": {"data2vec2": {"decoder.depth": [1]}}})
+    runs = {r.key: r for r in wfc.expand_runs(config)}
+    assert len(runs) == 8 + 1 and "image/data2vec2/decoder.depth=1/seed0" in runs
+    variant = wfc.run_config(config, runs["image/data2vec2/decoder.depth=1/seed0"])
+    default = wfc.run_config(config, runs["image/data2vec2/default/seed0"])
+    assert variant["method"]["overrides"] == {"decoder": {"depth": 1}} and default["method"]["overrides"] == {}
+    assert variant["budget"] == config["budget"]["image"] and variant["checkpoint"]["fractions"] == [0.25, 0.5, 1.0]
+    assert "text" not in json.dumps(variant["method"])     # nothing of another run leaks into the params
+    ft = wfc.finetune_request(config, runs["image/data2vec2/decoder.depth=1/seed0"], 0.5)
+    assert ft["identity"] == {"variant": "decoder.depth=1", "params": {"decoder.depth": 1}, "seed": 0,
+                              "budget_fraction": 0.5}
+
+
+def test_validate_workflow_accepts_every_preset():
+    for preset in ("smoke", "tiny"):
+        assert wfc.validate_workflow(resolved(preset=preset))
+    with pytest.raises(wfc.WorkflowConfigError, match="data.speech: .*manifest_dir: required"):
+        wfc.validate_workflow(resolved(preset="base", slurm={"partition": "gpu"}))
+    paper_data = {"image": {"imagenet_dir": "/in1k"}, "speech": {"manifest_dir": "/ls960"},
+                  "text": {"gpt2_vocab": "/bpe/vocab.json", "gpt2_merges": "/bpe/merges.txt"}}
+    with pytest.raises(wfc.WorkflowConfigError, match="missing data: data.image.imagenet_dir: not found: /in1k"):
+        wfc.validate_workflow(resolved(preset="base", slurm={"partition": "gpu"}, data=paper_data))
+
+
+def test_cli_strings_are_read_back_as_yaml_scalars():
+    assert wfc.coerce_scalars({"a": "2", "b": ["0.5", "1e-3", "true", "null", "debug"]}) == \
+        {"a": 2, "b": [0.5, 1e-3, True, None, "debug"]}
+
+
+def test_launch_command_carries_the_slurm_settings():
+    config = resolved(launcher={"backend": "slurm"},
+                      slurm={"partition": "gpu", "account": "acc", "setup": ["module load x"],
+                             "pretrain": {"gpus_per_node": 8, "time_min": 100, "sbatch": {"exclusive": True}}})
+    cmd = wfc.launch_command(config, "pretrain", "n", "RUN/slurm/%j", "RUN/slurm_job.json")
+    for piece in ("--backend slurm", "--partition gpu", "--account acc", "--gpus-per-node 8", "--time-min 100",
+                  "--setup 'module load x'", "--sbatch exclusive=true", "--checkpointable",
+                  "--job-file RUN/slurm_job.json"):
+        assert piece in cmd
+    local = wfc.launch_command(resolved(), "finetune", "n", "x")
+    assert "--backend local --threads 1" in local and "--partition" not in local
+
+
+# ------------------------------------------------------------------ DAG shapes (snakemake -n)
+def test_tiny_dag_shape(tmp_path):
+    r = snakemake(tmp_path, "-n")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert counts.pop("prepare_data", 0) <= 3
+    # 8 runs (image 3 methods, audio 2, text 3) x 3 checkpoint fractions, random-init references per modality
+    assert counts == {"pretrain": 8, "finetune": 24, "finetune_random_init": 3, "resolved_config": 1,
+                      "collect": 1, "report": 1, "all": 1}
+
+
+def test_ablation_dag_shape_and_readable_paths(tmp_path):
+    ablations = "ablations={image: {data2vec2: {num_masks: [1, 2, 4], decoder.depth: [1, 3]}}}"
+    r = snakemake(tmp_path, "-n", config=[ablations])
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert counts["pretrain"] == 8 + 5 and counts["finetune"] == 3 * (8 + 5)
+    for variant in ("num_masks=1", "num_masks=4", "decoder.depth=3"):
+        assert f"runs/image/data2vec2/{variant}/seed0/DONE" in r.stdout
+    grid = snakemake(tmp_path, "-n", config=[ablations, "ablation_mode=grid", "seeds=[0,1]"])
+    assert job_counts(grid.stdout)["pretrain"] == 2 * (8 + 6)
+    assert "runs/image/data2vec2/decoder.depth=3,num_masks=4/seed1/DONE" in grid.stdout
+
+
+def test_slurm_profile_dag(tmp_path):
+    r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
+    assert r.returncode == 0, r.stderr
+    assert job_counts(r.stdout)["pretrain"] == 4
+
+
+# ------------------------------------------------------------------ bad input fails at DAG-build time
+BAD_CONFIGS = [
+    (["colour=blue"], "colour: unknown key"),
+    (["seeds=zero"], "seeds: 'zero' is not of type 'array'"),
+    (["checkpoint_fractions=[0.5, 1.5]"], "checkpoint_fractions[1]: 1.5 is greater than the maximum of 1"),
+    (["checkpoint_fractions=[0, 1]"], "checkpoint_fractions[0]: 0 is less than or equal to the minimum of 0"),
+    (["budget={image: {kind: hours, value: 60}}"], "budget.image.kind: 'hours' is not one of"),
+    (["budget={text: {kind: updates, value: -5}}"], "budget.text.value: -5 is less than or equal to the minimum"),
+    (["preset=huge"], "preset: 'huge' unknown"),
+    (["methods={audio: [mae]}"], "methods.audio: method: 'mae' is not available for modality 'audio'"),
+    (["ablations={image: {data2vec2: {decoder.depth: [0, 2]}}}"],
+     "ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth"),
+    (["ablations={image: {data2vec2: {num_maskz: [2]}}}"], "num_maskz: unknown key"),
+    (["ablations={image: {data2vec2: {num_masks: 4}}}"], "num_masks: expected a non-empty list"),
+    (["ablations={text: {mae: {num_masks: [2]}}}"], "ablations.text.mae: 'mae' is not in methods.text"),
+    (["pretrain={image: {batch_sise: 8}}"], "batch_sise: unknown key (did you mean 'batch_size'?)"),
+    (["finetune={text: {layer_decay: 2}}"], "finetune.text: layer_decay"),
+    (["data={image: {dataset: imagenet, imagenet_dir: /nonexistent/imagenet}}"],
+     "missing data: data.image.imagenet_dir: not found: /nonexistent/imagenet"),
+    (["launcher={backend: slurm}"], "slurm.partition: required when launcher.backend is slurm"),
+    (["slurm={pretrain: {gpus: 8}}"], "slurm.pretrain.gpus: unknown key"),
+]
+
+
+@pytest.mark.slow
+def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path):
+    """Each bad config stops `snakemake -n` with a message that names the key (one subprocess each)."""
+    failures = []
+    for entries, expected in BAD_CONFIGS:
+        r = snakemake(tmp_path, "-n", config=entries, timeout=120)
+        if r.returncode == 0 or expected not in r.stdout + r.stderr or "Job stats" in r.stdout:
+            failures.append(f"{entries}: expected {expected!r}, got rc={r.returncode}:\n{(r.stdout + r.stderr)[-800:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_slurm_profile_without_partition_fails_naming_the_key(tmp_path):
+    r = snakemake(tmp_path, "-n", profile="slurm", config=["slurm={partition: null}"])
+    assert r.returncode != 0 and "slurm.partition: required" in r.stdout + r.stderr
