@@ -146,12 +146,13 @@ def build_model(cfg: FinetuneConfig, info: dict[str, Any], encoder: nn.Module) -
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW groups; with layer decay block i of N gets LD^(N+1-i), everything else 1 (spec §5.1)."""
-    encoder = model.encoder
+    """AdamW groups: no weight decay on biases, 1-D tensors and ALiBi scales (spec §1.12); with layer
+    decay, block i of N gets LD^(N+1-i) and everything else (patch-embed, CLS, norms, head) 1 (spec §5.1)."""
+    encoder, no_decay = model.encoder, ("alibi_scale",)
     if cfg.layer_decay >= 1.0:
-        groups = param_groups(model, optim.weight_decay)
+        groups = param_groups(model, optim.weight_decay, no_decay)
     else:
-        groups = param_groups(model, optim.weight_decay, layer_decay=cfg.layer_decay,
+        groups = param_groups(model, optim.weight_decay, no_decay, layer_decay=cfg.layer_decay,
                               layer_id=encoder.layer_id, num_layers=encoder.num_layers)
     return build_optimizer(groups, optim)
 
