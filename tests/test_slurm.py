@@ -3,12 +3,17 @@ re-attachment and requeue. The pretraining requeue and the workflow through ``--
 tests/test_workflow.py."""
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from slurm import job_state, partition, require_slurm, wait_until
 
@@ -102,3 +107,74 @@ def test_usr2_requeues_and_the_command_resumes(tmp_path):
     assert job1 == job2 == job_id and first1 == 0 and sig1 == ["USR2"]
     assert 0 < last1 < 200 and first2 == last1 and last2 == 200 and sig2 == []   # resumed, not restarted
     assert json.loads(state.read_text())["step"] == 200
+
+
+# ------------------------------------------------------------------ the workflow and the runner on SLURM
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+@pytest.mark.slow
+def test_smoke_workflow_through_the_slurm_profile(tmp_path):
+    """`snakemake --profile slurm results/figures/`: every training job is a SLURM job (image smoke runs)."""
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "slurm", "-d", str(tmp_path), "results/figures/",
+           "--config", "preset=smoke", f"data={{root: {DATA}}}", "modalities=[image]",
+           f"slurm={{partition: {partition()}}}"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert list((tmp_path / "results" / "figures").glob("curves_image_*.png"))
+    for method in ("data2vec2", "mae"):
+        run = tmp_path / "runs" / "image" / method / "default" / "seed0"
+        record = json.loads((run / "slurm_job.json").read_text())
+        wait_until(lambda: job_state(record["job_id"]) == "COMPLETED", 10, "sacct")
+        segments = (run / "segments.csv").read_text().splitlines()
+        assert len(segments) == 2 and f",{record['job_id']}," in segments[1]   # the run knows its SLURM job
+    assert len(list((tmp_path / "results" / "metrics").rglob("*.json"))) == 2 * 2
+
+
+def _pretrain_config(path: Path) -> Path:
+    config = {"method": {"modality": "image", "name": "data2vec2", "preset": "smoke"},
+              "data": {"root": str(DATA), "num_workers": 0}, "batch_size": 8, "log_every": 5,
+              "optim": {"lr": 1e-3, "warmup_fraction": 0.1}, "budget": {"kind": "updates", "value": 400},
+              "checkpoint": {"fractions": [0.5, 1.0]}, "device": "cpu"}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_requeued_pretraining_matches_an_uninterrupted_run(tmp_path):
+    """USR2 mid-run: checkpoint_last, requeue, resume; same final weights, continuous clocks, 2 segments."""
+    from d2v2.data import DataConfig, prepare
+    from d2v2.engine.checkpoint import load_checkpoint
+
+    prepare(["image"], DataConfig(root=str(DATA)))
+    config = _pretrain_config(tmp_path / "run.yaml")
+    pretrain = [sys.executable, "-m", "d2v2", "pretrain", "--config", str(config), "--out"]
+    reference = tmp_path / "reference"
+    subprocess.run(pretrain + [str(reference)], check=True, capture_output=True, timeout=900,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    run = tmp_path / "requeued"
+    proc = subprocess.Popen(LAUNCH + ["--partition", partition(), "--folder", str(run / "slurm" / "%j"),
+                                      "--checkpointable", "--job-file", str(run / "slurm_job.json"),
+                                      "--", *pretrain, str(run)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = run / "events.jsonl"
+    wait_until(lambda: events.exists() and '"loss"' in events.read_text(), 300, "training to start")
+    job_id = json.loads((run / "slurm_job.json").read_text())["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+
+    segments = list(csv.DictReader((run / "segments.csv").open()))
+    assert len(segments) == 2 and {s["job_id"] for s in segments} == {job_id}
+    assert segments[0]["reason"] != "completed" and segments[1]["reason"] == "completed"
+    final, ref = (load_checkpoint(d / "checkpoints" / "checkpoint_f1.000.pt") for d in (run, reference))
+    assert final["model"].keys() == ref["model"].keys()
+    for name, tensor in ref["model"].items():
+        assert torch.equal(final["model"][name], tensor), name    # bit-identical on CPU (updates budget)
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, reference))
+    assert summary["updates"] == ref_summary["updates"] == 400
+    # the train-only clock continues across the requeue: about the uninterrupted run's, not reset
+    assert float(segments[1]["train_time_s"]) > float(segments[0]["train_time_s"]) > 0
+    assert 0.5 * ref_summary["train_time_s"] < summary["train_time_s"] < 2.0 * ref_summary["train_time_s"] + 5

@@ -166,3 +166,39 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path):
 def test_slurm_profile_without_partition_fails_naming_the_key(tmp_path):
     r = snakemake(tmp_path, "-n", profile="slurm", config=["slurm={partition: null}"])
     assert r.returncode != 0 and "slurm.partition: required" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ real runs
+@pytest.mark.slow
+def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
+    """The smoke preset from data to report with the default (local) profile; then: a finished workflow
+    has nothing to do, a deleted metrics file re-runs only its fine-tune, a new ablation value adds only
+    its own jobs."""
+    smoke = ["preset=smoke"]
+    r = snakemake(tmp_path, config=smoke, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    results = tmp_path / "results"
+    assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
+    metrics = sorted((results / "metrics").rglob("*.json"))
+    assert len(metrics) == 4 * 2                       # 4 runs x 2 checkpoint fractions
+    first = json.loads(metrics[0].read_text())
+    assert first["identity"]["variant"] == "default" and first["provenance"]
+    assert yaml.safe_load((results / "config.yaml").read_text())["preset"] == "smoke"
+    for run in (tmp_path / "runs").glob("*/*/*/seed0"):
+        assert (run / "DONE").exists() and (run / "checkpoints" / "checkpoint_f0.500.pt").exists()
+
+    again = snakemake(tmp_path, config=smoke)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    victim = results / "metrics" / "image" / "mae" / "default" / "seed0" / "f0.500.json"
+    victim.unlink()
+    dry = snakemake(tmp_path, "-n", config=smoke)
+    assert job_counts(dry.stdout) == {"finetune": 1, "collect": 1, "report": 1, "all": 1}
+    assert str(victim.relative_to(tmp_path)) in dry.stdout
+    redo = snakemake(tmp_path, config=smoke, timeout=600)
+    assert redo.returncode == 0 and victim.exists()
+
+    ablation = snakemake(tmp_path, "-n", config=smoke + ["ablations={image: {data2vec2: {num_masks: [1]}}}"])
+    assert job_counts(ablation.stdout) == {"pretrain": 1, "finetune": 2, "resolved_config": 1, "collect": 1,
+                                           "report": 1, "all": 1}
+    assert "runs/image/data2vec2/num_masks=1/seed0/DONE" in ablation.stdout
