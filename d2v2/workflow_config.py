@@ -249,11 +249,6 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
             raise WorkflowConfigError(f"methods.{modality}: no methods listed for modality '{modality}'")
         if modality not in config["budget"]:
             raise WorkflowConfigError(f"budget.{modality}: missing (one matched budget per modality: kind + value)")
-    for section in ("methods", "ablations"):
-        for modality in config[section]:
-            if modality not in config["modalities"] and config[section][modality]:
-                raise WorkflowConfigError(f"{section}.{modality}: modality '{modality}' is not in modalities "
-                                          f"{config['modalities']}")
     for modality, per_method in config["ablations"].items():
         for method in per_method:
             if method not in config["methods"].get(modality, []):
