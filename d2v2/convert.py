@@ -86,13 +86,15 @@ class ConversionInfo:
 # ----------------------------------------------------------------------------------------------------
 def _inert_globals() -> list:
     """Classes/functions a fairseq checkpoint may reference that only rebuild plain data: argparse
-    namespaces (legacy ``args``), numpy arrays/scalars (meters in ``extra_state``) and, when omegaconf
-    is installed, its config containers. Nothing here runs code chosen by the file."""
+    namespaces (legacy ``args``), numpy arrays/scalars (meters in ``extra_state``), builtin containers
+    (e.g. a defaultdict's factory) and, when omegaconf is installed, its config containers. Nothing here
+    runs code chosen by the file."""
     import argparse as _argparse
+    import collections
 
     import numpy as np
 
-    allowed: list = [_argparse.Namespace]
+    allowed: list = [_argparse.Namespace, collections.defaultdict, dict, list, tuple, set, int, float, str, bool]
     core = getattr(np, "_core", None) or np.core
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [(core.multiarray._reconstruct, f"{module}._reconstruct"),
@@ -108,7 +110,7 @@ def _inert_globals() -> list:
         return allowed
     allowed += [omegaconf.DictConfig, omegaconf.ListConfig, base.ContainerMetadata, base.Metadata,
                 nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode,
-                nodes.EnumNode, typing.Any, dict, list, int, float, str, bool]
+                nodes.EnumNode, typing.Any]
     return allowed
 
 

@@ -11,8 +11,11 @@ Sizes are deliberately NOT the base models'.
 """
 from __future__ import annotations
 
+import argparse
+import collections
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,6 +251,27 @@ def test_pickled_objects_need_the_trust_flag(tmp_path):
     with pytest.warns(UserWarning, match="full unpickle"):
         model, _ = convert(tmp_path / "fs.pt", trust_pickle=True)
     assert isinstance(model, Data2Vec2)
+
+
+def test_plain_data_objects_of_fairseq_checkpoints_load_without_the_flag(tmp_path):
+    """argparse namespaces (legacy ``args``), numpy arrays/scalars (meters) and defaultdicts are inert."""
+    ckpt = fairseq_checkpoint(make_model("text"))
+    ckpt["args"] = argparse.Namespace(arch="data2vec_multi")
+    ckpt["extra_state"] = {"meters": collections.defaultdict(list, a=[np.float64(1.5)]), "arr": np.arange(3)}
+    torch.save(ckpt, tmp_path / "fs.pt")
+    model, info = convert(tmp_path / "fs.pt")
+    assert info.modality == "text"
+
+
+def test_omegaconf_config_loads_without_the_flag(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    ckpt = fairseq_checkpoint(make_model("image"))
+    cfg = ckpt["cfg"]
+    cfg["model"]["ema_anneal_end_step"] = "${optimization.max_update}"
+    ckpt["cfg"] = omegaconf.OmegaConf.create(cfg)
+    torch.save(ckpt, tmp_path / "fs.pt")
+    model, _ = convert(tmp_path / "fs.pt")
+    assert model.cfg.ema_anneal_end_step == 1000
 
 
 def test_missing_wrong_shape_and_unmapped_keys_are_named():
