@@ -77,6 +77,8 @@ def test_restarted_launch_reattaches_instead_of_submitting_twice(tmp_path):
                         json.loads((tmp_path / "job.json").read_text())["job_id"], 30, "the job file")
     first.kill()   # Snakemake died; the job keeps running on the cluster
     first.wait()
+    other = launch(tmp_path, "--job-file", "job.json", "--", sys.executable, "-c", "pass")
+    assert other.returncode == 1 and f"SLURM job {job_id} is still running a different command" in other.stderr
     second = launch(tmp_path, *cmd)
     assert second.returncode == 0, second.stderr
     assert f"re-attached to SLURM job {job_id}" in second.stdout

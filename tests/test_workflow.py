@@ -187,6 +187,9 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     for run in (tmp_path / "runs").glob("*/*/*/seed0"):
         assert (run / "DONE").exists() and (run / "checkpoints" / "checkpoint_f0.500.pt").exists()
 
+    report = snakemake(tmp_path, "--report", str(tmp_path / "snakemake_report.html"), config=smoke)
+    assert report.returncode == 0 and (tmp_path / "snakemake_report.html").stat().st_size > 0
+
     again = snakemake(tmp_path, config=smoke)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 

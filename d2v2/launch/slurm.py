@@ -133,18 +133,23 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _attach(job_file: Path, command: Command) -> submitit.SlurmJob | None:
-    """The recorded job, if it runs the same command and is still queued or running."""
+    """The recorded job if it is still queued or running (None if it ended or was never recorded).
+
+    A recorded job that still runs a *different* command is an error: two jobs would write one run.
+    """
     try:
         record = json.loads(job_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("argv") != list(command.argv) or record.get("cwd") != command.cwd:
-        return None
     job_id = str(record["job_id"])
     # squeue asks slurmctld itself: sacct may not list a job submitted a moment ago.
     queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    state = queue.stdout.strip() if queue.returncode == 0 else ""
-    return submitit.SlurmJob(folder=record["folder"], job_id=job_id) if state in ACTIVE_STATES else None
+    if (queue.stdout.strip() if queue.returncode == 0 else "") not in ACTIVE_STATES:
+        return None
+    if record.get("argv") != list(command.argv) or record.get("cwd") != command.cwd:
+        raise SlurmJobFailed(f"{job_file}: SLURM job {job_id} is still running a different command "
+                             f"({' '.join(record.get('argv', []))}); cancel it (scancel {job_id}) or wait for it")
+    return submitit.SlurmJob(folder=record["folder"], job_id=job_id)
 
 
 def submit_or_attach(command: Command, options: SlurmOptions, folder: str | Path, name: str,
@@ -198,7 +203,7 @@ def wait(job: submitit.Job, poll_s: float = 5.0) -> None:
 def run_slurm(command: Command, options: SlurmOptions, folder: str | Path, name: str,
               job_file: str | Path | None = None, poll_s: float = 5.0) -> int:
     """Submit (or re-attach), wait, and return 0; failures raise :class:`SlurmJobFailed`."""
-    job, attached = submit_or_attach(command, options, folder, name, job_file)
+    job, attached = submit_or_attach(command, options, folder, name, job_file)   # may raise SlurmJobFailed
     print(f"launch: {'re-attached to' if attached else 'submitted'} SLURM job {job.job_id} "
           f"({name}; logs: {job.paths.stdout.parent})", flush=True)
     wait(job, poll_s)
