@@ -273,6 +273,8 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
         notes.append(f"training-only masking options not implemented (weights unaffected): {ignored}")
     prenet = int(mod.get("prenet_depth", 4))                 # fairseq's D2vModalityConfig default
     drop_path = max(float(cfg.get("end_drop_path_rate", 0)), float(mod.get("end_drop_path_rate", 0)))
+    if cfg.get("dropout_input", 0):
+        notes.append(f"dropout_input={cfg['dropout_input']} (dropout after the context encoder) is not implemented")
     if cfg.get("start_drop_path_rate", 0) or mod.get("start_drop_path_rate", 0):
         notes.append(f"drop-path rises linearly 0 -> {drop_path} over all blocks (fairseq: per stage)")
     enc: dict[str, Any] = {
@@ -281,7 +283,8 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
         "norm_eps": cfg.get("norm_eps", 1e-6), "layer_norm_first": False,
         "dropout": cfg.get("encoder_dropout", 0.1), "attention_dropout": cfg.get("attention_dropout", 0.1),
         "activation_dropout": cfg.get("activation_dropout", 0.0), "post_mlp_dropout": cfg.get("post_mlp_drop", 0.1),
-        "prenet_dropout": mod.get("prenet_dropout", 0.0), "drop_path": drop_path,
+        "prenet_dropout": mod.get("prenet_dropout", 0.0) if prenet or modality != "text" else 0.0,
+        "drop_path": drop_path,
         "layerdrop": cfg.get("layerdrop", 0.0), "prenet_layerdrop": mod.get("prenet_layerdrop", 0.0)}
     P = f"{prefix}modality_encoders.{modality.upper()}."
     if modality == "image":
@@ -346,9 +349,9 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
 # ----------------------------------------------------------------------------------------------------
 # The weights
 # ----------------------------------------------------------------------------------------------------
-def _encoder_pairs(cfg: EncoderConfig, P: str) -> list[tuple[str, str]]:
-    """(our Encoder key, fairseq key relative to the model) for every encoder tensor."""
-    pairs = []
+def _encoder_pairs(cfg: EncoderConfig) -> list[tuple[str, str]]:
+    """(our Encoder key, fairseq key relative to Data2VecMultiModel) for every encoder tensor."""
+    P, pairs = f"modality_encoders.{cfg.modality.upper()}.", []
     for j in range(cfg.prenet_depth):
         pairs += [(f"blocks.{j}.{p}", f"{P}context_encoder.blocks.{j}.{p}") for p in BLOCK_PARAMS]
     for i in range(cfg.depth):
@@ -446,10 +449,10 @@ def convert(source: str | Path | Mapping[str, Any], *, trust_pickle: bool = Fals
     ours = model.state_dict()
     new: dict[str, torch.Tensor] = {}
     student = _Loader(state, "model.")
-    enc_pairs = [(o, prefix + t) if not t.startswith(P) else (o, t) for o, t in _encoder_pairs(enc_cfg, P)]
+    enc_pairs = _encoder_pairs(enc_cfg)
     student_prefix = "" if encoder_only else "student."
     for o, t in enc_pairs:
-        new[student_prefix + o] = student.take(student_prefix + o, t, ours[student_prefix + o])
+        new[student_prefix + o] = student.take(student_prefix + o, prefix + t, ours[student_prefix + o])
 
     _check_positions(state, P, model if encoder_only else model.student, student, info)
     if encoder_only:
@@ -472,16 +475,17 @@ def convert(source: str | Path | Mapping[str, Any], *, trust_pickle: bool = Fals
         for o in ours:
             if o.startswith("decoder.proj."):
                 new[o] = student.take(o, f"{P}decoder.proj.{o[len('decoder.proj.'):]}", ours[o])
-        loaders = [student] + _teacher(model, cfg, enc_pairs, prefix, ema, new, ours, info)
-        _raise_problems(loaders, [k for ld in loaders for k in ld.unused()])
+        _raise_problems([student], student.unused())
+        teacher = _teacher(model, cfg, enc_pairs, ema, new, ours, info)
+        _raise_problems(teacher, [k for ld in teacher for k in ld.unused()])
     model.load_state_dict(new, strict=True)
     return model, info
 
 
-def _teacher(model: Data2Vec2, cfg: Data2Vec2Config, enc_pairs, prefix: str, ema, new, ours,
+def _teacher(model: Data2Vec2, cfg: Data2Vec2Config, enc_pairs, ema, new, ours,
              info: ConversionInfo) -> list[_Loader]:
     """Fill ``teacher.model.*`` from ``_ema`` (fairseq names relative to the EMA copy)."""
-    names = {o: t[len(prefix):] for o, t in enc_pairs}
+    names = dict(enc_pairs)
     teacher_keys = [k for k in ours if k.startswith("teacher.model.")]
     if ema is None:
         warnings.warn("fairseq checkpoint has no '_ema' teacher: the teacher starts as a copy of the student",
@@ -528,7 +532,9 @@ def _raise_problems(loaders: list[_Loader], unused: list[str]) -> None:
     mismatched = [k for ld in loaders for k in ld.mismatched]
     parts = []
     if missing:
-        parts.append(f"missing keys: {', '.join(missing)}")
+        hint = (" (no decoder: a fine-tuned checkpoint? use encoder_only / --encoder-only)"
+                if any(".decoder." in k for k in missing) else "")
+        parts.append(f"missing keys{hint}: {', '.join(missing)}")
     if mismatched:
         parts.append(f"shape mismatches: {', '.join(mismatched)}")
     if unused:
@@ -574,8 +580,10 @@ def to_checkpoint(model: Data2Vec2 | Encoder, info: ConversionInfo, source: str 
     }
 
 
-def load_fairseq(path: str | Path, *, trust_pickle: bool = False, encoder_only: bool = False) -> dict[str, Any]:
-    """Convert ``path`` in memory and return it in the runner's checkpoint layout (for fine-tuning)."""
+def load_fairseq(path: str | Path, *, trust_pickle: bool = False, encoder_only: bool = True) -> dict[str, Any]:
+    """Convert ``path`` in memory and return it in the runner's checkpoint layout: what
+    ``finetune --checkpoint-format fairseq`` reads. Encoder only by default (all fine-tuning needs, and
+    it also accepts fine-tuned fairseq checkpoints without decoder or teacher)."""
     model, info = convert(path, trust_pickle=trust_pickle, encoder_only=encoder_only)
     return to_checkpoint(model, info, str(path))
 

@@ -231,7 +231,9 @@ def test_file_with_plain_cfg_round_trips_through_the_cli_into_finetuning(tmp_pat
     encoder.load_state_dict(pre.encoder_state, strict=True)
     source, _ = inputs("image")
     assert torch.equal(encoder.eval()(source).x, ours.student(source).x)
-    assert load_fairseq(tmp_path / "fs.pt")["encoder_config"] == ckpt["encoder_config"]   # --checkpoint-format fairseq
+    direct = _from_checkpoint(load_fairseq(tmp_path / "fs.pt"), tmp_path / "fs.pt")   # --checkpoint-format fairseq
+    assert direct.encoder_config == pre.encoder_config
+    assert all(torch.equal(direct.encoder_state[k], v) for k, v in pre.encoder_state.items())
 
 
 class NotPlainData:
@@ -322,7 +324,11 @@ def test_finetuned_checkpoint_loads_encoder_only():
     state["w2v_encoder.proj.weight"] = torch.zeros(30, 64)
     ckpt = {"cfg": {"model": {"_name": "wav2vec_ctc", "w2v_args": {"model": inner}}}, "model": state}
     with pytest.raises(ConversionError, match="encoder_only"):
-        convert(ckpt)
+        convert(ckpt)                                             # decoder config is None
+    inner["modalities"]["audio"]["decoder"] = fairseq_cfg("audio")["model"]["modalities"]["audio"]["decoder"]
+    with pytest.raises(ConversionError, match=r"missing keys \(no decoder.*--encoder-only"):
+        convert(ckpt)                                             # decoder config kept, weights removed
+    inner["modalities"]["audio"]["decoder"] = None
     encoder, info = convert(ckpt, encoder_only=True)
     assert info.prefix == "w2v_encoder.w2v_model." and info.config_path == "cfg.model.w2v_args.model"
     assert "model.w2v_encoder.proj.weight" in info.dropped
