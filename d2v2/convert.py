@@ -362,18 +362,20 @@ def _encoder_pairs(cfg: EncoderConfig) -> list[tuple[str, str]]:
         if cfg.image.num_extra_tokens:
             pairs.append(("context_encoder.extra_tokens", f"{P}extra_tokens"))
     elif cfg.modality == "audio":
-        for i in range(len(cfg.audio.conv_layers)):
-            pairs.append((f"local_encoder.feature_extractor.{i}.conv.weight", f"{P}local_encoder.conv_layers.{i}.0.weight"))
-            pairs += [(f"local_encoder.feature_extractor.{i}.norm.{p}", f"{P}local_encoder.conv_layers.{i}.2.1.{p}")
-                      for p in wb]
+        for i in range(len(cfg.audio.conv_layers)):       # wav2vec 2.0 CNN: (conv, dropout, (T, LN, T), GELU)
+            ours, theirs = f"local_encoder.feature_extractor.{i}", f"{P}local_encoder.conv_layers.{i}"
+            pairs.append((f"{ours}.conv.weight", f"{theirs}.0.weight"))
+            pairs += [(f"{ours}.norm.{p}", f"{theirs}.2.1.{p}") for p in wb]
         pairs += [(f"local_encoder.project_features.{k}.{p}", f"{P}project_features.{k + 1}.{p}")
                   for k in (0, 1) for p in wb]
-        pairs += [(f"context_encoder.relative_positional_encoder.{k}.conv.{p}",
-                   f"{P}relative_positional_encoder.{k + 1}.0.{p}") for k in range(cfg.audio.conv_pos_depth) for p in wb]
+        pairs += [(f"context_encoder.relative_positional_encoder.{k}.conv.{p}",   # index 0: TransposeLast
+                   f"{P}relative_positional_encoder.{k + 1}.0.{p}")
+                  for k in range(cfg.audio.conv_pos_depth) for p in wb]
         if cfg.audio.use_alibi:
             pairs.append(("context_encoder.alibi_scale", f"{P}alibi_scale"))
     else:
-        pairs += [(f"local_encoder.{n}.weight", f"{P}local_encoder.{n}.weight") for n in ("embed_tokens", "embed_positions")]
+        pairs += [(f"local_encoder.{n}.weight", f"{P}local_encoder.{n}.weight")
+                  for n in ("embed_tokens", "embed_positions")]
         pairs += [(f"local_encoder.layernorm_embedding.{p}", f"{P}local_encoder.layernorm_embedding.{p}") for p in wb]
     ctx_norm = not (cfg.modality == "text" and cfg.prenet_depth == 0)
     if ctx_norm:

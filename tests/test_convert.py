@@ -123,7 +123,7 @@ def fairseq_encoder_state(enc: Encoder, shared: tuple[str, ...] = ()) -> dict:
         for j, blk in enumerate(enc.blocks[:cfg.prenet_depth]):
             out.update(_block(f"{M}context_encoder.blocks.{j}.", blk))
         if ctx.norm is not None:
-            out.update({f"{M}context_encoder.norm.weight": ctx.norm.weight, f"{M}context_encoder.norm.bias": ctx.norm.bias})
+            out.update({f"{M}context_encoder.norm.{p}": getattr(ctx.norm, p) for p in ("weight", "bias")})
     loc = enc.local_encoder
     if cfg.modality == "image":
         out[f"{M}fixed_positional_encoder.positions"] = sincos_2d(cfg.embed_dim, loc.grid)[None].clone()
@@ -209,7 +209,8 @@ def test_round_trip_is_exact(modality):
     converted.eval()
     source, pm = inputs(modality)
     for teacher in (False, True):
-        x, y = ours.extract_features(source, pm, teacher=teacher), converted.extract_features(source, pm, teacher=teacher)
+        x = ours.extract_features(source, pm, teacher=teacher)
+        y = converted.extract_features(source, pm, teacher=teacher)
         assert torch.equal(x.x, y.x)
         assert all(torch.equal(p, q) for p, q in zip(x.layer_results, y.layer_results))
     batch = ours.masker()({"source": source}, torch.Generator().manual_seed(3))
