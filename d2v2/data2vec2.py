@@ -272,25 +272,28 @@ class Data2Vec2(PretrainMethod):
     def _diagnostics(self, pred: torch.Tensor, target: torch.Tensor, sample_size: int,
                      mask: torch.Tensor) -> dict[str, Any]:
         """target_var / pred_var: per-dimension std over masked tokens, averaged over D (fairseq's
-        ``compute_var``); the collapse guard fires on them after ``collapse_check_after`` updates."""
-        target_var = float(torch.sqrt(target.var(0) + 1e-6).mean()) if sample_size > 1 else 0.0
-        pred_var = float(torch.sqrt(pred.var(0) + 1e-6).mean()) if sample_size > 1 else 0.0
+        ``compute_var``). Values stay on the device (the engine reads them at logging intervals); only
+        the optional collapse guard, after ``collapse_check_after`` updates, reads them every step."""
+        zero = pred.new_zeros(())
+        target_var = torch.sqrt(target.var(0) + 1e-6).mean() if sample_size > 1 else zero
+        pred_var = torch.sqrt(pred.var(0) + 1e-6).mean() if sample_size > 1 else zero
         c = self.cfg
         if self.training and self.num_updates > c.collapse_check_after:
-            if target_var < c.min_target_var:
-                raise RuntimeError(f"data2vec 2.0 collapse guard: target std {target_var:.4f} < min_target_var "
-                                   f"{c.min_target_var} after {self.num_updates} updates (representation "
-                                   "collapse; try a lower LR, check the EMA schedule, or set min_target_var=0)")
-            if pred_var < c.min_pred_var:
-                raise RuntimeError(f"data2vec 2.0 collapse guard: prediction std {pred_var:.4f} < min_pred_var "
-                                   f"{c.min_pred_var} after {self.num_updates} updates (set min_pred_var=0 "
-                                   "to disable)")
+            if c.min_target_var > 0 and float(target_var) < c.min_target_var:
+                raise RuntimeError(f"data2vec 2.0 collapse guard: target std {float(target_var):.4f} < "
+                                   f"min_target_var {c.min_target_var} after {self.num_updates} updates "
+                                   "(representation collapse; try a lower LR, check the EMA schedule, or set "
+                                   "min_target_var=0)")
+            if c.min_pred_var > 0 and float(pred_var) < c.min_pred_var:
+                raise RuntimeError(f"data2vec 2.0 collapse guard: prediction std {float(pred_var):.4f} < "
+                                   f"min_pred_var {c.min_pred_var} after {self.num_updates} updates (set "
+                                   "min_pred_var=0 to disable)")
         student_params = [p.detach() for p in self.student.parameters()]
         teacher_params = [p.detach() for p in self.teacher.model.parameters()]
         return {"target_var": target_var, "pred_var": pred_var, "ema_decay": self.current_decay,
                 "masked_pct": sample_size / mask.numel(),
-                "model_norm": float(torch.stack(torch._foreach_norm(student_params)).norm()),
-                "ema_norm": float(torch.stack(torch._foreach_norm(teacher_params)).norm())}
+                "model_norm": torch.stack(torch._foreach_norm(student_params)).norm(),
+                "ema_norm": torch.stack(torch._foreach_norm(teacher_params)).norm()}
 
     # ---- entry points for exact comparisons with the official implementation ----------------------
     @torch.no_grad()
