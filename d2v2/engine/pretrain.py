@@ -31,6 +31,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -483,7 +484,8 @@ class Pretrainer:
         self._start_events()
         if self.main:
             self.segments.begin(job_id(), self.provenance["host"], self.clock)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        in_main_thread = threading.current_thread() is threading.main_thread()   # where Python delivers signals
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS} if in_main_thread else {}
         self._log_sums: dict[str, torch.Tensor] = {}
         self._host_log_sums: dict[str, float] = {}
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
