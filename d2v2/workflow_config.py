@@ -33,7 +33,7 @@ import yaml
 from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
-           "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
+           "rerun_key", "data_key", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
            "DATA_MODALITY"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
@@ -175,6 +175,29 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
         "checkpoint": {"fractions": list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
+
+
+def rerun_key(run_cfg: Mapping[str, Any]) -> str:
+    """What a pretraining job's Snakemake params hold: its run config without the keys that change how it
+    executes but not what it computes (``EXECUTION_KEYS``: log interval, threads, loader workers, ...), so
+    editing those never re-runs a finished run."""
+    from d2v2.engine.runconfig import EXECUTION_KEYS
+
+    cfg = copy.deepcopy(dict(run_cfg))
+    for dotted in EXECUTION_KEYS:
+        *parents, last = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def data_key(config: Mapping[str, Any], data_modality: str) -> str:
+    """The part of the data config that one data modality's preparation depends on (its params)."""
+    data = config["data"]
+    return json.dumps({"root": data.get("root", "data"), data_modality: data.get(data_modality, {})}, sort_keys=True)
 
 
 def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -125,6 +126,8 @@ def test_smoke_workflow_through_the_slurm_profile(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert list((tmp_path / "results" / "figures").glob("curves_image_*.png"))
+    in_flight = max(int(n) for n in re.findall(r"Execute (\d+) jobs", r.stdout + r.stderr))
+    assert in_flight >= 3    # SLURM jobs take no local cores: more than the profile's 2 cores in flight
     for method in ("data2vec2", "mae"):
         run = tmp_path / "runs" / "image" / method / "default" / "seed0"
         record = json.loads((run / "slurm_job.json").read_text())

@@ -1,15 +1,13 @@
 # Data: prepare each data modality once (idempotent: `prepare-data` skips work when its manifest
-# matches). The stamp keeps what prepare-data reported; the params are the data config, so a changed
-# data config re-prepares, and re-runs only the runs that read it (their params hold the data config).
-
-DATA_ROOT = config["data"].get("root", "data")
-
+# matches). The stamp (in this working directory's results, so that workflows sharing one data folder
+# never invalidate each other) keeps what prepare-data reported; its params are only that modality's
+# data config, so a changed text config re-prepares text and re-runs only the text runs.
 
 rule prepare_data:
     output:
-        f"{DATA_ROOT}/prepared_{{data_modality}}.txt",
+        f"{PATHS['results']}/data/prepared_{{data_modality}}.txt",
     params:
-        data=json.dumps(config["data"], sort_keys=True),
+        data=lambda w: wfc.data_key(config, w.data_modality),
         config_file=f"{PATHS['logs']}/prepare_data/{{data_modality}}.data.json",
     wildcard_constraints:
         data_modality="image|speech|text",
@@ -18,5 +16,5 @@ rule prepare_data:
     threads: 2
     shell:
         "printf '%s' {params.data:q} > {params.config_file} && "
-        "python -m d2v2 prepare-data --root {DATA_ROOT} --modalities {wildcards.data_modality} "
+        "python -m d2v2 prepare-data --modalities {wildcards.data_modality} "
         "--config {params.config_file} > {output}.tmp 2> {log} && mv {output}.tmp {output}"

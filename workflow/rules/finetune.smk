@@ -16,6 +16,8 @@ rule finetune:
     log:
         f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}.log",
     threads: training_threads("finetune")
+    resources:
+        slurm_jobs=int(ON_SLURM),
     run:
         ft_file = Path(str(log)).with_suffix(".yaml")
         ft_file.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +31,7 @@ rule finetune:
 
 rule finetune_random_init:
     input:
-        lambda w: f"{DATA_ROOT}/prepared_{wfc.DATA_MODALITY[w.modality]}.txt",
+        lambda w: f"{PATHS['results']}/data/prepared_{wfc.DATA_MODALITY[w.modality]}.txt",
     output:
         f"{METRICS}/{{modality}}/random_init/seed{{seed}}.json",
     params:
@@ -37,6 +39,8 @@ rule finetune_random_init:
     log:
         f"{PATHS['logs']}/finetune/{{modality}}/random_init/seed{{seed}}.log",
     threads: training_threads("finetune")
+    resources:
+        slurm_jobs=int(ON_SLURM),
     run:
         ft_file = Path(str(log)).with_suffix(".yaml")
         ft_file.parent.mkdir(parents=True, exist_ok=True)
