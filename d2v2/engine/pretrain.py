@@ -269,7 +269,7 @@ class Pretrainer:
         path = self.out / "checkpoint_last.pt"
         if not path.exists() and not path.with_name("checkpoint_last.prev.pt").exists():
             return
-        ckpt, used, problems = load_latest(path, map_location=self.device)
+        ckpt, used, problems = load_latest(path)     # on the CPU: RNG states must stay there
         for problem in problems:
             self._warn(f"rejected {problem}; resuming from {used}")
         self._check_config(used, ckpt["config"])
