@@ -166,44 +166,46 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _resolve(node: Any, root: dict) -> Any:
-    """Resolve ``${a.b}`` interpolations left in a config saved without ``resolve=True``."""
+def _resolve(node: Any, scope: dict) -> Any:
+    """Resolve ``${a.b}`` interpolations (left in a config saved without ``resolve=True``) against the
+    config they belong to; one that does not resolve stays a string (validation then names the key)."""
     if isinstance(node, dict):
-        return {k: _resolve(v, root) for k, v in node.items()}
+        return {k: _resolve(v, scope) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve(v, root) for v in node]
+        return [_resolve(v, scope) for v in node]
     if isinstance(node, str) and node.startswith("${") and node.endswith("}"):
-        target: Any = root
+        target: Any = scope
         for part in node[2:-1].split("."):
             if not isinstance(target, dict) or part not in target:
-                raise ConversionError(f"config interpolation {node} does not resolve")
+                return node
             target = target[part]
-        return _resolve(target, root)
+        return _resolve(target, scope)
     return node
 
 
 def fairseq_model_config(ckpt: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The Data2VecMultiConfig dict of a checkpoint and where it was found: ``cfg.model`` for
-    pretraining checkpoints, a nested ``*_args.model`` for fine-tuned ones (e.g. ``w2v_args``)."""
+    pretraining checkpoints, a nested ``<x>.model`` for fine-tuned ones (e.g. ``w2v_args``,
+    ``pretrained_model_args``)."""
     if ckpt.get("cfg") is None:
         raise ConversionError("checkpoint has no 'cfg' (pre-2021 fairseq 'args' checkpoints are not data2vec 2.0)")
-    root = _resolve(_plain(ckpt["cfg"]), _plain(ckpt["cfg"]))
-    found: list[tuple[str, dict]] = []
+    root = _plain(ckpt["cfg"])
+    found: list[tuple[str, dict, dict]] = []
 
-    def search(node: Any, where: str) -> None:
+    def search(node: Any, where: str, scope: dict) -> None:
         if isinstance(node, dict):
             if {"modalities", "embed_dim", "depth"} <= node.keys():
-                found.append((where, node))
+                found.append((where, node, scope))
                 return
-            for k, v in node.items():
-                search(v, f"{where}.{k}")
+            for k, v in node.items():             # a nested full config (one with 'model') is a new scope
+                search(v, f"{where}.{k}", node if "model" in node else scope)
 
-    search(root.get("model"), "cfg.model")
+    search(root.get("model"), "cfg.model", root)
     if not found:
         raise ConversionError("no data2vec 2.0 model config (a dict with 'modalities', 'embed_dim', 'depth') "
                               "under cfg.model: not a data2vec_multi checkpoint")
-    where, cfg = found[0]
-    return cfg, where
+    where, cfg, scope = found[0]
+    return _resolve(cfg, scope), where
 
 
 def _conv_spec(spec: str) -> list[tuple[int, int, int]]:
@@ -255,6 +257,8 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
     """Map Data2VecMultiConfig fields onto our config (the Data2Vec2Config, or only the EncoderConfig
     when ``encoder_only``); returns it and notes about approximations."""
     modality = _modality(cfg, state)
+    if not isinstance(cfg["modalities"].get(modality), dict):
+        raise ConversionError(f"config has no modalities.{modality} section")
     mod = dict(cfg["modalities"][modality])
     where = f"modalities.{modality}."
     notes: list[str] = []
@@ -278,7 +282,7 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
     if cfg.get("start_drop_path_rate", 0) or mod.get("start_drop_path_rate", 0):
         notes.append(f"drop-path rises linearly 0 -> {drop_path} over all blocks (fairseq: per stage)")
     enc: dict[str, Any] = {
-        "modality": modality, "embed_dim": cfg["embed_dim"], "num_heads": cfg["num_heads"],
+        "modality": modality, "embed_dim": cfg["embed_dim"], "num_heads": cfg.get("num_heads", 12),
         "depth": cfg["depth"], "prenet_depth": prenet, "mlp_ratio": cfg.get("mlp_ratio", 4.0),
         "norm_eps": cfg.get("norm_eps", 1e-6), "layer_norm_first": False,
         "dropout": cfg.get("encoder_dropout", 0.1), "attention_dropout": cfg.get("attention_dropout", 0.1),

@@ -323,6 +323,7 @@ def test_finetuned_checkpoint_loads_encoder_only():
     inner["modalities"]["audio"]["decoder"] = None
     state = {f"w2v_encoder.w2v_model.{k}": v for k, v in fs["model"].items() if ".decoder." not in k}
     state["w2v_encoder.proj.weight"] = torch.zeros(30, 64)
+    inner["modalities"]["audio"]["conv_pos_groups"] = "${model.num_heads}"      # 4, relative to w2v_args
     ckpt = {"cfg": {"model": {"_name": "wav2vec_ctc", "w2v_args": {"model": inner}}}, "model": state}
     with pytest.raises(ConversionError, match="encoder_only"):
         convert(ckpt)                                             # decoder config is None
