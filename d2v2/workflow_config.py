@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
 import shlex
 import sys
@@ -33,7 +34,7 @@ import yaml
 from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
-           "rerun_key", "data_key", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
+           "data_key", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
            "DATA_MODALITY"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
@@ -177,23 +178,6 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     })
 
 
-def rerun_key(run_cfg: Mapping[str, Any]) -> str:
-    """What a pretraining job's Snakemake params hold: its run config without the keys that change how it
-    executes but not what it computes (``EXECUTION_KEYS``: log interval, threads, loader workers, ...), so
-    editing those never re-runs a finished run."""
-    from d2v2.engine.runconfig import EXECUTION_KEYS
-
-    cfg = copy.deepcopy(dict(run_cfg))
-    for dotted in EXECUTION_KEYS:
-        *parents, last = dotted.split(".")
-        node = cfg
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return json.dumps(cfg, sort_keys=True)
-
-
 def data_key(config: Mapping[str, Any], data_modality: str) -> str:
     """The part of the data config that one data modality's preparation depends on (its params)."""
     data = config["data"]
@@ -310,10 +294,17 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
 
 def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
                    job_file: str | None = None) -> str:
-    """The ``python -m d2v2 launch ... --`` prefix of a training rule's command (kind: pretrain|finetune)."""
+    """The ``python -m d2v2 launch ... --`` prefix of a training rule's shell command (kind: pretrain|finetune).
+
+    A Snakemake shell template: ``name``, ``folder`` and ``job_file`` may hold placeholders such as
+    ``{wildcards.seed}``; everything taken from the config has its braces escaped.
+    """
+    def lit(value: Any) -> str:
+        return str(value).replace("{", "{{").replace("}", "}}")
+
     launcher = config["launcher"]
     threads = launcher[f"{kind}_threads"]
-    args = [sys.executable, "-m", "d2v2", "launch", "--backend", launcher["backend"], "--threads", str(threads)]
+    args = [lit(sys.executable), "-m", "d2v2", "launch", "--backend", launcher["backend"], "--threads", str(threads)]
     if launcher["backend"] == "slurm":
         slurm = config["slurm"]
         res = dict(slurm.get(kind, {}))
@@ -323,11 +314,11 @@ def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
         args += ["--name", name, "--folder", folder, "--poll-s", str(launcher["poll_s"])]
         for key, value in opts.items():
             if value is not None:
-                args += ["--" + key.replace("_", "-"), str(value)]
+                args += ["--" + key.replace("_", "-"), lit(value)]
         for line in list(slurm.get("setup", [])) + list(res.get("setup", [])):
-            args += ["--setup", line]
+            args += ["--setup", lit(line)]
         for key, value in merge(slurm.get("sbatch", {}), res.get("sbatch", {})).items():
-            args += ["--sbatch", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+            args += ["--sbatch", lit(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")]
         if job_file:
             args += ["--job-file", job_file]
         if kind == "pretrain":
@@ -356,3 +347,25 @@ def prepare_run_dir(run_dir: str | Path, request: Mapping[str, Any]) -> Path | N
     moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
     run_dir.rename(moved)
     return moved
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m d2v2.workflow_config prepare-run RUN_DIR REQUEST_JSON``: what the pretrain rule runs before
+    launching: move a run dir holding another config aside (:func:`prepare_run_dir`), write ``RUN_DIR/run.yaml``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "prepare-run":
+        print("usage: python -m d2v2.workflow_config prepare-run RUN_DIR REQUEST_JSON", file=sys.stderr)
+        return 2
+    run_dir, request = Path(args[1]), json.loads(args[2])
+    moved = prepare_run_dir(run_dir, request)
+    if moved is not None:
+        print(f"{run_dir}: its config changed; the previous run was moved to {moved}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "run.yaml.tmp"
+    tmp.write_text(json.dumps(request, indent=1) + "\n")   # JSON is YAML
+    os.replace(tmp, run_dir / "run.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,9 @@
 METRICS = PATHS["metrics"]
 
 
+FT_LOG = f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}"
+
+
 rule finetune:
     input:
         done=f"{RUN_DIR}/DONE",
@@ -12,21 +15,21 @@ rule finetune:
         f"{METRICS}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}.json",
     params:
         ft_config=lambda w: json.dumps(wfc.finetune_request(config, run_of(w), float(w.fraction)), sort_keys=True),
-        checkpoint=lambda w: f"{PATHS['runs']}/{run_of(w).key}/checkpoints/checkpoint_f{w.fraction}.pt",
+        checkpoint=f"{RUN_DIR}/checkpoints/checkpoint_f{{fraction}}.pt",
+        prefix=FT_LOG,
     log:
-        f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}.log",
+        f"{FT_LOG}.log",
     threads: training_threads("finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
-    run:
-        ft_file = Path(str(log)).with_suffix(".yaml")
-        ft_file.parent.mkdir(parents=True, exist_ok=True)
-        ft_file.write_text(params.ft_config + "\n")
-        launch = wfc.launch_command(config, "finetune", name=f"finetune:{run_of(wildcards).key}:f{wildcards.fraction}",
-                                    folder=f"{PATHS['logs']}/slurm/%j",
-                                    job_file=str(Path(str(log)).with_suffix(".slurm_job.json")))
-        shell(launch + f" python -m d2v2 finetune --config {ft_file} --checkpoint {params.checkpoint} "
-              f"--out {output} > {log} 2>&1")
+    shell:
+        "printf '%s\\n' {params.ft_config:q} > {params.prefix}.yaml && "
+        + wfc.launch_command(config, "finetune", name="finetune:{params.prefix}", folder=f"{PATHS['logs']}/slurm/%j",
+                             job_file="{params.prefix}.slurm_job.json")
+        + " python -m d2v2 finetune --config {params.prefix}.yaml --checkpoint {params.checkpoint} --out {output} > {log} 2>&1"
+
+
+RANDOM_LOG = f"{PATHS['logs']}/finetune/{{modality}}/random_init/seed{{seed}}"
 
 
 rule finetune_random_init:
@@ -36,16 +39,14 @@ rule finetune_random_init:
         f"{METRICS}/{{modality}}/random_init/seed{{seed}}.json",
     params:
         ft_config=lambda w: json.dumps(wfc.random_init_request(config, w.modality, int(w.seed)), sort_keys=True),
+        prefix=RANDOM_LOG,
     log:
-        f"{PATHS['logs']}/finetune/{{modality}}/random_init/seed{{seed}}.log",
+        f"{RANDOM_LOG}.log",
     threads: training_threads("finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
-    run:
-        ft_file = Path(str(log)).with_suffix(".yaml")
-        ft_file.parent.mkdir(parents=True, exist_ok=True)
-        ft_file.write_text(params.ft_config + "\n")
-        launch = wfc.launch_command(config, "finetune", name=f"finetune:{wildcards.modality}:random_init",
-                                    folder=f"{PATHS['logs']}/slurm/%j",
-                                    job_file=str(Path(str(log)).with_suffix(".slurm_job.json")))
-        shell(launch + f" python -m d2v2 finetune --config {ft_file} --out {output} > {log} 2>&1")
+    shell:
+        "printf '%s\\n' {params.ft_config:q} > {params.prefix}.yaml && "
+        + wfc.launch_command(config, "finetune", name="finetune:{params.prefix}", folder=f"{PATHS['logs']}/slurm/%j",
+                             job_file="{params.prefix}.slurm_job.json")
+        + " python -m d2v2 finetune --config {params.prefix}.yaml --out {output} > {log} 2>&1"

@@ -3,8 +3,8 @@
 # local child process or checkpointable SLURM job (requeued on timeout/preemption, re-attached after a
 # Snakemake restart through RUN/slurm_job.json). Outputs are DONE and summary.json only: the kept
 # checkpoints are read through DONE, so a resumed run never has its earlier checkpoints deleted under
-# it. The params hold only this run's own config (minus execution-only keys such as log_every or loader
-# workers): other runs' edits never re-run it.
+# it. The params hold only this run's own config: other runs' edits never re-run it. Plain shell (no
+# `run:` block): a `run:` job would re-parse the whole workflow in a new Snakemake process.
 
 RUN_DIR = f"{PATHS['runs']}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}"
 
@@ -37,20 +37,15 @@ rule pretrain:
         done=f"{RUN_DIR}/DONE",
         summary=f"{RUN_DIR}/summary.json",
     params:
-        rerun_key=lambda w: wfc.rerun_key(wfc.run_config(config, run_of(w))),
+        request=lambda w: json.dumps(wfc.run_config(config, run_of(w)), sort_keys=True),
+        run_dir=RUN_DIR,
     log:
         f"{PATHS['logs']}/pretrain/{{modality}}/{{method}}/{{variant}}/seed{{seed}}.log",
     threads: training_threads("pretrain")
     resources:
         slurm_jobs=int(ON_SLURM),
-    run:
-        run_dir = Path(output.done).parent
-        request = wfc.run_config(config, run_of(wildcards))
-        moved = wfc.prepare_run_dir(run_dir, request)
-        if moved is not None:
-            print(f"{run_dir}: its config changed; the previous run was moved to {moved}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.yaml").write_text(json.dumps(request, indent=1) + "\n")   # JSON is YAML
-        launch = wfc.launch_command(config, "pretrain", name=f"pretrain:{run_of(wildcards).key}",
-                                    folder=f"{run_dir}/slurm/%j", job_file=f"{run_dir}/slurm_job.json")
-        shell(launch + f" python -m d2v2 pretrain --config {run_dir}/run.yaml --out {run_dir} > {log} 2>&1")
+    shell:
+        "python -m d2v2.workflow_config prepare-run {params.run_dir} {params.request:q} > {log} 2>&1 && "
+        + wfc.launch_command(config, "pretrain", name="pretrain:{params.run_dir}", folder="{params.run_dir}/slurm/%j",
+                             job_file="{params.run_dir}/slurm_job.json")
+        + " python -m d2v2 pretrain --config {params.run_dir}/run.yaml --out {params.run_dir} >> {log} 2>&1"

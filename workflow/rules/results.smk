@@ -16,10 +16,8 @@ rule resolved_config:
         f"{RESULTS}/config.yaml",
     params:
         text=yaml.safe_dump(dict(config), sort_keys=False),
-    run:
-        tmp = Path(output[0] + ".tmp")
-        tmp.write_text(params.text)
-        os.replace(tmp, output[0])
+    shell:
+        "printf '%s' {params.text:q} > {output}.tmp && mv {output}.tmp {output}"
 
 
 rule collect:
