@@ -39,15 +39,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import enum
 import hashlib
 import pickle
 import sys
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from d2v2.config import ConfigError, validate
@@ -89,12 +92,7 @@ def _inert_globals() -> list:
     namespaces (legacy ``args``), numpy arrays/scalars (meters in ``extra_state``), builtin containers
     (e.g. a defaultdict's factory) and, when omegaconf is installed, its config containers. Nothing here
     runs code chosen by the file."""
-    import argparse as _argparse
-    import collections
-
-    import numpy as np
-
-    allowed: list = [_argparse.Namespace, collections.defaultdict, dict, list, tuple, set, int, float, str, bool]
+    allowed: list = [argparse.Namespace, collections.defaultdict, dict, list, tuple, set, int, float, str, bool]
     core = getattr(np, "_core", None) or np.core
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [(core.multiarray._reconstruct, f"{module}._reconstruct"),
@@ -102,8 +100,6 @@ def _inert_globals() -> list:
     allowed += [np.ndarray, np.dtype]
     allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
     try:
-        import typing
-
         import omegaconf
         from omegaconf import base, nodes
     except ImportError:
@@ -133,15 +129,16 @@ def read_fairseq_checkpoint(path: str | Path, trust_pickle: bool = False) -> dic
     with torch.serialization.safe_globals(_inert_globals()):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as err:
             try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be scanned
-                unsafe = ["<unknown: legacy file format>"]
+                unsafe = ""
+            unsafe = unsafe or str(err).splitlines()[-1]
         except Exception as err:  # noqa: BLE001 - truncated / not a torch file
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
     raise CheckpointError(
-        f"{path}: refusing to unpickle objects that are not plain data: {', '.join(unsafe)}. Unpickling "
+        f"{path}: refusing to unpickle objects that are not plain data: {unsafe}. Unpickling "
         "them can execute arbitrary code. If you trust where the file comes from, pass --trust-pickle "
         "(Python: trust_pickle=True).")
 
