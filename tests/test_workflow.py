@@ -98,6 +98,25 @@ def test_launch_command_carries_the_slurm_settings():
     assert "--backend local --threads 1" in local and "--partition" not in local
 
 
+def test_prepare_run_keeps_a_run_with_the_same_config_and_moves_another_aside(tmp_path):
+    from d2v2.engine.runconfig import resolve_run_config
+
+    config = resolved(preset="smoke")
+    run = next(r for r in wfc.expand_runs(config) if r.key == "image/data2vec2/default/seed0")
+    request = wfc.run_config(config, run)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolve_run_config(request).model_dump(mode="json")))
+    (run_dir / "checkpoint_last.pt").write_text("resume me")
+    assert wfc.main(["prepare-run", str(run_dir), json.dumps(request)]) == 0     # same config: resume
+    assert (run_dir / "checkpoint_last.pt").exists() and json.loads((run_dir / "run.yaml").read_text()) == request
+    changed = {**request, "budget": {"kind": "updates", "value": 7}}
+    assert wfc.main(["prepare-run", str(run_dir), json.dumps(changed)]) == 0     # other config: fresh start
+    (moved,) = tmp_path.glob("run.replaced-*")
+    assert (moved / "checkpoint_last.pt").exists() and not (run_dir / "checkpoint_last.pt").exists()
+    assert json.loads((run_dir / "run.yaml").read_text())["budget"]["value"] == 7
+
+
 # ------------------------------------------------------------------ DAG shapes (snakemake -n)
 def test_tiny_dag_shape(tmp_path):
     r = snakemake(tmp_path, "-n")
