@@ -276,7 +276,8 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
     drop_path = max(float(cfg.get("end_drop_path_rate", 0)), float(mod.get("end_drop_path_rate", 0)))
     if cfg.get("dropout_input", 0):
         notes.append(f"dropout_input={cfg['dropout_input']} (dropout after the context encoder) is not implemented")
-    if cfg.get("start_drop_path_rate", 0) or mod.get("start_drop_path_rate", 0):
+    ends = {float(cfg.get("end_drop_path_rate", 0))} | ({float(mod.get("end_drop_path_rate", 0))} if prenet else set())
+    if cfg.get("start_drop_path_rate", 0) or mod.get("start_drop_path_rate", 0) or len(ends) > 1:
         notes.append(f"drop-path rises linearly 0 -> {drop_path} over all blocks (fairseq: per stage)")
     enc: dict[str, Any] = {
         "modality": modality, "embed_dim": cfg["embed_dim"], "num_heads": cfg.get("num_heads", 12),
