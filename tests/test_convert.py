@@ -347,3 +347,22 @@ def test_unsupported_architecture_is_refused():
     ckpt["cfg"]["model"]["modalities"]["text"]["decoder"]["projection_ratio"] = 4.0
     with pytest.raises(ConversionError, match="projection_ratio"):
         convert(ckpt)
+
+
+def test_finetuned_image_checkpoint_loads_encoder_only():
+    """mae_image_classification-style: ``model.`` prefix, config in ``pretrained_model_args``, a head."""
+    ours = make_model("image")
+    fs = fairseq_checkpoint(ours, with_ema=False)
+    state = {f"model.{k}": v for k, v in fs["model"].items() if ".decoder." not in k}
+    state.update({"head.weight": torch.zeros(10, 96), "head.bias": torch.zeros(10),
+                  "fc_norm.weight": torch.ones(96), "fc_norm.bias": torch.zeros(96)})
+    ckpt = {"cfg": {"model": {"_name": "mae_image_classification", "pretrained_model_args": fs["cfg"]}},
+            "model": state}
+    encoder, info = convert(ckpt, encoder_only=True)
+    assert info.prefix == "model." and info.config_path == "cfg.model.pretrained_model_args.model"
+    assert {"model.head.weight", "model.fc_norm.bias"} <= info.dropped.keys()
+    source, _ = inputs("image")
+    assert torch.equal(encoder.eval()(source).x, ours.student(source).x)
+    state["model.blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ConversionError, match=r"model\.model\.blocks\.0\.attn\.qkv\.weight \(5, 5\)"):
+        convert(ckpt, encoder_only=True)
