@@ -34,7 +34,7 @@ from d2v2.decoder import Decoder, DecoderConfig
 from d2v2.ema import EMATeacher, ema_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.masking import block_mask, keep_indices, num_kept, random_mask
-from d2v2.method import MethodOutput, PretrainMethod, register_method
+from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
 from d2v2.modalities.audio import frame_count
 from d2v2.targets import make_targets
 
@@ -280,12 +280,12 @@ class Data2Vec2(PretrainMethod):
         c = self.cfg
         if self.training and self.num_updates > c.collapse_check_after:
             if c.min_target_var > 0 and float(target_var) < c.min_target_var:
-                raise RuntimeError(f"data2vec 2.0 collapse guard: target std {float(target_var):.4f} < "
+                raise CollapseError(f"data2vec 2.0 collapse guard: target std {float(target_var):.4f} < "
                                    f"min_target_var {c.min_target_var} after {self.num_updates} updates "
                                    "(representation collapse; try a lower LR, check the EMA schedule, or set "
                                    "min_target_var=0)")
             if c.min_pred_var > 0 and float(pred_var) < c.min_pred_var:
-                raise RuntimeError(f"data2vec 2.0 collapse guard: prediction std {float(pred_var):.4f} < "
+                raise CollapseError(f"data2vec 2.0 collapse guard: prediction std {float(pred_var):.4f} < "
                                    f"min_pred_var {c.min_pred_var} after {self.num_updates} updates (set "
                                    "min_pred_var=0 to disable)")
         student_params = [p.detach() for p in self.student.parameters()]

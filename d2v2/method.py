@@ -17,7 +17,7 @@ from d2v2.config import Config, ConfigError, merge, validate
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
-    "available_methods",
+    "available_methods", "CollapseError",
 ]
 
 
@@ -28,6 +28,10 @@ class MethodOutput:
     loss: torch.Tensor                 # scalar, normalised by ``sample_size``; call backward() on it
     sample_size: int                   # number of predicted positions the loss averages over
     logs: dict[str, Any] = field(default_factory=dict)   # detached scalar diagnostics
+
+
+class CollapseError(RuntimeError):
+    """A method's collapse guard fired (spec §1.8, §7.1 item 1): the run must stop and say so."""
 
 
 class Masker(Protocol):

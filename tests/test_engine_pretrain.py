@@ -225,6 +225,17 @@ def test_nan_loss_stops_naming_update_and_last_good_checkpoint(tmp_path, data_ro
     assert "diverged" in (out / "segments.csv").read_text()
 
 
+def test_collapse_guard_stops_the_run_as_diverged(tmp_path, data_root, capsys):
+    """The real data2vec 2.0 guard (spec §1.8) with an impossible threshold fires after update 2."""
+    out = tmp_path / "run"
+    overrides = {"mask_noise_std": 0.0, "min_target_var": 100.0, "collapse_check_after": 2}
+    cfg = run_config(data_root, method={"overrides": overrides}, checkpoint={"fractions": [0.2, 1.0]})
+    assert run(cfg, out) == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "collapse guard: target std" in err and "(update 4)" in err and "checkpoint_f0.200.pt" in err
+    assert summary(out)["status"] == "diverged" and not (out / "DONE").exists()
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path, data_root, capsys):
     out = tmp_path / "run"
     assert run(run_config(data_root), out) == 0

@@ -53,7 +53,7 @@ from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
-from d2v2.method import PretrainMethod, build_method
+from d2v2.method import CollapseError, PretrainMethod, build_method
 
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
@@ -411,9 +411,7 @@ class Pretrainer:
                                       enabled=self.autocast_dtype is not None):
                 try:
                     output = self.model(batch)
-                except RuntimeError as err:    # the method's collapse guard (spec §7.1 item 1)
-                    if "collapse guard" not in str(err):
-                        raise
+                except CollapseError as err:    # the method's collapse guard (spec §7.1 item 1)
                     raise Diverged(f"{err} (update {self.updates + 1}); last good checkpoint: "
                                    f"{self.last_good or 'none (no checkpoint was written)'}") from None
             self.scaler.scale(output.loss / accum).backward()
