@@ -7,11 +7,15 @@ data or model is touched. :func:`finetune_config` does exactly that and is what 
 DAG-build time.
 
 Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``vox_10h`` CTC recipe,
-§5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (each fine-tune ~10-20 s);
-``smoke`` only checks that everything runs. Deviations at base scale, all written down here:
+§5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (a few hundred updates, evaluation
+on fixed subsets of at most ``eval_max_samples`` per split; ~30-60 s per fine-tune with one thread on an
+idle machine); ``smoke`` only checks that everything runs. Deviations, all written down here:
 
-* batches are counted in samples on a single device (fairseq's speech recipe counts ``max_tokens``
-  over 4 GPUs x 5 accumulation steps; ``batch_size`` 512 utterances approximates its ~400 s of audio);
+* fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
+  counts ``max_tokens`` over 4 GPUs x 5 accumulation steps; ``batch_size`` 512 utterances approximates
+  its ~400 s of audio);
+* the tiny presets use larger LRs than the paper (short runs from a small model) and drop the
+  100-epoch image regularisers (drop path, label smoothing, MixUp/CutMix) that only slow a 2-epoch run;
 * the model is scored at the end of fine-tuning, not at its best validation checkpoint (spec §5.3
   selects the best dev checkpoint); the LR sweep selects on validation only and reports that run's test;
 * speech is decoded greedily (no 4-gram LM, spec §5.2).
