@@ -167,14 +167,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "final_dropout": 0.0,
             "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
         },
+        # CTC leaves its all-blank plateau only after several hundred updates (300 updates: CER 1.0 from
+        # random init; 1,000: CER 0.76), so the tiny run is the longest fine-tune and the Transformer is
+        # not frozen at its start.
         "tiny": {
             "task": "ctc",
-            "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
-                      "warmup_fraction": 0.1, "hold_fraction": 0.4, "final_lr": 5e-5, "init_lr_scale": 0.01,
+            "optim": {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
+                      "warmup_fraction": 0.1, "hold_fraction": 0.4, "final_lr": 1e-4, "init_lr_scale": 0.01,
                       "clip_grad": None},
-            "budget": {"kind": "updates", "value": 300}, "batch_size": 16, "eval_max_samples": 200,
-            "freeze_updates": 50, "dropout": 0.0, "layerdrop": 0.0,
-            "mask": {"prob": 0.3, "length": 5, "noise_std": 0.01, "channel_prob": 0.0, "channel_length": 8},
+            "budget": {"kind": "updates", "value": 1000}, "batch_size": 16, "eval_max_samples": 100,
+            "freeze_updates": 0, "dropout": 0.0, "layerdrop": 0.0, "log_every": 100,
+            "mask": {"prob": 0.1, "length": 5, "noise_std": 0.01, "channel_prob": 0.0, "channel_length": 8},
         },
         "smoke": {
             "task": "ctc", "optim": {"lr": 1e-3, "schedule": "tristage", "warmup_fraction": 0.1, "final_lr": 5e-5},
