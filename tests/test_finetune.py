@@ -109,7 +109,7 @@ def test_metrics_file_carries_identity_clocks_and_provenance(image_checkpoint, t
     out, saved = tmp_path / "m.json", tmp_path / "ft.pt"
     rc = F.main(["--checkpoint", str(image_checkpoint), "--out", str(out), "--save", str(saved),
                  "modality=image", "preset=smoke", "identity.variant=num_masks=2",
-                 "identity.params={num_masks: 2}", *_smoke_overrides(root)])
+                 "identity.params={num_masks: 2}", "identity.budget_fraction=0.5", *_smoke_overrides(root)])
     assert rc == 0
     record, ckpt = json.loads(out.read_text()), load_checkpoint(image_checkpoint)
     ident = record["identity"]
@@ -133,6 +133,10 @@ def test_identity_must_agree_with_checkpoint(image_checkpoint, tmp_path):
     root = _data("image")
     cfg = finetune_config({"modality": "image", "preset": "smoke", "identity": {"seed": 99}, "data": {"root": str(root)}})
     with pytest.raises(ConfigError, match="identity.seed"):
+        F.finetune(cfg, image_checkpoint)
+    cfg = finetune_config({"modality": "image", "preset": "smoke", "identity": {"budget_fraction": 0.3},
+                           "data": {"root": str(root)}})
+    with pytest.raises(ConfigError, match="identity.budget_fraction"):
         F.finetune(cfg, image_checkpoint)
     cfg = finetune_config({"modality": "audio", "preset": "smoke"})
     with pytest.raises(ConfigError, match="modality"):

@@ -308,9 +308,10 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
         torch.set_num_threads(cfg.threads)
     info = D.task_info(cfg.modality, cfg.task)
     pre = load_pretrained(cfg, checkpoint, checkpoint_format)
-    for key in ("seed", "budget_fraction"):
+    for key, tolerance in (("seed", 0), ("budget_fraction", 5e-4)):   # fractions: 3 decimals in file names
         given, stored = getattr(cfg.identity, key), getattr(pre, key)
-        if given is not None and pre.encoder_state is not None and stored is not None and given != stored:
+        if pre.encoder_state is not None and given is not None and stored is not None \
+                and abs(given - stored) > tolerance:
             raise ConfigError(f"identity.{key}: config says {given} but the checkpoint has {stored}")
     splits = D.finetune_datasets(cfg.modality, cfg.data, cfg.task)
     for required in ("train", "valid", "test"):
