@@ -34,7 +34,7 @@ import yaml
 from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
-           "data_key", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
+           "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
            "DATA_MODALITY"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
@@ -109,6 +109,11 @@ def schema_error(err: Exception) -> str:
         allowed = ", ".join(sorted(cause.schema.get("properties", {})))
         return "; ".join(f"{key + '.' if key else ''}{u}: unknown key (valid keys: {allowed})" for u in unknown)
     return f"{key or 'config'}: {message}"
+
+
+def finetune_fractions(config: Mapping[str, Any], modality: str) -> list[float]:
+    """The checkpoint fractions fine-tuned for ``modality`` (``finetune_fractions``, default: all kept)."""
+    return list(config.get("finetune_fractions", {}).get(modality) or config["checkpoint_fractions"])
 
 
 def fraction_tag(fraction: float) -> str:
@@ -263,6 +268,11 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
     if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
         raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
                                   "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+    for modality, fractions in config.get("finetune_fractions", {}).items():
+        extra = sorted(set(fractions) - set(config["checkpoint_fractions"]))
+        if extra:
+            raise WorkflowConfigError(f"finetune_fractions.{modality}: {extra} not in checkpoint_fractions "
+                                      f"{list(config['checkpoint_fractions'])}")
     _check_data(config, config["modalities"])
     try:
         runs = expand_runs(config)

@@ -123,9 +123,12 @@ def test_tiny_dag_shape(tmp_path):
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
     assert counts.pop("prepare_data", 0) <= 3
-    # 8 runs (image 3 methods, audio 2, text 3) x 3 checkpoint fractions, random-init references per modality
-    assert counts == {"pretrain": 8, "finetune": 24, "finetune_random_init": 3, "resolved_config": 1,
-                      "collect": 1, "report": 1, "all": 1}
+    # 8 runs (image 3 methods, audio 2, text 3); image and text fine-tune 3 checkpoint fractions, speech
+    # only the final one (finetune_fractions); random-init references per modality
+    assert counts == {"pretrain": 8, "finetune": 3 * 3 + 2 * 1 + 3 * 3, "finetune_random_init": 3,
+                      "resolved_config": 1, "collect": 1, "report": 1, "all": 1}
+    assert "metrics/audio/data2vec2/default/seed0/f1.000.json" in r.stdout
+    assert "metrics/audio/data2vec2/default/seed0/f0.500.json" not in r.stdout
 
 
 def test_ablation_dag_shape_and_readable_paths(tmp_path):
@@ -133,7 +136,7 @@ def test_ablation_dag_shape_and_readable_paths(tmp_path):
     r = snakemake(tmp_path, "-n", config=[ablations])
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
-    assert counts["pretrain"] == 8 + 5 and counts["finetune"] == 3 * (8 + 5)
+    assert counts["pretrain"] == 8 + 5 and counts["finetune"] == 3 * (6 + 5) + 2
     for variant in ("num_masks=1", "num_masks=4", "decoder.depth=3"):
         assert f"runs/image/data2vec2/{variant}/seed0/DONE" in r.stdout
     grid = snakemake(tmp_path, "-n", config=[ablations, "ablation_mode=grid", "seeds=[0,1]"])
@@ -168,6 +171,7 @@ BAD_CONFIGS = [
      "missing data: data.image.imagenet_dir: not found: /nonexistent/imagenet"),
     (["launcher={backend: slurm}"], "slurm.partition: required when launcher.backend is slurm"),
     (["slurm={pretrain: {gpus: 8}}"], "slurm.pretrain.gpus: unknown key"),
+    (["finetune_fractions={audio: [0.75]}"], "finetune_fractions.audio: [0.75] not in checkpoint_fractions"),
 ]
 
 
