@@ -176,6 +176,17 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"(no stderr file at {path})"
 
 
+def _final_state(job: submitit.Job, timeout_s: float = 15.0) -> str:
+    """The job's sacct state once accounting has caught up (a job that just ended can still read PENDING
+    or RUNNING for a moment); the last state read if it has not after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = job.get_info(mode="force").get("State", "UNKNOWN")
+        if state.split()[0] not in ACTIVE_STATES or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
 def wait(job: submitit.Job, poll_s: float = 5.0) -> None:
     """Block until ``job`` ends; raise :class:`SlurmJobFailed` with its stderr tail unless it succeeded.
 
@@ -193,7 +204,7 @@ def wait(job: submitit.Job, poll_s: float = 5.0) -> None:
     try:
         job.result()
     except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with its own details
-        state = job.get_info(mode="force").get("State", "UNKNOWN")
+        state = _final_state(job)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlurmJobFailed(
             f"SLURM job {job.job_id} failed (state {state}): {first_line}\n"
