@@ -39,7 +39,7 @@ from d2v2.engine import metrics as M
 from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_checkpoint, save_checkpoint
 from d2v2.engine.clock import synchronize
 from d2v2.engine.ftconfig import FinetuneConfig, finetune_config
-from d2v2.engine.heads import CTCRecognizer, ImageClassifier, SentenceClassifier
+from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache, ImageClassifier, SentenceClassifier
 from d2v2.engine.optim import OptimConfig, build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import provenance
 from d2v2.encoder import Encoder, EncoderConfig
@@ -193,7 +193,11 @@ def _loss(model: nn.Module, cfg: FinetuneConfig, batch: dict, device: torch.devi
 
 def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoader,
           device: torch.device, mix=None, log=None) -> dict[str, float]:
-    """Train ``model`` for the budget; return the train-only clock (device synchronised) and updates."""
+    """Train ``model`` for the budget; return the train-only clock (device synchronised) and updates.
+
+    With ``cache_frozen_features`` a speech model keeps its frozen CNN's output per training utterance for
+    the duration of this call (:class:`~d2v2.engine.heads.FrozenFeatureCache`; computed inside the clock).
+    """
     log = log or _log
     optim = validate(OptimConfig, {**cfg.optim.model_dump(), "lr": peak_lr}, where="optim")
     optimizer = _optimizer(model, cfg, optim)
@@ -201,6 +205,9 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
     if per_epoch == 0:
         raise ValueError(f"the training split has fewer samples than batch_size={cfg.batch_size}")
     total = int(cfg.budget.value) if cfg.budget.kind == "updates" else math.ceil(cfg.budget.value * per_epoch)
+    caching = isinstance(model, CTCRecognizer) and cfg.cache_frozen_features
+    if caching:
+        model.feature_cache = FrozenFeatureCache(model.encoder.local_encoder)
     model.train()
     synchronize(device)
     start, step, epoch, running = time.perf_counter(), 0, 0, torch.zeros((), device=device)
@@ -232,6 +239,10 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
                 running.zero_()
         epoch += 1
     synchronize(device)
+    if caching:
+        cache, model.feature_cache = model.feature_cache, None      # the cache serves this loader only
+        log(f"frozen CNN features cached for {len(cache.frames)} utterances ({cache.nbytes / 2**20:.1f} MiB), "
+            f"the CNN ran on {cache.cnn_utterances}")
     return {"train_time_s": time.perf_counter() - start, "updates": step, "epochs": step / per_epoch}
 
 

@@ -10,7 +10,8 @@ from d2v2.blocks import alibi_bias
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
-__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "frame_count"]
+__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "frame_count",
+           "receptive_field"]
 
 # (channels, kernel, stride) per CNN layer: total stride 320 (20 ms at 16 kHz), receptive field 400.
 WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -30,6 +31,16 @@ def frame_count(num_samples: int | torch.Tensor, conv_layers: list[tuple[int, in
     for _, kernel, stride in conv_layers:
         num_samples = (num_samples - kernel) // stride + 1
     return num_samples
+
+
+def receptive_field(conv_layers: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """``(size, stride)`` in samples: frame t of the CNN sees exactly samples ``[t * stride, t * stride + size)``
+    (400 and 320 for wav2vec 2.0's CNN)."""
+    size, stride = 1, 1
+    for _, kernel, layer_stride in conv_layers:
+        size += (kernel - 1) * stride
+        stride *= layer_stride
+    return size, stride
 
 
 class _ConvLayer(nn.Module):
@@ -64,14 +75,22 @@ class AudioLocalEncoder(nn.Module):
         self.project_features[1].reset_parameters()       # PyTorch default, not BERT init (spec §1.11)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        return self.project(self.cnn(source), padding_mask)
+
+    def cnn(self, source: torch.Tensor) -> torch.Tensor:
+        """The CNN feature extractor alone: waveforms (B, N) -> frames (B, T, C)."""
         if source.dim() != 2 or not source.is_floating_point():
             raise ValueError(f"audio encoder expects a float waveform (B, N), got {tuple(source.shape)} "
                              f"{source.dtype}")
         receptive = frame_count(source.shape[1], self.cfg.conv_layers)
         if receptive < 1:
             raise ValueError(f"waveform of {source.shape[1]} samples is shorter than the CNN's receptive field")
-        x = self.feature_extractor(source[:, None, :]).transpose(1, 2)
-        x = self.project_features(x)
+        return self.feature_extractor(source[:, None, :]).transpose(1, 2)
+
+    def project(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """CNN frames (B, T, C) -> ``(project_features(frames) (B, T, D), frame padding mask (B, T) | None)``;
+        ``padding_mask`` is the waveform's (B, N), True = pad."""
+        x = self.project_features(features)
         if padding_mask is not None and padding_mask.any():
             lengths = frame_count((~padding_mask).sum(1), self.cfg.conv_layers)
             padding_mask = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
