@@ -9,7 +9,7 @@ DAG-build time.
 Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``vox_10h`` CTC recipe,
 §5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (a few hundred updates, evaluation
 on fixed subsets of at most ``eval_max_samples`` per split; ~30-40 s of wall time per image or text
-fine-tune with one thread, several minutes for speech, whose CTC needs ~1,000 updates to leave its blank
+fine-tune with one thread, ~3 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
 plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs. Deviations, all written down here:
 
 * fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
@@ -181,10 +181,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
         },
         # CTC leaves its all-blank plateau (~119 nats per utterance) only after several hundred updates,
-        # so the tiny run is the longest fine-tune (~4-7 min with 1 thread, over the ~40 s of the others)
-        # and the Transformer is not frozen at its start. Measured from random init: 150-200 updates at
-        # batch 8/16 with lr 2e-3 or 5e-3, without masking or with a trainable CNN: still on the plateau
-        # (WER 1.0); 600 x 4: WER 1.0; 400 x 16 at 7e-4: loss 116 (plateau); 1,000 x 16 at 2e-3: CER 0.76.
+        # so the tiny run is the longest fine-tune and the Transformer is not frozen at its start. With the
+        # frozen CNN's output cached (exact: identical CER/WER) it takes ~190 s wall with 1 thread at load
+        # ~3.5: 0.17-0.18 s/update (0.27 s uncached, measured back to back), 4.9 MiB of cache, ~12.5 s to
+        # score the 4 evaluation splits (the 100 test_asterisk utterances ~5 s: one batch padded to a 7.8 s
+        # utterance). Attention (SDPA with the ALiBi + padding float mask) is now the largest cost (~45%).
+        # Measured from random init: 150-200 updates at batch 8/16 with lr 2e-3 or 5e-3, without masking or
+        # with a trainable CNN: still on the plateau (WER 1.0); 600 x 4: WER 1.0; 400 x 16 at 7e-4: loss 116
+        # (plateau); 1,000 x 16 at 2e-3: CER 0.76 (seed 0, current code: valid/test CER 0.757/0.752).
         # A data2vec 2.0 checkpoint of the tiny pretraining recipe scores worse (CER 0.94; 0.85 at lr 2e-4):
         # that recipe collapses the frames (std over time of the encoder output 0.64 -> 0.015 after 150
         # updates at lr 7.5e-4; of the CNN, frozen here, 0.36 -> 0.10), which no fine-tuning LR undoes.
