@@ -27,7 +27,7 @@ class MethodOutput:
 
     loss: torch.Tensor                 # scalar, normalised by ``sample_size``; call backward() on it
     sample_size: int                   # number of predicted positions the loss averages over
-    logs: dict[str, Any] = field(default_factory=dict)   # detached scalar diagnostics
+    logs: dict[str, Any] = field(default_factory=dict)   # detached scalar diagnostics, averaged per log interval
 
 
 class CollapseError(RuntimeError):
@@ -54,6 +54,10 @@ class PretrainMethod(nn.Module):
 
     def after_step(self, num_updates: int) -> None:
         """Bookkeeping after the optimiser step (the EMA teacher update); default: nothing."""
+
+    def log_snapshot(self) -> dict[str, Any]:
+        """Diagnostics read once per logging interval, not every step (e.g. weight norms); default: none."""
+        return {}
 
     def encoder(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

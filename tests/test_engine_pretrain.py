@@ -148,6 +148,7 @@ def test_updates_budget_outputs_and_rerun(tmp_path, data_root, capsys):
     progress = [e["value"] for e in events if e["key"] == "train_progress"]
     assert [p["updates"] for p in progress] == [2, 4, 6]
     assert all(math.isfinite(p["loss"]) and "target_var" in p["diagnostics"] for p in progress)
+    assert all(p["diagnostics"]["model_norm"] > 0 and p["diagnostics"]["ema_norm"] > 0 for p in progress)
     # the saved config reproduces the run: the method config is complete in it
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"]["overrides"]["encoder"]["embed_dim"] == 32

@@ -325,6 +325,7 @@ class Pretrainer:
         self._count_tokens()
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
         n = self.updates - self._interval_start_updates
+        snapshot = self.method.log_snapshot()          # read now, once per interval (not averaged)
         sums = torch.stack([self._loss_sum, self._gnorm_sum, *self._log_sums.values()])
         distributed.all_reduce_mean(sums)
         values = (sums / max(n, 1)).tolist()
@@ -335,7 +336,8 @@ class Pretrainer:
             "budget_fraction": self.fraction, "train_time_s": train, "e2e_time_s": e2e,
             "loss": values[0], "lr": self.lr, "grad_norm": values[1],
             "diagnostics": {**dict(zip(self._log_sums, values[2:])),
-                            **{k: v / max(n, 1) for k, v in self._host_log_sums.items()}},
+                            **{k: v / max(n, 1) for k, v in self._host_log_sums.items()},
+                            **{k: float(v) for k, v in snapshot.items()}},
             "throughput": {"samples_per_s": n * self.global_batch / seconds,
                            "tokens_per_s": tokens / seconds, "updates_per_s": n / seconds},
         }
