@@ -38,7 +38,19 @@ from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_me
 from d2v2.modalities.audio import frame_count
 from d2v2.targets import make_targets
 
-__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
+__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS", "position_share"]
+
+def position_share(y: torch.Tensor) -> torch.Tensor:
+    """Share of the targets' variance that their position alone explains: 0 when the (B, T, D) targets
+    do not depend on the position, 1 when every sample gets the same target at a position. A collapse
+    towards positional targets (spec §7.1 item 3's kind: invisible in the loss and ``target_var``)
+    shows here. Bias-corrected for the batch size B: the mean of B samples is noisy even without
+    positional structure."""
+    B = y.shape[0]
+    y = y - y.mean((0, 1), keepdim=True)
+    raw = B * y.mean(0).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)     # 1/B without structure
+    return (raw - 1 / B) / (1 - 1 / B)
+
 
 # Which student parts the teacher uses instead of EMA copies (spec §1.3). "nothing": the teacher
 # re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local
@@ -245,6 +257,8 @@ class Data2Vec2(PretrainMethod):
             details.cls_prediction, details.cls_target = cls_pred, cls_target
         loss = loss / sample_size
         logs = self._diagnostics(pred_m.detach(), y_m, sample_size, mask)
+        if B > 1 and padding_mask is None:
+            logs["target_pos_share"] = position_share(y)
         return MethodOutput(loss, sample_size, logs), details
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from d2v2.config import ConfigError
-from d2v2.data2vec2 import Data2Vec2
+from d2v2.data2vec2 import Data2Vec2, position_share
 from d2v2.decoder import Decoder, DecoderConfig
 from d2v2.masking import keep_indices
 from d2v2.method import MethodOutput, build_method, method_config
@@ -204,3 +204,15 @@ def test_base_presets_follow_the_paper():
     n = sum(p.numel() for p in model.student.parameters())
     assert 85e6 < n < 87e6, n                                             # ViT-B/16: 86M
     assert math.isclose(model.loss_scale, 768 ** -0.5)
+
+
+def test_position_share_separates_content_from_positional_targets():
+    g = torch.Generator().manual_seed(0)
+    content = torch.randn(32, 50, 16, generator=g)                 # no positional structure
+    positional = torch.randn(1, 50, 16, generator=g).expand(32, -1, -1)   # the same target at a position
+    assert abs(float(position_share(content))) < 0.05
+    assert float(position_share(positional)) == pytest.approx(1.0, abs=1e-5)
+    half = float(position_share(content + positional))             # equal variance from each
+    assert 0.4 < half < 0.6
+    out = build("text")(batch_for("text", B=4))
+    assert 0 <= float(out.logs["target_pos_share"]) <= 1           # logged every step (on the device)
