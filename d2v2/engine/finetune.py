@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -42,6 +43,7 @@ from d2v2.engine.ftconfig import FinetuneConfig, finetune_config
 from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache, ImageClassifier, SentenceClassifier
 from d2v2.engine.optim import OptimConfig, build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import provenance
+from d2v2.engine.sampler import LengthBucketedBatchSampler
 from d2v2.encoder import Encoder, EncoderConfig
 from d2v2.method import build_method
 
@@ -212,7 +214,10 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
     synchronize(device)
     start, step, epoch, running = time.perf_counter(), 0, 0, torch.zeros((), device=device)
     while step < total:
-        loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)      # a fresh, reproducible order
+        if isinstance(loader.batch_sampler, LengthBucketedBatchSampler):
+            loader.batch_sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # a fresh, reproducible order
         for batch in loader:
             if step >= total:
                 break
@@ -268,16 +273,37 @@ def evaluate(model: nn.Module, cfg: FinetuneConfig, info: dict[str, Any], loader
     return M.compute(info["metrics"], preds, labels)
 
 
+def _sizes(dataset) -> np.ndarray:
+    """Length of every item of ``dataset`` (of a ``Subset``: of its items), for length-ordered batches."""
+    if isinstance(dataset, Subset):
+        return _sizes(dataset.dataset)[dataset.indices]
+    if not hasattr(dataset, "sizes"):
+        raise ValueError(f"bucket_by_length: {type(dataset).__name__} has no item lengths ('sizes')")
+    return np.asarray(dataset.sizes)
+
+
 def make_loader(dataset, cfg: FinetuneConfig, batch_size: int, train: bool, device: torch.device) -> DataLoader:
-    """Training loader (shuffled, re-seeded each epoch by :func:`train`) or evaluation loader (in order,
-    limited to ``cfg.eval_max_samples`` drawn once with a fixed seed)."""
-    kwargs = D.loader_kwargs(cfg.data, device)
+    """Training loader (shuffled, re-seeded each epoch by :func:`train`) or evaluation loader (limited to
+    ``cfg.eval_max_samples`` drawn once with a fixed seed).
+
+    With ``cfg.bucket_by_length`` (speech) training batches hold utterances of similar length
+    (:class:`~d2v2.engine.sampler.LengthBucketedBatchSampler`) and evaluation batches are cut from the
+    split sorted by length (the metrics do not depend on the order); otherwise training batches are random
+    and evaluation is in dataset order.
+    """
+    kwargs = {**D.loader_kwargs(cfg.data, device), "collate_fn": D.finetune_collater(cfg.modality, cfg.data, cfg.task)}
     if not train and cfg.eval_max_samples is not None and len(dataset) > cfg.eval_max_samples:
         subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:cfg.eval_max_samples]
         dataset = Subset(dataset, subset.sort().values.tolist())
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                      generator=torch.Generator() if train else None,
-                      collate_fn=D.finetune_collater(cfg.modality, cfg.data, cfg.task), **kwargs)
+    if not cfg.bucket_by_length:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+                          generator=torch.Generator() if train else None, **kwargs)
+    if train:
+        return DataLoader(dataset, batch_sampler=LengthBucketedBatchSampler(_sizes(dataset), batch_size, cfg.seed),
+                          **kwargs)
+    order = np.argsort(_sizes(dataset), kind="stable").tolist()
+    return DataLoader(dataset, batch_sampler=[order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                      **kwargs)
 
 
 def _better(a: float, b: float, higher_is_better: bool) -> bool:

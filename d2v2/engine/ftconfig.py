@@ -9,7 +9,7 @@ DAG-build time.
 Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``vox_10h`` CTC recipe,
 §5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (a few hundred updates, evaluation
 on fixed subsets of at most ``eval_max_samples`` per split; ~30-40 s of wall time per image or text
-fine-tune with one thread, ~3 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
+fine-tune with one thread, ~2 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
 plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs. Deviations, all written down here:
 
 * fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
@@ -111,6 +111,10 @@ class FinetuneConfig(Config):
     # ~6 MB for the tiny recipe, 3.7 GB for the paper's 10 h at 512 channels, hence off unless a preset
     # turns it on.
     cache_frozen_features: bool = False
+    # fairseq's speech fine-tuning batches utterances of similar length (length-ordered, batch order shuffled
+    # every epoch: sampler.LengthBucketedBatchSampler), still counted in samples here; evaluation splits are
+    # batched in length order. False: random batches padded to their longest utterance, evaluation in order.
+    bucket_by_length: bool = False
     # Text
     pooler_dropout: float = Field(0.0, ge=0, lt=1)   # RoBERTa classification head dropout
     # Run
@@ -129,6 +133,8 @@ class FinetuneConfig(Config):
             raise ValueError("mixup: MixUp/CutMix apply to images only")
         if self.cache_frozen_features and self.modality != "audio":
             raise ValueError("cache_frozen_features: only speech fine-tuning has a frozen feature extractor")
+        if self.bucket_by_length and self.modality != "audio":
+            raise ValueError("bucket_by_length: only speech fine-tuning datasets have item lengths")
         try:
             task_info(self.modality, self.task)
         except ValueError as err:
@@ -178,18 +184,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "clip_grad": None},
             "budget": {"kind": "updates", "value": 20000}, "batch_size": 512,
             "freeze_updates": 10000, "dropout": 0.0, "activation_dropout": 0.1, "layerdrop": 0.1,
-            "final_dropout": 0.0,
+            "final_dropout": 0.0, "bucket_by_length": True,
             "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
         },
         # CTC leaves its all-blank plateau (~119 nats per utterance) only after several hundred updates,
         # so the tiny run is the longest fine-tune and the Transformer is not frozen at its start. With the
-        # frozen CNN's output cached (exact: identical CER/WER) it takes ~190 s wall with 1 thread at load
-        # ~3.5: 0.17-0.18 s/update (0.27 s uncached, measured back to back), 4.9 MiB of cache, ~12.5 s to
-        # score the 4 evaluation splits (the 100 test_asterisk utterances ~5 s: one batch padded to a 7.8 s
-        # utterance). Attention (SDPA with the ALiBi + padding float mask) is now the largest cost (~45%).
+        # frozen CNN's output cached (exact: identical CER/WER) and random batches it took ~190 s wall with
+        # 1 thread at load ~3.5: 0.17-0.18 s/update (0.27 s uncached), ~12.5 s to score the 4 evaluation
+        # splits in batches of 128; attention (SDPA with the ALiBi + padding float mask, ~T^2) was then
+        # ~45% of a step. Length-bucketed batches (0.41 -> 0.02 padded samples per real sample) and
+        # evaluation in length order in batches of 16 bring it to ~130 s wall: 0.12 s/update, ~5 s of
+        # evaluation (4 runs back to back, random/bucketed/bucketed/random, load 1.5-3.6: 0.180/0.122/
+        # 0.119/0.174 s/update, 196/130/129/190 s wall). Seed 0 valid/test CER 0.757/0.752 -> 0.746/0.751.
         # Measured from random init: 150-200 updates at batch 8/16 with lr 2e-3 or 5e-3, without masking or
         # with a trainable CNN: still on the plateau (WER 1.0); 600 x 4: WER 1.0; 400 x 16 at 7e-4: loss 116
-        # (plateau); 1,000 x 16 at 2e-3: CER 0.76 (seed 0, current code: valid/test CER 0.757/0.752).
+        # (plateau); 1,000 x 16 at 2e-3: CER 0.75.
         # A data2vec 2.0 checkpoint of the tiny pretraining recipe scores worse (CER 0.94; 0.85 at lr 2e-4):
         # that recipe collapses the frames (std over time of the encoder output 0.64 -> 0.015 after 150
         # updates at lr 7.5e-4; of the CNN, frozen here, 0.36 -> 0.10), which no fine-tuning LR undoes.
@@ -199,14 +208,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "warmup_fraction": 0.1, "hold_fraction": 0.4, "final_lr": 1e-4, "init_lr_scale": 0.01,
                       "clip_grad": None},
             "budget": {"kind": "updates", "value": 1000}, "batch_size": 16, "eval_max_samples": 100,
+            "eval_batch_size": 16,
             "freeze_updates": 0, "dropout": 0.0, "layerdrop": 0.0, "log_every": 100,
             "mask": {"prob": 0.1, "length": 5, "noise_std": 0.01, "channel_prob": 0.0, "channel_length": 8},
-            "cache_frozen_features": True,
+            "cache_frozen_features": True, "bucket_by_length": True,
         },
         "smoke": {
             "task": "ctc", "optim": {"lr": 1e-3, "schedule": "tristage", "warmup_fraction": 0.1, "final_lr": 5e-5},
             "budget": {"value": 4}, "batch_size": 4, "eval_batch_size": 16, "freeze_updates": 2,
-            "cache_frozen_features": True,
+            "cache_frozen_features": True, "bucket_by_length": True,
             "mask": {"prob": 0.3, "length": 2, "channel_prob": 0.0},
         },
     },

@@ -13,6 +13,9 @@ per rank; 1 process with ``a = 2`` then sees exactly the samples (and, with the 
 :class:`WithEpoch` turns the sampler's ``(epoch, index)`` keys into items that carry ``"epoch"`` (the
 collater seeds masks from it) and draws the item's augmentation from torch's RNG seeded by
 ``(seed, epoch, index)``, so augmentations too are independent of which worker loads the item.
+
+:class:`LengthBucketedBatchSampler` serves fine-tuning: batches of utterances of similar length, so that
+little compute goes to padding (fairseq's ``batch_by_size`` over length-ordered indices, counted in samples).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch.utils.data import Dataset, Sampler
 
 from d2v2.data.common import stable_seed
 
-__all__ = ["ResumableBatchSampler", "WithEpoch"]
+__all__ = ["ResumableBatchSampler", "WithEpoch", "LengthBucketedBatchSampler"]
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -76,3 +79,45 @@ class WithEpoch(Dataset):
         finally:
             rng.set_state(state)
         return {**item, "epoch": epoch}
+
+
+class LengthBucketedBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` items of similar length, in a shuffled order; one epoch per iteration.
+
+    fairseq's wav2vec 2.0 / data2vec fine-tuning orders the utterances by length (random tie-breaking),
+    groups neighbours into batches and shuffles the order of the batches every epoch. Here batches are
+    counted in items, not in ``max_tokens``, so every update sees ``batch_size`` utterances as without
+    bucketing. Epoch ``e`` (:meth:`set_epoch`) draws everything from ``(seed, e)``:
+
+    1. a random permutation of the items, of which the last ``len(sizes) % batch_size`` are left out
+       (``drop_last``: a different random few every epoch; every other item is visited exactly once);
+    2. the rest is cut into chunks of ``chunk_batches * batch_size`` items, each sorted by length (stable,
+       so equal lengths keep their random order) and cut into batches; with at most that many items (the
+       tiny recipe: 300 utterances) this is one global sort, as fairseq does;
+    3. the batches of all chunks are shuffled.
+    """
+
+    def __init__(self, sizes, batch_size: int, seed: int, chunk_batches: int = 64):
+        self.sizes = np.asarray(sizes)
+        if self.sizes.ndim != 1 or len(self.sizes) < batch_size:
+            raise ValueError(f"need one size per item and at least batch_size={batch_size} items "
+                             f"(got sizes of shape {self.sizes.shape})")
+        self.batch_size, self.seed, self.chunk = batch_size, seed, chunk_batches * batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sizes) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self.sizes))[:len(self) * self.batch_size]
+        batches = []
+        for lo in range(0, len(perm), self.chunk):
+            chunk = perm[lo:lo + self.chunk]
+            chunk = chunk[np.argsort(self.sizes[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for k in rng.permutation(len(batches)):
+            yield batches[k].tolist()
