@@ -1,19 +1,22 @@
-"""Overhead of the pretraining runner over the bare model step (same method, batch, device).
+"""Overhead of the pretraining runner over the bare model step (same method, batches, device).
 
-- **bare**: ``forward -> backward -> clip -> AdamW step -> EMA step`` on batches collated (masks
-  included) before the clock starts, cycled from memory: the model's own speed.
+- **bare**: ``forward -> backward -> clip -> AdamW step -> EMA step`` on the very batches the runner
+  will see (same sampler order, collated with masks before the clock starts): the model's own speed.
+  Speech batches are cropped to their shortest utterance, so their cost varies: both sides must see the
+  same batches for samples/s to compare.
 - **runner**: ``d2v2.engine.pretrain.run`` with an updates budget: data loading (workers, masks in the
   workers), the LR schedule, logging, budget checks; its train-only clock from ``events.jsonl`` over
   the updates after the warm-up (checkpoint writing is outside that clock).
 
-Both synchronise the device before each timestamp (``time.perf_counter``). Example:
+The run config is the workflow's for ``--preset`` (``config/presets/<preset>.yaml``: batch size, optimiser,
+data), with an updates budget. Both synchronise the device before each timestamp
+(``time.perf_counter``). Example:
 
-    python benchmarks/bench_runner.py --modality image --preset tiny --batch-size 32 --updates 40
+    python benchmarks/bench_runner.py --modality audio --threads 1 --num-workers 1
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import tempfile
 import time
@@ -29,6 +32,9 @@ from d2v2.engine.pretrain import run
 from d2v2.engine.runconfig import resolve_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
 from d2v2.method import build_method
+from d2v2.workflow_config import Run, run_config, with_preset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
@@ -41,10 +47,10 @@ def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
     dataset = WithEpoch(data.pretrain_dataset(m.modality, cfg.data), cfg.seed)
     collate = data.pretrain_collater(m.modality, cfg.data, method.masker(), cfg.seed)
     sampler = iter(ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed))
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[key] for key in next(sampler)]).items()}
-               for _ in range(8)]
+    stream = iter([{k: v.to(device) if torch.is_tensor(v) else v
+                    for k, v in collate([dataset[key] for key in next(sampler)]).items()}
+                   for _ in range(warmup + updates)])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    stream = itertools.cycle(batches)
 
     def step(i: int) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -79,8 +85,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modality", default="image")
     p.add_argument("--method", default="data2vec2")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--preset", default="tiny", help="workflow preset: config/presets/<preset>.yaml")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--updates", type=int, default=40, help="timed updates (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
@@ -92,10 +98,13 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    workflow = with_preset({"preset": args.preset}, ROOT / "config" / "presets")
+    request = run_config(workflow, Run(args.modality, args.method, "default", 0))
+    request["data"] = {**request["data"], "root": args.data_root, "num_workers": args.num_workers}
+    if args.batch_size:
+        request["batch_size"] = args.batch_size
     cfg = resolve_run_config({
-        "method": {"modality": args.modality, "name": args.method, "preset": args.preset},
-        "data": {"root": args.data_root, "num_workers": args.num_workers},
-        "batch_size": args.batch_size, "budget": {"kind": "updates", "value": args.warmup + args.updates},
+        **request, "budget": {"kind": "updates", "value": args.warmup + args.updates},
         "checkpoint": {"fractions": [1.0], "last_every_s": 1e9}, "log_every": args.warmup,
         "precision": args.precision, "device": args.device, "threads": args.threads, "progress": False})
     bare, runner = [], []
@@ -104,7 +113,7 @@ def main() -> None:
             bare.append(bare_step_throughput(cfg, args.warmup, args.updates))
             runner.append(runner_throughput(cfg, args.warmup, Path(tmp) / f"run{r}"))
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-    print(f"{args.modality}/{args.method}/{args.preset} batch {args.batch_size} {args.precision} on {device} "
+    print(f"{args.modality}/{args.method}/{args.preset} batch {cfg.batch_size} {args.precision} on {device} "
           f"({torch.get_num_threads()} threads), {args.updates} timed updates, {args.repeats} interleaved repeats")
     print(f"  bare step : runs {', '.join(f'{x:.1f}' for x in bare)} samples/s")
     print(f"  runner    : runs {', '.join(f'{x:.1f}' for x in runner)} samples/s")
