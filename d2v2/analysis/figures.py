@@ -39,6 +39,11 @@ def _name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
+def _seeds(runs) -> str:
+    n = runs["seed"].nunique()
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
     """Write ``name.png`` and ``name.svg`` atomically; return the PNG path."""
     out_dir = Path(out_dir)
@@ -83,7 +88,7 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         palette = dict(zip(sorted(df["method"].unique()), sns.color_palette("colorblind")))
         for method, runs in df.groupby("method", sort=True):
-            _draw_curve(ax, runs, clock, f"{_name(method)} ({runs['seed'].nunique()} seeds)", palette[method])
+            _draw_curve(ax, runs, clock, f"{_name(method)} ({_seeds(runs)})", palette[method])
         if target_table is not None:
             for t in target_table[(target_table.modality == modality) & (target_table.task == task)].itertuples():
                 ax.axhline(t.target, ls=":", color=palette.get(t.baseline, "grey"), lw=1)
@@ -91,7 +96,7 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
             rand = random_init[(random_init.modality == modality) & (random_init.task == task)]
             if not rand.empty:
                 ax.axhline(rand["value"].median(), ls="-.", color="black", lw=1,
-                           label=f"random init ({rand['seed'].nunique()} seeds)")
+                           label=f"random init ({_seeds(rand)})")
         metric = df["primary_metric"].iloc[0]
         better = "higher" if df["higher_is_better"].iloc[0] else "lower"
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
@@ -191,7 +196,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for color, (variant, runs) in zip(sns.color_palette("colorblind", df["variant"].nunique()),
                                           df.groupby("variant", sort=True)):
-            _draw_curve(ax, runs, clock, f"{variant} ({runs['seed'].nunique()} seeds)", color)
+            _draw_curve(ax, runs, clock, f"{variant} ({_seeds(runs)})", color)
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')", ylabel=metric,
                title=f"{modality} / {_name(method)}: variants")
         ax.legend(fontsize=8)
