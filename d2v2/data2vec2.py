@@ -36,21 +36,9 @@ from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.masking import block_mask, keep_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
 from d2v2.modalities.audio import frame_count
-from d2v2.targets import make_targets
+from d2v2.targets import make_targets, position_share
 
-__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS", "position_share"]
-
-def position_share(y: torch.Tensor) -> torch.Tensor:
-    """Share of the targets' variance that their position alone explains: 0 when the (B, T, D) targets
-    do not depend on the position, 1 when every sample gets the same target at a position. A collapse
-    towards positional targets (spec §7.1 item 3's kind: invisible in the loss and ``target_var``)
-    shows here. Bias-corrected for the batch size B: the mean of B samples is noisy even without
-    positional structure."""
-    B = y.shape[0]
-    y = y - y.mean((0, 1), keepdim=True)
-    raw = B * y.mean(0).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)     # 1/B without structure
-    return (raw - 1 / B) / (1 - 1 / B)
-
+__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
 
 # Which student parts the teacher uses instead of EMA copies (spec §1.3). "nothing": the teacher
 # re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_targets"]
+__all__ = ["make_targets", "position_share"]
 
 
 def _instance_norm(x: torch.Tensor) -> torch.Tensor:
@@ -46,3 +46,15 @@ def make_targets(layer_results: list[torch.Tensor], top_k: int, *, instance_norm
         if instance_norm_targets:
             y = _instance_norm(y)
     return y
+
+
+def position_share(y: torch.Tensor) -> torch.Tensor:
+    """Share of the targets' variance that their position alone explains: 0 when the (B, T, D) targets
+    do not depend on the position, 1 when every sample gets the same target at a position. A collapse
+    towards positional targets (spec §7.1 item 3's kind: invisible in the loss and ``target_var``)
+    shows here. Bias-corrected for the batch size B: the mean of B samples is noisy even without
+    positional structure."""
+    B = y.shape[0]
+    y = y - y.mean((0, 1), keepdim=True)
+    raw = B * y.mean(0).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)     # 1/B without structure
+    return (raw - 1 / B) / (1 - 1 / B)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from d2v2.config import ConfigError
-from d2v2.data2vec2 import Data2Vec2, position_share
+from d2v2.data2vec2 import Data2Vec2
 from d2v2.decoder import Decoder, DecoderConfig
 from d2v2.masking import keep_indices
 from d2v2.method import MethodOutput, build_method, method_config
 from d2v2.modalities.audio import WAV2VEC2_CONV
-from d2v2.targets import make_targets
+from d2v2.targets import make_targets, position_share
 
 MODALITIES = ["image", "audio", "text"]
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dropout": 0.0, "prenet_dropout": 0.0,

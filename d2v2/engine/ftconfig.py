@@ -10,7 +10,8 @@ Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``
 §5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (a few hundred updates, evaluation
 on fixed subsets of at most ``eval_max_samples`` per split; ~30-40 s of wall time per image or text
 fine-tune with one thread, ~2 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
-plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs. Deviations, all written down here:
+plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs.
+Deviations, all written down here:
 
 * fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
   counts ``max_tokens`` over 4 GPUs x 5 accumulation steps; ``batch_size`` 512 utterances approximates
