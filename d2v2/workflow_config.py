@@ -34,8 +34,8 @@ import yaml
 from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
-           "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error", "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir",
-           "DATA_MODALITY"]
+           "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
+           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
 
