@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "prepare-data": ("d2v2.data.prepare", "prepare the embedded datasets (idempotent, atomic)"),
+    "prepare-data": ("d2v2.data.prepare_cli", "prepare the embedded datasets (idempotent, atomic)"),
     "pretrain": ("d2v2.engine.pretrain", "pretrain one method under a budget"),
     "finetune": ("d2v2.engine.finetune", "fine-tune a pretraining checkpoint and write metrics"),
     "evaluate": ("d2v2.engine.evaluate", "evaluate a fine-tuned checkpoint"),

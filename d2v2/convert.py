@@ -263,7 +263,7 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
              batch_norm_target_layer=False, shared_decoder=None)
     if modality != "audio":
         _require(mod, where, use_alibi_encoder=False)
-    _require(mod, where, learned_alibi=False, learned_alibi_scale_per_layer=False, local_grad_mult=1.0,
+    _require(mod, where, learned_alibi=False, learned_alibi_scale_per_layer=False,
              transformer_decoder=False, fixed_positions=True, extractor_mode="layer_norm",
              conv_pos_pre_ln=False, learned_pos=True, no_scale_embedding=True, layernorm_embedding=True,
              no_token_positional_embeddings=False, encoder_zero_mask=True)
@@ -344,6 +344,7 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
         "ema_decay": cfg.get("ema_decay", 0.999), "ema_end_decay": cfg.get("ema_end_decay", 0.9999),
         "ema_anneal_end_step": cfg.get("ema_anneal_end_step", cfg.get("max_update", 0)),
         "teacher_shares": "embeddings" if ema_only else ("nothing" if ema_local else "local_encoder"),
+        "local_grad_mult": mod.get("local_grad_mult", 1.0),
         "min_target_var": cfg.get("min_target_var", 0.1), "min_pred_var": cfg.get("min_pred_var", 0.01)}
     return validate(Data2Vec2Config, full, where="converted"), notes
 

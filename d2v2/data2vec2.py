@@ -76,6 +76,9 @@ class Data2Vec2Config(Config):
     ema_end_decay: float = pydantic.Field(0.99999, gt=0, le=1)   # tau_e
     ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n
     teacher_shares: Literal["nothing", "local_encoder", "embeddings"] | None = None  # None: per modality
+    # gradient multiplier into the student's local encoder (fairseq ``local_grad_mult``; every released
+    # pretraining config: 1). 0 freezes it at its initialisation (run without autograd).
+    local_grad_mult: float = pydantic.Field(1.0, ge=0)
     # collapse guard (spec §1.8; 0 disables)
     min_target_var: float = pydantic.Field(0.1, ge=0)
     min_pred_var: float = pydantic.Field(0.01, ge=0)
@@ -162,6 +165,8 @@ class Data2Vec2(PretrainMethod):
         super().__init__()
         self.cfg, self.modality = cfg, cfg.encoder.modality
         self.student = Encoder(cfg.encoder)
+        if cfg.local_grad_mult == 0:                   # frozen: no optimiser state, ignored by DDP
+            self.student.local_encoder.requires_grad_(False)
         grid = None
         if self.modality == "image":
             side = cfg.encoder.image.img_size // cfg.encoder.image.patch_size
@@ -216,7 +221,7 @@ class Data2Vec2(PretrainMethod):
             seed = int(torch.randint(0, 2**62, (1,)))
             batch = self.masker()(batch, torch.Generator().manual_seed(seed))
         M, B = self.cfg.num_masks, source.shape[0]
-        x, padding_mask = self.student.local_features(source, padding_mask)
+        x, padding_mask = self._local_features(source, padding_mask)
         T = x.shape[1]
         mask = batch["mask"].to(x.device, non_blocking=True)
         if mask.shape != (B * M, T):
@@ -248,6 +253,17 @@ class Data2Vec2(PretrainMethod):
         if B > 1 and padding_mask is None:
             logs["target_pos_share"] = position_share(y)
         return MethodOutput(loss, sample_size, logs), details
+
+    def _local_features(self, source, padding_mask):
+        """The student's local encoder, its gradient scaled by ``local_grad_mult`` (0: frozen)."""
+        g = self.cfg.local_grad_mult
+        if g == 0:
+            with torch.no_grad():
+                return self.student.local_features(source, padding_mask)
+        x, padding_mask = self.student.local_features(source, padding_mask)
+        if g != 1:
+            x = x * g + x.detach() * (1 - g)            # same values, gradient times g
+        return x, padding_mask
 
     @torch.no_grad()
     def _targets(self, source, raw_padding_mask, x_local, padding_mask) -> torch.Tensor:

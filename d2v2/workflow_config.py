@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import re
 import shlex
 import sys
@@ -31,6 +30,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from d2v2.atomic import atomic_write_json
 from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
@@ -370,10 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     moved = prepare_run_dir(run_dir, request)
     if moved is not None:
         print(f"{run_dir}: its config changed; the previous run was moved to {moved}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "run.yaml.tmp"
-    tmp.write_text(json.dumps(request, indent=1) + "\n")   # JSON is YAML
-    os.replace(tmp, run_dir / "run.yaml")
+    atomic_write_json(run_dir / "run.yaml", request)        # JSON is YAML
     return 0
 
 

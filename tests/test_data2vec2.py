@@ -150,6 +150,33 @@ def test_deterministic_under_a_seed(modality):
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
+def test_local_grad_mult_scales_or_stops_the_local_encoders_gradient(modality):
+    """fairseq's ``local_grad_mult``: the loss is unchanged, the local encoder's gradient is scaled by it
+    (everything else unchanged), and 0 freezes the local encoder (no gradient, nothing to optimise)."""
+    grads, losses = {}, {}
+    for g in (1.0, 0.25, 0.0):
+        method = build(modality, {"local_grad_mult": g})
+        batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(1))
+        torch.manual_seed(5)                                  # same dropout and mask noise
+        out = method(batch)
+        out.loss.backward()
+        losses[g] = out.loss.detach()
+        grads[g] = {n: p.grad for n, p in method.student.named_parameters()}
+    assert torch.allclose(losses[0.25], losses[1.0]) and torch.allclose(losses[0.0], losses[1.0])
+    local = [n for n in grads[1.0] if n.startswith("local_encoder.") and grads[1.0][n] is not None]
+    assert local
+    for n, grad in grads[1.0].items():
+        if grad is None:
+            continue
+        scale = 0.25 if n in local else 1.0
+        assert torch.allclose(grads[0.25][n], scale * grad, rtol=1e-4, atol=1e-7), n
+    assert all(grads[0.0][n] is None for n in local)
+    frozen = build(modality, {"local_grad_mult": 0.0})
+    assert not any(p.requires_grad for p in frozen.student.local_encoder.parameters())
+    assert all(p.requires_grad for p in frozen.student.blocks.parameters())
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
 def test_bf16_autocast_forward_backward(modality):
     method = build(modality)
     batch = method.masker()(batch_for(modality), torch.Generator().manual_seed(1))

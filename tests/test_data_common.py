@@ -13,7 +13,7 @@ from d2v2.data import (DataConfig, MaskingCollater, finetune_collater, finetune_
                        prepare, pretrain_collater, pretrain_dataset, task_info)
 from d2v2.data.common import (MissingDataError, atomic_dir, atomic_write, atomic_write_json, file_record,
                               manifest_is_current, require_path, stable_seed)
-from d2v2.data.prepare import build_config, main as prepare_main
+from d2v2.data.prepare_cli import build_config, main as prepare_main
 
 ROOT = Path(__file__).resolve().parents[1] / "data"
 

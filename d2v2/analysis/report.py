@@ -33,7 +33,7 @@ from d2v2.analysis.collect import write_table
 from d2v2.analysis.paper import METHOD_NAMES
 from d2v2.analysis.speedup import CLOCKS, speedup_table, targets
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
-from d2v2.data.common import atomic_write
+from d2v2.atomic import atomic_write
 
 __all__ = ["build_report", "render_markdown", "render_html", "main"]
 

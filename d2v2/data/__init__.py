@@ -129,10 +129,3 @@ def prepare(modalities, cfg: DataConfig) -> dict[str, dict]:
 
             out[name] = prepare_speech(_speech_root(cfg), cfg.speech)
     return out
-
-
-# `python -m d2v2 prepare-data` lives in the submodule `d2v2.data.prepare`, whose first import would bind
-# the package attribute `prepare` to the module. Load it now and keep the name for the function above.
-_prepare = prepare
-importlib.import_module("d2v2.data.prepare")
-prepare = _prepare

@@ -3,8 +3,8 @@ the DataLoader settings.
 
 - Errors name the config key and the path (``data.image.imagenet_dir: not found: /x``) or the corrupt
   file, never a bare traceback from deep inside a reader.
-- Files are written to a temporary name in the same folder and moved into place with ``os.replace``,
-  so a crash never leaves a half-written file under its final name.
+- Files are written atomically (:mod:`d2v2.atomic`, re-exported here), so a crash never leaves a
+  half-written file under its final name.
 - A manifest per prepared modality records counts, sha256 checksums, source package versions and the
   config that produced the files; preparation is skipped when it still matches.
 - Masks are drawn in the data workers (spec §7.2 item 12) from a generator seeded by a stable hash of
@@ -12,19 +12,19 @@ the DataLoader settings.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from d2v2.atomic import atomic_dir, atomic_write, atomic_write_json
 
 __all__ = [
     "MissingDataError", "CorruptDataError", "require_path", "atomic_write", "atomic_write_json",
@@ -33,12 +33,6 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class MissingDataError(FileNotFoundError):
@@ -57,53 +51,6 @@ def require_path(path: str | Path | None, key: str, hint: str = "") -> Path:
     if not path.exists():
         raise MissingDataError(f"{key}: not found: {path}" + (f" ({hint})" if hint else ""))
     return path
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on success move it to ``path`` (``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; give the usual permissions
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temporary name; on success it replaces ``path`` (old copy removed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

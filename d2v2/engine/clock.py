@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from d2v2.data.common import atomic_write
+from d2v2.atomic import atomic_write
 
 __all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable"]
 

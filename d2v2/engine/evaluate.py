@@ -18,7 +18,7 @@ from typing import Any
 
 from d2v2 import data as D
 from d2v2.config import ConfigError, apply_overrides
-from d2v2.data.common import atomic_write_json
+from d2v2.atomic import atomic_write_json
 from d2v2.engine.checkpoint import CheckpointError, load_checkpoint
 from d2v2.engine.finetune import Pretrained, build_encoder, build_model, evaluate, make_loader, resolve_device
 from d2v2.engine.ftconfig import finetune_config

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from d2v2 import data as D
 from d2v2.config import ConfigError, apply_overrides, load_yaml, merge, validate
-from d2v2.data.common import atomic_write_json
+from d2v2.atomic import atomic_write_json
 from d2v2.data.image import MixupCutmix
 from d2v2.data.speech import BLANK, LETTERS, ids_to_letters, letters_to_words
 from d2v2.engine import metrics as M

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from d2v2 import data
 from d2v2.config import ConfigError
-from d2v2.data.common import atomic_write, atomic_write_json
+from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
 from d2v2.engine.checkpoint import CheckpointError, load_latest, save_checkpoint
 from d2v2.engine.clock import RunClock, SegmentTable, process_start_time

@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from typing import Any
 import pydantic
 import submitit
 
+from d2v2.atomic import atomic_write_json
 from d2v2.config import Config
 from d2v2.launch.local import thread_env
 
@@ -123,15 +123,6 @@ class CheckpointableCommand(Command, submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)   # the same immutable command, re-run after requeue
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (temp file in the same folder + os.replace); torch-free, unlike d2v2.data.common."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _attach(job_file: Path, command: Command) -> submitit.SlurmJob | None:
     """The recorded job if it is still queued or running (None if it ended or was never recorded).
 
@@ -163,7 +154,7 @@ def submit_or_attach(command: Command, options: SlurmOptions, folder: str | Path
     executor.update_parameters(name=name, **options.executor_parameters())
     job = executor.submit(command)
     if job_file is not None:
-        _write_json(job_file, {"job_id": job.job_id, "folder": str(folder), "name": name,
+        atomic_write_json(job_file, {"job_id": job.job_id, "folder": str(folder), "name": name,
                                "argv": list(command.argv), "cwd": command.cwd,
                                "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return job, False
