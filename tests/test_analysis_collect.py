@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from d2v2.analysis.collect import CollectError, collect_evals, collect_runs, main
+from d2v2.analysis.collect import CollectError, collect_evals, collect_progress, collect_runs, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "analysis"
 METRICS = FIXTURE / "metrics"
@@ -39,6 +39,12 @@ def test_collect_cli_writes_parquet_and_csv(tmp_path):
     runs = pd.read_parquet(out / "runs.parquet")
     assert runs.loc[0, "throughput.samples_per_s"] == pytest.approx(53.3)
     assert runs.loc[0, "last_loss"] == pytest.approx(0.9) and runs.loc[0, "events"] == 4
+    progress = pd.read_parquet(out / "progress.parquet")      # one row per logging interval
+    assert list(progress["updates"]) == [50, 100] and list(progress["loss"]) == [1.5, 0.9]
+    assert list(progress["diag.target_pos_share"]) == [0.4, 0.3] and list(progress["e2e_time_s"]) == [34.0, 66.0]
+    assert set(progress[["modality", "method", "variant", "seed"]].itertuples(index=False)) == {
+        ("image", "data2vec2", "image-data2vec2-default-s0", 0)}
+    assert len(pd.read_csv(out / "progress.csv")) == 2
     assert json.loads((out / "collect_warnings.json").read_text()) == []
 
 
@@ -114,3 +120,12 @@ def test_identity_includes_mode_and_devices_come_from_pretraining(metrics_dir):
     _edit(probe, lambda d: d["pretrain_provenance"].update(device_name="Other CPU"))
     with pytest.raises(CollectError, match=r"probe\.json: mixed devices"):
         collect_evals([metrics_dir])
+
+
+def test_progress_takes_the_variant_from_the_workflow_layout(tmp_path):
+    run = tmp_path / "runs" / "image" / "data2vec2" / "num_masks=4" / "seed0"
+    shutil.copytree(FIXTURE / "runs" / "image-data2vec2-default-s0", run)
+    with open(run / "events.jsonl", "a") as f:
+        f.write('{"key": "train_progress", "value": {"updates": 1')          # cut by a kill: tolerated
+    progress = collect_progress([tmp_path / "runs"])
+    assert list(progress["variant"]) == ["num_masks=4"] * 2 and list(progress["updates"]) == [50, 100]

@@ -26,7 +26,7 @@ def rendered(tmp_path_factory):
 def test_figures_exist_as_png_and_svg(rendered):
     figs = rendered / "figures"
     for name in ("curves_image_fmnist", "curves_audio_synth-words", "speedups", "paper_efficiency",
-                 "ablation_image_data2vec2_num_masks", "ablation_image_data2vec2_curves"):
+                 "ablation_image_data2vec2_num_masks", "ablation_image_data2vec2_curves", "training_image"):
         assert (figs / f"{name}.png").stat().st_size > 10_000, name
         assert (figs / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
@@ -34,7 +34,8 @@ def test_figures_exist_as_png_and_svg(rendered):
 def test_html_is_self_contained_and_has_the_scorecard(rendered):
     page = (rendered / "report.html").read_text()
     assert "<h2>Scorecard: the paper&#x27;s claims beside this run</h2>" in page
-    assert page.count("src='data:image/png;base64,") == 6
+    assert page.count("src='data:image/png;base64,") == 7
+    assert "<h2>Pretraining health</h2>" in page
     assert not re.search(r"(src|href)=['\"](?!data:)", page)          # nothing loaded from elsewhere
     assert "<link" not in page and "<script" not in page
     assert "16.4x (ViT-B)" in page and "seeds: [0, 1, 2]" in page       # claim and the exact config

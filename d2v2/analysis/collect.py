@@ -10,7 +10,10 @@ Outputs (each as parquet and CSV, written atomically):
   preset) and the source file;
 - ``runs``: one row per pretraining run: status, throughput (samples/s, tokens/s), peak memory,
   clocks and provenance from ``summary.json``, plus the number of events and the last logged loss
-  from ``events.jsonl``.
+  from ``events.jsonl``;
+- ``progress``: one row per logging interval of every pretraining run (``train_progress`` events):
+  updates, both clocks, loss, LR, gradient norm and the method's diagnostics (``diag.<name>``), the
+  data of the report's training-health figures.
 
 Inputs are checked before anything is written; each problem is an error naming the file: a missing
 key or wrong type, a metrics file without provenance, the same identity twice, a task whose runs
@@ -33,10 +36,10 @@ import pydantic
 from pydantic import Field
 
 from d2v2.config import ConfigError, validate
-from d2v2.data.common import atomic_write, atomic_write_json
+from d2v2.atomic import atomic_write, atomic_write_json
 
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
-           "write_table", "main"]
+           "collect_progress", "write_table", "main"]
 
 CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours")
 IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task", "init", "mode")
@@ -210,22 +213,27 @@ def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]
     return evals, notes
 
 
-def _events_summary(path: Path) -> dict[str, Any]:
-    """Number of events and the last logged loss (``{"key": "loss", "value": x}`` or a ``value`` dict
-    with a ``loss``, as in ``train_progress``); a line cut by a crash at the end is tolerated."""
-    n, last_loss = 0, None
+def _events(path: Path) -> Iterable[dict[str, Any]]:
+    """The events of an ``events.jsonl``, in order; a line cut by a crash at the end is tolerated."""
     if not path.is_file():
-        return {"events": 0, "last_loss": None}
+        return
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
+            yield json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
-                break
+                return
             raise CollectError(f"{path}:{i + 1}: not valid JSON") from None
+
+
+def _events_summary(path: Path) -> dict[str, Any]:
+    """Number of events and the last logged loss (``{"key": "loss", "value": x}`` or a ``value`` dict
+    with a ``loss``, as in ``train_progress``)."""
+    n, last_loss = 0, None
+    for event in _events(path):
         n += 1
         value = event.get("value")
         loss = value.get("loss") if isinstance(value, dict) else value if event.get("key") == "loss" else None
@@ -234,21 +242,53 @@ def _events_summary(path: Path) -> dict[str, Any]:
     return {"events": n, "last_loss": last_loss}
 
 
-def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """The ``runs`` table: one row per pretraining run directory (``summary.json`` + ``events.jsonl``)."""
-    rows = []
+def _summaries(run_dirs: Iterable[str | Path]) -> Iterable[tuple[Path, dict[str, Any]]]:
+    """``(run_dir, summary)`` of every pretraining run, each summary checked for status and provenance."""
     for run in _files(run_dirs, "summary.json"):
         summary_path = run if run.name == "summary.json" else run / "summary.json"
-        run_dir = summary_path.parent
         summary = _read_json(summary_path)
         if not isinstance(summary, dict):
             raise CollectError(f"{summary_path}: expected a JSON object")
         for required in ("status", "provenance"):
             if not summary.get(required):
                 raise CollectError(f"{summary_path}: missing '{required}'")
+        yield summary_path.parent, summary
+
+
+def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """The ``runs`` table: one row per pretraining run directory (``summary.json`` + ``events.jsonl``)."""
+    rows = []
+    for run_dir, summary in _summaries(run_dirs):
         flat = pd.json_normalize(summary, sep=".").iloc[0].to_dict()
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()}
         rows.append({"run_dir": str(run_dir), **flat, **_events_summary(run_dir / "events.jsonl")})
+    return pd.DataFrame(rows)
+
+
+def _variant(run_dir: Path, method: str | None) -> str:
+    """The workflow's variant name from its run layout ``.../<method>/<variant>/seed<k>``, else the folder."""
+    return run_dir.parent.name if run_dir.parent.parent.name == method else run_dir.name
+
+
+def collect_progress(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """The ``progress`` table: one row per logging interval (``train_progress`` event) of every run:
+    identity, updates, both clocks (and the run's device count, for device-hours), loss, LR, gradient
+    norm and each logged diagnostic as ``diag.<name>`` (e.g. ``diag.target_pos_share``)."""
+    rows = []
+    for run_dir, summary in _summaries(run_dirs):
+        identity = summary.get("identity") or {}
+        base = {"run_dir": str(run_dir), "modality": identity.get("modality"), "method": identity.get("method"),
+                "variant": _variant(run_dir, identity.get("method")), "seed": identity.get("seed"),
+                "device_count": summary["provenance"].get("device_count", 1)}
+        for event in _events(run_dir / "events.jsonl"):
+            value = event.get("value")
+            if event.get("key") != "train_progress" or not isinstance(value, dict):
+                continue
+            row = {**base, **{k: value.get(k) for k in ("updates", "train_time_s", "e2e_time_s", "loss", "lr",
+                                                       "grad_norm")}}
+            row.update({f"diag.{k}": v for k, v in (value.get("diagnostics") or {}).items()
+                        if isinstance(v, (int, float))})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -271,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         evals, notes = collect_evals(args.metrics)
-        runs = collect_runs(args.runs)
+        runs, progress = collect_runs(args.runs), collect_progress(args.runs)
     except CollectError as err:
         print(f"collect: error: {err}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"collect: warning: {note}", file=sys.stderr)
-    written = write_table(evals, args.out, "evals") + write_table(runs, args.out, "runs")
+    written = (write_table(evals, args.out, "evals") + write_table(runs, args.out, "runs")
+               + write_table(progress, args.out, "progress"))
     atomic_write_json(Path(args.out) / "collect_warnings.json", notes)
     print(f"collect: {len(evals)} evaluation points, {len(runs)} pretraining runs -> "
           + ", ".join(map(str, written)))

@@ -7,6 +7,8 @@
   the speedups its efficiency figure implies;
 - ``ablation_<modality>_<method>_<param>``: final metric vs an ablated parameter (e.g. M, decoder
   depth), and ``ablation_<modality>_<method>_curves``: metric vs time per variant;
+- ``training_<modality>``: pretraining health per run: loss and the logged diagnostics (target and
+  prediction std, the targets' position share) vs pretraining time, from the ``progress`` table;
 - ``paper_efficiency``: the paper's efficiency figure redrawn from ``results/paper``.
 
 Every function returns ``[(png_path, caption), ...]``; captions name the clock, device and seeds.
@@ -28,9 +30,10 @@ import seaborn as sns  # noqa: E402
 from d2v2.analysis.paper import METHOD_NAMES  # noqa: E402
 from d2v2.analysis.speedup import CLOCKS, is_default_variant  # noqa: E402
 from d2v2.analysis.stats import bootstrap_ci  # noqa: E402
-from d2v2.data.common import atomic_write  # noqa: E402
+from d2v2.atomic import atomic_write  # noqa: E402
 
-__all__ = ["save", "curve_summary", "plot_curves", "plot_speedups", "plot_ablations", "plot_paper_efficiency"]
+__all__ = ["save", "curve_summary", "plot_curves", "plot_speedups", "plot_ablations", "plot_training",
+           "plot_paper_efficiency"]
 
 Figure = tuple[Path, str]
 
@@ -203,6 +206,55 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
         caption = (f"{modality} / {_name(method)}: fine-tuned {metric} vs pretraining time ({clock}) per "
                    f"variant; median over seeds with 95% bootstrap band; device {_hardware(df)}.")
         figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_curves"), caption))
+    return figures
+
+
+# Panels of the training-health figures: the loss, then the diagnostics spec §1.8 calls the main health
+# signals, plus data2vec 2.0's target position share (d2v2.targets.position_share).
+HEALTH_PANELS = {"loss": "training loss (log scale)", "diag.target_var": "target std (per dim.)",
+                 "diag.pred_var": "prediction std (per dim.)",
+                 "diag.target_pos_share": "target variance explained by position"}
+
+
+def _progress_time(progress: pd.DataFrame, clock: str) -> pd.Series:
+    if clock == "device_hours":
+        return progress["train_time_s"] * progress["device_count"] / 3600
+    return progress[clock]
+
+
+def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
+    """Per modality: loss and health diagnostics vs pretraining time, one line per run (method, variant,
+    seed), from the ``progress`` table of ``python -m d2v2 collect``."""
+    sns.set_theme(style="whitegrid")
+    figures = []
+    if progress.empty:
+        return figures
+    for modality, df in progress.groupby("modality", sort=True):
+        panels = [c for c in HEALTH_PANELS if c in df and df[c].notna().any()]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+        labels = df["method"].map(_name) + np.where(df["variant"] == "default", "", " " + df["variant"])
+        palette = dict(zip(sorted(labels.unique()), sns.color_palette("colorblind")))
+        for ax, column in zip(axes[0], panels):
+            for (label, seed), run in df.assign(label=labels).groupby(["label", "seed"], sort=True):
+                run = run[run[column].notna()].sort_values("updates")
+                if not run.empty:
+                    ax.plot(_progress_time(run, clock), run[column], color=palette[label],
+                            label=label if seed == run["seed"].min() else None, lw=1.2)
+            ax.set(xlabel=f"pretraining time ({CLOCKS[clock]})", title=HEALTH_PANELS[column])
+            if column == "loss":
+                ax.set_yscale("log")
+            elif column == "diag.target_pos_share":
+                ax.set_ylim(0, 1)
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, bbox_to_anchor=(0.5, 1.08))
+        fig.tight_layout()
+        caption = (f"{modality}: pretraining health vs time on the {clock} clock ({CLOCKS[clock]}), one line per "
+                   f"run ({df['run_dir'].nunique()} runs), one point per logging interval. Loss scales differ "
+                   "between methods (each has its own objective). Target/prediction std: per-dimension std "
+                   "over masked tokens averaged over dimensions (fairseq's target_var / pred_var; a fall to "
+                   "near 0 is a collapse). Position share (data2vec 2.0): the share of the targets' variance "
+                   "that position alone explains; near 1, the targets no longer depend on the content.")
+        figures.append((save(fig, out_dir, f"training_{modality}"), caption))
     return figures
 
 

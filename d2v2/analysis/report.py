@@ -295,8 +295,9 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
     evals, random_init = table[table["init"] == "pretrained"], table[table["init"] == "random"]
     if evals.empty:
         raise ValueError(f"{evals_path}: no evaluations of pretrained checkpoints in mode '{mode}'")
-    runs_path = tables / "runs.parquet"
+    runs_path, progress_path = tables / "runs.parquet", tables / "progress.parquet"
     runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
+    progress = pd.read_parquet(progress_path) if progress_path.is_file() else pd.DataFrame()
     notes_path = tables / "collect_warnings.json"
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else []
     config_text = None
@@ -322,6 +323,7 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
         "speedups": figures.plot_speedups(speedups, implied, claims, fig_dir, clock),
         "ablations": figures.plot_ablations(evals, fig_dir, clock),
         "paper": figures.plot_paper_efficiency(points, fig_dir),
+        "training": figures.plot_training(progress, fig_dir, clock),
     }
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -364,6 +366,13 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
                                                  "samples", "last_loss")
                 or c.startswith(("identity.", "throughput.samples", "throughput.tokens", "peak_"))]
         blocks += [Heading("Pretraining runs: throughput and memory"), Table(runs[keep])]
+    if figs["training"]:
+        blocks += [Heading("Pretraining health"),
+                   Para("Loss and the logged diagnostics of every pretraining run, from its events.jsonl "
+                        "(results/tables/progress.csv). Read them before the quality curves: a target "
+                        "position share near 1 or a target std near 0 means the targets no longer carry "
+                        "the input's content, and fine-tuning cannot gain from such a run."),
+                   *[Figure(p, c) for p, c in figs["training"]]]
     blocks += [Heading("The paper's efficiency figure"), *[Figure(p, c) for p, c in figs["paper"]],
                Table(implied)]
     blocks += _provenance(evals)

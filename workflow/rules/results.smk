@@ -30,6 +30,8 @@ rule collect:
         evals_parquet=f"{RESULTS}/tables/evals.parquet",
         runs=report(f"{RESULTS}/tables/runs.csv", category="Tables", caption="../report/runs.rst"),
         runs_parquet=f"{RESULTS}/tables/runs.parquet",
+        progress=report(f"{RESULTS}/tables/progress.csv", category="Tables", caption="../report/progress.rst"),
+        progress_parquet=f"{RESULTS}/tables/progress.parquet",
     log:
         f"{PATHS['logs']}/collect.log",
     shell:
@@ -40,6 +42,7 @@ rule report:
     input:
         evals=rules.collect.output.evals_parquet,
         runs=rules.collect.output.runs_parquet,
+        progress=rules.collect.output.progress_parquet,
         config=rules.resolved_config.output[0],
     output:
         figures=report(directory(f"{RESULTS}/figures"), patterns=["{name}.png"], category="Figures",
