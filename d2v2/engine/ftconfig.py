@@ -206,7 +206,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # random init. In the DAG's run the shared CNN's output loses most of its variation over time (std
         # over time 0.34 -> 0.11, mean |value| 0.41 throughout) and the targets become partly positional
         # (target_pos_share 0.04 -> 0.41); a CNN frozen during pretraining (local_grad_mult=0) keeps them
-        # content-based (0.04) but fine-tunes no better (CER 0.81), so the tiny pretraining is too short.
+        # content-based (0.04) but fine-tunes no better (CER 0.81), so the tiny pretraining is too short
+        # (docs/TINY_SCALE.md).
         "tiny": {
             "task": "ctc",
             "optim": {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
@@ -240,7 +241,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 100 updates is unstable (one seed stays at the majority class, 0.516, for both inits). 60 train-s
         # of pretraining: 0.725 (lr 1e-3), 0.723 (lr 2e-4). The tiny text pretraining makes the encoder
         # mostly positional (cosine of outputs of different blocks at the same position 0.49 at init,
-        # 0.89 after 60 s, 0.96 after 400 updates), so there is little for fine-tuning to reuse.
+        # 0.89 after 60 s, 0.96 after 400 updates), so there is little for fine-tuning to reuse; with
+        # that drift stopped it still does not pay at this budget (docs/TINY_SCALE.md).
         "tiny": {
             "task": "movie", "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
                                        "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
