@@ -10,7 +10,8 @@ import torch
 from d2v2.data import (DataConfig, finetune_collater, finetune_datasets, pretrain_collater, pretrain_dataset,
                        prepare, task_info)
 from d2v2.data.common import CorruptDataError, MissingDataError
-from d2v2.data.text import BOS, EOS, PAD, SPECIALS, TASKS, load_tokenizer
+from d2v2.config import ConfigError
+from d2v2.data.text import BOS, EOS, PAD, SPECIALS, TASKS, UNK, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1] / "data"
 
@@ -162,6 +163,39 @@ def test_raw_shards_with_gpt2_bpe(tmp_path):
     bad = DataConfig(root=str(tmp_path / "data"), text={**text, "train_shards": [str(tmp_path / "missing.txt")]})
     with pytest.raises(MissingDataError, match=r"data\.text\.train_shards: not found: .*missing.txt"):
         prepare(["text"], bad)
+
+
+def test_fairseq_dictionary_ids_for_official_checkpoints(glue, tmp_path):
+    """With fairseq's dict.txt the GLUE tasks get the ids of the official text checkpoints: specials 0-3,
+    the file's lines from 4 (in its order, not the BPE's), <unk> for BPE tokens it lacks, <mask> last."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    lines = ["a gorgeous film", "dull", "it 's \"quoted\" fun"] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=280, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    order = list(range(bpe.get_vocab_size() - 1, 0, -1))            # reversed, BPE id 0 left out
+    (tmp_path / "dict.txt").write_text("".join(f"{i} {1000 - n}\n" for n, i in enumerate(order)))
+    text = {"corpus": "raw", "gpt2_vocab": str(tmp_path / "vocab.json"), "gpt2_merges": str(tmp_path / "merges.txt"),
+            "gpt2_dict": str(tmp_path / "dict.txt"), "glue_dir": glue.text.glue_dir}
+    cfg = DataConfig(root=str(tmp_path / "data"), text=text)
+    tok = load_tokenizer(cfg)
+    assert tok.vocab_size == 4 + len(order) + 1
+    sentence = "a gorgeous film"
+    bpe_ids = bpe.encode(sentence).ids
+    assert tok.encode(sentence) == [UNK if b == 0 else 4 + order.index(b) for b in bpe_ids]
+    sst = finetune_datasets("text", cfg, "sst2")
+    assert sst["train"][0]["source"].tolist() == [BOS, *tok.encode(sentence), EOS]
+    assert tok.decode(tok.encode("dull")) == "dull"
+    with pytest.raises(ConfigError, match=r"data\.text\.gpt2_dict: for fine-tuning official checkpoints only"):
+        prepare(["text"], cfg)
+    (tmp_path / "dict.txt").write_text("5 10\nmadeupword0000 0\n7 3\n")    # padding symbols keep their index
+    assert load_tokenizer(cfg).fairseq_ids[[5, 7, 6]].tolist() == [4, 6, UNK]
+    (tmp_path / "dict.txt").write_text("5 10\n900 3\n")
+    with pytest.raises(CorruptDataError, match=r"dict.txt:2: expected '<symbol> <count>' with GPT-2 ids below 280"):
+        load_tokenizer(cfg)
+    with pytest.raises(ValueError, match="gpt2_dict: needs corpus=raw"):
+        DataConfig(text={"gpt2_dict": str(tmp_path / "dict.txt")})
 
 
 def test_missing_tools_name_the_package(tmp_path, monkeypatch):

@@ -226,6 +226,18 @@ def test_ctc_freezes_cnn_always_and_transformer_first():
     assert not any("feature_extractor" in k for k in changed)                # the CNN never trains
 
 
+def test_text_vocabulary_must_fit_the_encoder():
+    """A tokenizer with more ids than the encoder's embedding (a checkpoint from another vocabulary) is
+    a clear error before any compute, not an index error mid-run."""
+    root = _data("text")
+    cfg = finetune_config({"modality": "text", "preset": "tiny", "init": "random",
+                           "arch": {"method": "data2vec2", "overrides": {"encoder": {"text": {"vocab_size": 300}}}},
+                           "data": {"root": str(root), "num_workers": 0}})
+    with pytest.raises(ConfigError, match=r"data\.text: the tokenizer has 8192 ids but the encoder's embedding "
+                                          r"only 300 rows"):
+        F.finetune(cfg, None, log=lambda *_: None)
+
+
 # ---- a real learning signal per modality (embedded data, random init: the encoder and head must learn) --
 def _learn(modality: str, arch: dict, overrides: dict) -> dict:
     root = _data(modality)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from d2v2.config import Config
 from d2v2.data.speech import SpeechDataConfig  # owned by the speech data module
@@ -65,12 +65,21 @@ class TextDataConfig(Config):
     # --- raw text shards + GPT-2 BPE (Books + Wiki at paper scale) ---
     gpt2_vocab: str | None = None                   # GPT-2 encoder vocab.json
     gpt2_merges: str | None = None                  # GPT-2 merges.txt
+    # fairseq's dict.txt: token ids as in the official RoBERTa / data2vec text checkpoints (specials 0-3,
+    # dict.txt's lines from 4, <mask> last) instead of GPT-2 ids + 5. For fine-tuning those checkpoints.
+    gpt2_dict: str | None = None
     train_shards: list[str] = []                    # raw text files, one sentence/paragraph per line
     valid_shards: list[str] = []
     # --- labelled tasks ---
     max_len: int = Field(512, ge=8)                 # fine-tuning sequences are truncated to this
     glue_dir: str | None = None                     # contains CoLA/, SST-2/, MRPC/, ... with .tsv files
     task_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)   # VADER train/valid/test split
+
+    @model_validator(mode="after")
+    def _check_dict(self):
+        if self.gpt2_dict is not None and self.corpus != "raw":
+            raise ValueError("gpt2_dict: needs corpus=raw (the GPT-2 BPE of gpt2_vocab / gpt2_merges)")
+        return self
 
     @field_validator("task_fractions")
     @classmethod

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             manifest = prepare([modality], cfg)[modality]
-        except (MissingDataError, CorruptDataError) as err:
+        except (MissingDataError, CorruptDataError, ConfigError) as err:
             print(f"prepare-data: {modality}: {err}", file=sys.stderr)
             return 1
         seconds = time.perf_counter() - start

@@ -15,7 +15,8 @@ Embedded (tiny) data, all offline (DATA_SOURCES.md):
 
 Paper scale (spec §1.10, §5.3): raw text shards (Books + Wiki) encoded with the user's GPT-2 BPE
 (``vocab.json`` + ``merges.txt``; ids shifted by 5 so the five specials keep ids 0-4), and the eight
-GLUE tasks read from their ``.tsv`` files.
+GLUE tasks read from their ``.tsv`` files. To fine-tune an official checkpoint, ``gpt2_dict`` (fairseq's
+``dict.txt``) gives the GLUE tasks the ids those checkpoints were trained with.
 
 Pretraining blocks are ``<s>`` + ``block_len - 1`` stream tokens (fairseq ``sample_break_mode: none``).
 """
@@ -41,11 +42,12 @@ from d2v2.data.common import (
     MANIFEST, CorruptDataError, MissingDataError, atomic_dir, atomic_write, atomic_write_json,
     dpkg_version, file_record, manifest_is_current, read_manifest, require_path, sha256_file,
 )
+from d2v2.config import ConfigError
 from d2v2.data.config import DataConfig, TextDataConfig
 
 __all__ = [
-    "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "load_tokenizer",
-    "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater",
+    "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "read_fairseq_dict",
+    "load_tokenizer", "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater",
     "task_info", "embedded_corpus",
 ]
 
@@ -59,30 +61,67 @@ _JANEAUSTENR = "r-cran-janeaustenr"
 
 # ----------------------------------------------------------------------------------------- tokenizers
 class TextTokenizer:
-    """A byte-level BPE with the five specials at ids 0-4: ``encode``/``decode`` and ``vocab_size``."""
+    """A byte-level BPE behind the specials: ``encode``/``decode`` and ``vocab_size``.
 
-    def __init__(self, tokenizer, offset: int = 0):
-        self.tok, self.offset = tokenizer, offset     # offset: GPT-2 ids are shifted past the specials
-        self.vocab_size = tokenizer.get_vocab_size() + offset
+    Ids are the BPE's own (embedded tokenizer: the five specials are its first entries), the BPE's +
+    ``offset`` (GPT-2 ids past the five specials), or, with ``fairseq_ids`` (a BPE id -> id table and
+    the vocabulary size, :func:`read_fairseq_dict`), those of fairseq's Dictionary."""
+
+    def __init__(self, tokenizer, offset: int = 0, fairseq_ids: tuple[np.ndarray, int] | None = None):
+        self.tok, self.offset = tokenizer, offset
+        if fairseq_ids is None:
+            self.fairseq_ids, self.vocab_size = None, tokenizer.get_vocab_size() + offset
+        else:
+            self.fairseq_ids, self.vocab_size = fairseq_ids
+            self._bpe_ids = {int(i): b for b, i in enumerate(self.fairseq_ids) if i != UNK}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [[i + self.offset for i in enc.ids] for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        if self.fairseq_ids is not None:
+            return [self.fairseq_ids[enc.ids].tolist() for enc in encoded]
+        return [[i + self.offset for i in enc.ids] for enc in encoded]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def decode(self, ids: Iterable[int]) -> str:
+        if self.fairseq_ids is not None:
+            return self.tok.decode([self._bpe_ids[int(i)] for i in ids if int(i) in self._bpe_ids])
         return self.tok.decode([int(i) - self.offset for i in ids if int(i) >= len(SPECIALS)])
 
 
+def read_fairseq_dict(path: Path, bpe_vocab_size: int) -> np.ndarray:
+    """GPT-2 BPE id -> fairseq id from fairseq's ``dict.txt`` (lines ``<symbol> <count>``, the symbols
+    GPT-2 ids): the Dictionary puts ``<s> <pad> </s> <unk>`` at 0-3 and the file's lines from 4 (RoBERTa
+    and data2vec text then append ``<mask>``). Other symbols (``madeupword0000``) keep their index;
+    BPE ids the file lacks map to ``<unk>``."""
+    table = np.full(bpe_vocab_size, UNK, dtype=np.int64)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        fields = line.split()
+        if len(fields) < 2 or (fields[0].isdigit() and int(fields[0]) >= bpe_vocab_size):
+            raise CorruptDataError(f"{path}:{n + 1}: expected '<symbol> <count>' with GPT-2 ids below "
+                                   f"{bpe_vocab_size} (fairseq's dict.txt), got {line[:60]!r}")
+        if fields[0].isdigit():
+            table[int(fields[0])] = 4 + n
+    if not lines:
+        raise CorruptDataError(f"{path}: empty (fairseq's dict.txt)")
+    return table, 4 + len(lines) + 1
+
+
 def load_tokenizer(cfg: DataConfig) -> TextTokenizer:
-    """The embedded corpus's ``tokenizer.json``, or the GPT-2 BPE from ``gpt2_vocab``/``gpt2_merges``."""
+    """The embedded corpus's ``tokenizer.json``, or the GPT-2 BPE from ``gpt2_vocab``/``gpt2_merges``
+    (with fairseq's ids if ``gpt2_dict`` is set)."""
     from tokenizers import ByteLevelBPETokenizer
 
     if cfg.text.corpus == "raw":
         vocab = require_path(cfg.text.gpt2_vocab, "data.text.gpt2_vocab", "GPT-2 encoder vocab.json")
         merges = require_path(cfg.text.gpt2_merges, "data.text.gpt2_merges", "GPT-2 merges.txt")
-        return TextTokenizer(ByteLevelBPETokenizer(str(vocab), str(merges)), offset=len(SPECIALS))
+        bpe = ByteLevelBPETokenizer(str(vocab), str(merges))
+        if cfg.text.gpt2_dict is not None:
+            path = require_path(cfg.text.gpt2_dict, "data.text.gpt2_dict", "fairseq's dict.txt")
+            return TextTokenizer(bpe, fairseq_ids=read_fairseq_dict(path, bpe.get_vocab_size()))
+        return TextTokenizer(bpe, offset=len(SPECIALS))
     path = require_path(_folder(cfg) / "tokenizer.json", "data.root",
                         "run `python -m d2v2 prepare-data --modalities text`")
     return _tokenizer_file(path)
@@ -336,9 +375,16 @@ def _prepare_embedded(dcfg: DataConfig) -> dict:
     return {**manifest, "skipped": False}
 
 
+def _no_fairseq_dict(cfg: DataConfig) -> None:
+    if cfg.text.gpt2_dict is not None:
+        raise ConfigError("data.text.gpt2_dict: for fine-tuning official checkpoints only; pretraining data "
+                          "here keeps GPT-2 ids + 5 with <mask> = 4 (docs/ARCHITECTURE.md), so unset it")
+
+
 def _prepare_raw(dcfg: DataConfig) -> dict:
     """Encode the user's raw text shards with GPT-2 BPE (fingerprinted by path, size and mtime)."""
     cfg, folder = dcfg.text, _folder(dcfg)
+    _no_fairseq_dict(dcfg)
     tokenizer = load_tokenizer(dcfg)
     shards = {}
     for split, key in (("train", "train_shards"), ("valid", "valid_shards")):
@@ -405,6 +451,7 @@ def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """Token blocks ``{"source": (block_len,) int64, "id"}`` of the ``train`` or ``valid`` stream."""
     if split not in ("train", "valid"):
         raise ValueError(f"text pretraining split must be 'train' or 'valid' (got {split!r})")
+    _no_fairseq_dict(cfg)
     manifest = _manifest(cfg)
     path = require_path(_folder(cfg) / f"{split}.bin", "data.root", "prepare the text data again")
     return TokenBlocks(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len)

@@ -336,6 +336,18 @@ def sweep_lr(cfg: FinetuneConfig, pre: Pretrained, info: dict[str, Any], splits:
     return (*best, sweep)
 
 
+def _check_vocabulary(cfg: FinetuneConfig, pre: Pretrained) -> None:
+    """Every token id the data's tokenizer can produce must have a row in the encoder's embedding."""
+    from d2v2.data.text import load_tokenizer
+
+    data_vocab = load_tokenizer(cfg.data).vocab_size
+    model_vocab = validate(EncoderConfig, pre.encoder_config, where="encoder").text.vocab_size
+    if data_vocab > model_vocab:
+        raise ConfigError(f"data.text: the tokenizer has {data_vocab} ids but the encoder's embedding only "
+                          f"{model_vocab} rows (a model trained with another vocabulary? official "
+                          "checkpoints need data.text.gpt2_dict, docs/CONVERT.md)")
+
+
 def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_format: str = "d2v2",
              save: str | Path | None = None, log=None) -> dict[str, Any]:
     """Fine-tune (with the LR sweep, if any) and return the metrics record of docs/ARCHITECTURE.md."""
@@ -350,6 +362,8 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
         if pre.encoder_state is not None and given is not None and stored is not None \
                 and abs(given - stored) > tolerance:
             raise ConfigError(f"identity.{key}: config says {given} but the checkpoint has {stored}")
+    if cfg.modality == "text":
+        _check_vocabulary(cfg, pre)
     splits = D.finetune_datasets(cfg.modality, cfg.data, cfg.task)
     for required in ("train", "valid", "test"):
         if required not in splits:
