@@ -38,17 +38,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from d2v2.config import ConfigError
 from d2v2.data.common import (
     MANIFEST, CorruptDataError, MissingDataError, atomic_dir, atomic_write, atomic_write_json,
     dpkg_version, file_record, manifest_is_current, read_manifest, require_path, sha256_file,
 )
-from d2v2.config import ConfigError
 from d2v2.data.config import DataConfig, TextDataConfig
 
 __all__ = [
     "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "read_fairseq_dict",
-    "load_tokenizer", "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater",
-    "task_info", "embedded_corpus",
+    "load_tokenizer", "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate",
+    "finetune_collater", "task_info", "embedded_corpus",
 ]
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -90,13 +90,15 @@ class TextTokenizer:
         return self.tok.decode([int(i) - self.offset for i in ids if int(i) >= len(SPECIALS)])
 
 
-def read_fairseq_dict(path: Path, bpe_vocab_size: int) -> np.ndarray:
-    """GPT-2 BPE id -> fairseq id from fairseq's ``dict.txt`` (lines ``<symbol> <count>``, the symbols
-    GPT-2 ids): the Dictionary puts ``<s> <pad> </s> <unk>`` at 0-3 and the file's lines from 4 (RoBERTa
-    and data2vec text then append ``<mask>``). Other symbols (``madeupword0000``) keep their index;
-    BPE ids the file lacks map to ``<unk>``."""
+def read_fairseq_dict(path: Path, bpe_vocab_size: int) -> tuple[np.ndarray, int]:
+    """The GPT-2 BPE id -> fairseq id table of fairseq's ``dict.txt`` (lines ``<symbol> <count>``, the
+    symbols GPT-2 ids) and the vocabulary size: the Dictionary puts ``<s> <pad> </s> <unk>`` at 0-3 and the
+    file's lines from 4, then RoBERTa and data2vec text append ``<mask>``. Other symbols
+    (``madeupword0000``) keep their index; BPE ids the file lacks map to ``<unk>``."""
     table = np.full(bpe_vocab_size, UNK, dtype=np.int64)
     lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise CorruptDataError(f"{path}: empty (fairseq's dict.txt)")
     for n, line in enumerate(lines):
         fields = line.split()
         if len(fields) < 2 or (fields[0].isdigit() and int(fields[0]) >= bpe_vocab_size):
@@ -104,8 +106,6 @@ def read_fairseq_dict(path: Path, bpe_vocab_size: int) -> np.ndarray:
                                    f"{bpe_vocab_size} (fairseq's dict.txt), got {line[:60]!r}")
         if fields[0].isdigit():
             table[int(fields[0])] = 4 + n
-    if not lines:
-        raise CorruptDataError(f"{path}: empty (fairseq's dict.txt)")
     return table, 4 + len(lines) + 1
 
 

@@ -36,6 +36,7 @@ from d2v2.config import ConfigError, apply_overrides, load_yaml, merge, validate
 from d2v2.atomic import atomic_write_json
 from d2v2.data.image import MixupCutmix
 from d2v2.data.speech import BLANK, LETTERS, ids_to_letters, letters_to_words
+from d2v2.data.text import load_tokenizer
 from d2v2.engine import metrics as M
 from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_checkpoint, save_checkpoint
 from d2v2.engine.clock import synchronize
@@ -338,8 +339,6 @@ def sweep_lr(cfg: FinetuneConfig, pre: Pretrained, info: dict[str, Any], splits:
 
 def _check_vocabulary(cfg: FinetuneConfig, pre: Pretrained) -> None:
     """Every token id the data's tokenizer can produce must have a row in the encoder's embedding."""
-    from d2v2.data.text import load_tokenizer
-
     data_vocab = load_tokenizer(cfg.data).vocab_size
     model_vocab = validate(EncoderConfig, pre.encoder_config, where="encoder").text.vocab_size
     if data_vocab > model_vocab:
