@@ -103,6 +103,10 @@ def test_segment_table_marks_a_dead_process_killed(tmp_path):
     table = SegmentTable.resume(path)                     # the process died without closing its row
     assert table.rows[-1]["reason"] == "killed" and table.job_ids == ["12"]
     assert table.e2e_before_s > 5.0
+    # killed after writing a checkpoint but before the heartbeat after it: the checkpoint's clock is the end
+    assert SegmentTable.resume(path, checkpoint_e2e_s=1.0).e2e_before_s == table.e2e_before_s
+    assert SegmentTable.resume(path, checkpoint_e2e_s=table.e2e_before_s + 2.5).e2e_before_s == \
+        table.e2e_before_s + 2.5
 
 
 def test_sampler_resumes_mid_epoch_and_shards():

@@ -124,11 +124,14 @@ class SegmentTable:
         self.rows: list[dict] = [dict(r) for r in rows or []]
 
     @classmethod
-    def resume(cls, path: str | Path, fallback: list[dict] | None = None) -> "SegmentTable":
+    def resume(cls, path: str | Path, fallback: list[dict] | None = None,
+               checkpoint_e2e_s: float | None = None) -> "SegmentTable":
         """Read the table written by earlier processes (else ``fallback``, the checkpoint's copy).
 
         A last row still marked ``running`` belongs to a process that died without closing it
-        (SIGKILL, node failure): it becomes ``killed``.
+        (SIGKILL, node failure): it becomes ``killed``. The checkpoint resumed from proves that process
+        lived at least until ``checkpoint_e2e_s``: a row ending earlier (killed between writing the
+        checkpoint and the heartbeat that follows it) is extended to it.
         """
         path = Path(path)
         rows = fallback or []
@@ -138,6 +141,8 @@ class SegmentTable:
         table = cls(path, rows)
         if table.rows and table.rows[-1]["reason"] == "running":
             table.rows[-1]["reason"] = "killed"
+            if checkpoint_e2e_s is not None and float(table.rows[-1]["e2e_time_s"] or 0) < checkpoint_e2e_s:
+                table.rows[-1]["e2e_time_s"] = checkpoint_e2e_s
         return table
 
     @property
@@ -161,8 +166,8 @@ class SegmentTable:
         and rewrite the file atomically."""
         row = self.rows[-1]
         row.update(end=_iso(time.time()), reason=reason,
-                   train_time_s=round(clock.train_time_s(sync=False) if train_time_s is None else train_time_s, 3),
-                   e2e_time_s=round(clock.e2e_time_s(sync=False) if e2e_time_s is None else e2e_time_s, 3))
+                   train_time_s=round(clock.train_time_s(sync=False) if train_time_s is None else train_time_s, 6),
+                   e2e_time_s=round(clock.e2e_time_s(sync=False) if e2e_time_s is None else e2e_time_s, 6))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.FIELDS)
         writer.writeheader()

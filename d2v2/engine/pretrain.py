@@ -284,7 +284,8 @@ class Pretrainer:
         self.fractions_done = list(ckpt["progress"]["fractions_done"])
         self.fraction = ckpt["fraction_consumed"]
         # segments.csv is newer than any checkpoint; the checkpoint's copy is the fallback if it was lost
-        self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"])
+        self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"],
+                                            checkpoint_e2e_s=ckpt["clock"]["e2e_time_s"])
         self.clock = RunClock(self.device, ckpt["clock"]["train_time_s"], self.segments.e2e_before_s,
                               start_wall=self.clock.start_wall)
         self.resumed_from, self.last_good = used, str(used)
