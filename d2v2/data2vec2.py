@@ -77,7 +77,7 @@ class Data2Vec2Config(Config):
     ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n
     teacher_shares: Literal["nothing", "local_encoder", "embeddings"] | None = None  # None: per modality
     # gradient multiplier into the student's local encoder (fairseq ``local_grad_mult``; every released
-    # pretraining config: 1). 0 freezes it at its initialisation (run without autograd).
+    # pretraining config: 1). 0 freezes it at its initialisation.
     local_grad_mult: float = pydantic.Field(1.0, ge=0)
     # collapse guard (spec §1.8; 0 disables)
     min_target_var: float = pydantic.Field(0.1, ge=0)
@@ -255,13 +255,11 @@ class Data2Vec2(PretrainMethod):
         return MethodOutput(loss, sample_size, logs), details
 
     def _local_features(self, source, padding_mask):
-        """The student's local encoder, its gradient scaled by ``local_grad_mult`` (0: frozen)."""
-        g = self.cfg.local_grad_mult
-        if g == 0:
-            with torch.no_grad():
-                return self.student.local_features(source, padding_mask)
+        """The student's local encoder, its gradient scaled by ``local_grad_mult`` (at 0 its parameters
+        do not require gradients, see ``__init__``, so autograd records nothing here)."""
         x, padding_mask = self.student.local_features(source, padding_mask)
-        if g != 1:
+        g = self.cfg.local_grad_mult
+        if g not in (0.0, 1.0):
             x = x * g + x.detach() * (1 - g)            # same values, gradient times g
         return x, padding_mask
 
