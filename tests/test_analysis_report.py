@@ -74,3 +74,16 @@ def test_report_without_baselines_says_so(tmp_path):
     assert report.main(["--tables", str(tmp_path / "tables"), "--out", str(tmp_path), "--bootstrap", "50"]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "no baseline with a data2vec 2.0 comparison" in md and "No workflow configuration was given" in md
+
+
+def test_training_figure_has_one_legend_entry_per_method_not_per_seed(tmp_path, monkeypatch):
+    from d2v2.analysis import figures
+
+    rows = [{"run_dir": f"r{s}", "modality": "image", "method": "data2vec2", "variant": "default", "seed": s,
+             "device_count": 1, "updates": u, "train_time_s": 30.0 * u, "e2e_time_s": 33.0 * u, "loss": 1.0 / u}
+            for s in (0, 1) for u in (1, 2)]
+    labels, save = [], figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, out, name: (
+        labels.extend(fig.axes[0].get_legend_handles_labels()[1]), save(fig, out, name))[1])
+    [(png, caption)] = figures.plot_training(pd.DataFrame(rows), tmp_path)
+    assert labels == ["data2vec 2.0"] and png.name == "training_image.png" and "(2 runs)" in caption

@@ -235,11 +235,13 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
         labels = df["method"].map(_name) + np.where(df["variant"] == "default", "", " " + df["variant"])
         palette = dict(zip(sorted(labels.unique()), sns.color_palette("colorblind")))
         for ax, column in zip(axes[0], panels):
-            for (label, seed), run in df.assign(label=labels).groupby(["label", "seed"], sort=True):
+            named = set()                                  # one legend entry per label, not per seed
+            for (label, _), run in df.assign(label=labels).groupby(["label", "seed"], sort=True):
                 run = run[run[column].notna()].sort_values("updates")
                 if not run.empty:
                     ax.plot(_progress_time(run, clock), run[column], color=palette[label],
-                            label=label if seed == run["seed"].min() else None, lw=1.2)
+                            label=None if label in named else label, lw=1.2)
+                    named.add(label)
             ax.set(xlabel=f"pretraining time ({CLOCKS[clock]})", title=HEALTH_PANELS[column])
             if column == "loss":
                 ax.set_yscale("log")
