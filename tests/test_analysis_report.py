@@ -76,14 +76,25 @@ def test_report_without_baselines_says_so(tmp_path):
     assert "no baseline with a data2vec 2.0 comparison" in md and "No workflow configuration was given" in md
 
 
-def test_training_figure_has_one_legend_entry_per_method_not_per_seed(tmp_path, monkeypatch):
+def test_training_figure_one_legend_entry_per_method_and_variant_colours_fixed_per_method(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgb
+
     from d2v2.analysis import figures
 
-    rows = [{"run_dir": f"r{s}", "modality": "image", "method": "data2vec2", "variant": "default", "seed": s,
+    runs = [("data2vec2", "default", 0), ("data2vec2", "default", 1), ("data2vec2", "M2", 0), ("mae", "default", 0)]
+    rows = [{"run_dir": f"{m}{v}{s}", "modality": "image", "method": m, "variant": v, "seed": s,
              "device_count": 1, "updates": u, "train_time_s": 30.0 * u, "e2e_time_s": 33.0 * u, "loss": 1.0 / u}
-            for s in (0, 1) for u in (1, 2)]
-    labels, save = [], figures.save
+            for m, v, s in runs for u in (1, 2)]
+    lines, save = {}, figures.save
     monkeypatch.setattr(figures, "save", lambda fig, out, name: (
-        labels.extend(fig.axes[0].get_legend_handles_labels()[1]), save(fig, out, name))[1])
+        lines.update({ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}),
+        save(fig, out, name))[1])
     [(png, caption)] = figures.plot_training(pd.DataFrame(rows), tmp_path)
-    assert labels == ["data2vec 2.0"] and png.name == "training_image.png" and "(2 runs)" in caption
+    assert sorted(lines) == ["MAE", "data2vec 2.0", "data2vec 2.0 M2"]
+    assert png.name == "training_image.png" and "(4 runs)" in caption
+    # a method keeps its colour across figures (the curves use the same map); variants differ in line style
+    assert to_rgb(lines["data2vec 2.0"].get_color()) == to_rgb(lines["data2vec 2.0 M2"].get_color()) \
+        == to_rgb(figures._color("data2vec2")) != to_rgb(lines["MAE"].get_color())
+    assert lines["data2vec 2.0"].get_linestyle() != lines["data2vec 2.0 M2"].get_linestyle()
+    assert figures._color("my_method") == figures._color("my_method") not in [figures._color(m) for m in
+                                                                             ("data2vec2", "mae", "mlm")]

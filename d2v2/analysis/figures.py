@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -40,6 +41,16 @@ Figure = tuple[Path, str]
 
 def _name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
+
+
+def _color(method: str):
+    """The same colour for a method in every figure: the paper's methods get the first colours, any other
+    method one of the rest (fixed by its name)."""
+    known = list(METHOD_NAMES)
+    palette = sns.color_palette("colorblind", 10)
+    if method in known:
+        return palette[known.index(method)]
+    return palette[len(known) + zlib.crc32(method.encode()) % (len(palette) - len(known))]
 
 
 def _seeds(runs) -> str:
@@ -89,12 +100,11 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
     default = evals[evals["params"].map(is_default_variant)]
     for (modality, task), df in default.groupby(["modality", "task"], sort=True):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        palette = dict(zip(sorted(df["method"].unique()), sns.color_palette("colorblind")))
         for method, runs in df.groupby("method", sort=True):
-            _draw_curve(ax, runs, clock, f"{_name(method)} ({_seeds(runs)})", palette[method])
+            _draw_curve(ax, runs, clock, f"{_name(method)} ({_seeds(runs)})", _color(method))
         if target_table is not None:
             for t in target_table[(target_table.modality == modality) & (target_table.task == task)].itertuples():
-                ax.axhline(t.target, ls=":", color=palette.get(t.baseline, "grey"), lw=1)
+                ax.axhline(t.target, ls=":", color=_color(t.baseline), lw=1)
         if random_init is not None:
             rand = random_init[(random_init.modality == modality) & (random_init.task == task)]
             if not rand.empty:
@@ -232,14 +242,15 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
     for modality, df in progress.groupby("modality", sort=True):
         panels = [c for c in HEALTH_PANELS if c in df and df[c].notna().any()]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-        labels = df["method"].map(_name) + np.where(df["variant"] == "default", "", " " + df["variant"])
-        palette = dict(zip(sorted(labels.unique()), sns.color_palette("colorblind")))
+        # colour: the method (as in the curves); line style: the variant
+        styles = dict(zip(sorted(df["variant"].unique(), key=lambda v: v != "default"), ["-", "--", ":", "-."] * 9))
         for ax, column in zip(axes[0], panels):
-            named = set()                                  # one legend entry per label, not per seed
-            for (label, _), run in df.assign(label=labels).groupby(["label", "seed"], sort=True):
+            named = set()                                  # one legend entry per method and variant, not per seed
+            for (method, variant, _), run in df.groupby(["method", "variant", "seed"], sort=True):
                 run = run[run[column].notna()].sort_values("updates")
+                label = _name(method) + ("" if variant == "default" else f" {variant}")
                 if not run.empty:
-                    ax.plot(_progress_time(run, clock), run[column], color=palette[label],
+                    ax.plot(_progress_time(run, clock), run[column], color=_color(method), ls=styles[variant],
                             label=None if label in named else label, lw=1.2)
                     named.add(label)
             ax.set(xlabel=f"pretraining time ({CLOCKS[clock]})", title=HEALTH_PANELS[column])
@@ -268,7 +279,7 @@ def plot_paper_efficiency(points: pd.DataFrame, out_dir: str | Path) -> list[Fig
     for ax, modality in zip(np.atleast_1d(axes), modalities):
         pts = points[points["modality"] == modality]
         for method, g in pts.groupby("method", sort=True):
-            ax.plot(g["hours"], g["value"], marker="o", label=_name(method))
+            ax.plot(g["hours"], g["value"], marker="o", label=_name(method), color=_color(method))
         ax.set(title=modality, xlabel="pretraining hours (paper's hardware)", ylabel=pts["metric"].iloc[0])
         ax.legend(fontsize=7)
     caption = ("The paper's efficiency figure redrawn from results/paper/efficiency_points.csv (values read "
