@@ -80,6 +80,16 @@ def test_validate_workflow_accepts_every_preset():
         wfc.validate_workflow(resolved(preset="base", slurm={"partition": "gpu"}, data=paper_data))
 
 
+def test_cpu_30min_config_is_the_tiny_dag_with_longer_budgets_in_its_own_folders():
+    extra = yaml.safe_load((REPO / "config" / "cpu-30min.yaml").read_text())
+    config, tiny = resolved(**extra), resolved()
+    assert wfc.validate_workflow(config)
+    runs = wfc.expand_runs(config)
+    assert [r.key for r in runs] == [r.key for r in wfc.expand_runs(tiny)]
+    assert all(wfc.run_config(config, r)["budget"] == {"kind": "train_seconds", "value": 1800} for r in runs)
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())     # the tiny results are kept
+
+
 def test_cli_strings_are_read_back_as_yaml_scalars():
     assert wfc.coerce_scalars({"a": "2", "b": ["0.5", "1e-3", "true", "null", "debug"]}) == \
         {"a": 2, "b": [0.5, 1e-3, True, None, "debug"]}
