@@ -243,7 +243,8 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
         panels = [c for c in HEALTH_PANELS if c in df and df[c].notna().any()]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
         # colour: the method (as in the curves); line style: the variant
-        styles = dict(zip(sorted(df["variant"].unique(), key=lambda v: v != "default"), ["-", "--", ":", "-."] * 9))
+        variants = sorted(df["variant"].unique(), key=lambda v: (v != "default", v))
+        styles = {v: ["-", "--", ":", "-."][i % 4] for i, v in enumerate(variants)}
         for ax, column in zip(axes[0], panels):
             named = set()                                  # one legend entry per method and variant, not per seed
             for (method, variant, _), run in df.groupby(["method", "variant", "seed"], sort=True):

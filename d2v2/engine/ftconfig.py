@@ -207,8 +207,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # over time 0.34 -> 0.11, mean |value| 0.41 throughout) and the targets become partly positional
         # (target_pos_share 0.04 -> 0.41); a CNN frozen during pretraining (local_grad_mult=0) keeps them
         # content-based (0.04) but fine-tunes no better (CER 0.81), so the tiny pretraining is too short:
-        # 30 train-minutes of the same recipe (8,577 updates, config/cpu-30min.yaml) fine-tune to CER
-        # 0.651 / 0.662 (two fine-tuning seeds) with this recipe (docs/TINY_SCALE.md).
+        # after 30 train-minutes of it (8,577 updates, config/cpu-30min.yaml) this recipe reaches CER
+        # 0.651 / 0.662 (two fine-tuning seeds; docs/TINY_SCALE.md).
         "tiny": {
             "task": "ctc",
             "optim": {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
