@@ -137,10 +137,10 @@ def test_training_reshuffles_each_epoch_reproducibly():
 def test_smoke_finetune_with_bucketing(tmp_path):
     root = _data("audio")
     cfg = finetune_config({"modality": "audio", "preset": "smoke", "init": "random", "eval_max_samples": 8,
-                           "arch": {"method": "data2vec2", "preset": "smoke"},
+                           "arch": {"method": "data2vec2", "preset": "smoke"}, "primary_metric": "cer",
                            "data": {"root": str(root), "num_workers": 0}})
     assert cfg.bucket_by_length
     record = F.finetune(cfg, None, log=lambda *_: None)
-    assert record["finetune"]["updates"] == 4
+    assert record["finetune"]["updates"] == 4 and record["primary_metric"] == "test_cer"
     assert record["finetune"]["config"]["bucket_by_length"] is True
     assert 0 <= record["metrics"]["valid_cer"] and 0 <= record["metrics"]["test_wer"]

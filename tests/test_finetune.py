@@ -43,6 +43,7 @@ def _data(modality: str) -> Path:
     ({"modality": "video"}, "modality"),
     ({"modality": "image", "preset": "huge"}, "preset"),
     ({"modality": "image", "task": "cifar10"}, "task"),
+    ({"modality": "audio", "primary_metric": "accuracy"}, "primary_metric"),
 ])
 def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -66,6 +67,9 @@ def test_presets_resolve_for_every_modality():
     base = finetune_config({"modality": "image", "preset": "base"})
     assert (base.layer_decay, base.drop_path, base.label_smoothing, base.optim.lr) == (0.65, 0.1, 0.1, 1e-3)
     assert finetune_config({"modality": "text", "preset": "base"}).lr_sweep == [1e-5, 2e-5, 4e-5, 6e-5]
+    # speech is scored on WER at paper scale, on CER in tiny (where every WER is ~1)
+    assert finetune_config({"modality": "audio", "preset": "base"}).primary_metric is None
+    assert finetune_config({"modality": "audio", "preset": "tiny"}).primary_metric == "cer"
 
 
 # ---- layer-wise LR decay (spec §5.1) -----------------------------------------------------------------

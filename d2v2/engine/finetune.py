@@ -355,6 +355,8 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = D.task_info(cfg.modality, cfg.task)
+    if cfg.primary_metric is not None:
+        info = {**info, "primary_metric": cfg.primary_metric}
     pre = load_pretrained(cfg, checkpoint, checkpoint_format)
     for key, tolerance in (("seed", 0), ("budget_fraction", 5e-4)):   # fractions: 3 decimals in file names
         given, stored = getattr(cfg.identity, key), getattr(pre, key)
