@@ -45,6 +45,7 @@ def test_collect_cli_writes_parquet_and_csv(tmp_path):
     assert set(progress[["modality", "method", "variant", "seed"]].itertuples(index=False)) == {
         ("image", "data2vec2", "image-data2vec2-default-s0", 0)}
     assert len(pd.read_csv(out / "progress.csv")) == 2
+    assert list(progress["device_hours"]) == list(progress["train_time_s"] * progress["device_count"] / 3600)
     assert json.loads((out / "collect_warnings.json").read_text()) == []
 
 

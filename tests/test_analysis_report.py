@@ -83,7 +83,8 @@ def test_training_figure_one_legend_entry_per_method_and_variant_colours_fixed_p
 
     runs = [("data2vec2", "default", 0), ("data2vec2", "default", 1), ("data2vec2", "M2", 0), ("mae", "default", 0)]
     rows = [{"run_dir": f"{m}{v}{s}", "modality": "image", "method": m, "variant": v, "seed": s,
-             "device_count": 1, "updates": u, "train_time_s": 30.0 * u, "e2e_time_s": 33.0 * u, "loss": 1.0 / u}
+             "device_count": 1, "updates": u, "train_time_s": 30.0 * u, "e2e_time_s": 33.0 * u,
+             "device_hours": 30.0 * u / 3600, "loss": 1.0 / u}
             for m, v, s in runs for u in (1, 2)]
     lines, save = {}, figures.save
     monkeypatch.setattr(figures, "save", lambda fig, out, name: (

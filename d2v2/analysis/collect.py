@@ -272,8 +272,9 @@ def _variant(run_dir: Path, method: str | None) -> str:
 
 def collect_progress(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """The ``progress`` table: one row per logging interval (``train_progress`` event) of every run:
-    identity, updates, both clocks (and the run's device count, for device-hours), loss, LR, gradient
-    norm and each logged diagnostic as ``diag.<name>`` (e.g. ``diag.target_pos_share``)."""
+    identity, updates, the clocks of :data:`CLOCK_COLUMNS` (device-hours as the engine counts them:
+    train-only seconds x devices / 3600) and the device count, loss, LR, gradient norm and each logged
+    diagnostic as ``diag.<name>`` (e.g. ``diag.target_pos_share``)."""
     rows = []
     for run_dir, summary in _summaries(run_dirs):
         identity = summary.get("identity") or {}
@@ -286,6 +287,8 @@ def collect_progress(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
                 continue
             row = {**base, **{k: value.get(k) for k in ("updates", "train_time_s", "e2e_time_s", "loss", "lr",
                                                        "grad_norm")}}
+            if row["train_time_s"] is not None:
+                row["device_hours"] = row["train_time_s"] * base["device_count"] / 3600
             row.update({f"diag.{k}": v for k, v in (value.get("diagnostics") or {}).items()
                         if isinstance(v, (int, float))})
             rows.append(row)

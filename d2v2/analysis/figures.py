@@ -226,12 +226,6 @@ HEALTH_PANELS = {"loss": "training loss (log scale)", "diag.target_var": "target
                  "diag.target_pos_share": "target variance explained by position"}
 
 
-def _progress_time(progress: pd.DataFrame, clock: str) -> pd.Series:
-    if clock == "device_hours":
-        return progress["train_time_s"] * progress["device_count"] / 3600
-    return progress[clock]
-
-
 def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
     """Per modality: loss and health diagnostics vs pretraining time, one line per run (method, variant,
     seed), from the ``progress`` table of ``python -m d2v2 collect``."""
@@ -251,7 +245,7 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
                 run = run[run[column].notna()].sort_values("updates")
                 label = _name(method) + ("" if variant == "default" else f" {variant}")
                 if not run.empty:
-                    ax.plot(_progress_time(run, clock), run[column], color=_color(method), ls=styles[variant],
+                    ax.plot(run[clock], run[column], color=_color(method), ls=styles[variant],
                             label=None if label in named else label, lw=1.2)
                     named.add(label)
             ax.set(xlabel=f"pretraining time ({CLOCKS[clock]})", title=HEALTH_PANELS[column])

@@ -155,8 +155,8 @@ def submit_or_attach(command: Command, options: SlurmOptions, folder: str | Path
     job = executor.submit(command)
     if job_file is not None:
         atomic_write_json(job_file, {"job_id": job.job_id, "folder": str(folder), "name": name,
-                               "argv": list(command.argv), "cwd": command.cwd,
-                               "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                                     "argv": list(command.argv), "cwd": command.cwd,
+                                     "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return job, False
 
 
