@@ -230,6 +230,25 @@ def test_ctc_freezes_cnn_always_and_transformer_first():
     assert not any("feature_extractor" in k for k in changed)                # the CNN never trains
 
 
+def test_heads_are_initialised_as_in_fairseq():
+    """Image head trunc-normal 0.02 with zero bias (mae_image_classification), CTC projection xavier with
+    zero bias (wav2vec2_asr ``Linear``), sentence head PyTorch's default Linear init
+    (RobertaClassificationHead is built after init_bert_params): uniform +-1/sqrt(fan_in), biases too."""
+    from d2v2.engine.heads import CTCRecognizer, SentenceClassifier
+
+    torch.manual_seed(0)
+    dim = 192
+    image = ImageClassifier(torch.nn.Identity(), dim, 1000)
+    assert abs(image.head.weight.std().item() - 0.02) < 0.002 and not image.head.bias.any()
+    ctc = CTCRecognizer(torch.nn.Identity(), dim, 32, torch.nn.Identity())
+    assert abs(ctc.proj.weight.std().item() - (2 / (dim + 32)) ** 0.5) < 0.01 and not ctc.proj.bias.any()
+    text = SentenceClassifier(torch.nn.Identity(), dim, 2)
+    bound = dim ** -0.5
+    for layer in (text.dense, text.out_proj):
+        assert layer.weight.abs().max() <= bound and layer.weight.std() > 0.8 * bound / 3 ** 0.5
+        assert layer.bias.any() and layer.bias.abs().max() <= bound
+
+
 def test_text_vocabulary_must_fit_the_encoder():
     """A tokenizer with more ids than the encoder's embedding (a checkpoint from another vocabulary) is
     a clear error before any compute, not an index error mid-run."""
