@@ -11,8 +11,8 @@ from baselines.masking import BlockMasker
 from d2v2.config import ConfigError
 from d2v2.data import (DataConfig, MaskingCollater, finetune_collater, finetune_datasets, loader_kwargs,
                        prepare, pretrain_collater, pretrain_dataset, task_info)
-from d2v2.data.common import (MissingDataError, atomic_dir, atomic_write, atomic_write_json, file_record,
-                              manifest_is_current, require_path, stable_seed)
+from d2v2.atomic import atomic_dir, atomic_write, atomic_write_json
+from d2v2.data.common import MissingDataError, file_record, manifest_is_current, require_path, stable_seed
 from d2v2.data.prepare_cli import build_config, main as prepare_main
 
 ROOT = Path(__file__).resolve().parents[1] / "data"

@@ -3,7 +3,7 @@ the DataLoader settings.
 
 - Errors name the config key and the path (``data.image.imagenet_dir: not found: /x``) or the corrupt
   file, never a bare traceback from deep inside a reader.
-- Files are written atomically (:mod:`d2v2.atomic`, re-exported here), so a crash never leaves a
+- Files are written atomically (:mod:`d2v2.atomic`), so a crash never leaves a
   half-written file under its final name.
 - A manifest per prepared modality records counts, sha256 checksums, source package versions and the
   config that produced the files; preparation is skipped when it still matches.
@@ -24,12 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from d2v2.atomic import atomic_dir, atomic_write, atomic_write_json
-
 __all__ = [
-    "MissingDataError", "CorruptDataError", "require_path", "atomic_write", "atomic_write_json",
-    "atomic_dir", "sha256_file", "dpkg_version", "file_record", "read_manifest", "manifest_is_current",
-    "stable_seed", "MaskingCollater", "loader_kwargs", "MANIFEST",
+    "MissingDataError", "CorruptDataError", "require_path", "sha256_file", "dpkg_version", "file_record",
+    "read_manifest", "manifest_is_current", "stable_seed", "MaskingCollater", "loader_kwargs", "MANIFEST",
 ]
 
 MANIFEST = "manifest.json"

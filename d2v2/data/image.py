@@ -29,9 +29,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from d2v2.atomic import atomic_dir, atomic_write_json
 from d2v2.data.common import (
-    MANIFEST, CorruptDataError, atomic_dir, atomic_write_json, dpkg_version, file_record,
-    manifest_is_current, read_manifest, require_path, sha256_file,
+    MANIFEST, CorruptDataError, dpkg_version, file_record, manifest_is_current, read_manifest, require_path,
+    sha256_file,
 )
 from d2v2.data.config import DataConfig, ImageDataConfig
 

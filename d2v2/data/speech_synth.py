@@ -25,7 +25,7 @@ included: about a minute on 2 idle cores) and 370 MB of disk.
 Output: fairseq manifests (``<split>.tsv/.ltr/.wrd``, see :mod:`d2v2.data.speech`), 16-bit WAVs under
 ``wav/<split>/``, a per-utterance record of how each was made (``<split>.meta.tsv``) and ``manifest.json``
 (config, package versions, counts, checksums of every file). The corpus is built in a temporary folder
-and renamed into place (:func:`~d2v2.data.common.atomic_dir`); a second call with the same config finds a
+and renamed into place (:func:`~d2v2.atomic.atomic_dir`); a second call with the same config finds a
 current ``manifest.json`` whose files still match their checksums, and does nothing.
 """
 from __future__ import annotations
@@ -49,8 +49,9 @@ import pandas as pd
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from d2v2.data.common import (MANIFEST, MissingDataError, atomic_dir, atomic_write_json, dpkg_version, file_record,
-                              manifest_is_current, read_manifest, require_path)
+from d2v2.atomic import atomic_dir, atomic_write_json
+from d2v2.data.common import (MANIFEST, MissingDataError, dpkg_version, file_record, manifest_is_current,
+                              read_manifest, require_path)
 from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, words_to_letters
 
 __all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "coloured_noise"]

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from d2v2.atomic import atomic_dir, atomic_write, atomic_write_json
 from d2v2.config import ConfigError
 from d2v2.data.common import (
-    MANIFEST, CorruptDataError, MissingDataError, atomic_dir, atomic_write, atomic_write_json,
-    dpkg_version, file_record, manifest_is_current, read_manifest, require_path, sha256_file,
+    MANIFEST, CorruptDataError, MissingDataError, dpkg_version, file_record, manifest_is_current,
+    read_manifest, require_path, sha256_file,
 )
 from d2v2.data.config import DataConfig, TextDataConfig
 
