@@ -1,17 +1,26 @@
-"""Cross-check our data2vec 2.0 against the official fairseq code, one training step at a time.
+"""Cross-check our pretraining methods against the official fairseq code, one training step at a time.
 
-    python scripts/crosscheck_fairseq.py --fairseq /path/to/fairseq [--modality text] [--preset tiny]
+    python scripts/crosscheck_fairseq.py --fairseq /path/to/fairseq [--method all] [--modality text] [--preset tiny]
 
-For each modality this builds fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
-with the configuration of our preset, converts ITS freshly initialised weights with our converter
-(``d2v2.convert``, so the converter is exercised on a state dict that fairseq itself wrote), feeds both
-models the same batch and the same masks, and compares, for two consecutive training steps:
+Each method is run next to the fairseq model it reproduces:
 
-- the per-element regression loss at every masked position (fairseq's ``d2v_loss`` output) and the
-  total loss (plus the CLS term for images);
-- the predictions and targets at the masked positions;
-- the gradient of every parameter (fairseq's gradients are mapped to our names by the converter);
-- after one identical SGD step and each side's EMA update, every teacher weight.
+- ``data2vec2`` (image, audio, text): fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
+  with the configuration of our preset; ITS freshly initialised weights are converted with our converter
+  (``d2v2.convert``, so the converter is exercised on a state dict that fairseq itself wrote).
+- ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
+  (examples/data2vec/models/data2vec_text.py).
+- ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
+
+The two text baselines train fairseq's RoBERTa encoder (``TransformerEncoder``); its weights are copied
+into ours through the explicit name table below (separate q/k/v projections -> our fused ``qkv``).
+Both sides get the same batch and masks (text baselines: the same BERT-corrupted tokens, original tokens
+and loss positions, from our masker), and for two consecutive training steps the script compares:
+
+- data2vec 2.0 and 1.0: the targets, predictions and per-element regression loss at every masked position,
+  and the loss (plus the CLS term for images); MLM: the logits at the selected positions and the loss;
+- the gradient of every parameter;
+- after one identical SGD step and each side's EMA update, every teacher weight (data2vec 1.0: also the
+  embeddings its teacher reads, which fairseq copies from the student and ours shares with it).
 
 Dropout, layer-drop, drop-path and the decoder's mask noise are set to 0 on both sides (they are random);
 everything else is the preset's. A mismatch beyond ``--atol`` exits non-zero and names the tensor.
@@ -28,25 +37,38 @@ docs/FAIRSEQ_CROSSCHECK.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import sys
 import tempfile
 import types
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import baselines.data2vec1
+from baselines.data2vec1 import Data2Vec1, Data2Vec1Config
+from baselines.masking import NUM_SPECIAL
+from baselines.mlm import MLM
 from d2v2.config import merge, validate
 from d2v2.convert import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
+from d2v2.encoder import EncoderConfig
+from d2v2.method import method_config
+from d2v2.modalities.text import MASK, PAD
 
-DETERMINISTIC = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-                             "post_mlp_dropout": 0.0, "prenet_dropout": 0.0, "drop_path": 0.0,
-                             "layerdrop": 0.0, "prenet_layerdrop": 0.0},
-                 "decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0}
+NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+                          "post_mlp_dropout": 0.0, "prenet_dropout": 0.0, "drop_path": 0.0,
+                          "layerdrop": 0.0, "prenet_layerdrop": 0.0}}
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
+DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
+BOS = 0                                              # <s> (docs/ARCHITECTURE.md, fairseq order)
 
 
 # ---- importing fairseq --------------------------------------------------------------------------------
@@ -121,25 +143,30 @@ def fairseq_config(cfg: Data2Vec2Config) -> dict:
         "modalities": {m: mod}}
 
 
+def fairseq_dictionary(vocab_size: int):
+    """A fairseq ``Dictionary`` of ``vocab_size`` symbols in our order: <s> <pad> </s> <unk> <mask>, words."""
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()
+    dictionary.add_symbol("<mask>")
+    for i in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    assert (dictionary.bos(), dictionary.pad(), dictionary.index("<mask>")) == (BOS, PAD, MASK)
+    return dictionary
+
+
 def build_fairseq(cfg_dict: dict, vocab_size: int | None):
     from omegaconf import OmegaConf
-    from fairseq.data import Dictionary
     from examples.data2vec.data.modality import Modality
     from examples.data2vec.models.data2vec2 import Data2VecMultiConfig, Data2VecMultiModel
 
     cfg = OmegaConf.merge(OmegaConf.structured(Data2VecMultiConfig), cfg_dict)
-    task = None
-    if vocab_size is not None:                       # fairseq's dictionary order: <s> <pad> </s> <unk> <mask>
-        dictionary = Dictionary()
-        dictionary.add_symbol("<mask>")
-        for i in range(vocab_size - len(dictionary)):
-            dictionary.add_symbol(f"w{i}")
-        task = types.SimpleNamespace(source_dictionary=dictionary)
+    task = None if vocab_size is None else types.SimpleNamespace(source_dictionary=fairseq_dictionary(vocab_size))
     return Data2VecMultiModel(cfg, [Modality[cfg_dict["supported_modality"]]], task=task)
 
 
-# ---- one step, both sides --------------------------------------------------------------------------------
-def batch_for(cfg: Data2Vec2Config, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+# ---- one data2vec 2.0 step, both sides -----------------------------------------------------------------
+def batch_for(cfg: Data2Vec2Config | Data2Vec1Config, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     enc = cfg.encoder
     if enc.modality == "image":
         return torch.randn(batch_size, enc.image.in_chans, enc.image.img_size, enc.image.img_size,
@@ -147,7 +174,7 @@ def batch_for(cfg: Data2Vec2Config, batch_size: int, generator: torch.Generator)
     if enc.modality == "audio":
         wav = torch.randn(batch_size, 16_000, generator=generator)
         return (wav - wav.mean(1, keepdim=True)) / wav.std(1, keepdim=True)
-    return torch.randint(5, enc.text.vocab_size, (batch_size, enc.text.max_positions), generator=generator)
+    return torch.randint(NUM_SPECIAL, enc.text.vocab_size, (batch_size, enc.text.max_positions), generator=generator)
 
 
 def fairseq_step(model, source: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -168,14 +195,20 @@ def fairseq_step(model, source: torch.Tensor, mask: torch.Tensor) -> dict:
     total = sum(v.float().sum() for v in losses.values()) / result["sample_size"]
     reg = next(v for k, v in losses.items() if k.endswith("regression"))
     pred, target = seen["pairs"][-1]                 # the regression call comes after the CLS one
-    return {"loss": total, "elementwise": reg.detach().float(), "pred": pred, "target": target}
+    return regression_outputs(target, pred, reg.detach().float(), total)
 
 
 def ours_step(model: Data2Vec2, source: torch.Tensor, mask: torch.Tensor) -> dict:
     out, details = model.forward_details({"source": source, "mask": mask}, mask_noise_std=0.0)
     elementwise = (details.predictions - details.targets).pow(2) * model.loss_scale
-    return {"loss": out.loss, "elementwise": elementwise.detach(), "pred": details.predictions.detach(),
-            "target": details.targets}
+    return regression_outputs(details.targets, details.predictions, elementwise, out.loss)
+
+
+def regression_outputs(target: torch.Tensor, pred: torch.Tensor, elementwise: torch.Tensor,
+                       loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a data2vec step is compared on (the loss keeps its graph for the backward pass)."""
+    return {"target at masked positions": target, "pred at masked positions": pred,
+            "elementwise at masked positions": elementwise, "loss": loss}
 
 
 class Report:
@@ -199,10 +232,14 @@ class Report:
             self.failures.append(f"{what}: max |ours - fairseq| = {diff:.3g} (max |fairseq| = {scale:.3g})")
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def grads_as_ours(fs_model, cfg_dict: dict) -> dict[str, torch.Tensor]:
     """fairseq's gradients under our parameter names (through the converter, like weights)."""
-    state = {n: p.grad if p.grad is not None else p.detach() if not p.requires_grad else torch.zeros_like(p)
-             for n, p in fs_model.named_parameters()}         # frozen tables (image positions) as they are
+    state = {n: grad_of(p) if p.requires_grad else p.detach()            # frozen tables (image positions)
+             for n, p in fs_model.named_parameters()}                    # as they are
     state.update({n: b for n, b in fs_model.named_buffers()})
     state["_ema"] = {k: v if k.endswith("positions") else torch.zeros_like(v)
                      for k, v in fs_model.ema.fp32_params.items()}
@@ -210,49 +247,298 @@ def grads_as_ours(fs_model, cfg_dict: dict) -> dict[str, torch.Tensor]:
     return dict(converted.named_parameters())
 
 
-def crosscheck(modality: str, preset: str, batch_size: int, report: Report, seed: int = 0) -> None:
+# ---- the step loop, every method ---------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """One method on both sides: our model, fairseq's, and what the step loop needs from each. Steps return
+    the compared tensors by name (``loss`` included, with its graph); ``fairseq_grads`` and
+    ``fairseq_teacher`` give fairseq's tensors under our names."""
+
+    ours: nn.Module
+    fs: nn.Module
+    batch: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    ours_step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    fairseq_step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    fairseq_grads: Callable[[], dict[str, torch.Tensor]]
+    ours_teacher: Callable[[], dict[str, torch.Tensor]] | None = None       # None: no teacher
+    fairseq_teacher: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generator, steps: int = 2) -> None:
+    """``steps`` training steps on both sides: outputs, every gradient, one SGD step (lr 0.1), each side's
+    own ``set_num_updates`` / ``after_step`` (the EMA update), then every teacher weight."""
+    fs_opt = torch.optim.SGD([p for p in pair.fs.parameters() if p.requires_grad], lr=0.1)
+    our_opt = torch.optim.SGD([p for p in pair.ours.parameters() if p.requires_grad], lr=0.1)
+    for step in range(1, steps + 1):
+        batch = pair.batch(generator)
+        theirs, mine = pair.fairseq_step(batch), pair.ours_step(batch)
+        at = f"{tag} step {step}"
+        for key, value in mine.items():
+            report.compare(f"{at}: {key}", value.detach(), theirs[key].detach())
+        fs_opt.zero_grad(), our_opt.zero_grad()
+        theirs["loss"].backward(), mine["loss"].backward()
+        fs_grads = pair.fairseq_grads()
+        for name, p in pair.ours.named_parameters():
+            if p.requires_grad:
+                report.compare(f"{at}: gradient of {name}", p.grad, fs_grads[name], summary=f"{at}: gradients")
+        fs_opt.step(), our_opt.step()
+        pair.fs.set_num_updates(step), pair.ours.after_step(step)
+        if pair.ours_teacher is not None:
+            theirs_t = pair.fairseq_teacher()
+            for name, p in pair.ours_teacher().items():
+                report.compare(f"{at}: {name}", p.detach(), theirs_t[name],
+                               summary=f"{at}: teacher after the EMA step (decay {pair.ours.current_decay:g})")
+
+
+# ---- data2vec 2.0 ------------------------------------------------------------------------------------------
+def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) -> Pair:
     overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
     cfg = validate(Data2Vec2Config, merge(PRESETS[modality][preset], overrides), where=f"{modality}/{preset}")
     cfg_dict = fairseq_config(cfg)
-    torch.manual_seed(seed)
     fs = build_fairseq(cfg_dict, cfg.encoder.text.vocab_size if modality == "text" else None)
     fs.train()
-    ours, info = convert({"cfg": {"model": cfg_dict}, "model": fs.state_dict()})
+    ours, _ = convert({"cfg": {"model": cfg_dict}, "model": fs.state_dict()})
     ours.train()
     expected = cfg.model_copy(update={"teacher_shares": ours.teacher_shares}).model_dump()
     differs = {k: (v, expected[k]) for k, v in ours.cfg.model_dump().items() if v != expected[k]}
     if differs:
         report.failures.append(f"{modality}: the converted config differs from the preset's: {differs}")
-    g = torch.Generator().manual_seed(seed)
-    fs_opt = torch.optim.SGD([p for p in fs.parameters() if p.requires_grad], lr=0.1)
-    our_opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
-    for step in (1, 2):
-        source = batch_for(cfg, batch_size, g)
-        mask = ours.masker()({"source": source}, g)["mask"]
-        theirs, mine = fairseq_step(fs, source, mask), ours_step(ours, source, mask)
-        tag = f"{modality} step {step}"
-        for key in ("target", "pred", "elementwise"):
-            report.compare(f"{tag}: {key} at masked positions", mine[key], theirs[key])
-        report.compare(f"{tag}: loss", mine["loss"].detach(), theirs["loss"].detach())
-        fs_opt.zero_grad(), our_opt.zero_grad()
-        theirs["loss"].backward(), mine["loss"].backward()
-        fs_grads = grads_as_ours(fs, cfg_dict)
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                report.compare(f"{tag}: gradient of {name}", p.grad, fs_grads[name], summary=f"{tag}: gradients")
-        fs_opt.step(), our_opt.step()
-        fs.set_num_updates(step), ours.after_step(step)
-        teacher_now, _ = convert({"cfg": {"model": cfg_dict}, "model": fs.state_dict()})
-        theirs_t = dict(teacher_now.teacher.model.named_parameters())
-        for name, p in ours.teacher.model.named_parameters():
-            report.compare(f"{tag}: teacher {name}", p.detach(), theirs_t[name],
-                           summary=f"{tag}: teacher after the EMA step (decay {ours.current_decay:g})")
+
+    def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        source = batch_for(cfg, batch_size, generator)
+        return {"source": source, "mask": ours.masker()({"source": source}, generator)["mask"]}
+
+    def teacher_now() -> dict[str, torch.Tensor]:
+        converted, _ = convert({"cfg": {"model": cfg_dict}, "model": fs.state_dict()})
+        return dict(converted.teacher.named_parameters(prefix="teacher"))
+
+    return Pair(ours, fs, batch,
+                ours_step=lambda b: ours_step(ours, b["source"], b["mask"]),
+                fairseq_step=lambda b: fairseq_step(fs, b["source"], b["mask"]),
+                fairseq_grads=lambda: grads_as_ours(fs, cfg_dict),
+                ours_teacher=lambda: dict(ours.teacher.named_parameters(prefix="teacher")),
+                fairseq_teacher=teacher_now)
+
+
+# ---- the text baselines: fairseq's RoBERTa encoder under our names -----------------------------------------
+# Our post-LN Block against fairseq's TransformerEncoderLayer (normalize_before=False). fairseq projects
+# q, k and v separately; our fused qkv is their concatenation in that order (d2v2/blocks.py splits the
+# 3*D outputs as (3, heads, head_dim)).
+BLOCK_NAMES = {"norm1": ("self_attn_layer_norm",), "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj",
+                                                                 "self_attn.v_proj"),
+               "attn.proj": ("self_attn.out_proj",), "norm2": ("final_layer_norm",),
+               "mlp.fc1": ("fc1",), "mlp.fc2": ("fc2",)}
+EMBEDDING_NAMES = {"embed_tokens.weight": "embed_tokens.weight", "embed_positions.weight": "embed_positions.weight",
+                   "layernorm_embedding.weight": "layernorm_embedding.weight",
+                   "layernorm_embedding.bias": "layernorm_embedding.bias"}      # ours (local_encoder.) -> fairseq
+
+
+def encoder_names(depth: int, blocks: str, embeddings: str, theirs: str) -> dict[str, tuple[str, ...]]:
+    """Our name -> the fairseq ``TransformerEncoder`` names it is made of (concatenated along dim 0):
+    our blocks under ``blocks``, our local encoder under ``embeddings``, fairseq's encoder under ``theirs``."""
+    names = {f"{embeddings}{ours}": (f"{theirs}{fs}",) for ours, fs in EMBEDDING_NAMES.items()}
+    for i in range(depth):
+        names.update({f"{blocks}{i}.{ours}.{p}": tuple(f"{theirs}layers.{i}.{fs}.{p}" for fs in parts)
+                      for ours, parts in BLOCK_NAMES.items() for p in ("weight", "bias")})
+    return names
+
+
+def as_ours(theirs: Mapping[str, torch.Tensor], names: Mapping[str, tuple[str, ...]],
+            like: Mapping[str, torch.Tensor], unused: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """fairseq's tensors ``theirs`` as a dict keyed like ``like`` (through ``names``), shape-checked; every
+    tensor of ``theirs`` must be used, except those in ``unused``."""
+    out, used = {}, set()
+    for name, target in like.items():
+        value = torch.cat([theirs[t] for t in names[name]])
+        if value.shape != target.shape:
+            raise SystemExit(f"{' + '.join(names[name])} {tuple(value.shape)} does not fit our {name} "
+                             f"{tuple(target.shape)}")
+        out[name] = value
+        used.update(names[name])
+    if set(theirs) - used - unused:
+        raise SystemExit(f"fairseq tensors that map to nothing of ours: {sorted(set(theirs) - used - unused)}")
+    return out
+
+
+def roberta_args(enc: EncoderConfig) -> argparse.Namespace:
+    """fairseq's RoBERTa arguments for our text encoder; refuses what fairseq's encoder cannot express."""
+    from fairseq.models.roberta.model import base_architecture
+
+    one_dropout = {enc.dropout, enc.post_mlp_dropout, enc.text.dropout}
+    if enc.modality != "text" or enc.layer_norm_first or enc.prenet_depth or enc.drop_path or enc.norm_eps != 1e-5 \
+            or len(one_dropout) > 1:
+        raise SystemExit(f"fairseq's RoBERTa encoder cannot express {enc}")
+    args = argparse.Namespace(
+        encoder_layers=enc.depth, encoder_embed_dim=enc.embed_dim, encoder_attention_heads=enc.num_heads,
+        encoder_ffn_embed_dim=int(enc.embed_dim * enc.mlp_ratio), max_positions=enc.text.max_positions,
+        dropout=one_dropout.pop(), attention_dropout=enc.attention_dropout,
+        activation_dropout=enc.activation_dropout, encoder_layerdrop=enc.layerdrop, activation_fn="gelu",
+        encoder_learned_pos=True, layernorm_embedding=True, no_scale_embedding=True,
+        encoder_normalize_before=False, untie_weights_roberta=False)
+    base_architecture(args)                                              # fairseq's remaining defaults
+    return args
+
+
+def text_batch(enc: EncoderConfig, batch_size: int, masker, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``<s>`` + random regular tokens, the last sample padded for its final quarter, BERT-corrupted by
+    our ``masker`` (``source``, ``mlm_target``, ``mask``)."""
+    tokens = torch.randint(NUM_SPECIAL, enc.text.vocab_size, (batch_size, enc.text.max_positions),
+                           generator=generator)
+    tokens[:, 0] = BOS
+    tokens[-1, -enc.text.max_positions // 4:] = PAD
+    return masker({"source": tokens}, generator)
+
+
+@contextlib.contextmanager
+def outputs_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect ``module``'s forward outputs while the block runs."""
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _inputs, out: seen.append(out.detach().float()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def recorded_regression(module: types.ModuleType) -> Iterator[list[tuple]]:
+    """Run with ``module.F`` (its torch.nn.functional) replaced by a copy that records every
+    ``smooth_l1_loss`` / ``mse_loss`` call as ``(prediction, target, element-wise loss)``."""
+    calls = []
+
+    def recording(loss_fn):
+        def call(pred, target, **kwargs):
+            out = loss_fn(pred, target, **kwargs)
+            calls.append((pred.detach().float(), target.detach().float(), out.detach().float()))
+            return out
+        return call
+
+    proxy = types.ModuleType("F")
+    proxy.__dict__.update(vars(F))
+    proxy.smooth_l1_loss, proxy.mse_loss = recording(F.smooth_l1_loss), recording(F.mse_loss)
+    original, module.F = module.F, proxy
+    try:
+        yield calls
+    finally:
+        module.F = original
+
+
+def regression_recorded(loss: torch.Tensor, calls: list[tuple]) -> dict[str, torch.Tensor]:
+    if len(calls) != 1:
+        raise SystemExit(f"expected one regression loss call per step, recorded {len(calls)}")
+    pred, target, elementwise = calls[0]
+    return regression_outputs(target, pred, elementwise, loss)
+
+
+# ---- data2vec 1.0 text -----------------------------------------------------------------------------------
+def data2vec1_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/data2vec1.py`` (text) and fairseq's ``Data2VecTextModel`` with the same settings."""
+    from omegaconf import OmegaConf
+    import examples.data2vec.models.data2vec_text as data2vec_text
+    from fairseq.models.transformer import TransformerConfig
+
+    cfg = method_config("text", "data2vec1", preset, merge(NO_DROPOUT, TEXT_DROPOUT))
+    fs_cfg = OmegaConf.merge(OmegaConf.structured(data2vec_text.Data2VecTextConfig), {
+        "max_positions": cfg.encoder.text.max_positions, "head_layers": cfg.head_layers,
+        "loss_beta": cfg.loss_beta, "loss_scale": 0.0 if cfg.loss_scale is None else cfg.loss_scale,  # 0: 1/sqrt(D)
+        "average_top_k_layers": cfg.average_top_k_layers, "layer_norm_target_layer": cfg.layer_norm_target_layer,
+        "instance_norm_target_layer": cfg.instance_norm_target_layer, "layer_norm_targets": cfg.layer_norm_targets,
+        "ema_decay": cfg.ema_decay, "ema_end_decay": cfg.ema_end_decay,
+        "ema_anneal_end_step": cfg.ema_anneal_end_step, "ema_transformer_layers_only": True,
+        "transformer": TransformerConfig.from_namespace(roberta_args(cfg.encoder))})
+    dictionary = fairseq_dictionary(cfg.encoder.text.vocab_size)
+    fs = data2vec_text.Data2VecTextModel(fs_cfg, data2vec_text.Data2VecTextEncoder(fs_cfg, dictionary, None))
+    fs.set_num_updates(0)                                        # fairseq makes its EMA teacher here
+    ours = Data2Vec1(cfg)
+    fs.train(), ours.train()
+
+    depth, head = cfg.encoder.depth, [n for n, _ in ours.head.named_parameters()]
+    student = encoder_names(depth, "student.blocks.", "student.local_encoder.", "encoder.sentence_encoder.")
+    student.update({f"head.{n}": (f"encoder.regression_head.{n if '.' in n else '0.' + n}",) for n in head})
+    # fairseq's teacher holds copies of the embeddings (overwritten from the student at every EMA step);
+    # ours reads the student's own, so those copies are compared with our student's embeddings.
+    teacher = encoder_names(depth, "teacher.model.blocks.", "student.local_encoder.", "encoder._ema.")
+    versions = {"encoder.sentence_encoder.version", "encoder._ema.version"}
+
+    def ours_teacher() -> dict[str, torch.Tensor]:
+        return {**dict(ours.teacher.named_parameters(prefix="teacher")),
+                **dict(ours.student.local_encoder.named_parameters(prefix="student.local_encoder"))}
+
+    def fairseq_teacher() -> dict[str, torch.Tensor]:
+        ema = {f"encoder._ema.{k}": v for k, v in fs.encoder.ema.model.state_dict().items()}
+        return as_ours(ema, teacher, ours_teacher(), versions)
+
+    state = {k: v for k, v in fs.state_dict().items() if k != "encoder._ema"}
+    ours_state = ours.state_dict()
+    weights = as_ours(state, student, {k: v for k, v in ours_state.items() if not k.startswith("teacher.")},
+                      versions)
+    weights.update({k: v for k, v in fairseq_teacher().items() if k.startswith("teacher.")})
+    ours.load_state_dict(weights, strict=True)
+
+    def ours_data2vec1_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with recorded_regression(baselines.data2vec1) as calls:
+            out = ours(batch)
+        return regression_recorded(out.loss, calls)
+
+    def fairseq_data2vec1_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with recorded_regression(data2vec_text) as calls:       # it regresses where src_tokens == <mask>
+            result = fs(batch["source"], target_tokens=batch["mlm_target"])
+        return regression_recorded(result["losses"]["main"] / result["sample_size"], calls)
+
+    return Pair(ours, fs, lambda g: text_batch(cfg.encoder, batch_size, ours.masker(), g),
+                ours_data2vec1_step, fairseq_data2vec1_step,
+                fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, student,
+                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}),
+                ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher)
+
+
+# ---- RoBERTa MLM -----------------------------------------------------------------------------------------
+def mlm_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/mlm.py`` and fairseq's ``RobertaModel`` + ``masked_lm`` criterion, same settings."""
+    from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
+    from fairseq.models.roberta.model import RobertaEncoder, RobertaModel
+
+    cfg = method_config("text", "mlm", preset, merge(NO_DROPOUT, TEXT_DROPOUT))
+    dictionary = fairseq_dictionary(cfg.encoder.text.vocab_size)
+    args = roberta_args(cfg.encoder)
+    fs = RobertaModel(args, RobertaEncoder(args, dictionary))
+    criterion = MaskedLmLoss(MaskedLmConfig(tpu=False), types.SimpleNamespace(target_dictionary=dictionary))
+    ours = MLM(cfg)
+    fs.train(), ours.train()
+
+    names = encoder_names(cfg.encoder.depth, "student.blocks.", "student.local_encoder.", "encoder.sentence_encoder.")
+    names.update({f"lm_head.{n}": (f"encoder.lm_head.{n}",) for n in ours.lm_head.state_dict()})   # weight: tied
+    ours.load_state_dict(as_ours(fs.state_dict(), names, ours.state_dict(), {"encoder.sentence_encoder.version"}),
+                         strict=True)
+    if ours.lm_head.weight is not ours.student.local_encoder.embed_tokens.weight:
+        raise SystemExit("our LM head's weight is no longer the token embedding")
+
+    def ours_mlm_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with outputs_of(ours.lm_head) as logits:
+            out = ours(batch)
+        return {"logits at selected positions": logits[0], "loss": out.loss}
+
+    def fairseq_mlm_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """fairseq's sample: the target is the original token at selected positions, <pad> elsewhere."""
+        sample = {"net_input": {"src_tokens": batch["source"]},
+                  "target": batch["mlm_target"].masked_fill(~batch["mask"], PAD),
+                  "ntokens": int(batch["mask"].sum()), "nsentences": batch["source"].shape[0]}
+        with outputs_of(fs.encoder.lm_head) as logits:
+            loss, sample_size, _ = criterion(fs, sample)
+        return {"logits at selected positions": logits[0], "loss": loss / sample_size}
+
+    return Pair(ours, fs, lambda g: text_batch(cfg.encoder, batch_size, ours.masker(), g),
+                ours_mlm_step, fairseq_mlm_step,
+                fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, names,
+                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fairseq", type=Path, required=True, help="a fairseq checkout")
-    ap.add_argument("--modality", choices=["image", "audio", "text", "all"], default="all")
+    ap.add_argument("--method", choices=["data2vec2", "data2vec1", "mlm", "all"], default="all")
+    ap.add_argument("--modality", choices=["image", "audio", "text", "all"], default="all",
+                    help="data2vec2's modalities; the baselines (data2vec1, mlm) are checked for text")
     ap.add_argument("--preset", choices=["tiny", "smoke", "base"], default="tiny",
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -260,10 +546,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     report = Report(args.atol)
+    methods = ["data2vec2", "data2vec1", "mlm"] if args.method == "all" else [args.method]
+    modalities = ["image", "audio", "text"] if args.modality == "all" else [args.modality]
     with tempfile.TemporaryDirectory() as tmp:
         importable_fairseq(args.fairseq.resolve(), Path(tmp))
-        for modality in ["image", "audio", "text"] if args.modality == "all" else [args.modality]:
-            crosscheck(modality, args.preset, args.batch_size, report)
+        for method in methods:
+            for modality in modalities if method == "data2vec2" else ["text"] if "text" in modalities else []:
+                torch.manual_seed(0)
+                if method == "data2vec2":
+                    pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
+                else:
+                    pair = {"data2vec1": data2vec1_pair, "mlm": mlm_pair}[method](args.preset, args.batch_size)
+                compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
+    if not report.rows:
+        raise SystemExit(f"nothing to check: {args.method} has no {args.modality} model here")
     width = max(map(len, report.rows))
     print(f"{'what'.ljust(width)}  max |ours - fairseq|  max |fairseq|")
     for what, (diff, scale) in report.rows.items():
