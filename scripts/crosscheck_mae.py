@@ -152,6 +152,7 @@ class Recorder:
 
     def __init__(self, owner, name: str):
         self.owner, self.name, self.original, self.calls = owner, name, getattr(owner, name), []
+        self.own = name in vars(owner)               # else a method of the class: delete the wrapper after
 
     def __enter__(self):
         def recorded(*args, **kwargs):
@@ -162,7 +163,10 @@ class Recorder:
         return self
 
     def __exit__(self, *exc):
-        setattr(self.owner, self.name, self.original)
+        if self.own:
+            setattr(self.owner, self.name, self.original)
+        else:
+            delattr(self.owner, self.name)
 
 
 def targets_from_grad(pred: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
