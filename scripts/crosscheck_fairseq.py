@@ -231,6 +231,12 @@ class Report:
         if not diff <= self.atol * max(1.0, scale):
             self.failures.append(f"{what}: max |ours - fairseq| = {diff:.3g} (max |fairseq| = {scale:.3g})")
 
+    def exact(self, what: str, ours: float, theirs: float) -> None:
+        """A number both sides compute by the same formula in double precision: equal, or a failure."""
+        self.rows[what] = (abs(ours - theirs), abs(theirs))
+        if ours != theirs:
+            self.failures.append(f"{what}: ours {ours!r}, fairseq {theirs!r}")
+
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
@@ -252,7 +258,7 @@ def grads_as_ours(fs_model, cfg_dict: dict) -> dict[str, torch.Tensor]:
 class Pair:
     """One method on both sides: our model, fairseq's, and what the step loop needs from each. Steps return
     the compared tensors by name (``loss`` included, with its graph); ``fairseq_grads`` and
-    ``fairseq_teacher`` give fairseq's tensors under our names."""
+    ``fairseq_teacher`` give fairseq's tensors under our names, ``fairseq_decay`` its current EMA decay."""
 
     ours: nn.Module
     fs: nn.Module
@@ -262,11 +268,13 @@ class Pair:
     fairseq_grads: Callable[[], dict[str, torch.Tensor]]
     ours_teacher: Callable[[], dict[str, torch.Tensor]] | None = None       # None: no teacher
     fairseq_teacher: Callable[[], dict[str, torch.Tensor]] | None = None
+    fairseq_decay: Callable[[], float] | None = None
 
 
 def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generator, steps: int = 2) -> None:
     """``steps`` training steps on both sides: outputs, every gradient, one SGD step (lr 0.1), each side's
-    own ``set_num_updates`` / ``after_step`` (the EMA update), then every teacher weight."""
+    own ``set_num_updates`` / ``after_step`` (the EMA update), then the EMA decay (exactly: a one-step shift
+    of the schedule moves the teacher by less than fp32 rounding) and every teacher weight."""
     fs_opt = torch.optim.SGD([p for p in pair.fs.parameters() if p.requires_grad], lr=0.1)
     our_opt = torch.optim.SGD([p for p in pair.ours.parameters() if p.requires_grad], lr=0.1)
     for step in range(1, steps + 1):
@@ -284,6 +292,7 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
         fs_opt.step(), our_opt.step()
         pair.fs.set_num_updates(step), pair.ours.after_step(step)
         if pair.ours_teacher is not None:
+            report.exact(f"{at}: EMA decay", pair.ours.current_decay, pair.fairseq_decay())
             theirs_t = pair.fairseq_teacher()
             for name, p in pair.ours_teacher().items():
                 report.compare(f"{at}: {name}", p.detach(), theirs_t[name],
@@ -317,7 +326,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) 
                 fairseq_step=lambda b: fairseq_step(fs, b["source"], b["mask"]),
                 fairseq_grads=lambda: grads_as_ours(fs, cfg_dict),
                 ours_teacher=lambda: dict(ours.teacher.named_parameters(prefix="teacher")),
-                fairseq_teacher=teacher_now)
+                fairseq_teacher=teacher_now, fairseq_decay=lambda: fs.ema.get_decay())
 
 
 # ---- the text baselines: fairseq's RoBERTa encoder under our names -----------------------------------------
@@ -489,7 +498,8 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
                 ours_data2vec1_step, fairseq_data2vec1_step,
                 fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, student,
                                               {n: p for n, p in ours.named_parameters() if p.requires_grad}),
-                ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher)
+                ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher,
+                fairseq_decay=lambda: fs.encoder.ema.get_decay())
 
 
 # ---- RoBERTa MLM -----------------------------------------------------------------------------------------
