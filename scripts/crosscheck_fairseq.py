@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import re
 import shutil
 import sys
@@ -237,6 +238,14 @@ class Report:
         if ours != theirs:
             self.failures.append(f"{what}: ours {ours!r}, fairseq {theirs!r}")
 
+    def within(self, what: str, ours: float, theirs: float, tolerance: float, summary: str) -> None:
+        """A statistic that may differ by ``tolerance`` (rows keep the worst difference and |fairseq|)."""
+        diff = abs(ours - theirs)
+        old_diff, old_scale = self.rows.get(summary, (0.0, 0.0))
+        self.rows[summary] = (max(diff, old_diff), max(abs(theirs), old_scale))
+        if not diff <= tolerance:
+            self.failures.append(f"{what}: ours {ours:.4g}, fairseq {theirs:.4g} (tolerance {tolerance:.2g})")
+
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
@@ -258,7 +267,8 @@ def grads_as_ours(fs_model, cfg_dict: dict) -> dict[str, torch.Tensor]:
 class Pair:
     """One method on both sides: our model, fairseq's, and what the step loop needs from each. Steps return
     the compared tensors by name (``loss`` included, with its graph); ``fairseq_grads`` and
-    ``fairseq_teacher`` give fairseq's tensors under our names, ``fairseq_decay`` its current EMA decay."""
+    ``fairseq_teacher`` give fairseq's tensors under our names, ``fairseq_decay`` its current EMA decay.
+    ``ours`` starts with fairseq's initial weights; ``fresh_ours`` builds ours with its own."""
 
     ours: nn.Module
     fs: nn.Module
@@ -266,9 +276,26 @@ class Pair:
     ours_step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     fairseq_step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     fairseq_grads: Callable[[], dict[str, torch.Tensor]]
+    fresh_ours: Callable[[], nn.Module]
     ours_teacher: Callable[[], dict[str, torch.Tensor]] | None = None       # None: no teacher
     fairseq_teacher: Callable[[], dict[str, torch.Tensor]] | None = None
     fairseq_decay: Callable[[], float] | None = None
+
+
+def compare_init(pair: Pair, tag: str, report: Report) -> None:
+    """Our own initialisation against fairseq's (loaded into ``pair.ours``, so call before any step), tensor
+    by tensor: mean and std must agree within 5 standard errors of a sample of that size. The shape of the
+    distribution (normal, truncated, uniform) is not compared."""
+    fresh = dict(pair.fresh_ours().named_parameters())
+    for name, p in pair.ours.named_parameters():
+        ours, theirs = fresh[name].detach().double().flatten(), p.detach().double().flatten()
+        n = ours.numel()
+        std = (ours.std().item(), theirs.std().item()) if n > 1 else (0.0, 0.0)
+        scale = max(std)
+        report.within(f"{tag} init: mean of {name}", ours.mean().item(), theirs.mean().item(),
+                      5 * scale / math.sqrt(n) + 1e-7, summary=f"{tag} init: mean of every tensor")
+        report.within(f"{tag} init: std of {name}", std[0], std[1], 5 * scale / math.sqrt(2 * n) + 1e-7,
+                      summary=f"{tag} init: std of every tensor")
 
 
 def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generator, steps: int = 2) -> None:
@@ -324,7 +351,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) 
     return Pair(ours, fs, batch,
                 ours_step=lambda b: ours_step(ours, b["source"], b["mask"]),
                 fairseq_step=lambda b: fairseq_step(fs, b["source"], b["mask"]),
-                fairseq_grads=lambda: grads_as_ours(fs, cfg_dict),
+                fairseq_grads=lambda: grads_as_ours(fs, cfg_dict), fresh_ours=lambda: Data2Vec2(ours.cfg),
                 ours_teacher=lambda: dict(ours.teacher.named_parameters(prefix="teacher")),
                 fairseq_teacher=teacher_now, fairseq_decay=lambda: fs.ema.get_decay())
 
@@ -498,7 +525,7 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
                 ours_data2vec1_step, fairseq_data2vec1_step,
                 fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, student,
                                               {n: p for n, p in ours.named_parameters() if p.requires_grad}),
-                ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher,
+                fresh_ours=lambda: Data2Vec1(cfg), ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher,
                 fairseq_decay=lambda: fs.encoder.ema.get_decay())
 
 
@@ -540,7 +567,8 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
     return Pair(ours, fs, lambda g: text_batch(cfg.encoder, batch_size, ours.masker(), g),
                 ours_mlm_step, fairseq_mlm_step,
                 fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, names,
-                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}))
+                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}),
+                fresh_ours=lambda: MLM(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--atol", type=float, default=1e-5, help="relative to max(1, the largest |value|)")
+    ap.add_argument("--init", action="store_true",
+                    help="also compare our own initialisation with fairseq's (per-tensor mean and std)")
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     report = Report(args.atol)
@@ -567,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                     pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
                 else:
                     pair = {"data2vec1": data2vec1_pair, "mlm": mlm_pair}[method](args.preset, args.batch_size)
+                if args.init:
+                    compare_init(pair, f"{method} {modality}", report)
                 compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
     if not report.rows:
         raise SystemExit(f"nothing to check: {args.method} has no {args.modality} model here")
