@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import baselines.data2vec1
-from baselines.data2vec1 import Data2Vec1, Data2Vec1Config
+from baselines.data2vec1 import Data2Vec1
 from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
 from d2v2.config import merge, validate
@@ -167,8 +167,7 @@ def build_fairseq(cfg_dict: dict, vocab_size: int | None):
 
 
 # ---- one data2vec 2.0 step, both sides -----------------------------------------------------------------
-def batch_for(cfg: Data2Vec2Config | Data2Vec1Config, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    enc = cfg.encoder
+def batch_for(enc: EncoderConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     if enc.modality == "image":
         return torch.randn(batch_size, enc.image.in_chans, enc.image.img_size, enc.image.img_size,
                            generator=generator)
@@ -341,7 +340,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) 
         report.failures.append(f"{modality}: the converted config differs from the preset's: {differs}")
 
     def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        source = batch_for(cfg, batch_size, generator)
+        source = batch_for(cfg.encoder, batch_size, generator)
         return {"source": source, "mask": ours.masker()({"source": source}, generator)["mask"]}
 
     def teacher_now() -> dict[str, torch.Tensor]:
@@ -418,8 +417,7 @@ def roberta_args(enc: EncoderConfig) -> argparse.Namespace:
 def text_batch(enc: EncoderConfig, batch_size: int, masker, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """``<s>`` + random regular tokens, the last sample padded for its final quarter, BERT-corrupted by
     our ``masker`` (``source``, ``mlm_target``, ``mask``)."""
-    tokens = torch.randint(NUM_SPECIAL, enc.text.vocab_size, (batch_size, enc.text.max_positions),
-                           generator=generator)
+    tokens = batch_for(enc, batch_size, generator)
     tokens[:, 0] = BOS
     tokens[-1, -enc.text.max_positions // 4:] = PAD
     return masker({"source": tokens}, generator)
@@ -571,6 +569,9 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
                 fresh_ours=lambda: MLM(cfg))
 
 
+TEXT_BASELINES = {"data2vec1": data2vec1_pair, "mlm": mlm_pair}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fairseq", type=Path, required=True, help="a fairseq checkout")
@@ -591,12 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         importable_fairseq(args.fairseq.resolve(), Path(tmp))
         for method in methods:
-            for modality in modalities if method == "data2vec2" else ["text"] if "text" in modalities else []:
+            for modality in modalities:
+                if method != "data2vec2" and modality != "text":
+                    continue
                 torch.manual_seed(0)
                 if method == "data2vec2":
                     pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
                 else:
-                    pair = {"data2vec1": data2vec1_pair, "mlm": mlm_pair}[method](args.preset, args.batch_size)
+                    pair = TEXT_BASELINES[method](args.preset, args.batch_size)
                 if args.init:
                     compare_init(pair, f"{method} {modality}", report)
                 compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
