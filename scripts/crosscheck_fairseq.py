@@ -363,15 +363,14 @@ BLOCK_NAMES = {"norm1": ("self_attn_layer_norm",), "attn.qkv": ("self_attn.q_pro
                                                                  "self_attn.v_proj"),
                "attn.proj": ("self_attn.out_proj",), "norm2": ("final_layer_norm",),
                "mlp.fc1": ("fc1",), "mlp.fc2": ("fc2",)}
-EMBEDDING_NAMES = {"embed_tokens.weight": "embed_tokens.weight", "embed_positions.weight": "embed_positions.weight",
-                   "layernorm_embedding.weight": "layernorm_embedding.weight",
-                   "layernorm_embedding.bias": "layernorm_embedding.bias"}      # ours (local_encoder.) -> fairseq
+EMBEDDINGS = ("embed_tokens.weight", "embed_positions.weight",        # the same names in our local encoder
+              "layernorm_embedding.weight", "layernorm_embedding.bias")
 
 
 def encoder_names(depth: int, blocks: str, embeddings: str, theirs: str) -> dict[str, tuple[str, ...]]:
     """Our name -> the fairseq ``TransformerEncoder`` names it is made of (concatenated along dim 0):
     our blocks under ``blocks``, our local encoder under ``embeddings``, fairseq's encoder under ``theirs``."""
-    names = {f"{embeddings}{ours}": (f"{theirs}{fs}",) for ours, fs in EMBEDDING_NAMES.items()}
+    names = {f"{embeddings}{n}": (f"{theirs}{n}",) for n in EMBEDDINGS}
     for i in range(depth):
         names.update({f"{blocks}{i}.{ours}.{p}": tuple(f"{theirs}layers.{i}.{fs}.{p}" for fs in parts)
                       for ours, parts in BLOCK_NAMES.items() for p in ("weight", "bias")})
@@ -393,6 +392,12 @@ def as_ours(theirs: Mapping[str, torch.Tensor], names: Mapping[str, tuple[str, .
     if set(theirs) - used - unused:
         raise SystemExit(f"fairseq tensors that map to nothing of ours: {sorted(set(theirs) - used - unused)}")
     return out
+
+
+def grads_by_table(fs: nn.Module, names: Mapping[str, tuple[str, ...]], ours: nn.Module) -> dict[str, torch.Tensor]:
+    """fairseq's gradients under the names of our trained parameters."""
+    return as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, names,
+                   {n: p for n, p in ours.named_parameters() if p.requires_grad})
 
 
 def roberta_args(enc: EncoderConfig) -> argparse.Namespace:
@@ -503,8 +508,7 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
         return as_ours(ema, teacher, ours_teacher(), versions)
 
     state = {k: v for k, v in fs.state_dict().items() if k != "encoder._ema"}
-    ours_state = ours.state_dict()
-    weights = as_ours(state, student, {k: v for k, v in ours_state.items() if not k.startswith("teacher.")},
+    weights = as_ours(state, student, {k: v for k, v in ours.state_dict().items() if not k.startswith("teacher.")},
                       versions)
     weights.update({k: v for k, v in fairseq_teacher().items() if k.startswith("teacher.")})
     ours.load_state_dict(weights, strict=True)
@@ -521,8 +525,7 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
 
     return Pair(ours, fs, lambda g: text_batch(cfg.encoder, batch_size, ours.masker(), g),
                 ours_data2vec1_step, fairseq_data2vec1_step,
-                fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, student,
-                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}),
+                fairseq_grads=lambda: grads_by_table(fs, student, ours),
                 fresh_ours=lambda: Data2Vec1(cfg), ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher,
                 fairseq_decay=lambda: fs.encoder.ema.get_decay())
 
@@ -564,8 +567,7 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
 
     return Pair(ours, fs, lambda g: text_batch(cfg.encoder, batch_size, ours.masker(), g),
                 ours_mlm_step, fairseq_mlm_step,
-                fairseq_grads=lambda: as_ours({n: grad_of(p) for n, p in fs.named_parameters()}, names,
-                                              {n: p for n, p in ours.named_parameters() if p.requires_grad}),
+                fairseq_grads=lambda: grads_by_table(fs, names, ours),
                 fresh_ours=lambda: MLM(cfg))
 
 
