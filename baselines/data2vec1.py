@@ -34,6 +34,7 @@ from torch import nn
 from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
                               num_tokens)
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
+from d2v2.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.ema import EMATeacher, ema_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
@@ -95,6 +96,8 @@ class Data2Vec1(PretrainMethod):
             self.mask_emb = nn.Parameter(nn.init.trunc_normal_(torch.empty(D), std=0.02))
         self.head = nn.Linear(D, D) if cfg.head_layers == 1 else \
             nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        if self.modality == "text":     # fairseq's data2vec_text applies init_bert_params to its head too
+            self.head.apply(init_bert_params)
         self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else D ** -0.5
         self.current_decay = cfg.ema_decay

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import pydantic
 import torch
 
+from d2v2.blocks import init_bert_params
 from d2v2.config import Config, merge
 from d2v2.decoder import Decoder, DecoderConfig
 from d2v2.ema import EMATeacher, ema_decay
@@ -172,6 +173,11 @@ class Data2Vec2(PretrainMethod):
             side = cfg.encoder.image.img_size // cfg.encoder.image.patch_size
             grid = (side, side)
         self.decoder = Decoder(cfg.decoder, cfg.encoder.embed_dim, grid)
+        if self.modality == "text":
+            # fairseq applies init_bert_params to the whole model, then the image and audio encoders reset
+            # their decoder's Linear layers to PyTorch's default; the text encoder does not (spec §1.11
+            # says every decoder is reset: the code says otherwise for text)
+            self.decoder.proj.apply(init_bert_params)
         self.teacher_shares = cfg.teacher_shares or TEACHER_SHARES[self.modality]
         self.teacher = EMATeacher(self.student, shared=_SHARED_MODULES[self.teacher_shares])
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else cfg.encoder.embed_dim ** -0.5

@@ -131,6 +131,15 @@ def test_mae_init():
 
 # ------------------------------------------------------------------------------------ data2vec 1.0
 
+def test_data2vec1_head_init_follows_fairseq():
+    """fairseq's data2vec_text applies init_bert_params to its regression head (N(0, 0.02), zero bias);
+    data2vec_audio's final_proj keeps PyTorch's default Linear init."""
+    torch.manual_seed(0)
+    text = [m for m in build_method("text", "data2vec1", "tiny").head.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(abs(m.weight.std().item() - 0.02) < 0.004 and not m.bias.any() for m in text)
+    audio = build_method("audio", "data2vec1", "tiny").head
+    assert audio.bias.any() and audio.weight.std().item() > 0.05          # 1/sqrt(3*48) = 0.083
+
 def _block_inputs(method, batch):
     seen = []
     handle = method.student.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))

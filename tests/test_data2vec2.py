@@ -243,3 +243,25 @@ def test_position_share_separates_content_from_positional_targets():
     assert 0.4 < half < 0.6
     out = build("text")(batch_for("text", B=4))
     assert 0 <= float(out.logs["target_pos_share"]) <= 1           # logged every step (on the device)
+
+
+def _is_bert_init(linear: torch.nn.Linear) -> bool:
+    """N(0, 0.02) weights and zero biases (fairseq's init_bert_params), not PyTorch's default."""
+    return abs(linear.weight.std().item() - 0.02) < 0.004 and not linear.bias.any()
+
+
+def test_initialisation_follows_fairseq():
+    """fairseq applies init_bert_params to the whole model, then the image and audio encoders reset their
+    decoder's Linear layers (PyTorch default) and the image patch embedding's kernel (xavier, the bias
+    keeps Conv2d's default); the text decoder keeps init_bert_params. At the tiny width 48 the PyTorch
+    default has std 1/sqrt(3*48) = 0.083, so the two are far apart."""
+    torch.manual_seed(0)
+    text = build_method("text", "data2vec2", "tiny")
+    assert all(_is_bert_init(m) for m in text.decoder.proj.modules() if isinstance(m, torch.nn.Linear))
+    for modality in ("image", "audio"):
+        proj = build_method(modality, "data2vec2", "tiny").decoder.proj
+        assert not _is_bert_init(proj) and proj.bias.any()
+    patch = build_method("image", "data2vec2", "tiny").student.local_encoder.proj
+    fan_in = patch.weight[0].numel()
+    assert patch.bias.any() and patch.bias.abs().max() <= fan_in ** -0.5
+    assert abs(patch.weight.std().item() - (2 / (fan_in + patch.weight.shape[0])) ** 0.5) < 0.02

@@ -47,8 +47,8 @@ class ImageLocalEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid)[None], persistent=False)
 
     def reset_parameters(self) -> None:
+        """Xavier on the flattened kernel; the bias keeps Conv2d's default (fairseq and MAE alike)."""
         nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, source: torch.Tensor, padding_mask=None) -> tuple[torch.Tensor, None]:
         c, s = self.cfg.in_chans, self.cfg.img_size
