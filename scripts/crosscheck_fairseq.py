@@ -24,6 +24,7 @@ and loss positions, from our masker), and for two consecutive training steps the
 
 Dropout, layer-drop, drop-path and the decoder's mask noise are set to 0 on both sides (they are random);
 everything else is the preset's. A mismatch beyond ``--atol`` exits non-zero and names the tensor.
+``--init`` also compares our own initialisation with fairseq's (per-tensor mean and std).
 
 What it needs: a fairseq checkout (``git clone https://github.com/facebookresearch/fairseq``) and
 fairseq's import-time dependencies in the running environment: ``pip install omegaconf hydra-core
