@@ -24,7 +24,8 @@ and loss positions, from our masker), and for two consecutive training steps the
 
 Dropout, layer-drop, drop-path and the decoder's mask noise are set to 0 on both sides (they are random);
 everything else is the preset's. A mismatch beyond ``--atol`` exits non-zero and names the tensor.
-``--init`` also compares our own initialisation with fairseq's (per-tensor mean and std).
+Before the steps it compares our own initialisation with fairseq's (per-tensor mean and std;
+``--skip-init`` skips that).
 
 What it needs: a fairseq checkout (``git clone https://github.com/facebookresearch/fairseq``) and
 fairseq's import-time dependencies in the running environment: ``pip install omegaconf hydra-core
@@ -58,6 +59,7 @@ import baselines.data2vec1
 from baselines.data2vec1 import Data2Vec1
 from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
+from crosscheck_report import Report
 from d2v2.config import merge, validate
 from d2v2.convert import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
@@ -210,41 +212,6 @@ def regression_outputs(target: torch.Tensor, pred: torch.Tensor, elementwise: to
     """What a data2vec step is compared on (the loss keeps its graph for the backward pass)."""
     return {"target at masked positions": target, "pred at masked positions": pred,
             "elementwise at masked positions": elementwise, "loss": loss}
-
-
-class Report:
-    """Rows of (what, max |ours - fairseq|, max |fairseq|); ``summary`` folds many tensors into one row
-    (the worst difference, and the largest value, over the group)."""
-
-    def __init__(self, atol: float):
-        self.atol, self.failures, self.rows = atol, [], {}
-
-    def compare(self, what: str, ours: torch.Tensor, theirs: torch.Tensor, summary: str | None = None) -> None:
-        row = summary or what
-        if ours.shape != theirs.shape:
-            self.failures.append(f"{what}: shape {tuple(ours.shape)} vs fairseq {tuple(theirs.shape)}")
-            self.rows[row] = (float("nan"), float("nan"))
-            return
-        diff = (ours.double() - theirs.double()).abs().max().item() if ours.numel() else 0.0
-        scale = theirs.double().abs().max().item() if theirs.numel() else 0.0
-        old_diff, old_scale = self.rows.get(row, (0.0, 0.0))
-        self.rows[row] = (max(diff, old_diff), max(scale, old_scale))
-        if not diff <= self.atol * max(1.0, scale):
-            self.failures.append(f"{what}: max |ours - fairseq| = {diff:.3g} (max |fairseq| = {scale:.3g})")
-
-    def exact(self, what: str, ours: float, theirs: float) -> None:
-        """A number both sides compute by the same formula in double precision: equal, or a failure."""
-        self.rows[what] = (abs(ours - theirs), abs(theirs))
-        if ours != theirs:
-            self.failures.append(f"{what}: ours {ours!r}, fairseq {theirs!r}")
-
-    def within(self, what: str, ours: float, theirs: float, tolerance: float, summary: str) -> None:
-        """A statistic that may differ by ``tolerance`` (rows keep the worst difference and |fairseq|)."""
-        diff = abs(ours - theirs)
-        old_diff, old_scale = self.rows.get(summary, (0.0, 0.0))
-        self.rows[summary] = (max(diff, old_diff), max(abs(theirs), old_scale))
-        if not diff <= tolerance:
-            self.failures.append(f"{what}: ours {ours:.4g}, fairseq {theirs:.4g} (tolerance {tolerance:.2g})")
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
@@ -585,11 +552,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--atol", type=float, default=1e-5, help="relative to max(1, the largest |value|)")
-    ap.add_argument("--init", action="store_true",
-                    help="also compare our own initialisation with fairseq's (per-tensor mean and std)")
+    ap.add_argument("--skip-init", action="store_true",
+                    help="do not compare our own initialisation with fairseq's (per-tensor mean and std)")
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
-    report = Report(args.atol)
+    report = Report(args.atol, reference="fairseq")
     methods = ["data2vec2", "data2vec1", "mlm"] if args.method == "all" else [args.method]
     modalities = ["image", "audio", "text"] if args.modality == "all" else [args.modality]
     with tempfile.TemporaryDirectory() as tmp:
@@ -603,21 +570,12 @@ def main(argv: list[str] | None = None) -> int:
                     pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
                 else:
                     pair = TEXT_BASELINES[method](args.preset, args.batch_size)
-                if args.init:
+                if not args.skip_init:
                     compare_init(pair, f"{method} {modality}", report)
                 compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
     if not report.rows:
         raise SystemExit(f"nothing to check: {args.method} has no {args.modality} model here")
-    width = max(map(len, report.rows))
-    print(f"{'what'.ljust(width)}  max |ours - fairseq|  max |fairseq|")
-    for what, (diff, scale) in report.rows.items():
-        print(f"{what.ljust(width)}  {diff:20.3g}  {scale:13.3g}")
-    if report.failures:
-        print("\nMISMATCH:\n  " + "\n  ".join(report.failures))
-        return 1
-    print(f"\nall equal within atol {args.atol:g} (relative to max(1, max |fairseq|))")
-    return 0
-
+    return report.print()
 
 if __name__ == "__main__":
     sys.exit(main())

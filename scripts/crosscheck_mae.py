@@ -51,6 +51,7 @@ from torch import nn
 
 import baselines.mae as ours_mae
 from baselines.mae import MAE, MAEConfig, PRESETS
+from crosscheck_report import Report
 from d2v2.config import merge, validate
 
 DETERMINISTIC = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
@@ -104,27 +105,6 @@ def build_official(model_class, cfg: MAEConfig) -> nn.Module:
 
 
 # ---- comparing ---------------------------------------------------------------------------------------------
-class Report:
-    """Rows of (what, max |ours - official|, max |official|); ``summary`` folds many tensors into one row
-    (the worst difference, and the largest value, over the group)."""
-
-    def __init__(self, atol: float):
-        self.atol, self.failures, self.rows = atol, [], {}
-
-    def compare(self, what: str, ours: torch.Tensor, theirs: torch.Tensor, summary: str | None = None) -> None:
-        row = summary or what
-        if ours.shape != theirs.shape:
-            self.failures.append(f"{what}: shape {tuple(ours.shape)} vs official {tuple(theirs.shape)}")
-            self.rows[row] = (float("nan"), float("nan"))
-            return
-        diff = (ours.double() - theirs.double()).abs().max().item() if ours.numel() else 0.0
-        scale = theirs.double().abs().max().item() if theirs.numel() else 0.0
-        old_diff, old_scale = self.rows.get(row, (0.0, 0.0))
-        self.rows[row] = (max(diff, old_diff), max(scale, old_scale))
-        if not diff <= self.atol * max(1.0, scale):
-            self.failures.append(f"{what}: max |ours - official| = {diff:.3g} (max |official| = {scale:.3g})")
-
-
 def load_official_weights(ours: MAE, official: nn.Module, report: Report) -> None:
     """Copy every official tensor into ours by :func:`ours_name`; compare the fixed position tables."""
     params, buffers = dict(ours.named_parameters()), dict(ours.named_buffers())
@@ -264,18 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atol", type=float, default=1e-5, help="relative to max(1, the largest |value|)")
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
-    report = Report(args.atol)
+    report = Report(args.atol, reference="official")
     crosscheck(import_official(args.mae.resolve()), args.preset, args.batch_size, report)
-    width = max(map(len, report.rows))
     print(f"image/mae {args.preset}, batch {args.batch_size}")
-    print(f"{'what'.ljust(width)}  max |ours - official|  max |official|")
-    for what, (diff, scale) in report.rows.items():
-        print(f"{what.ljust(width)}  {diff:22.3g}  {scale:14.3g}")
-    if report.failures:
-        print("\nMISMATCH:\n  " + "\n  ".join(report.failures))
-        return 1
-    print(f"\nall equal within atol {args.atol:g} (relative to max(1, max |official|))")
-    return 0
+    return report.print()
 
 
 if __name__ == "__main__":
