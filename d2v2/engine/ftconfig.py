@@ -252,8 +252,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # mostly positional (cosine of outputs of different blocks at the same position 0.49 at init,
         # 0.89 after 60 s, 0.96 after 400 updates), so there is little for fine-tuning to reuse; with
         # that drift stopped it still does not pay at this budget (docs/TINY_SCALE.md). These numbers are
-        # from the head's earlier N(0, 0.02) init; with fairseq's (PyTorch's default) the DAG's 60-s runs
-        # fine-tune to 0.734 / 0.733 / 0.732 (data2vec 2.0 at 25 / 50 / 100%) vs 0.732 (random init).
+        # from before the initialisation fixes of 2026-11-26 (this head, the text decoder's projection);
+        # after them the DAG's 60-s runs fine-tune to 0.726 / 0.726 / 0.729 (data2vec 2.0 at 25 / 50 /
+        # 100%) vs 0.732 (random init).
         "tiny": {
             "task": "movie", "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
                                        "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
