@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +58,7 @@ import baselines.data2vec1
 from baselines.data2vec1 import Data2Vec1
 from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
-from crosscheck_report import Report
+from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
 from d2v2.config import merge, validate
 from d2v2.convert import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
@@ -67,9 +66,6 @@ from d2v2.encoder import EncoderConfig
 from d2v2.method import method_config
 from d2v2.modalities.text import MASK, PAD
 
-NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-                          "post_mlp_dropout": 0.0, "prenet_dropout": 0.0, "drop_path": 0.0,
-                          "layerdrop": 0.0, "prenet_layerdrop": 0.0}}
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
 BOS = 0                                              # <s> (docs/ARCHITECTURE.md, fairseq order)
@@ -98,8 +94,7 @@ def importable_fairseq(root: Path, into: Path) -> None:
         "v = FairseqConfig.__dataclass_fields__[k].default",
         "f = FairseqConfig.__dataclass_fields__[k]; "
         "v = f.default_factory() if callable(f.default_factory) else f.default"))
-    if not hasattr(np, "float"):                    # removed in numpy 1.24; it was the builtin float
-        np.float = float
+    restore_numpy_float()
     sys.path.insert(0, str(into))
 
 

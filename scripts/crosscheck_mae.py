@@ -45,18 +45,14 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import baselines.mae as ours_mae
 from baselines.mae import MAE, MAEConfig, PRESETS
-from crosscheck_report import Report
+from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
 from d2v2.config import merge, validate
 
-DETERMINISTIC = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-                             "post_mlp_dropout": 0.0, "prenet_dropout": 0.0, "drop_path": 0.0,
-                             "layerdrop": 0.0, "prenet_layerdrop": 0.0}}
 # official parameter name prefix -> ours; names not listed (the decoder's) are the same on both sides
 RENAMES = {"patch_embed.proj.": "student.local_encoder.proj.", "cls_token": "student.context_encoder.extra_tokens",
            "blocks.": "student.blocks.", "norm.": "student.norm."}
@@ -79,8 +75,7 @@ def import_official(root: Path):
     from timm.models.vision_transformer import Block
     if "qk_scale" not in inspect.signature(Block.__init__).parameters:
         raise SystemExit("MAE needs a timm whose Block takes qk_scale: pip install timm==0.4.9 (in a venv)")
-    if not hasattr(np, "float"):                    # removed in numpy 1.24; it was the builtin float
-        np.float = float
+    restore_numpy_float()
     sys.path.insert(0, str(root))
     import models_mae
     return models_mae.MaskedAutoencoderViT
@@ -195,7 +190,7 @@ def ours_step(model: MAE, images: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def crosscheck(model_class, preset: str, batch_size: int, report: Report, seed: int = 0) -> None:
-    cfg = validate(MAEConfig, merge(PRESETS[preset], DETERMINISTIC), where=f"image/mae {preset}")
+    cfg = validate(MAEConfig, merge(PRESETS[preset], NO_DROPOUT), where=f"image/mae {preset}")
     torch.manual_seed(seed)
     official = build_official(model_class, cfg).train()
     ours = MAE(cfg).train()

@@ -140,6 +140,7 @@ def test_data2vec1_head_init_follows_fairseq():
     audio = build_method("audio", "data2vec1", "tiny").head
     assert audio.bias.any() and audio.weight.std().item() > 0.05          # 1/sqrt(3*48) = 0.083
 
+
 def _block_inputs(method, batch):
     seen = []
     handle = method.student.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))

@@ -1,8 +1,22 @@
-"""The comparison table shared by the cross-checks against official code (crosscheck_fairseq.py,
-crosscheck_mae.py): every compared tensor or number, the worst difference per row, and the failures."""
+"""What the cross-checks against official code share (crosscheck_fairseq.py, crosscheck_mae.py): the
+overrides that switch our random parts off, the numpy shim old official code needs, and the comparison
+table (every compared tensor or number, the worst difference per row, the failures)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+# our encoder's random parts, off on both sides (they cannot be compared draw by draw)
+NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+                          "post_mlp_dropout": 0.0, "prenet_dropout": 0.0, "drop_path": 0.0,
+                          "layerdrop": 0.0, "prenet_layerdrop": 0.0}}
+
+
+def restore_numpy_float() -> None:
+    """``numpy.float``, removed in numpy 1.24, which the official code still calls: the builtin float,
+    which it always was."""
+    if not hasattr(np, "float"):
+        np.float = float
 
 
 class Report:
