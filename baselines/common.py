@@ -15,7 +15,7 @@ from d2v2.modalities.audio import frame_count
 
 __all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked", "NO_WEIGHT_DECAY"]
 
-# ALiBi scales are not weight-decayed (spec §1.12); biases and 1-D tensors are excluded by the engine.
+# ALiBi scales are not weight-decayed (METHOD.md#pretraining-recipes); biases and 1-D tensors are excluded by the engine.
 NO_WEIGHT_DECAY = {"alibi_scale"}
 
 

@@ -1,11 +1,11 @@
-"""data2vec 1.0 (Baevski et al. 2022, arXiv:2202.03555) for images, speech and text (spec §2).
+"""data2vec 1.0 (Baevski et al. 2022, arXiv:2202.03555) for images, speech and text (METHOD.md#baseline-data2vec1).
 
     z = local_encoder(x)                                  (B, T, D)   (text: of the BERT-corrupted tokens)
     h = student blocks on ALL T tokens, masked ones replaced by a learned mask embedding (one mask/sample)
     y = top-K teacher layer outputs on the UNMASKED input, normalised per layer, averaged   (no grad)
     loss = sum over masked positions of sum_d SmoothL1_beta(head(h) - y) * s / #masked
 
-Differences from data2vec 2.0 (spec §2 table): the student encodes every token (mask embeddings, not
+Differences from data2vec 2.0 (METHOD.md#baseline-data2vec1 table): the student encodes every token (mask embeddings, not
 dropped), one mask per sample, a Linear head (text: Linear-GELU-Linear) instead of the conv decoder,
 per-modality target normalisation and loss, BEiT / wav2vec 2.0 / BERT masking, and an EMA teacher that
 holds only the Transformer blocks: the student's local encoder and context stage (CLS, positions, conv
@@ -47,7 +47,7 @@ _MASKING_OF = {"image": "block", "audio": "span", "text": "bert"}
 
 
 class Data2Vec1Config(Config):
-    """data2vec 1.0 settings (spec §2); names follow fairseq's ``data2vec_{audio,text,vision}``."""
+    """data2vec 1.0 settings (METHOD.md#baseline-data2vec1); names follow fairseq's ``data2vec_{audio,text,vision}``."""
 
     encoder: EncoderConfig
     mask: Annotated[Union[BlockMaskConfig, SpanMaskConfig, BertMaskConfig], pydantic.Field(discriminator="kind")]

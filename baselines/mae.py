@@ -1,4 +1,4 @@
-"""MAE (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners") on the shared backbone (spec §3).
+"""MAE (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners") on the shared backbone (METHOD.md#baseline-mae).
 
     x = patch_embed(img) + sin-cos positions          (B, T, D)
     keep a random 25% of the patches per image        (B, T_vis, D)   (d2v2.masking.random_mask)
@@ -31,7 +31,7 @@ __all__ = ["MAEConfig", "MAE", "MAEMasker", "patchify", "PRESETS"]
 
 
 class MAEConfig(Config):
-    """MAE settings (spec §3); the decoder defaults are MAE's ViT-B decoder (8 x 512, 16 heads)."""
+    """MAE settings (METHOD.md#baseline-mae); the decoder defaults are MAE's ViT-B decoder (8 x 512, 16 heads)."""
 
     encoder: EncoderConfig
     mask_ratio: float = pydantic.Field(0.75, gt=0, lt=1)

@@ -1,10 +1,11 @@
-"""Masking schemes of the baselines (spec §2-§4); MAE's random masking lives in :mod:`d2v2.masking`.
+"""Masking schemes of the baselines (METHOD.md#baseline-data2vec1, METHOD.md#baseline-mlm); MAE's random
+masking lives in :mod:`d2v2.masking`.
 
-* :func:`beit_block_mask` - BEiT blockwise masking for data2vec 1.0 vision (spec §2): rectangles of at
+* :func:`beit_block_mask` - BEiT blockwise masking for data2vec 1.0 vision (METHOD.md#baseline-data2vec1): rectangles of at
   least ``min_block`` patches with aspect ratio in [0.3, 1/0.3], placed until ~60% of the grid is masked.
-* :func:`span_mask` - wav2vec 2.0 span masking for data2vec 1.0 speech (spec §2): every frame starts a
+* :func:`span_mask` - wav2vec 2.0 span masking for data2vec 1.0 speech (METHOD.md#baseline-data2vec1): every frame starts a
   span of 10 with probability ``mask_prob / span`` (0.065), ~49% of the frames masked.
-* :func:`bert_mask` - BERT/RoBERTa token corruption for MLM and data2vec 1.0 text (spec §4): 15% of the
+* :func:`bert_mask` - BERT/RoBERTa token corruption for MLM and data2vec 1.0 text (METHOD.md#baseline-mlm): 15% of the
   tokens selected, of which 80% become ``<mask>``, 10% a random regular token and 10% stay unchanged.
 
 Each returns boolean masks (True = masked) and takes a ``torch.Generator`` so the data workers can
@@ -80,7 +81,7 @@ def _one_beit_mask(rng: np.random.Generator, height: int, width: int, num_masked
 def beit_block_mask(batch_size: int, grid: tuple[int, int], num_masked: int, generator: torch.Generator, *,
                     min_block: int = 16, max_block: int | None = None, min_aspect: float = 0.3,
                     max_aspect: float | None = None) -> torch.Tensor:
-    """BEiT blockwise masks ``(batch_size, H*W)`` over an ``H x W`` patch grid (spec §2, data2vec 1.0 vision).
+    """BEiT blockwise masks ``(batch_size, H*W)`` over an ``H x W`` patch grid (METHOD.md#baseline-data2vec1, data2vec 1.0 vision).
 
     ``max_block`` defaults to ``num_masked`` and ``max_aspect`` to ``1 / min_aspect`` as in BEiT. The
     number of masked patches differs slightly between rows (at most ``num_masked``); data2vec 1.0 encodes
@@ -147,7 +148,7 @@ class BertMasking(NamedTuple):
 
 def bert_mask(tokens: torch.Tensor, generator: torch.Generator, vocab_size: int, *, prob: float = 0.15,
               mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> BertMasking:
-    """RoBERTa's dynamic masking (fairseq ``MaskTokensDataset``, spec §4) of a ``(B, L)`` token batch.
+    """RoBERTa's dynamic masking (fairseq ``MaskTokensDataset``, METHOD.md#baseline-mlm) of a ``(B, L)`` token batch.
 
     Per sequence ``n = int(prob * len + U(0,1))`` non-pad positions are chosen uniformly without
     replacement (``<s>`` included, as in fairseq); each chosen token independently becomes ``<mask>``
@@ -215,8 +216,8 @@ class SpanMasker:
 class BertMasker:
     """Text masker: BERT-corrupts ``source`` and adds ``mlm_target`` (the original tokens) and ``mask``.
 
-    ``loss_on="selected"`` marks all chosen positions (RoBERTa MLM, spec §4); ``loss_on="masked"`` only
-    those that became ``<mask>`` (data2vec 1.0 text regresses there alone, spec §7.1 item 5).
+    ``loss_on="selected"`` marks all chosen positions (RoBERTa MLM, METHOD.md#baseline-mlm); ``loss_on="masked"`` only
+    those that became ``<mask>`` (data2vec 1.0 text regresses there alone, METHOD.md#text-loss-of-data2vec1).
     """
 
     vocab_size: int
@@ -240,7 +241,7 @@ class BertMasker:
 # ---------------------------------------------------------------- settings inside method configs
 
 class BlockMaskConfig(Config):
-    """BEiT block masking (data2vec 1.0 vision): ~60% of the patches in blocks of >= 16 (spec §2)."""
+    """BEiT block masking (data2vec 1.0 vision): ~60% of the patches in blocks of >= 16 (METHOD.md#baseline-data2vec1)."""
 
     kind: Literal["block"] = "block"
     mask_ratio: float = pydantic.Field(0.6, gt=0, lt=1)
@@ -252,7 +253,7 @@ class BlockMaskConfig(Config):
 
 
 class SpanMaskConfig(Config):
-    """wav2vec 2.0 span masking (data2vec 1.0 speech): p=0.65, spans of 10 frames (spec §2)."""
+    """wav2vec 2.0 span masking (data2vec 1.0 speech): p=0.65, spans of 10 frames (METHOD.md#baseline-data2vec1)."""
 
     kind: Literal["span"] = "span"
     mask_prob: float = pydantic.Field(0.65, gt=0, lt=1)
@@ -265,7 +266,7 @@ class SpanMaskConfig(Config):
 
 
 class BertMaskConfig(Config):
-    """BERT masking: 15% of the tokens, 80% <mask> / 10% random / 10% unchanged (spec §4)."""
+    """BERT masking: 15% of the tokens, 80% <mask> / 10% random / 10% unchanged (METHOD.md#baseline-mlm)."""
 
     kind: Literal["bert"] = "bert"
     prob: float = pydantic.Field(0.15, gt=0, lt=1)

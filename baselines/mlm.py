@@ -1,4 +1,4 @@
-"""RoBERTa-style masked language modelling (Liu et al. 2019) on the shared text encoder (spec §4).
+"""RoBERTa-style masked language modelling (Liu et al. 2019) on the shared text encoder (METHOD.md#baseline-mlm).
 
     x = BERT-corrupt(tokens): 15% selected; 80% <mask>, 10% random token, 10% unchanged
     h = post-LN Transformer on all tokens                    (B, L, D)
@@ -27,7 +27,7 @@ __all__ = ["MLMConfig", "MLM", "LMHead", "PRESETS"]
 
 
 class MLMConfig(Config):
-    """RoBERTa MLM settings: the text encoder and BERT masking (spec §4)."""
+    """RoBERTa MLM settings: the text encoder and BERT masking (METHOD.md#baseline-mlm)."""
 
     encoder: EncoderConfig
     mask: BertMaskConfig = BertMaskConfig()

@@ -30,7 +30,7 @@ import torch
 AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per GPU as 4 utterances
 DEFAULT_BATCH = {"smoke": {"image": 16, "audio": 4, "text": 8},
                  "tiny": {"image": 64, "audio": 16, "text": 32},          # 2x config/presets/tiny.yaml's
-                 "base": {"image": 16, "audio": 4, "text": 4}}            # per-GPU batches (spec §1.12)
+                 "base": {"image": 16, "audio": 4, "text": 4}}            # per-GPU batches (METHOD.md#pretraining-recipes)
 
 
 def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: float) -> dict:

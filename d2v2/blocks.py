@@ -1,4 +1,4 @@
-"""The Transformer block shared by every method (spec §1.2), plus ALiBi slopes and BERT init.
+"""The Transformer block shared by every method (METHOD.md#transformer-block), plus ALiBi slopes and BERT init.
 
 data2vec 2.0 uses *post-LN* blocks (fairseq ``AltBlock`` with ``layer_norm_first=False``)::
 
@@ -32,7 +32,7 @@ __all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "init_bert
 class Attention(nn.Module):
     """Multi-head self-attention: fused ``qkv`` (bias), SDPA, optional additive bias and key padding.
 
-    ``bias`` is added to the attention logits (ALiBi, spec §1.10), broadcastable to (B, H, T, T);
+    ``bias`` is added to the attention logits (METHOD.md#alibi), broadcastable to (B, H, T, T);
     ``padding_mask`` (B, T) True = padded key, excluded from every query's softmax.
     """
 
@@ -117,7 +117,7 @@ class Block(nn.Module):
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """Per-head ALiBi slopes m_h (Press et al. 2022): geometric 2^(-8/n)..., and for a head count that
-    is not a power of two, the power-of-two set plus every other slope of the next set (spec §1.10)."""
+    is not a power of two, the power-of-two set plus every other slope of the next set (METHOD.md#alibi)."""
 
     def power_of_two(n: int) -> list[float]:
         start = 2 ** (-8 / n)
@@ -131,7 +131,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 def alibi_bias(positions: torch.Tensor, num_heads: int) -> torch.Tensor:
     """ALiBi bias ``-m_h * |i - j|`` (B, H, T, T) for tokens at original ``positions`` (B, T), so that
-    after masking distances stay those of the full sequence (spec §1.5)."""
+    after masking distances stay those of the full sequence (METHOD.md#sparse-encoding)."""
     distance = (positions[:, None, :] - positions[:, :, None]).abs().float()
     slopes = torch.tensor(alibi_slopes(num_heads), device=positions.device)
     return -slopes[None, :, None, None] * distance[:, None]
@@ -139,7 +139,7 @@ def alibi_bias(positions: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 @torch.no_grad()
 def init_bert_params(module: nn.Module) -> None:
-    """fairseq's ``init_bert_params`` (spec §1.11): Linear/Embedding weights N(0, 0.02), biases 0,
+    """fairseq's ``init_bert_params`` (METHOD.md#initialisation): Linear/Embedding weights N(0, 0.02), biases 0,
     the padding row of an embedding 0. Use with ``model.apply``."""
     if isinstance(module, nn.Linear):
         module.weight.normal_(0.0, 0.02)

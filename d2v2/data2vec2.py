@@ -1,4 +1,4 @@
-"""data2vec 2.0 (Baevski et al. 2022, arXiv:2212.07525): one training step of spec §1.1.
+"""data2vec 2.0 (Baevski et al. 2022, arXiv:2212.07525): one training step of METHOD.md#the-training-step.
 
     z = local_encoder(x)                             (B, T, D)    once per sample
     y = targets(EMA teacher on the unmasked z)       (B, T, D)    once per sample, no grad
@@ -9,7 +9,7 @@
 
 Presets: ``base`` follows the paper (Base models of each modality) and ``tiny`` / ``smoke`` are the
 same recipe sized for a 2-core CPU. Where the paper and the released fairseq configs disagree
-(spec §7.2 item 8) the ``base`` preset takes the PAPER's value and the field is explicit:
+(METHOD.md#paper-versus-released-configs) the ``base`` preset takes the PAPER's value and the field is explicit:
 
 - text ``mask_ratio`` 0.42 (paper; yaml 0.48);
 - text ``ema_end_decay`` 1.0 (paper; yaml 0.99999): the teacher freezes after ``ema_anneal_end_step``;
@@ -41,7 +41,7 @@ from d2v2.targets import make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
 
-# Which student parts the teacher uses instead of EMA copies (spec §1.3). "nothing": the teacher
+# Which student parts the teacher uses instead of EMA copies (METHOD.md#teacher). "nothing": the teacher
 # re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local
 # features (audio: CNN + projection shared); "embeddings": the student also runs the context stage and
 # the teacher holds only the blocks (text, fairseq ``ema_encoder_only``).
@@ -51,28 +51,28 @@ _SHARED_MODULES = {"nothing": (), "local_encoder": ("local_encoder",),
 
 
 class Data2Vec2Config(Config):
-    """Everything of spec §1 that is a choice. Names follow fairseq where one exists."""
+    """Everything of METHOD.md#the-training-step that is a choice. Names follow fairseq where one exists."""
 
     encoder: EncoderConfig
     decoder: DecoderConfig = DecoderConfig()
-    # multi-mask training and masking (spec §1.6, §1.9)
+    # multi-mask training and masking (METHOD.md#multi-mask-training, METHOD.md#masking)
     num_masks: int = pydantic.Field(16, ge=1)                     # M, fairseq clone_batch
     mask_ratio: float = pydantic.Field(0.8, gt=0, lt=1)          # R
     mask_width: int = pydantic.Field(3, ge=1)                    # Bw (1 = random masking)
     mask_adjust: float = pydantic.Field(0.07, ge=0)              # A
     inverse_mask: bool = True                                    # blocks mark what is kept
     mask_noise_std: float = pydantic.Field(0.01, ge=0)           # sigma of the decoder's mask tokens
-    # targets (spec §1.4)
+    # targets (METHOD.md#targets)
     average_top_k_layers: int = pydantic.Field(10, ge=1)         # K
     instance_norm_target_layer: bool = True
     layer_norm_target_layer: bool = False
     layer_norm_targets: bool = False
     instance_norm_targets: bool = False
     end_of_block_targets: bool = False                           # block outputs instead of FFN outputs
-    # loss (spec §1.8)
+    # loss (METHOD.md#loss)
     loss_scale: float | None = None                              # None -> 1/sqrt(D)
     cls_loss: float = pydantic.Field(0.0, ge=0)                  # images: 0.01
-    # teacher (spec §1.3)
+    # teacher (METHOD.md#teacher)
     ema_decay: float = pydantic.Field(0.9998, gt=0, le=1)        # tau_0
     ema_end_decay: float = pydantic.Field(0.99999, gt=0, le=1)   # tau_e
     ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n
@@ -80,7 +80,7 @@ class Data2Vec2Config(Config):
     # gradient multiplier into the student's local encoder (fairseq ``local_grad_mult``; every released
     # pretraining config: 1). 0 freezes it at its initialisation.
     local_grad_mult: float = pydantic.Field(1.0, ge=0)
-    # collapse guard (spec §1.8; 0 disables)
+    # collapse guard (METHOD.md#loss; 0 disables)
     min_target_var: float = pydantic.Field(0.1, ge=0)
     min_pred_var: float = pydantic.Field(0.01, ge=0)
     collapse_check_after: int = pydantic.Field(5000, ge=0)
@@ -175,7 +175,7 @@ class Data2Vec2(PretrainMethod):
         self.decoder = Decoder(cfg.decoder, cfg.encoder.embed_dim, grid)
         if self.modality == "text":
             # fairseq applies init_bert_params to the whole model, then the image and audio encoders reset
-            # their decoder's Linear layers to PyTorch's default; the text encoder does not (spec §1.11
+            # their decoder's Linear layers to PyTorch's default; the text encoder does not (METHOD.md#initialisation
             # says every decoder is reset: the code says otherwise for text)
             self.decoder.proj.apply(init_bert_params)
         self.teacher_shares = cfg.teacher_shares or TEACHER_SHARES[self.modality]
@@ -212,7 +212,7 @@ class Data2Vec2(PretrainMethod):
         return B * M * (masker.num_visible(length) + extra) + B * (length + extra)
 
     def no_weight_decay(self) -> set[str]:
-        """ALiBi scales are not decayed (spec §1.12); biases and 1-D tensors are excluded by the engine."""
+        """ALiBi scales are not decayed (METHOD.md#pretraining-recipes); biases and 1-D tensors are excluded by the engine."""
         return {n for n, _ in self.named_parameters() if n.endswith("alibi_scale")}
 
     # ---- the training step ------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class Data2Vec2(PretrainMethod):
 
     def forward_details(self, batch: dict[str, torch.Tensor],
                         mask_noise_std: float | None = None) -> tuple[MethodOutput, Details]:
-        """Spec §1.1 end to end; ``mask_noise_std`` overrides the config (0 for exact comparisons)."""
+        """The training step (METHOD.md#the-training-step) end to end; ``mask_noise_std`` overrides the config (0 for exact comparisons)."""
         source, padding_mask = batch["source"], batch.get("padding_mask")
         if "mask" not in batch:                       # draw masks from the global RNG (seedable)
             seed = int(torch.randint(0, 2**62, (1,)))
@@ -251,7 +251,7 @@ class Data2Vec2(PretrainMethod):
         if self.cfg.cls_loss > 0:
             cls_pred, cls_target = out.x[:, 0].float(), y.mean(1).repeat_interleave(M, 0)
             # fairseq weights the per-clone CLS term by sample_size before the global division, i.e.
-            # L += cls_loss * sum over the local clones (spec §1.8)
+            # L += cls_loss * sum over the local clones (METHOD.md#loss)
             loss = loss + self.cfg.cls_loss * (cls_pred - cls_target).pow(2).sum() * self.loss_scale * sample_size
             details.cls_prediction, details.cls_target = cls_pred, cls_target
         loss = loss / sample_size
@@ -271,7 +271,7 @@ class Data2Vec2(PretrainMethod):
 
     @torch.no_grad()
     def _targets(self, source, raw_padding_mask, x_local, padding_mask) -> torch.Tensor:
-        """Targets from the teacher run ONCE per distinct sample on the unmasked input (spec §1.4)."""
+        """Targets from the teacher run ONCE per distinct sample on the unmasked input (METHOD.md#targets)."""
         out = self._teacher_output(source, raw_padding_mask, x_local.detach(), padding_mask)
         c = self.cfg
         return make_targets(out.layer_results[-c.encoder.depth:], c.average_top_k_layers,    # main blocks
@@ -281,7 +281,7 @@ class Data2Vec2(PretrainMethod):
                             instance_norm_targets=c.instance_norm_targets)
 
     def _teacher_output(self, source, raw_padding_mask, x_local, padding_mask) -> EncoderOutput:
-        """Teacher forward on the unmasked input; what it shares with the student is spec §1.3's table."""
+        """Teacher forward on the unmasked input; what it shares with the student is METHOD.md#teacher's table."""
         teacher: Encoder = self.teacher.model
         if self.teacher_shares == "nothing":
             prepared = teacher.prepare(*teacher.local_features(source, raw_padding_mask))

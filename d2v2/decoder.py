@@ -1,4 +1,4 @@
-"""data2vec 2.0's convolutional decoder (spec §1.7).
+"""data2vec 2.0's convolutional decoder (METHOD.md#decoder).
 
 The student's visible outputs are put back at their positions, every masked position gets a fresh
 N(0, sigma^2) "mask token" (noise, not a learned embedding; sigma = ``mask_noise_std``), and a stack of
@@ -20,7 +20,7 @@ __all__ = ["DecoderConfig", "Decoder"]
 
 
 class DecoderConfig(Config):
-    """Decoder of spec §1.7 (defaults: image ViT-B). ``head_layers``: 1 = Linear(dim, D);
+    """Decoder of METHOD.md#decoder (defaults: image ViT-B). ``head_layers``: 1 = Linear(dim, D);
     2 = Linear(dim, 2*dim) -> GELU -> Linear(2*dim, D) (text)."""
 
     dim: int = pydantic.Field(768, ge=1)

@@ -1,4 +1,4 @@
-"""The EMA teacher (spec §1.3): an exponential moving average of (part of) the student.
+"""The EMA teacher (METHOD.md#teacher): an exponential moving average of (part of) the student.
 
 The teacher starts as an exact copy of the student module it tracks, lives in ``eval()`` mode with
 ``requires_grad=False``, and after every optimiser step moves towards the student:
@@ -28,7 +28,7 @@ def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
 
 class EMATeacher(nn.Module):
     """Holds ``model``, the EMA copy of a student module; see module doc. Submodules named in
-    ``shared`` are removed from the copy (the teacher uses the student's instead, spec §1.3 table)."""
+    ``shared`` are removed from the copy (the teacher uses the student's instead, METHOD.md#teacher table)."""
 
     def __init__(self, student: nn.Module, shared: tuple[str, ...] = ()):
         super().__init__()

@@ -4,7 +4,7 @@
            --mask: drop (sparse) or fill--> context_encoder (CLS, conv-pos, ALiBi, LN, dropout)
            --blocks (prenet first, then main; layer-drop)--> [final LN if pre-LN]
 
-Data2vec 2.0 encodes only the visible tokens (``sparse=True``, spec §1.5); data2vec 1.0 and speech
+Data2vec 2.0 encodes only the visible tokens (``sparse=True``, METHOD.md#sparse-encoding); data2vec 1.0 and speech
 fine-tuning keep every position and replace masked ones by ``fill`` (``sparse=False``).
 """
 from __future__ import annotations
@@ -31,12 +31,12 @@ __all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "Prepared"]
 class EncoderConfig(Config):
     """Transformer encoder for one modality. Defaults: ViT-B-sized post-LN data2vec 2.0 encoder.
 
-    ``depth`` counts the main blocks; ``prenet_depth`` blocks come first (image B: 2 + 10, spec §1.2).
+    ``depth`` counts the main blocks; ``prenet_depth`` blocks come first (image B: 2 + 10, METHOD.md#transformer-block).
     Dropouts follow fairseq's names: ``dropout`` (after attention projection), ``attention_dropout``,
     ``activation_dropout`` (inside the MLP), ``post_mlp_dropout``, ``prenet_dropout`` (after the context
     LN); ``drop_path`` rises linearly from 0 to this value over all blocks; ``layerdrop`` /
     ``prenet_layerdrop`` skip whole blocks during training. ``layer_norm_first`` selects pre-LN blocks
-    and adds a final LayerNorm (MAE); post-LN blocks have no final LN (spec §1.2).
+    and adds a final LayerNorm (MAE); post-LN blocks have no final LN (METHOD.md#transformer-block).
     """
 
     modality: Literal["image", "audio", "text"]
@@ -103,7 +103,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, m = cfg.embed_dim, cfg.modality
-        # context LN: post-LN models only; text has none when it has no prenet blocks (spec §1.2)
+        # context LN: post-LN models only; text has none when it has no prenet blocks (METHOD.md#transformer-block)
         ctx_norm = not cfg.layer_norm_first and not (m == "text" and cfg.prenet_depth == 0)
         ctx = dict(norm=ctx_norm, norm_eps=cfg.norm_eps, dropout=cfg.prenet_dropout)
         if m == "image":
@@ -124,7 +124,7 @@ class Encoder(nn.Module):
             for i in range(n)])
         self.layerdrop = [cfg.prenet_layerdrop] * cfg.prenet_depth + [cfg.layerdrop] * cfg.depth
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.layer_norm_first else None
-        self.apply(init_bert_params)                       # spec §1.11, then modality-specific re-inits
+        self.apply(init_bert_params)                       # METHOD.md#initialisation, then modality-specific re-inits
         if hasattr(self.local_encoder, "reset_parameters"):
             self.local_encoder.reset_parameters()
 
@@ -203,7 +203,7 @@ class Encoder(nn.Module):
         return len(self.blocks) + 1
 
     def layer_id(self, name: str) -> int:
-        """Layer index of a parameter for layer-wise LR decay (spec §5.1): ``blocks.{i}`` -> i + 1;
+        """Layer index of a parameter for layer-wise LR decay (METHOD.md#fine-tuning-images): ``blocks.{i}`` -> i + 1;
         everything else (patch-embed, CLS, context LN, and a head outside the encoder) -> ``num_layers``,
         i.e. scale 1.0. Names may carry a prefix (``encoder.blocks.3.attn.qkv.weight``); pass only
         encoder and head parameters (a pretraining decoder also has ``blocks``)."""

@@ -1,7 +1,7 @@
-"""Mask generators (spec §1.9) and the gather helpers of sparse encoding (spec §1.5).
+"""Mask generators (METHOD.md#masking) and the gather helpers of sparse encoding (METHOD.md#sparse-encoding).
 
 Every generator returns a bool tensor (B, T), True = masked, with EXACTLY the same number of masked
-positions in every row (spec §7.2 item 7: sparse encoding gathers a fixed number of visible tokens per
+positions in every row (METHOD.md#equal-mask-counts: sparse encoding gathers a fixed number of visible tokens per
 row). All are vectorised over the batch and draw only from the given ``torch.Generator``, so masks
 are reproducible whichever data-loader worker makes them.
 
@@ -27,7 +27,7 @@ def num_kept(length: int, mask_ratio: float) -> int:
 
 def _select_exact(marked: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Bool (B, T) with exactly ``count`` True per row: a random subset of ``marked`` if it has too many,
-    else all of ``marked`` plus random unmarked positions (spec §1.9 count adjustment)."""
+    else all of ``marked`` plus random unmarked positions (METHOD.md#masking count adjustment)."""
     score = marked.float() + torch.rand(marked.shape, generator=generator)
     out = torch.zeros_like(marked)
     return out.scatter_(1, score.topk(count, dim=1).indices, True)
@@ -72,7 +72,7 @@ def block_mask(batch_size: int, shape: tuple[int, ...], mask_ratio: float, block
 
 def random_mask(batch_size: int, length: int, mask_ratio: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform random masking keeping ``int(T * (1 - R))`` positions per row (spec §1.9 text, MAE)."""
+    """Uniform random masking keeping ``int(T * (1 - R))`` positions per row (METHOD.md#masking text, MAE)."""
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     generator = generator if generator is not None else torch.default_generator

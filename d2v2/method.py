@@ -31,7 +31,7 @@ class MethodOutput:
 
 
 class CollapseError(RuntimeError):
-    """A method's collapse guard fired (spec §1.8, §7.1 item 1): the run must stop and say so."""
+    """A method's collapse guard fired (METHOD.md#loss, METHOD.md#collapse-guard): the run must stop and say so."""
 
 
 class Masker(Protocol):

@@ -1,10 +1,10 @@
-"""Teacher targets (spec §1.4): the average of the top-K layer results, normalised.
+"""Teacher targets (METHOD.md#targets): the average of the top-K layer results, normalised.
 
 data2vec 2.0 default: each of the K FFN outputs is instance-normalised (every channel over time,
 within each sample, no affine, eps 1e-5, fp32), the K are averaged, and images add a final
 parameter-free LayerNorm over channels ("IN -> AVG -> LN"; speech and text: "IN -> AVG").
 Instance norm statistics include every position, so the input must not be padded (pretraining batches
-are cropped or fixed-length, spec §7.2 item 10).
+are cropped or fixed-length, METHOD.md#targets-are-ffn-outputs).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def make_targets(layer_results: list[torch.Tensor], top_k: int, *, instance_norm
 def position_share(y: torch.Tensor) -> torch.Tensor:
     """Share of the targets' variance that their position alone explains: 0 when the (B, T, D) targets
     do not depend on the position, 1 when every sample gets the same target at a position. A collapse
-    towards positional targets (spec §7.1 item 3's kind: invisible in the loss and ``target_var``)
+    towards positional targets (METHOD.md#hidden-collapse's kind: invisible in the loss and ``target_var``)
     shows here. Bias-corrected for the batch size B: the mean of B samples is noisy even without
     positional structure."""
     B = y.shape[0]

@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: the Debian packages need root (or sudo): run as root" >&2; exit 1; fi
 fi
 
-# Embedded data (see README, "Data"): Fashion-MNIST, speech synthesisers, text corpora, real speech prompts.
+# Embedded data (see docs/DATA.md): Fashion-MNIST, speech synthesisers, text corpora, real speech prompts.
 DATA_PKGS="dataset-fashion-mnist espeak-ng flite bible-kjv wordnet-base asterisk-core-sounds-en-wav asterisk-core-sounds-en"
 # A real one-node SLURM cluster for the workflow tests (tests/slurm/cluster.sh).
 SLURM_PKGS="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"

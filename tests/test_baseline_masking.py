@@ -1,4 +1,4 @@
-"""Statistics and structure of the baselines' masks (baselines/masking.py; spec §2 and §4)."""
+"""Statistics and structure of the baselines' masks (baselines/masking.py; METHOD.md#baseline-data2vec1, METHOD.md#baseline-mlm)."""
 import functools
 import math
 import pickle
@@ -97,7 +97,7 @@ def test_span_mask_spans_and_ratio():
     for row in mask[:32]:
         for start, length in _runs(row):
             assert length >= span or start + length == T, "a masked run shorter than one span"
-    # Each frame starts a span with p = 0.065: the masked fraction is ~1 - (1 - p)^10 (~49%, spec §2).
+    # Each frame starts a span with p = 0.065: the masked fraction is ~1 - (1 - p)^10 (~49%, METHOD.md#baseline-data2vec1).
     expected = 1 - (1 - 0.65 / span) ** span
     assert abs(mask.float().mean().item() - expected) < 0.03
 
@@ -133,7 +133,7 @@ def test_span_masker_frames_and_pickle():
 # ------------------------------------------------------------------------------------ BERT
 
 def test_bert_mask_proportions():
-    """15% selected; of those 80% <mask>, 10% random regular token, 10% unchanged (spec §4)."""
+    """15% selected; of those 80% <mask>, 10% random regular token, 10% unchanged (METHOD.md#baseline-mlm)."""
     vocab = 1000
     tokens = torch.randint(NUM_SPECIAL, vocab, (400, 128), generator=gen(7))
     tokens[:, 0] = 0

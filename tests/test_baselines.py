@@ -214,7 +214,7 @@ def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
 
 
 def test_data2vec1_targets_are_normalised_top_k_teacher_layers():
-    """Per-layer parameter-free LN of the top-K FFN outputs, averaged (text, spec §2)."""
+    """Per-layer parameter-free LN of the top-K FFN outputs, averaged (text, METHOD.md#baseline-data2vec1)."""
     torch.manual_seed(0)
     method = build_method("text", "data2vec1", "smoke").eval()
     batch = masked(method, make_batch("text"))

@@ -1,4 +1,4 @@
-"""data2vec 2.0 end to end: the training step of spec §1.1 through the method registry."""
+"""data2vec 2.0 end to end: the training step of METHOD.md#the-training-step through the method registry."""
 import math
 import pickle
 

@@ -80,7 +80,7 @@ def test_vader_tasks(cfg):
     assert {t: task_info("text", t)["primary_metric"] for t in TASKS}["tweet"] == "accuracy"
     counts = json.loads((ROOT / "text" / "embedded" / "manifest.json").read_text())["counts"]["tasks"]
     assert {t: sum(c.values()) for t, c in counts.items() if t in ("tweet", "product", "editorial")} == \
-        {"tweet": 3432, "product": 2985, "editorial": 2970}                         # DATA_SOURCES.md
+        {"tweet": 3432, "product": 2985, "editorial": 2970}                         # docs/DATA.md
 
 
 def test_masking_collater_on_text(cfg):

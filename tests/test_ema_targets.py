@@ -1,4 +1,4 @@
-"""EMA teacher (formula, schedule, what it holds) and target construction (spec §1.3, §1.4)."""
+"""EMA teacher (formula, schedule, what it holds) and target construction (METHOD.md#teacher, METHOD.md#targets)."""
 import pytest
 import torch
 from torch import nn

@@ -57,7 +57,7 @@ def test_param_groups_exclude_biases_1d_and_named_params_from_decay():
     model = nn.Module()
     model.proj = nn.Linear(4, 4)
     model.norm = nn.LayerNorm(4)
-    model.alibi_scale = nn.Parameter(torch.ones(1, 2, 1, 1))     # 4-D, excluded by name (spec §1.12)
+    model.alibi_scale = nn.Parameter(torch.ones(1, 2, 1, 1))     # 4-D, excluded by name (METHOD.md#pretraining-recipes)
     model.cls_token = nn.Parameter(torch.zeros(1, 1, 4))          # 3-D: decayed, as in the paper
     groups = param_groups(model, 0.05, no_weight_decay={"alibi_scale"})
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
@@ -227,7 +227,7 @@ def test_nan_loss_stops_naming_update_and_last_good_checkpoint(tmp_path, data_ro
 
 
 def test_collapse_guard_stops_the_run_as_diverged(tmp_path, data_root, capsys):
-    """The real data2vec 2.0 guard (spec §1.8) with an impossible threshold fires after update 2."""
+    """The real data2vec 2.0 guard (METHOD.md#loss) with an impossible threshold fires after update 2."""
     out = tmp_path / "run"
     overrides = {"mask_noise_std": 0.0, "min_target_var": 100.0, "collapse_check_after": 2}
     cfg = run_config(data_root, method={"overrides": overrides}, checkpoint={"fractions": [0.2, 1.0]})

@@ -72,7 +72,7 @@ def test_presets_resolve_for_every_modality():
     assert finetune_config({"modality": "audio", "preset": "tiny"}).primary_metric == "cer"
 
 
-# ---- layer-wise LR decay (spec §5.1) -----------------------------------------------------------------
+# ---- layer-wise LR decay (METHOD.md#fine-tuning-images) -----------------------------------------------------------------
 def test_layer_decay_scales_follow_spec():
     encoder = build_method("image", "data2vec2", "smoke").encoder()
     model = ImageClassifier(Encoder(encoder.cfg), encoder.cfg.embed_dim, 10)

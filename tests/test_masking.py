@@ -21,7 +21,7 @@ def neighbour_agreement(mask: torch.Tensor, side: int) -> float:
 def test_inverse_block_mask_keeps_exactly_39_of_196():
     mask = block_mask(64, (14, 14), 0.8, 3, 0.07, inverse=True, generator=gen())
     assert mask.shape == (64, 196) and mask.dtype == torch.bool
-    assert ((~mask).sum(1) == 39).all()                 # spec §7.2 item 7
+    assert ((~mask).sum(1) == 39).all()                 # METHOD.md#equal-mask-counts
     rows = {tuple(r.tolist()) for r in mask}
     assert len(rows) == 64                              # independent masks
 

@@ -2,7 +2,7 @@
 
 - ``curves_<modality>``: fine-tuned primary metric vs pretraining time for every method (default
   variants): median over seeds per checkpoint, a 95% bootstrap band over seeds, one marker per
-  checkpoint; the baselines' targets as dotted lines (the paper's efficiency figure, spec §6.2);
+  checkpoint; the baselines' targets as dotted lines (the paper's efficiency figure, METHOD.md#paper-results);
 - ``speedups``: measured speedups of data2vec 2.0 with CIs and bounds, beside the paper's claims and
   the speedups its efficiency figure implies;
 - ``ablation_<modality>_<method>_<param>``: final metric vs an ablated parameter (e.g. M, decoder
@@ -219,7 +219,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
     return figures
 
 
-# Panels of the training-health figures: the loss, then the diagnostics spec §1.8 calls the main health
+# Panels of the training-health figures: the loss, then the diagnostics METHOD.md#loss calls the main health
 # signals, plus data2vec 2.0's target position share (d2v2.targets.position_share).
 HEALTH_PANELS = {"loss": "training loss (log scale)", "diag.target_var": "target std (per dim.)",
                  "diag.pred_var": "prediction std (per dim.)",
@@ -267,7 +267,7 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
 
 
 def plot_paper_efficiency(points: pd.DataFrame, out_dir: str | Path) -> list[Figure]:
-    """The paper's efficiency figure (spec §6.2) redrawn from its transcribed points."""
+    """The paper's efficiency figure (METHOD.md#paper-results) redrawn from its transcribed points."""
     sns.set_theme(style="whitegrid")
     modalities = list(dict.fromkeys(points["modality"]))
     fig, axes = plt.subplots(1, len(modalities), figsize=(4.2 * len(modalities), 3.6))

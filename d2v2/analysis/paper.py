@@ -1,6 +1,6 @@
 """The paper's numbers as data (``results/paper/*.csv``, sources in ``results/paper/README.md``).
 
-Baevski et al. 2022 (arXiv:2212.07525), transcribed in spec §6. Besides loading the tables, this module
+Baevski et al. 2022 (arXiv:2212.07525), transcribed in METHOD.md#paper-results. Besides loading the tables, this module
 recomputes the speedups the efficiency figure implies with the same time-to-target rule used for our
 runs (:mod:`d2v2.analysis.speedup`), so the paper's annotated claims, the figure's points and our
 measurements are compared on one definition.
@@ -21,7 +21,7 @@ TABLES = ("efficiency_points", "claims", "imagenet", "librispeech", "glue", "abl
 METHOD_NAMES = {"data2vec2": "data2vec 2.0", "data2vec1": "data2vec 1.0", "mae": "MAE",
                 "mlm": "RoBERTa (MLM)", "wav2vec2": "wav2vec 2.0"}
 
-# Scale and hardware behind the efficiency figure (spec §6.2, §6.5; GPU type not stated in the paper).
+# Scale and hardware behind the efficiency figure (METHOD.md#pretraining-recipes; GPU type not stated in the paper).
 PAPER_SCALE = {"image": "ViT-B, ImageNet-1k; GPU count and type not stated",
                "audio": "Base, LibriSpeech 960 h; 16 GPUs (type not stated)",
                "text": "Base, Books + Wikipedia; 16 GPUs (type not stated)"}

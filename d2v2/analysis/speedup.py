@@ -1,4 +1,4 @@
-"""Time-to-target and speedups: what "data2vec 2.0 is N x faster" means (HARNESS_NOTES, MLPerf).
+"""Time-to-target and speedups: what "data2vec 2.0 is N x faster" means (PROTOCOL.md#aggregation-and-claims).
 
 For one run, the time to reach a target quality is linearly interpolated between the two checkpoints
 around the first crossing of the target (respecting ``higher_is_better``: WER falls, accuracy rises).

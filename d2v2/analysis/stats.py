@@ -1,6 +1,6 @@
 """Aggregation over seeds: median, olympic mean, percentile bootstrap confidence intervals.
 
-Rules (HARNESS_NOTES "Aggregation and claims"):
+Rules (PROTOCOL.md#aggregation-and-claims):
 - times-to-target of runs that never reach the target are ``inf`` ("not converged"), never a number;
 - the **median** (AlgoPerf) is defined for any number of runs and is ``inf`` when half or more of
   them did not converge;

@@ -7,7 +7,7 @@ the DataLoader settings.
   half-written file under its final name.
 - A manifest per prepared modality records counts, sha256 checksums, source package versions and the
   config that produced the files; preparation is skipped when it still matches.
-- Masks are drawn in the data workers (spec §7.2 item 12) from a generator seeded by a stable hash of
+- Masks are drawn in the data workers (METHOD.md#where-time-goes) from a generator seeded by a stable hash of
   ``(seed, epoch, sample ids)``, so a batch gets the same masks whichever worker builds it.
 """
 from __future__ import annotations

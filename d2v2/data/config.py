@@ -3,8 +3,8 @@
 Defaults are the embedded (``tiny``) data: Fashion-MNIST, the KJV + Austen + WordNet corpus with the VADER
 sentiment tasks, and the speech engineer's synthesised corpus. The paper-scale sources (ImageNet-1k,
 Books+Wiki shards with GPT-2 BPE, GLUE) are selected with ``image.dataset=imagenet`` /
-``text.corpus=raw`` and the path keys below; their augmentation defaults are the paper's (spec §1.10,
-§5.1, §5.3). See DATA_SOURCES.md for every source.
+``text.corpus=raw`` and the path keys below; their augmentation defaults are the paper's (METHOD.md#modality-encoders,
+METHOD.md#fine-tuning). docs/DATA.md lists every source.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ImageDataConfig(Config):
     # Light pretraining augmentation for 28x28 (our choice, documented in image.py): random-resized-crop
     # at 28 px over this area range + horizontal flip (garments are left/right symmetric classes).
     fmnist_crop_scale: tuple[float, float] = (0.6, 1.0)
-    # --- ImageNet-1k (spec §1.10, §5.1) ---
+    # --- ImageNet-1k (METHOD.md#image-encoder, METHOD.md#fine-tuning-images) ---
     imagenet_dir: str | None = None                 # contains train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
     imagenet_holdout_per_class: int = Field(0, ge=0)  # >0: valid = this many train images per class
     input_size: int = 224
@@ -39,7 +39,7 @@ class ImageDataConfig(Config):
     randaug_magnitude: int = 9
     reprob: float = Field(0.25, ge=0, le=1)         # random erasing probability (fine-tuning)
     eval_resize: int = 256                          # resize 256 (bicubic) + center crop 224
-    # --- MixUp / CutMix batch transform for fine-tuning (spec §5.1) ---
+    # --- MixUp / CutMix batch transform for fine-tuning (METHOD.md#fine-tuning-images) ---
     mixup_alpha: float = Field(0.7, ge=0)
     cutmix_alpha: float = Field(1.0, ge=0)
     mix_prob: float = Field(0.9, ge=0, le=1)
@@ -57,7 +57,7 @@ class TextDataConfig(Config):
     """Text: the embedded corpus with our BPE (tiny) or raw text shards with GPT-2 BPE (paper)."""
 
     corpus: Literal["embedded", "raw"] = "embedded"
-    block_len: int = Field(512, ge=2)               # `<s>` + block_len-1 tokens (spec §1.10: 512)
+    block_len: int = Field(512, ge=2)               # `<s>` + block_len-1 tokens (METHOD.md#text-encoder: 512)
     valid_fraction: float = Field(0.02, gt=0, lt=0.5)  # embedded corpus: documents held out for "valid"
     split_seed: int = 0                             # draws the held-out documents and the task splits
     # --- embedded corpus (KJV + Jane Austen + WordNet glosses) and its byte-level BPE ---

@@ -1,6 +1,6 @@
 """Image data: Fashion-MNIST (embedded, tiny) and ImageNet-1k in ImageFolder layout (paper scale).
 
-Fashion-MNIST (DATA_SOURCES.md) is read by ``torchvision.datasets.FashionMNIST`` (``download=False``)
+Fashion-MNIST (DATA.md#images) is read by ``torchvision.datasets.FashionMNIST`` (``download=False``)
 from the IDX files that :func:`prepare_image` decompresses out of the Debian package into
 ``<root>/fashion_mnist/FashionMNIST/raw/``. 28x28 with patch size 2 is the same 14x14 grid as ViT-B/16
 at 224 px, so inverse block masking applies unchanged.
@@ -13,8 +13,8 @@ at 224 px, so inverse block masking applies unchanged.
   class drawn from the training set with ``split_seed``, a class-balanced validation set disjoint from
   them, and the official 10k test set.
 
-ImageNet-1k uses the paper's transforms (spec §1.10 pretraining, §5.1 fine-tuning) and
-:class:`MixupCutmix` as the fine-tuning batch transform.
+ImageNet-1k uses the paper's transforms (METHOD.md#image-encoder for pretraining,
+METHOD.md#fine-tuning-images for fine-tuning) and :class:`MixupCutmix` as the fine-tuning batch transform.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def fmnist_transform(cfg: ImageDataConfig, train: bool) -> v2.Compose:
 
 
 def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
-    """``pretrain`` (spec §1.10), ``finetune`` and ``eval`` (spec §5.1) transforms."""
+    """``pretrain`` (METHOD.md#image-encoder), ``finetune`` and ``eval`` (METHOD.md#fine-tuning-images) transforms."""
     bicubic = v2.InterpolationMode.BICUBIC
     if kind == "pretrain":
         return v2.Compose([v2.RandomResizedCrop(cfg.input_size, scale=cfg.crop_scale, interpolation=bicubic,
@@ -271,7 +271,7 @@ def task_info(task: str) -> dict:
 
 
 class MixupCutmix:
-    """Batch transform for fine-tuning (spec §5.1): with probability ``mix_prob`` apply MixUp (alpha 0.7)
+    """Batch transform for fine-tuning (METHOD.md#fine-tuning-images): with probability ``mix_prob`` apply MixUp (alpha 0.7)
     or, with ``mix_switch_prob``, CutMix (alpha 1.0). Labels become soft ``(B, num_classes)`` float32;
     label smoothing is left to the loss (``F.cross_entropy(..., label_smoothing=0.1)`` accepts soft
     targets), unlike timm which folds it into the mixed targets.

@@ -4,7 +4,7 @@ Three sources give the same items, so one pipeline serves the embedded corpus an
 
 * ``synth`` (default): the synthesised corpus of :mod:`d2v2.data.speech_synth` (espeak-ng voices with
   noise; held-out espeak voices, a held-out engine (flite) and real recordings (Asterisk) as test sets;
-  DATA_SOURCES.md, "Speech"), written by :func:`prepare_speech` in fairseq's manifest format;
+  DATA.md#speech), written by :func:`prepare_speech` in fairseq's manifest format;
 * ``manifest``: fairseq manifests (``<split>.tsv``: first line the audio root, then
   ``relative_path<TAB>num_samples``; ``<split>.ltr``: letters, ``|`` ends each word; ``<split>.wrd``),
   as used for LibriSpeech / Libri-light by wav2vec 2.0 and data2vec. One extension: a relative root
@@ -15,12 +15,12 @@ Three sources give the same items, so one pipeline serves the embedded corpus an
   (``train-clean-100+train-clean-360+train-other-500`` is LS-960). Every file header is read once to
   get its length (minutes for LS-960): at that scale fairseq manifests, which store lengths, load faster.
 
-Input pipeline (spec §1.10): raw mono waveform, normalised per utterance to zero mean and unit variance
-(``normalize``, required by data2vec 2.0 checkpoints, spec §5.2); pretraining drops utterances shorter than
+Input pipeline (METHOD.md#audio-encoder): raw mono waveform, normalised per utterance to zero mean and unit variance
+(``normalize``, required by data2vec 2.0 checkpoints, METHOD.md#fine-tuning-speech); pretraining drops utterances shorter than
 ``min_sample_size`` and randomly crops to ``max_sample_size``; the pretraining batch is cropped to its
-shortest utterance (no padding, spec §7.2 item 7). Fine-tuning keeps whole utterances and pads.
+shortest utterance (no padding, METHOD.md#equal-mask-counts). Fine-tuning keeps whole utterances and pads.
 
-CTC letters (spec §5.2): blank=0, ``|``=1 (word boundary), ``A``..``Z`` = 2..27, ``'`` = 28.
+CTC letters (METHOD.md#fine-tuning-speech): blank=0, ``|``=1 (word boundary), ``A``..``Z`` = 2..27, ``'`` = 28.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------------
-# Letter vocabulary (spec §5.2: 26 letters + apostrophe + word boundary, plus the CTC blank)
+# Letter vocabulary (METHOD.md#fine-tuning-speech: 26 letters + apostrophe + word boundary, plus the CTC blank)
 # ----------------------------------------------------------------------------------------------------
 BLANK, WORD_SEP = "<blank>", "|"
 LETTERS: tuple[str, ...] = (BLANK, WORD_SEP, *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "'")
@@ -99,7 +99,7 @@ SPLITS = ("pretrain", "train", "valid", "test", "test_flite", "test_asterisk")
 
 
 class SynthConfig(Config):
-    """The synthesised corpus (DATA_SOURCES.md, "Speech"); every field here is part of the cache key.
+    """The synthesised corpus (DATA.md#speech); every field here is part of the cache key.
 
     Sentences are WordNet 3.0 example sentences, read by espeak-ng in ``accents`` x ``variants`` with random
     speed and pitch, then time-shifted, mixed with coloured noise and scaled. ``test`` uses the held-out
@@ -153,7 +153,7 @@ class SynthConfig(Config):
 
 
 class SpeechDataConfig(Config):
-    """Where speech comes from and how it is read (spec §1.10, §5.2; module docstring)."""
+    """Where speech comes from and how it is read (METHOD.md#audio-encoder, METHOD.md#fine-tuning-speech; module docstring)."""
 
     source: Literal["synth", "manifest", "librispeech"] = "synth"
     manifest_dir: str | None = None        # source=manifest: folder with <split>.tsv/.ltr (fairseq)
@@ -347,7 +347,7 @@ class SpeechPretrainDataset(_SpeechDataset):
 
 
 class SpeechFinetuneDataset(_SpeechDataset):
-    """Labelled waveforms: adds ``"target"`` (int64 letter ids, spec §5.2) and ``"transcript"`` (words)."""
+    """Labelled waveforms: adds ``"target"`` (int64 letter ids, METHOD.md#fine-tuning-speech) and ``"transcript"`` (words)."""
 
     def __init__(self, root: Path, cfg: SpeechDataConfig, split: str = "train"):
         super().__init__(root, cfg, split)
@@ -362,7 +362,7 @@ class SpeechFinetuneDataset(_SpeechDataset):
 
 
 def collate_pretrain(items: list[dict], generator: torch.Generator | None = None) -> dict:
-    """Crop every utterance to the shortest of the batch (spec §7.2 item 7: no padding).
+    """Crop every utterance to the shortest of the batch (METHOD.md#equal-mask-counts: no padding).
 
     Crop offsets come from ``generator``, or by default from one seeded with the batch's ``(epoch, ids)``
     (:func:`~d2v2.data.common.stable_seed`), so a batch is the same whichever worker builds it.

@@ -1,7 +1,7 @@
 """The synthesised speech corpus: WordNet sentences read by many espeak-ng voices, in noise.
 
 No multi-speaker labelled speech corpus can be downloaded here, so the embedded speech data is made
-(DATA_SOURCES.md, "Speech"). Clean synthetic speech is too easy and transfers badly, so every utterance
+(DATA.md#speech). Clean synthetic speech is too easy and transfers badly, so every utterance
 gets a random voice, speed and pitch, a random time shift, coloured background noise at a random SNR and
 a random gain. The splits and what they measure:
 
@@ -291,7 +291,7 @@ def _inputs(cfg: SpeechDataConfig) -> dict:
     for tool in tools:
         if shutil.which(tool) is None:
             raise MissingDataError(f"data.speech.synth: {tool} not found (apt-get install -y {tool}; "
-                                   "DATA_SOURCES.md, Speech)")
+                                   "docs/DATA.md, Speech)")
     _check_espeak_voices(syn)
     packages = tools + ["espeak-ng-data", "wordnet-base"]
     packages += ["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"] if syn.asterisk else []

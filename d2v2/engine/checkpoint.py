@@ -4,7 +4,7 @@ A checkpoint is a plain dict saved with ``torch.save`` and read back with ``weig
 holds tensors, numbers, strings, lists and dicts only: configs are stored as plain dicts, RNG states as
 tensors/lists). Writing is atomic: a temporary file in the same folder is written, fsync'ed and
 ``os.replace``d over the target, and the file it replaces is kept as ``<name>.prev.pt``, so a crash at any
-moment leaves a complete checkpoint on disk (fairseq's ``checkpoint_last.pt`` lesson, HARNESS_NOTES).
+moment leaves a complete checkpoint on disk (fairseq's ``checkpoint_last.pt`` lesson, PROTOCOL.md#checkpoints-and-requeue).
 
 Reading verifies the zip container's CRC-32 of every record (``torch.load`` does not), so a truncated or
 bit-flipped file is rejected with a :class:`CheckpointError` naming it instead of loading garbage.

@@ -1,4 +1,4 @@
-"""The run's two clocks and its segment table (HARNESS_NOTES "Timing").
+"""The run's two clocks and its segment table (PROTOCOL.md#timing).
 
 - **train time** (``train_time_s``): seconds spent in the training loop (data loading and steps),
   excluding evaluation, checkpoint writing and data preparation. Cumulative across restarts: it is

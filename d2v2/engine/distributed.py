@@ -1,6 +1,6 @@
 """torch.distributed set-up from the launcher's environment, and small helpers.
 
-Two launchers are supported (HARNESS_NOTES "SLURM through submitit"):
+Two launchers are supported (PROTOCOL.md#slurm-through-submitit):
 - ``torchrun`` (or any launcher) exporting ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
   ``MASTER_PORT``;
 - a SLURM job with several tasks (one per GPU, e.g. submitit's ``tasks_per_node``): without ``RANK``,

@@ -1,4 +1,4 @@
-"""Fine-tune one pretrained encoder on a labelled task and write its metrics file (spec §5).
+"""Fine-tune one pretrained encoder on a labelled task and write its metrics file (METHOD.md#fine-tuning).
 
 ``python -m d2v2 finetune --config ft.yaml --checkpoint CKPT --out METRICS.json [key=value ...]``
 
@@ -117,7 +117,7 @@ def load_pretrained(cfg: FinetuneConfig, path: str | Path | None, fmt: str = "d2
 # Model
 # ----------------------------------------------------------------------------------------------------
 def build_encoder(pre: Pretrained, cfg: FinetuneConfig) -> Encoder:
-    """The pretraining architecture with the fine-tuning regularisation (spec §5.1, §5.2), holding the
+    """The pretraining architecture with the fine-tuning regularisation (METHOD.md#fine-tuning), holding the
     pretrained weights (or fresh ones for random init)."""
     reg: dict[str, Any] = {"drop_path": cfg.drop_path, "layerdrop": cfg.layerdrop, "prenet_layerdrop": cfg.layerdrop}
     if cfg.dropout is not None:
@@ -134,7 +134,7 @@ def build_encoder(pre: Pretrained, cfg: FinetuneConfig) -> Encoder:
 
 
 def build_model(cfg: FinetuneConfig, info: dict[str, Any], encoder: nn.Module) -> nn.Module:
-    """Encoder + the modality's head (spec §5.1-5.3)."""
+    """Encoder + the modality's head (METHOD.md#fine-tuning)."""
     dim, probe = encoder.cfg.embed_dim, cfg.mode == "linear_probe"
     if cfg.modality == "image":
         return ImageClassifier(encoder, dim, info["num_classes"], linear_probe=probe)
@@ -149,8 +149,8 @@ def build_model(cfg: FinetuneConfig, info: dict[str, Any], encoder: nn.Module) -
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW groups: no weight decay on biases, 1-D tensors and ALiBi scales (spec §1.12); with layer
-    decay, block i of N gets LD^(N+1-i) and everything else (patch-embed, CLS, norms, head) 1 (spec §5.1)."""
+    """AdamW groups: no weight decay on biases, 1-D tensors and ALiBi scales (METHOD.md#pretraining-recipes); with layer
+    decay, block i of N gets LD^(N+1-i) and everything else (patch-embed, CLS, norms, head) 1 (METHOD.md#fine-tuning-images)."""
     encoder, no_decay = model.encoder, ("alibi_scale",)
     if cfg.layer_decay >= 1.0:
         groups = param_groups(model, optim.weight_decay, no_decay)

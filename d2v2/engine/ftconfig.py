@@ -1,4 +1,4 @@
-"""The fine-tuning config (`FinetuneConfig`) and its presets per modality (spec §5).
+"""The fine-tuning config (`FinetuneConfig`) and its presets per modality (METHOD.md#fine-tuning).
 
 Fine-tuning is the same for every pretraining method: it only sees the Encoder of a checkpoint. A config
 is resolved as ``PRESETS[modality][preset]`` with the user's YAML and ``key=value`` overrides on top,
@@ -6,8 +6,9 @@ then validated (unknown keys, wrong types and impossible values name the dotted 
 data or model is touched. :func:`finetune_config` does exactly that and is what the workflow calls at
 DAG-build time.
 
-Presets: ``base`` is the paper's recipe (spec §5.1 ImageNet ViT-B, §5.2 the ``vox_10h`` CTC recipe,
-§5.3 GLUE); ``tiny`` is sized for the embedded data on a 2-core CPU (a few hundred updates, evaluation
+Presets: ``base`` is the paper's recipe (ImageNet ViT-B: METHOD.md#fine-tuning-images; the ``vox_10h``
+CTC recipe: METHOD.md#fine-tuning-speech; GLUE: METHOD.md#fine-tuning-text); ``tiny`` is sized for the
+embedded data on a 2-core CPU (a few hundred updates, evaluation
 on fixed subsets of at most ``eval_max_samples`` per split; ~30-40 s of wall time per image or text
 fine-tune with one thread, ~2 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
 plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs.
@@ -18,9 +19,9 @@ Deviations, all written down here:
   its ~400 s of audio);
 * the tiny presets use larger LRs than the paper (short runs from a small model) and drop the
   100-epoch image regularisers (drop path, label smoothing, MixUp/CutMix) that only slow a 2-epoch run;
-* the model is scored at the end of fine-tuning, not at its best validation checkpoint (spec §5.3
+* the model is scored at the end of fine-tuning, not at its best validation checkpoint (METHOD.md#fine-tuning-text
   selects the best dev checkpoint); the LR sweep selects on validation only and reports that run's test;
-* speech is decoded greedily (no 4-gram LM, spec §5.2).
+* speech is decoded greedily (no 4-gram LM, METHOD.md#fine-tuning-speech).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class BudgetConfig(Config):
 
 
 class SpeechMaskConfig(Config):
-    """wav2vec 2.0 masking during CTC fine-tuning (spec §5.2): masked frames are kept and replaced by noise."""
+    """wav2vec 2.0 masking during CTC fine-tuning (METHOD.md#fine-tuning-speech): masked frames are kept and replaced by noise."""
 
     prob: float = Field(0.75, ge=0, lt=1)            # mask_prob (fairseq): spans start at prob/length per frame
     length: int = Field(10, ge=1)                    # mask_length (frames)
@@ -98,7 +99,7 @@ class FinetuneConfig(Config):
     eval_max_samples: int | None = Field(None, ge=1)
     lr_sweep: list[float] = []                       # peak LRs to try; the best on valid is reported
     # Regularisation of the encoder during fine-tuning (applied on top of its pretraining config).
-    layer_decay: float = Field(1.0, gt=0, le=1)      # spec §5.1; 1.0 = no layer-wise decay
+    layer_decay: float = Field(1.0, gt=0, le=1)      # METHOD.md#fine-tuning-images; 1.0 = no layer-wise decay
     drop_path: float = Field(0.0, ge=0, lt=1)
     dropout: float | None = Field(None, ge=0, lt=1)  # encoder dropouts; None keeps the pretraining values
     activation_dropout: float | None = Field(None, ge=0, lt=1)   # inside the MLP; None keeps pretraining's
@@ -151,7 +152,7 @@ class FinetuneConfig(Config):
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "image": {
-        # spec §5.1, ViT-B: 250,200 updates at batch 512, warmup 16k, cosine to 1e-6, LD 0.65, DP 0.1.
+        # METHOD.md#fine-tuning-images, ViT-B: 250,200 updates at batch 512, warmup 16k, cosine to 1e-6, LD 0.65, DP 0.1.
         "base": {
             "task": "imagenet", "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
                                           "warmup_fraction": 16000 / 250200, "final_lr": 1e-6,
@@ -182,7 +183,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "audio": {
-        # spec §5.2, vox_10h: Adam (0.9, 0.98) eps 1e-8, lr 1e-4, tri-stage 10/40/50 to 0.05x, 20k updates,
+        # METHOD.md#fine-tuning-speech, vox_10h: Adam (0.9, 0.98) eps 1e-8, lr 1e-4, tri-stage 10/40/50 to 0.05x, 20k updates,
         # 10k frozen, mask 0.75 x 10, channel mask 0.25 x 64, layerdrop 0.1, dropouts 0.
         "base": {
             "task": "ctc",
@@ -236,7 +237,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "text": {
-        # spec §5.3 (SST-2): AdamW (0.9, 0.98) eps 1e-6 wd 0.1, linear decay after 6% warmup, 10 epochs,
+        # METHOD.md#fine-tuning-text (SST-2): AdamW (0.9, 0.98) eps 1e-6 wd 0.1, linear decay after 6% warmup, 10 epochs,
         # batch 32, LR swept over {1e-5, 2e-5, 4e-5, 6e-5}.
         "base": {
             "task": "sst2", "optim": {"lr": 2e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,

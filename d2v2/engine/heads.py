@@ -1,14 +1,14 @@
-"""Task heads on top of a pretrained Encoder (spec §5); the same for every pretraining method.
+"""Task heads on top of a pretrained Encoder (METHOD.md#fine-tuning); the same for every pretraining method.
 
-* :class:`ImageClassifier` (spec §5.1): encoder run unmasked, CLS dropped, patch tokens mean-pooled,
+* :class:`ImageClassifier` (METHOD.md#fine-tuning-images): encoder run unmasked, CLS dropped, patch tokens mean-pooled,
   ``fc_norm`` LayerNorm (eps 1e-6), Linear head (trunc-normal 0.02, bias 0). As a linear probe the
   encoder is frozen and the norm is a BatchNorm without affine parameters (MAE's linear probing).
-* :class:`CTCRecognizer` (spec §5.2): a Linear layer to the letters on every frame, CTC loss. The CNN
+* :class:`CTCRecognizer` (METHOD.md#fine-tuning-speech): a Linear layer to the letters on every frame, CTC loss. The CNN
   feature extractor stays frozen; the Transformer can be frozen for the first updates (only the head
   trains); wav2vec 2.0 span masking keeps masked frames and fills them with N(0, sigma^2) noise, and
   optional channel masking zeroes spans of feature channels. Because the CNN is frozen, its output per
   training utterance can be computed once and reused every epoch (:class:`FrozenFeatureCache`).
-* :class:`SentenceClassifier` (spec §5.3): RoBERTa's head on the ``<s>`` position,
+* :class:`SentenceClassifier` (METHOD.md#fine-tuning-text): RoBERTa's head on the ``<s>`` position,
   dropout -> dense -> tanh -> dropout -> out_proj (one output for regression).
 
 Each head's ``forward(batch)`` takes the fine-tuning batch of docs/ARCHITECTURE.md and returns logits;
@@ -47,7 +47,7 @@ class _Head(nn.Module):
 
 
 class ImageClassifier(_Head):
-    """Mean-pooled patch tokens -> norm -> Linear (spec §5.1)."""
+    """Mean-pooled patch tokens -> norm -> Linear (METHOD.md#fine-tuning-images)."""
 
     def __init__(self, encoder: nn.Module, dim: int, num_classes: int, linear_probe: bool = False):
         super().__init__(encoder, freeze_encoder=linear_probe)
@@ -67,7 +67,7 @@ class ImageClassifier(_Head):
 
 
 class SentenceClassifier(_Head):
-    """RoBERTa classification head on the ``<s>`` token (spec §5.3); ``num_outputs=1`` is regression."""
+    """RoBERTa classification head on the ``<s>`` token (METHOD.md#fine-tuning-text); ``num_outputs=1`` is regression."""
 
     def __init__(self, encoder: nn.Module, dim: int, num_outputs: int, pooler_dropout: float = 0.0,
                  linear_probe: bool = False):
@@ -160,7 +160,7 @@ class FrozenFeatureCache:
 
 
 class CTCRecognizer(_Head):
-    """Frame-wise letter logits for CTC (spec §5.2, wav2vec 2.0 ``wav2vec_ctc`` recipe).
+    """Frame-wise letter logits for CTC (METHOD.md#fine-tuning-speech, wav2vec 2.0 ``wav2vec_ctc`` recipe).
 
     ``feature_extractor`` names the CNN submodule of the encoder that stays frozen throughout
     (fairseq ``feature_grad_mult=0``). Call :meth:`set_transformer_frozen` each update: while frozen,

@@ -1,8 +1,8 @@
-"""Evaluation metrics of the fine-tuning tasks (spec §5): classification, regression and speech recognition.
+"""Evaluation metrics of the fine-tuning tasks (METHOD.md#fine-tuning): classification, regression and speech recognition.
 
 Classification and regression metrics are those of GLUE (accuracy, F1 of the positive class, Matthews
-correlation, Pearson/Spearman correlation; spec §5.3). Speech is scored by greedy CTC decoding followed by
-word and character error rates (spec §5.2; the paper's 4-gram LM decoding is not reproduced here).
+correlation, Pearson/Spearman correlation; METHOD.md#fine-tuning-text). Speech is scored by greedy CTC decoding followed by
+word and character error rates (METHOD.md#fine-tuning-speech; the paper's 4-gram LM decoding is not reproduced here).
 
 Every metric is a plain function on 1-D arrays (or lists of strings) returning a Python float; an
 undefined value (a correlation of a constant prediction) is ``nan``, never a made-up number.

@@ -1,13 +1,13 @@
-"""Optimiser, parameter groups and the learning-rate schedule (spec §1.12, §5.1).
+"""Optimiser, parameter groups and the learning-rate schedule (METHOD.md#pretraining-recipes, METHOD.md#fine-tuning).
 
 data2vec 2.0 uses AdamW with decoupled weight decay, no decay on biases, 1-D parameters and ALiBi
-scales, a linear warm-up from 0 and a cosine decay (spec §1.12). Fine-tuning adds layer-wise LR decay
-(spec §5.1) and, for speech, fairseq's tri-stage schedule (spec §5.2).
+scales, a linear warm-up from 0 and a cosine decay (METHOD.md#pretraining-recipes). Fine-tuning adds layer-wise LR decay
+(METHOD.md#fine-tuning-images) and, for speech, fairseq's tri-stage schedule (METHOD.md#fine-tuning-speech).
 
 The schedule is a function of the *fraction of the budget consumed* (``lr_at``): with an update budget
 the fraction is ``updates / max_updates`` (the paper's schedule exactly); with a time budget it is the
 fraction of the time spent, so a run stopped by its clock still completes its warm-up and decay
-(HARNESS_NOTES "Budgets").
+(PROTOCOL.md#budgets).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SCHEDULES = ("cosine", "linear", "tristage", "constant")
 
 
 class OptimConfig(Config):
-    """AdamW + schedule. Defaults: data2vec 2.0 ViT-B image pretraining (spec §1.12).
+    """AdamW + schedule. Defaults: data2vec 2.0 ViT-B image pretraining (METHOD.md#pretraining-recipes).
 
     ``warmup_fraction`` is the warm-up length as a fraction of the budget (paper: 50,040 of 375,300
     updates = 0.1333). ``clip_grad`` is the max global gradient norm; ``None`` disables clipping.
@@ -72,7 +72,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterabl
     No weight decay for biases, 1-D parameters (norms, ALiBi scales) and the names in
     ``no_weight_decay`` (full names, or a last name component such as ``"alibi_scale"``).
     With ``layer_decay``, parameter ``name`` gets ``lr_scale = layer_decay ** (num_layers - layer_id(name))``
-    (spec §5.1: block i of N gets LD^(N+1-i) when ``layer_id`` returns i for it and N+1 for the head).
+    (METHOD.md#fine-tuning-images: block i of N gets LD^(N+1-i) when ``layer_id`` returns i for it and N+1 for the head).
     Each group carries ``lr_scale`` (used by :func:`set_lr`) and ``param_names``.
     """
     if layer_decay is not None and (layer_id is None or num_layers is None):
@@ -103,10 +103,10 @@ def lr_at(fraction: float, peak_lr: float, warmup_fraction: float, final_lr: flo
     """Learning rate after ``fraction`` (in [0, 1]) of the budget.
 
     - warm-up: linear from ``init_lr_scale * peak_lr`` (0 by default, as in fairseq/MAE) to ``peak_lr``;
-    - ``cosine``: half-cosine from ``peak_lr`` to ``final_lr`` (spec §1.12);
-    - ``linear``: linear decay to ``final_lr`` (fairseq ``polynomial_decay`` with power 1, spec §5.3);
+    - ``cosine``: half-cosine from ``peak_lr`` to ``final_lr`` (METHOD.md#pretraining-recipes);
+    - ``linear``: linear decay to ``final_lr`` (fairseq ``polynomial_decay`` with power 1, METHOD.md#fine-tuning-text);
     - ``tristage``: hold ``peak_lr`` for ``hold_fraction``, then exponential decay to ``final_lr``
-      (fairseq ``tri_stage``, spec §5.2: 10% / 40% / 50%, final = 0.05 x peak);
+      (fairseq ``tri_stage``, METHOD.md#fine-tuning-speech: 10% / 40% / 50%, final = 0.05 x peak);
     - ``constant``: ``peak_lr`` after the warm-up.
     """
     if schedule not in SCHEDULES:

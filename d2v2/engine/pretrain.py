@@ -1,6 +1,6 @@
 """Pretrain one method under a budget: ``python -m d2v2 pretrain --config run.yaml --out RUN [key=value ...]``.
 
-The loop is the paper's (spec §1.1, §1.12): AdamW, warm-up + cosine LR, gradient clipping, mixed
+The loop is the paper's (METHOD.md#the-training-step, METHOD.md#pretraining-recipes): AdamW, warm-up + cosine LR, gradient clipping, mixed
 precision, an EMA step after every update (``method.after_step``). Around it, what a benchmark needs:
 
 - **Budgets** (d2v2.engine.runconfig): updates, epochs, train seconds or device-hours; the LR follows the
@@ -414,7 +414,7 @@ class Pretrainer:
                                       enabled=self.autocast_dtype is not None):
                 try:
                     output = self.model(batch)
-                except CollapseError as err:    # the method's collapse guard (spec §7.1 item 1)
+                except CollapseError as err:    # the method's collapse guard (METHOD.md#collapse-guard)
                     raise Diverged(f"{err} (update {self.updates + 1}); last good checkpoint: "
                                    f"{self.last_good or 'none (no checkpoint was written)'}") from None
             self.scaler.scale(output.loss / accum).backward()
@@ -473,7 +473,7 @@ class Pretrainer:
         if cfg.reference_batch_size and cfg.reference_batch_size != self.global_batch:
             self._warn(f"effective batch {self.global_batch} (= {cfg.batch_size} x {cfg.grad_accum} accumulation x "
                        f"{self.world} processes) differs from the paper's {cfg.reference_batch_size} "
-                       f"({self.global_batch / cfg.reference_batch_size:.3g}x): results may differ (spec §7.1)")
+                       f"({self.global_batch / cfg.reference_batch_size:.3g}x): results may differ (METHOD.md#small-batch-gap)")
 
     def fit(self) -> int:
         """Train until the budget is consumed or a signal arrives; return the process exit status."""

@@ -1,5 +1,5 @@
-"""Where a result came from: code version, software, hardware, host and jobs (HARNESS_NOTES
-"Aggregation": benchopt's provenance columns)."""
+"""Where a result came from: code version, software, hardware, host and jobs (PROTOCOL.md#aggregation-and-claims:
+benchopt's provenance columns)."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,8 @@
 """The pretraining run config: which method, on which data, with which optimiser, for how long.
 
 A run is one (modality, method, preset + overrides, seed) trained for one *budget*: a number of updates
-or epochs (the paper's way), or a train-time / device-hours budget (the efficiency comparison, spec
-§6.2). The LR schedule is defined on the fraction of the budget consumed, so every kind of budget gets a
+or epochs (the paper's way), or a train-time / device-hours budget (the efficiency comparison,
+METHOD.md#paper-results). The LR schedule is defined on the fraction of the budget consumed, so every kind of budget gets a
 complete warm-up and decay (d2v2.engine.optim). Checkpoints are written at the configured budget
 fractions: those are the points of the accuracy-versus-time curves.
 
@@ -70,9 +70,9 @@ class PretrainRunConfig(Config):
 
     ``batch_size`` is per process (distinct samples before multi-mask cloning); the effective batch is
     ``batch_size x grad_accum x processes``. ``reference_batch_size`` is the paper's effective batch for
-    this setting (spec §1.12): when set, the run logs how far its own batch is from it (a smaller batch
-    changes results, spec §7.1 item 2). ``precision``: ``fp16`` uses dynamic loss scaling (the paper's
-    setting on GPUs, spec §1.12), ``bf16`` autocast without scaling, ``fp32`` none.
+    this setting (METHOD.md#pretraining-recipes): when set, the run logs how far its own batch is from it (a smaller batch
+    changes results, METHOD.md#small-batch-gap). ``precision``: ``fp16`` uses dynamic loss scaling (the paper's
+    setting on GPUs, METHOD.md#pretraining-recipes), ``bf16`` autocast without scaling, ``fp32`` none.
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
     ``None`` turns it on exactly when the encoder uses layer-drop.
     """

@@ -2,7 +2,7 @@
 
 - Every sbatch setting (partition, account, qos, constraint, nodes, GPUs, CPUs, memory, time limit,
   signal delay, setup lines, extra sbatch parameters) is a :class:`SlurmOptions` field; nothing about a
-  cluster is hard-coded (HARNESS_NOTES.md, "SLURM through submitit").
+  cluster is hard-coded (PROTOCOL.md#slurm-through-submitit).
 - Pretraining jobs are :class:`CheckpointableCommand`: on the pre-timeout signal (USR2, sent
   ``signal_delay_s`` before the limit) or a preemption, submitit calls ``checkpoint()``, which asks the
   running command to stop (the pretraining runner writes ``checkpoint_last`` on SIGUSR2 and exits) and

@@ -1,10 +1,10 @@
-"""Modality encoders (spec §1.10): for each modality a *local encoder* (raw input -> (B, T, D) tokens)
+"""Modality encoders (METHOD.md#modality-encoders): for each modality a *local encoder* (raw input -> (B, T, D) tokens)
 and a *context encoder* (what happens between masking and the Transformer blocks).
 
-The split follows what data2vec 2.0's teacher shares with the student (spec §1.3): the image teacher
+The split follows what data2vec 2.0's teacher shares with the student (METHOD.md#teacher): the image teacher
 EMA-copies both parts, the audio teacher shares the local encoder (CNN + projection), the text teacher
 shares both. :class:`ContextEncoder` holds the parts common to every modality (context LayerNorm and
-dropout, spec §1.2); subclasses add relative positions before masking (audio), an attention bias
+dropout, METHOD.md#transformer-block); subclasses add relative positions before masking (audio), an attention bias
 (audio ALiBi) and extra tokens (image CLS).
 """
 from __future__ import annotations

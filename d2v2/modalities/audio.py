@@ -1,4 +1,4 @@
-"""Speech modality (spec §1.10 "Audio"): wav2vec 2.0 CNN feature extractor ("layer_norm" mode),
+"""Speech modality (METHOD.md#audio-encoder): wav2vec 2.0 CNN feature extractor ("layer_norm" mode),
 LN + Linear projection, a convolutional relative positional encoder and learned-scale ALiBi."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class AudioLocalEncoder(nn.Module):
         self.project_features = nn.Sequential(nn.LayerNorm(channels[-1]), nn.Linear(channels[-1], dim))
 
     def reset_parameters(self) -> None:
-        self.project_features[1].reset_parameters()       # PyTorch default, not BERT init (spec §1.11)
+        self.project_features[1].reset_parameters()       # PyTorch default, not BERT init (METHOD.md#initialisation)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
         return self.project(self.cnn(source), padding_mask)
@@ -114,9 +114,9 @@ class _PosConv(nn.Module):
 
 class AudioContextEncoder(ContextEncoder):
     """``relative_positional_encoder`` (conv_pos_depth conv layers) added to the features; on the sparse
-    path it sees the full sequence with masked frames zeroed and is gathered at visible frames (spec
-    §1.5). ALiBi bias ``-alibi_scale_h * m_h * |i - j|`` over ORIGINAL positions, one learned
-    ``alibi_scale`` per head (clamped >= 0) shared by all layers."""
+    path it sees the full sequence with masked frames zeroed and is gathered at visible frames
+    (METHOD.md#sparse-encoding). ALiBi bias ``-alibi_scale_h * m_h * |i - j|`` over ORIGINAL positions, one
+    learned ``alibi_scale`` per head (clamped >= 0) shared by all layers."""
 
     def __init__(self, cfg: AudioConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
                  dropout: float):

@@ -1,4 +1,4 @@
-"""Image modality (spec §1.10 "Image"): patch embedding + fixed 2-D sin-cos positions, learned CLS."""
+"""Image modality (METHOD.md#image-encoder): patch embedding + fixed 2-D sin-cos positions, learned CLS."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +35,7 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 class ImageLocalEncoder(nn.Module):
     """Conv2d patch embedding (``proj``, xavier init on the flattened kernel) + fixed sin-cos positions,
-    added BEFORE masking so visible tokens keep their position (spec §1.5)."""
+    added BEFORE masking so visible tokens keep their position (METHOD.md#sparse-encoding)."""
 
     def __init__(self, cfg: ImageConfig, dim: int):
         super().__init__()

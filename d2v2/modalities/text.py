@@ -1,4 +1,4 @@
-"""Text modality (spec §1.10 "Text"): token + learned absolute positions, embedding LayerNorm, dropout."""
+"""Text modality (METHOD.md#text-encoder): token + learned absolute positions, embedding LayerNorm, dropout."""
 from __future__ import annotations
 
 import torch
@@ -47,7 +47,7 @@ class TextLocalEncoder(nn.Module):
 
 class TextContextEncoder(ContextEncoder):
     """Nothing beyond the shared context LN/dropout (text's LN is absent when there are no prenet
-    blocks, spec §1.2)."""
+    blocks, METHOD.md#transformer-block)."""
 
     def __init__(self, cfg: TextConfig, dim: int, norm: bool, norm_eps: float, dropout: float):
         super().__init__(dim, norm, norm_eps, dropout)

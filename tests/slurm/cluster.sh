@@ -7,8 +7,8 @@
 #
 # Daemons, in start order: munged, a private MariaDB (accounting storage), slurmdbd, slurmctld, slurmd.
 # Accounting matters: submitit polls job states with sacct; without slurmdbd every state reads UNKNOWN
-# and a cancelled job makes job.result() hang. Recipe and gotchas: HARNESS_NOTES.md ("A real one-node
-# SLURM cluster"). Needs root (daemons, /etc/slurm) and the Debian packages from scripts/install.sh.
+# and a cancelled job makes job.result() hang. Recipe and gotchas: docs/PROTOCOL.md
+# ("A local SLURM cluster"). Needs root (daemons, /etc/slurm) and the Debian packages from scripts/install.sh.
 #
 # Environment: D2V2_SLURM_STATE  state/log/spool folder (default /tmp/d2v2-slurm)
 #              D2V2_SLURM_PARTITION  the one partition's name (default "debug")
