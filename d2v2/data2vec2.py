@@ -365,12 +365,10 @@ _TEXT_BASE = {
 # tiny: Fashion-MNIST 1x28x28 with 4x4 patches (a 7x7 grid; inverse block masking keeps 9 of 49),
 # ~2-4 s of 16 kHz speech through a narrow CNN with the same strides (20 ms frames), 128-token BPE
 # blocks with an 8192 vocabulary. The EMA schedule is shortened to the few hundred updates of a tiny run
-# (an unscaled 100k-step anneal would leave the teacher frozen). Why 4x4 patches: measured on this CPU
-# (1 thread), they cost 1/4 of 2x2 patches (the 14x14 grid of ViT-B/16 at 224 px) per image in
-# pretraining and fine-tuning, so a 60 s budget buys ~4x the pretraining samples and the fine-tune can
-# run long enough to tell pretrained from random (2x2, 150 updates of pretraining: fine-tuned 0.30 vs
-# random 0.31 after 120 updates, 0.54 vs 0.50 after 300 updates that take 55 s; 4x4, 700 updates
-# (~60 s): 0.66 / 0.63 vs 0.56 / 0.60 over two fine-tuning seeds, 400 updates of ~20 s).
+# (an unscaled 100k-step anneal would leave the teacher frozen). 4x4 patches cost a quarter of 2x2
+# patches (the 14x14 grid of ViT-B/16 at 224 px) per image, so a 60-s budget buys ~4x the pretraining
+# samples and the fine-tune can run long enough to tell pretrained from random (docs/TINY_SCALE.md,
+# "Calibrating the tiny recipes").
 # ``smoke`` keeps 2x2 patches, so CI exercises the paper's 14x14 grid.
 _TINY_ENCODER = {"embed_dim": 48, "num_heads": 3, "depth": 4, "mlp_ratio": 4.0}
 _TINY_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2

@@ -1,7 +1,7 @@
 """The repository stands alone: nothing points outside it, and every pointer into its docs resolves.
 
 A clone has only its tracked files, so no file may cite material that lives elsewhere, and every
-``NAME.md#anchor`` reference in code, configs or docs must name a heading of that Markdown file
+``<file>.md#<anchor>`` reference in code, configs or docs must name a heading of that Markdown file
 (GitHub's anchor rules).
 """
 from __future__ import annotations

@@ -8,10 +8,9 @@ DAG-build time.
 
 Presets: ``base`` is the paper's recipe (ImageNet ViT-B: METHOD.md#fine-tuning-images; the ``vox_10h``
 CTC recipe: METHOD.md#fine-tuning-speech; GLUE: METHOD.md#fine-tuning-text); ``tiny`` is sized for the
-embedded data on a 2-core CPU (a few hundred updates, evaluation
-on fixed subsets of at most ``eval_max_samples`` per split; ~30-40 s of wall time per image or text
-fine-tune with one thread, ~2 minutes for speech, whose CTC needs ~1,000 updates to leave its blank
-plateau; the measurements are next to each preset); ``smoke`` only checks that everything runs.
+embedded data on a 2-core CPU (a few hundred updates, evaluation on fixed subsets of at most
+``eval_max_samples`` per split; how each was sized: docs/TINY_SCALE.md, "Calibrating the tiny
+recipes"); ``smoke`` only checks that everything runs.
 Deviations, all written down here:
 
 * fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
@@ -161,19 +160,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "layer_decay": 0.65, "drop_path": 0.1, "dropout": 0.0, "activation_dropout": 0.0,
             "label_smoothing": 0.1, "mixup": True,
         },
-        # Calibrated on the embedded data with the tiny model's 4x4 patches (7x7 grid), 1 thread: 400
-        # updates take ~20 s of training on an idle core. Test accuracy, data2vec 2.0 pretrained for 700
-        # updates (~60 train-s) vs random init, fine-tuning seeds 0 / 1: 0.664 / 0.626 vs 0.557 / 0.595.
-        # The gap closes with long fine-tuning (800 updates: 0.687 vs 0.690), so the tiny fine-tune stays
-        # short enough to show what pretraining bought. With the earlier 2x2 patches (14x14 grid) 120
-        # updates gave ~0.3 whatever the initialisation.
+        # Short on purpose: a long fine-tune from random init catches up with a pretrained one, and the
+        # tiny run must show what pretraining bought.
         "tiny": {
             "task": "fmnist", "optim": {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
                                         "warmup_fraction": 0.1, "final_lr": 1e-6,
                                         "schedule": "cosine", "clip_grad": None},
             "budget": {"kind": "updates", "value": 400}, "batch_size": 32, "eval_max_samples": 1000,
-            # a ~13-epoch run on 1,000 labels: the 100-epoch regularisers (drop path, label smoothing,
-            # MixUp/CutMix) only slow it down, so they are off
+            # a ~13-epoch run on 1,000 labels: the paper's 100-epoch regularisers only slow it down
             "layer_decay": 0.75, "drop_path": 0.0, "dropout": 0.0, "activation_dropout": 0.0,
             "label_smoothing": 0.0, "mixup": False,
         },
@@ -195,29 +189,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "final_dropout": 0.0, "bucket_by_length": True,
             "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
         },
-        # CTC leaves its all-blank plateau (~119 nats per utterance) only after several hundred updates,
-        # so the tiny run is the longest fine-tune and the Transformer is not frozen at its start. With the
-        # frozen CNN's output cached (exact: identical CER/WER) and random batches it took ~190 s wall with
-        # 1 thread at load ~3.5: 0.17-0.18 s/update (0.27 s uncached), ~12.5 s to score the 4 evaluation
-        # splits in batches of 128; attention (SDPA with the ALiBi + padding float mask, ~T^2) was then
-        # ~45% of a step. Length-bucketed batches (0.41 -> 0.02 padded samples per real sample) and
-        # evaluation in length order in batches of 16 bring it to ~130 s wall: 0.12 s/update, ~5 s of
-        # evaluation (4 runs back to back, random/bucketed/bucketed/random, load 1.5-3.6: 0.180/0.122/
-        # 0.119/0.174 s/update, 196/130/129/190 s wall). Valid/test CER random -> bucketed, seed 0:
-        # 0.757/0.752 -> 0.746/0.751, seed 1: 0.755/0.756 -> 0.759/0.759 (within seed noise).
-        # Measured from random init: 150-200 updates at batch 8/16 with lr 2e-3 or 5e-3, without masking or
-        # with a trainable CNN: still on the plateau (WER 1.0); 600 x 4: WER 1.0; 400 x 16 at 7e-4: loss 116
-        # (plateau); 1,000 x 16 at 2e-3: CER 0.75.
-        # data2vec 2.0 checkpoints of the tiny pretraining recipe score no better: test CER 0.777 (the DAG's
-        # 270 updates), 0.767 (500 updates; 0.900 with tau_0 = 0.999), 0.781 (1,500 updates) vs 0.751 from
-        # random init. In the DAG's run the shared CNN's output loses most of its variation over time (std
-        # over time 0.34 -> 0.11, mean |value| 0.41 throughout) and the targets become partly positional
-        # (target_pos_share 0.04 -> 0.41); a CNN frozen during pretraining (local_grad_mult=0) keeps them
-        # content-based (0.04) but fine-tunes no better (CER 0.81), so the tiny pretraining is too short:
-        # after 30 train-minutes of it (8,577 updates, config/cpu-30min.yaml) this recipe reaches CER
-        # 0.651 / 0.662 (two fine-tuning seeds; docs/TINY_SCALE.md).
-        # The tiny runs are scored on CER: their WER stays around 1 from every start (a WER curve shows
-        # nothing), while CER separates them (README, "Measured on the embedded preset").
+        # CTC leaves its all-blank plateau only after several hundred updates, so this is the longest tiny
+        # fine-tune and the Transformer is not frozen at its start. Caching the frozen CNN's output and
+        # length-bucketed batches make it faster with identical results (docs/TINY_SCALE.md). It is
+        # scored on CER: WER stays around 1 from every start at this scale, CER separates the starts.
         "tiny": {
             "task": "ctc", "primary_metric": "cer",
             "optim": {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
@@ -246,16 +221,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "budget": {"kind": "epochs", "value": 10}, "batch_size": 32,
             "lr_sweep": [1e-5, 2e-5, 4e-5, 6e-5], "pooler_dropout": 0.0,
         },
-        # ~21 s of training (~28 s wall) at load ~3. Test accuracy, random init vs data2vec 2.0 pretrained
-        # 400 updates: seed 0 0.723 vs 0.738, seed 1 0.722 vs 0.726 (no gain beyond seed noise, +-0.014);
-        # 100 updates is unstable (one seed stays at the majority class, 0.516, for both inits). 60 train-s
-        # of pretraining: 0.725 (lr 1e-3), 0.723 (lr 2e-4). The tiny text pretraining makes the encoder
-        # mostly positional (cosine of outputs of different blocks at the same position 0.49 at init,
-        # 0.89 after 60 s, 0.96 after 400 updates), so there is little for fine-tuning to reuse; with
-        # that drift stopped it still does not pay at this budget (docs/TINY_SCALE.md). These numbers are
-        # from before the initialisation fixes of 2026-11-26 (this head, the text decoder's projection);
-        # after them the DAG's 60-s runs fine-tune to 0.726 / 0.726 / 0.729 (data2vec 2.0 at 25 / 50 /
-        # 100%) vs 0.732 (random init).
         "tiny": {
             "task": "movie", "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
                                        "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
