@@ -46,7 +46,10 @@ def test_collect_cli_writes_parquet_and_csv(tmp_path):
         ("image", "data2vec2", "image-data2vec2-default-s0", 0)}
     assert len(pd.read_csv(out / "progress.csv")) == 2
     assert list(progress["device_hours"]) == list(progress["train_time_s"] * progress["device_count"] / 3600)
-    assert json.loads((out / "collect_warnings.json").read_text()) == []
+    # the fixture's log ends in a line torn by a kill: skipped, and said so
+    assert json.loads((out / "collect_warnings.json").read_text()) == [
+        f"{FIXTURE / 'runs' / 'image-data2vec2-default-s0' / 'events.jsonl'}:5: skipped a torn last line "
+        "(a process killed mid-write)"]
 
 
 def test_rejects_metrics_without_provenance(metrics_dir):
@@ -130,3 +133,22 @@ def test_progress_takes_the_variant_from_the_workflow_layout(tmp_path):
         f.write('{"key": "train_progress", "value": {"updates": 1')          # cut by a kill: tolerated
     progress = collect_progress([tmp_path / "runs"])
     assert list(progress["variant"]) == ["num_masks=4"] * 2 and list(progress["updates"]) == [50, 100]
+
+
+def test_torn_event_lines_are_recovered_or_skipped_and_reported(tmp_path):
+    """A kill mid-write tears a line; an older writer appended the resumed run's first event onto it."""
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(FIXTURE / "runs" / "image-data2vec2-default-s0", run)
+    lines = (run / "events.jsonl").read_text().splitlines()[:-1]        # the fixture's own last line is torn
+    glued = lines[-1][: len(lines[-1]) // 2] + lines[-1]
+    (run / "events.jsonl").write_text("\n".join(lines[:-1] + [glued, lines[-1][:20]]) + "\n")
+    out = tmp_path / "tables"
+    assert main(["--metrics", str(METRICS), "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    notes = json.loads((out / "collect_warnings.json").read_text())
+    assert any("dropped a torn event" in n and f"events.jsonl:{len(lines)}" in n for n in notes)
+    assert any("skipped a torn last line" in n for n in notes)
+    assert pd.read_csv(out / "runs.csv")["events"].tolist() == [len(lines)]
+    # anything else that is not JSON is corruption, named by file and line
+    (run / "events.jsonl").write_text("\n".join([lines[0], "garbage", lines[1]]) + "\n")
+    with pytest.raises(CollectError, match=r"events\.jsonl:2: not valid JSON"):
+        collect_runs([run])

@@ -199,3 +199,6 @@ def test_truncated_checkpoint_last_is_reported_and_the_previous_one_used(tmp_pat
     assert_same_state(load_checkpoint(last), load_checkpoint(reference / "checkpoint_last.pt"))
     start = read_events(out / "events.jsonl", "run_start")[-1]
     assert start["metadata"]["resumed_from"].endswith("checkpoint_last.prev.pt") and start["metadata"]["updates"] == 4
+    # the truncated file was moved aside, so no save rotated it over the good previous copy
+    assert load_checkpoint(previous_path(last))["progress"]["updates"] >= 4
+    assert (out / "checkpoint_last.pt.corrupt").stat().st_size == 1000

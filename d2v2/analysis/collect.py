@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +38,7 @@ from pydantic import Field
 
 from d2v2.config import ConfigError, validate
 from d2v2.atomic import atomic_write, atomic_write_json
+from d2v2.engine.events import EventLogWarning, iter_events
 
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
            "collect_progress", "write_table", "main"]
@@ -214,19 +216,13 @@ def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]
 
 
 def _events(path: Path) -> Iterable[dict[str, Any]]:
-    """The events of an ``events.jsonl``, in order; a line cut by a crash at the end is tolerated."""
+    """The events of an ``events.jsonl``, in order (torn lines as :func:`d2v2.engine.events.iter_events`)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                return
-            raise CollectError(f"{path}:{i + 1}: not valid JSON") from None
+    try:
+        yield from iter_events(path)
+    except ValueError as err:
+        raise CollectError(str(err)) from None
 
 
 def _events_summary(path: Path) -> dict[str, Any]:
@@ -313,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder for the tables (e.g. results/tables)")
     args = parser.parse_args(argv)
     try:
-        evals, notes = collect_evals(args.metrics)
-        runs, progress = collect_runs(args.runs), collect_progress(args.runs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EventLogWarning)
+            evals, notes = collect_evals(args.metrics)
+            runs, progress = collect_runs(args.runs), collect_progress(args.runs)
     except CollectError as err:
         print(f"collect: error: {err}", file=sys.stderr)
         return 2
+    notes += sorted({str(w.message) for w in caught if issubclass(w.category, EventLogWarning)})
     for note in notes:
         print(f"collect: warning: {note}", file=sys.stderr)
     written = (write_table(evals, args.out, "evals") + write_table(runs, args.out, "runs")

@@ -11,7 +11,10 @@ bit-flipped file is rejected with a :class:`CheckpointError` naming it instead o
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest",
-           "previous_path", "encoder_state_dict"]
+           "previous_path", "remove_stale_temporaries", "encoder_state_dict"]
 
 FORMAT = "d2v2-checkpoint"
 VERSION = 1
@@ -44,8 +47,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed saves left in ``folder``; return what was removed."""
+    removed = []
+    for leftover in Path(folder).glob(".*.pt.*.tmp*"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+def _write_error(err: BaseException, path: Path) -> CheckpointError:
+    """A write failure as a message that names the file and the cause (torch reports a full disk as
+    ``unexpected pos``), with the free space measured while the partial file still occupies it."""
+    free = shutil.disk_usage(path.parent).free
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
+    cause = "no space left on device" if full else (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return CheckpointError(f"could not write checkpoint {path}: {cause} ({free / 2**20:.1f} MiB free in "
+                           f"{path.parent}); the previous checkpoint is unchanged")
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool = True) -> Path:
-    """Write ``obj`` to ``path`` atomically; keep the replaced file as :func:`previous_path` (if asked)."""
+    """Write ``obj`` to ``path`` atomically; keep the replaced file as :func:`previous_path` (if asked).
+
+    A failed write (disk full, file too large, I/O error) raises :class:`CheckpointError` naming the file
+    and the cause, and leaves ``path`` and its previous copy as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,10 +87,13 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
             os.replace(prev_tmp, previous_path(path))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
+        error = _write_error(err, path) if isinstance(err, (OSError, RuntimeError)) else None
         for leftover in (tmp, tmp + ".prev"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+        if error is not None:
+            raise error from err
         raise
     return path
 

@@ -13,8 +13,10 @@ precision, an EMA step after every update (``method.after_step``). Around it, wh
   when the last one is corrupt); on CPU with an updates budget the final weights are bit-identical to an
   uninterrupted run. A finished run (``DONE``) is not run again.
 - **Clocks** (d2v2.engine.clock): train-only and end-to-end, cumulative across restarts.
-- **Signals**: SIGTERM / SIGUSR2 finish the current update, write ``checkpoint_last.pt`` and exit with
-  ``128 + signal`` (so a launcher can requeue); the next start resumes.
+- **Signals**: SIGTERM / SIGUSR2 / SIGINT (Ctrl-C) finish the current update, write ``checkpoint_last.pt``
+  and exit with ``128 + signal`` (so a launcher can requeue); the next start resumes.
+- **Errors** (a full disk, bad data, a bug) stop the run at once with a message naming the cause and the
+  last good checkpoint; the data workers are stopped with it, so a process never outlives its error.
 - **Failures**: a non-finite loss or gradient norm stops the run naming the update, the diagnostics and
   the last good checkpoint (exit 3, ``run_stop`` status ``diverged``); nothing non-finite is saved.
 - **DDP** (d2v2.engine.distributed): one process per device, gloo on CPU, NCCL on GPU.
@@ -46,7 +48,7 @@ from d2v2 import data
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
-from d2v2.engine.checkpoint import CheckpointError, load_latest, save_checkpoint
+from d2v2.engine.checkpoint import CheckpointError, load_latest, remove_stale_temporaries, save_checkpoint
 from d2v2.engine.clock import RunClock, SegmentTable, process_start_time
 from d2v2.engine.events import EventLog
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
@@ -59,7 +61,9 @@ __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
 EXIT_DIVERGED = 3
 NEVER = 2**62           # "no non-finite update yet"
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+# errors in what the user gave (config, checkpoint, data, disk): exit status 2 with one line, no traceback
+USER_ERRORS = (ConfigError, CheckpointError, data.MissingDataError, data.CorruptDataError)
 
 
 class Diverged(RuntimeError):
@@ -97,7 +101,8 @@ def _seed_all(seed: int) -> None:
 
 
 def _ignore_signals_in_worker(init_fn):
-    """Data workers leave SIGTERM/SIGUSR2 to the main process (which checkpoints, then stops them)."""
+    """Data workers leave SIGTERM/SIGUSR2/SIGINT to the main process (which checkpoints, then stops them:
+    :func:`_stop_workers`)."""
 
     def worker_init(worker_id: int) -> None:
         for sig in HANDLED_SIGNALS:
@@ -106,6 +111,15 @@ def _ignore_signals_in_worker(init_fn):
             init_fn(worker_id)
 
     return worker_init
+
+
+def _stop_workers(batches) -> None:
+    """Stop the data loader's workers now. Left to garbage collection, an exception's traceback keeps the
+    iterator alive until interpreter exit, where multiprocessing stops daemonic workers with SIGTERM, which
+    they ignore, and then waits for them forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)     # torch's _MultiProcessingDataLoaderIter
+    if shutdown is not None:
+        shutdown()
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -133,11 +147,11 @@ class Pretrainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         # control messages (stop / save decisions) go through a CPU group, so agreeing costs no device sync
         self.control = dist.new_group(backend="gloo") if self.world > 1 else None
+        m = cfg.method
+        # a missing data path fails before any compute, and before the run directory exists
+        self.dataset = data.pretrain_dataset(m.modality, cfg.data)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
-
-        m = cfg.method
-        self.dataset = data.pretrain_dataset(m.modality, cfg.data)     # a missing path fails before any compute
         _seed_all(cfg.seed)                      # identical initial weights on every process
         self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
         _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
@@ -272,6 +286,11 @@ class Pretrainer:
         ckpt, used, problems = load_latest(path)     # on the CPU: RNG states must stay there
         for problem in problems:
             self._warn(f"rejected {problem}; resuming from {used}")
+        if used != path and path.exists():
+            # out of the way, so that the next save does not rotate it over the good previous copy
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            self._warn(f"moved the unreadable {path.name} to {aside}")
         self._check_config(used, ckpt["config"])
         if ckpt["world_size"] != self.world:
             raise ConfigError(f"{self.out} was started with {ckpt['world_size']} processes, now {self.world}: "
@@ -306,7 +325,8 @@ class Pretrainer:
         if self.main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
             if hasattr(self, "events"):
-                self.events.log("warning", message)
+                with contextlib.suppress(OSError):      # a full disk must not hide the error being reported
+                    self.events.log("warning", message)
 
     def check_finite(self) -> None:
         """Raise :class:`Diverged` if any update so far had a non-finite loss or gradient norm (one sync);
@@ -480,6 +500,8 @@ class Pretrainer:
         if self.main and not (self.out / "config.yaml").exists():
             with atomic_write(self.out / "config.yaml", "w") as f:
                 yaml.safe_dump(self.cfg.model_dump(mode="json"), f, sort_keys=False)
+        if self.main:
+            self._remove_stale_temporaries()
         self.restore()
         loader = self._loader()
         self._start_events()
@@ -496,7 +518,7 @@ class Pretrainer:
         self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
         self.bar = self._progress_bar()
         self.method.train()
-        status, exit_code = "success", 0
+        status, exit_code, batches = "success", 0, None
         try:
             self.clock.start_train()
             self._reset_interval()
@@ -530,11 +552,12 @@ class Pretrainer:
             if self.main:
                 print(f"error: run diverged: {err}", file=sys.stderr, flush=True)
         except BaseException as err:
-            status, exit_code = "aborted", 1
+            status, exit_code = "aborted", 2 if isinstance(err, USER_ERRORS) else 1
             self._warn(f"aborted at update {self.updates}: {type(err).__name__}: {err}; "
                        f"last good checkpoint: {self.last_good}")
             raise
         finally:
+            _stop_workers(batches)
             if self.clock.running:
                 self.clock.stop_train()
             for sig, handler in previous.items():
@@ -557,18 +580,32 @@ class Pretrainer:
         from tqdm import tqdm
         return tqdm(total=1000, initial=int(1000 * min(self.fraction, 1.0)), unit="‰", dynamic_ncols=True)
 
+    def _remove_stale_temporaries(self) -> None:
+        for leftover in remove_stale_temporaries(self.out) + remove_stale_temporaries(self.out / "checkpoints"):
+            self._warn(f"removed {leftover}, left by an interrupted checkpoint write")
+
     def _finish(self, status: str, exit_code: int) -> None:
+        """Close the segment, write the summary and ``run_stop`` (and ``DONE`` on success). When the run
+        stops on an error this may fail too (a full disk): it then says so and leaves the error to report."""
         reason = {"success": "completed", "interrupted": f"signal:{signal.Signals(self._signal).name}"
                   if self._signal else "interrupted"}.get(status, status)
-        if self.main:
-            train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
-            self.segments.update(self.clock, reason=reason, train_time_s=train, e2e_time_s=e2e)
-            summary = self.write_summary(status, train, e2e)
-            self.events.log("run_stop", {"updates": self.updates, "train_time_s": summary["train_time_s"],
-                                         "e2e_time_s": summary["e2e_time_s"]}, status=status, exit_code=exit_code)
+        try:
+            if self.main:
+                train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
+                self.segments.update(self.clock, reason=reason, train_time_s=train, e2e_time_s=e2e)
+                summary = self.write_summary(status, train, e2e)
+                self.events.log("run_stop", {"updates": self.updates, "train_time_s": summary["train_time_s"],
+                                             "e2e_time_s": summary["e2e_time_s"]}, status=status,
+                                exit_code=exit_code)
+                if status == "success":
+                    self._remove_stale_temporaries()
+                    (self.out / "DONE").write_text(f"updates {self.updates}\n")
+        except OSError as err:
             if status == "success":
-                (self.out / "DONE").write_text(f"updates {self.updates}\n")
-        self.events.close()
+                raise
+            print(f"warning: could not record the end of the run in {self.out}: {err}", file=sys.stderr, flush=True)
+        finally:
+            self.events.close()
 
 
 def run(cfg: PretrainRunConfig, out: str | Path, start_wall: float | None = None) -> int:
@@ -595,6 +632,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         return run(cfg, args.out, start_wall=process_start_time())
-    except (ConfigError, CheckpointError, data.MissingDataError, data.CorruptDataError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -50,7 +50,7 @@ class Budget(Config):
 class CheckpointConfig(Config):
     """``fractions``: budget fractions in (0, 1] that get a kept checkpoint ``checkpoints/checkpoint_f{f:.3f}.pt``;
     ``last_every_s``: end-to-end seconds between ``checkpoint_last.pt`` writes (also written at the end and on
-    SIGTERM/SIGUSR2); ``keep_previous``: keep the replaced ``checkpoint_last.prev.pt`` as a fallback."""
+    SIGTERM/SIGUSR2/SIGINT); ``keep_previous``: keep the replaced ``checkpoint_last.prev.pt`` as a fallback."""
 
     fractions: list[float] = [0.25, 0.5, 1.0]
     last_every_s: float = Field(300.0, gt=0)
