@@ -183,7 +183,7 @@ def _resolve(node: Any, scope: dict) -> Any:
 def fairseq_model_config(ckpt: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The Data2VecMultiConfig dict of a checkpoint and where it was found: ``cfg.model`` for
     pretraining checkpoints, a nested ``<x>.model`` for fine-tuned ones (e.g. ``w2v_args``,
-    ``pretrained_model_args``)."""
+    ``pretrained_model_args``), or ``cfg`` itself in a state dict saved with the model config alone."""
     if ckpt.get("cfg") is None:
         raise ConversionError("checkpoint has no 'cfg' (pre-2021 fairseq 'args' checkpoints are not data2vec 2.0)")
     root = _plain(ckpt["cfg"])
@@ -198,6 +198,8 @@ def fairseq_model_config(ckpt: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
                 search(v, f"{where}.{k}", node if "model" in node else scope)
 
     search(root.get("model"), "cfg.model", root)
+    if not found and {"modalities", "embed_dim", "depth"} <= root.keys():     # the model config is ``cfg`` itself
+        found.append(("cfg", root, root))
     if not found:
         raise ConversionError("no data2vec 2.0 model config (a dict with 'modalities', 'embed_dim', 'depth') "
                               "under cfg.model: not a data2vec_multi checkpoint")

@@ -35,7 +35,7 @@ from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY"]
+           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY", "active_data"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
 
@@ -176,11 +176,18 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     return merge(cfg, {
         "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
                    "overrides": method_overrides},
-        "data": config["data"],
+        "data": active_data(config),
         "budget": config["budget"][run.modality],
         "checkpoint": {"fractions": list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
+
+
+def active_data(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config without the sections of data modalities the workflow does not run: their
+    paper-scale paths may be unset (``base`` with ``modalities=[image]``) and must not fail validation."""
+    used = {DATA_MODALITY[m] for m in config["modalities"]}
+    return {k: v for k, v in config["data"].items() if k not in DATA_MODALITY.values() or k in used}
 
 
 def data_key(config: Mapping[str, Any], data_modality: str) -> str:
@@ -194,7 +201,7 @@ def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> di
     ft = config["finetune"]
     cfg = merge(ft.get("common", {}), ft.get(run.modality, {}))
     return merge(cfg, {
-        "modality": run.modality, "preset": config["preset"], "data": config["data"],
+        "modality": run.modality, "preset": config["preset"], "data": active_data(config),
         "identity": {"variant": run.variant, "params": dict(run.params), "seed": run.seed,
                      "budget_fraction": fraction},
     })
@@ -206,7 +213,7 @@ def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> 
     ft = config["finetune"]
     cfg = merge(ft.get("common", {}), ft.get(modality, {}))
     return merge(cfg, {
-        "modality": modality, "preset": config["preset"], "data": config["data"], "seed": seed,
+        "modality": modality, "preset": config["preset"], "data": active_data(config), "seed": seed,
         "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
         "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
     })
@@ -220,7 +227,7 @@ def _check_data(config: Mapping[str, Any], modalities) -> None:
     from d2v2.data.common import MissingDataError, require_path
 
     try:
-        data = validate(DataConfig, config["data"], where="data")
+        data = validate(DataConfig, active_data(config), where="data")
     except ConfigError as err:
         raise WorkflowConfigError(str(err)) from None
     checks = []
@@ -306,8 +313,9 @@ def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
                    job_file: str | None = None) -> str:
     """The ``python -m d2v2 launch ... --`` prefix of a training rule's shell command (kind: pretrain|finetune).
 
-    A Snakemake shell template: ``name``, ``folder`` and ``job_file`` may hold placeholders such as
-    ``{wildcards.seed}``; everything taken from the config has its braces escaped.
+    A Snakemake shell template: ``name``, ``folder`` and ``job_file`` are inserted as given, as shell words
+    (the rules pass quoted placeholders such as ``{params.job_file:q}``); everything taken from the config
+    is shell-quoted and has its braces escaped.
     """
     def lit(value: Any) -> str:
         return str(value).replace("{", "{{").replace("}", "}}")
@@ -321,7 +329,7 @@ def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
         opts = {"partition": slurm["partition"], "account": slurm.get("account"), "qos": slurm.get("qos"),
                 "constraint": slurm.get("constraint"), "cpus_per_task": threads}
         opts.update({k: v for k, v in res.items() if k not in ("setup", "sbatch") and v is not None})
-        args += ["--name", name, "--folder", folder, "--poll-s", str(launcher["poll_s"])]
+        args += ["--name", "{name}", "--folder", "{folder}", "--poll-s", str(launcher["poll_s"])]
         for key, value in opts.items():
             if value is not None:
                 args += ["--" + key.replace("_", "-"), lit(value)]
@@ -330,10 +338,11 @@ def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
         for key, value in merge(slurm.get("sbatch", {}), res.get("sbatch", {})).items():
             args += ["--sbatch", lit(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")]
         if job_file:
-            args += ["--job-file", job_file]
+            args += ["--job-file", "{job_file}"]
         if kind == "pretrain":
             args += ["--checkpointable", "--grace-s", str(launcher["grace_s"])]
-    return shlex.join(args) + " --"
+    words = {"{name}": name, "{folder}": folder, "{job_file}": job_file}
+    return " ".join(words.get(arg) or shlex.quote(arg) for arg in args) + " --"
 
 
 def prepare_run_dir(run_dir: str | Path, request: Mapping[str, Any]) -> Path | None:

@@ -220,6 +220,15 @@ def test_round_trip_is_exact(modality):
         assert any("sin-cos" in why for why in info.dropped.values())
 
 
+def test_model_config_directly_under_cfg_is_found():
+    ours = make_model("text")
+    ckpt = fairseq_checkpoint(ours)
+    ckpt["cfg"] = ckpt["cfg"]["model"]                  # a state dict saved with the model config alone
+    converted, info = convert(ckpt)
+    assert info.config_path == "cfg" and converted.cfg.model_dump() == ours.cfg.model_dump()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), converted.state_dict().values()))
+
+
 def test_file_with_plain_cfg_round_trips_through_the_cli_into_finetuning(tmp_path):
     ours = make_model("image")
     torch.save(fairseq_checkpoint(ours), tmp_path / "fs.pt")

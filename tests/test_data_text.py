@@ -140,7 +140,7 @@ def test_glue_tasks(glue, tmp_path):
         finetune_datasets("text", DataConfig(root=str(ROOT)), "rte")
 
 
-def test_raw_shards_with_gpt2_bpe(tmp_path):
+def test_raw_shards_with_gpt2_bpe(tmp_path, capsys):
     from tokenizers import ByteLevelBPETokenizer
 
     lines = [f"line {i} of a small raw text shard about the {w}" for i, w in enumerate(["sea", "sky", "land"] * 40)]
@@ -163,6 +163,13 @@ def test_raw_shards_with_gpt2_bpe(tmp_path):
     bad = DataConfig(root=str(tmp_path / "data"), text={**text, "train_shards": [str(tmp_path / "missing.txt")]})
     with pytest.raises(MissingDataError, match=r"data\.text\.train_shards: not found: .*missing.txt"):
         prepare(["text"], bad)
+    assert manifest["counts"]["undecodable_lines"] == {}
+    with open(tmp_path / "a.txt", "ab") as f:                          # one line that is not UTF-8
+        f.write(b"caf\xe9 au lait\n")
+    capsys.readouterr()
+    manifest = prepare(["text"], cfg)["text"]
+    assert manifest["counts"]["undecodable_lines"] == {str(tmp_path / "a.txt"): 1}
+    assert f"{tmp_path / 'a.txt'}: 1 line(s) are not valid UTF-8" in capsys.readouterr().err
 
 
 def test_fairseq_dictionary_ids_for_official_checkpoints(glue, tmp_path):

@@ -1,6 +1,7 @@
 """Fine-tuning and evaluation: config validation, layer decay, the metrics file of a real pretraining
 checkpoint, the LR sweep's selection rule, and a real learning signal per modality on the embedded data."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,18 @@ def test_ctc_learns_letters():
     assert F.evaluate(model, cfg, info, [batch], torch.device("cpu"))["cer"] >= 0.9     # untrained
     F.train(model, cfg, 3e-3, loader, torch.device("cpu"), log=lambda *_: None)
     assert F.evaluate(model, cfg, info, [batch], torch.device("cpu"))["cer"] < 0.3
+
+
+def test_corrupt_task_data_is_a_clean_error(tmp_path, capsys):
+    """An invalid UTF-8 byte in a task's TSV: one line naming the file, exit 2, no traceback or metrics."""
+    root = tmp_path / "data"
+    shutil.copytree(_data("text") / "text", root / "text")
+    train = next((root / "text").rglob("tasks/movie/train.tsv"))
+    train.write_bytes(train.read_bytes().replace(b"\n", b"\n\xff", 1))
+    out = tmp_path / "m.json"
+    rc = F.main(["--out", str(out), "modality=text", "preset=smoke", "init=random", "arch={preset: smoke}",
+                 f"data.root={root}", "data.num_workers=0"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and str(train) in err and "Traceback" not in err
+    assert not out.exists()

@@ -5,8 +5,10 @@ data (``data/``, made by the workflow's own prepare_data rule when missing).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,48 @@ def test_slurm_profile_dag(tmp_path):
     assert job_counts(r.stdout)["pretrain"] == 4
 
 
+# ------------------------------------------------------------------ nothing reaches a shell unquoted
+HOSTILE = "logs $(touch PWNED) `touch PWNED`"
+
+
+def test_hostile_paths_are_harmless_in_a_real_job(tmp_path):
+    """A path with a command substitution and a space is a path: the job writes there, nothing runs."""
+    r = snakemake(tmp_path, "--cores", "1", "results/data/prepared_image.txt",
+                  config=["preset=smoke", f"paths={{logs: '{HOSTILE}'}}"], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path / HOSTILE / "prepare_data" / "image.log").is_file()
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
+
+
+def _shell_commands(output: str) -> list[list[str]]:
+    """The one-line shell commands of ``snakemake -p`` as shell words (the multi-line config dump is left out)."""
+    commands = []
+    for line in output.splitlines():
+        if "Shell command:" in line:
+            with contextlib.suppress(ValueError):
+                commands.append(shlex.split(line.split("Shell command:", 1)[1]))
+    return commands
+
+
+def test_every_path_and_variant_is_one_shell_word_with_the_slurm_launcher(tmp_path):
+    """A variant that is a mapping, a logs path with a space and ``$(...)``: each is exactly one word of
+    the pretraining command (run dir, job name, SLURM folder and job file)."""
+    r = snakemake(tmp_path, "-n", "-p", "results/figures/", profile="slurm",
+                  config=["preset=smoke", "modalities=[image]", f"paths={{logs: '{HOSTILE}'}}",
+                          "ablations={image: {data2vec2: {decoder: [{depth: 2}]}}}"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    run_dir = 'runs/image/data2vec2/decoder={"depth":2}/seed0'
+    pretrain = [c for c in _shell_commands(r.stdout) if "prepare-run" in c and run_dir in c]
+    assert len(pretrain) == 1, r.stdout[-3000:]
+    words = pretrain[0]
+    assert words[words.index("--name") + 1] == f"pretrain:{run_dir}"
+    assert words[words.index("--folder") + 1] == f"{run_dir}/slurm/%j"
+    assert words[words.index("--out") + 1] == run_dir
+    finetune = [c for c in _shell_commands(r.stdout) if "finetune" in c and run_dir + "/checkpoints/checkpoint_f1.000.pt" in c]
+    assert len(finetune) == 1
+    assert finetune[0][finetune[0].index("--folder") + 1] == f"{HOSTILE}/slurm/%j"
+
+
 # ------------------------------------------------------------------ bad input fails at DAG-build time
 BAD_CONFIGS = [
     (["colour=blue"], "colour: unknown key"),
@@ -194,6 +238,20 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path):
         if r.returncode == 0 or expected not in r.stdout + r.stderr or "Job stats" in r.stdout:
             failures.append(f"{entries}: expected {expected!r}, got rc={r.returncode}:\n{(r.stdout + r.stderr)[-800:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_only_the_data_of_the_modalities_run_is_checked(tmp_path):
+    """``base`` with images only: its unset speech and text paths are not the workflow's business."""
+    imagenet = tmp_path / "imagenet"
+    (imagenet / "train").mkdir(parents=True)
+    (imagenet / "val").mkdir()
+    r = snakemake(tmp_path, "-n", config=["preset=base", "modalities=[image]", "slurm={partition: p}",
+                                          f"data={{root: {DATA}, image: {{imagenet_dir: {imagenet}}}}}"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert job_counts(r.stdout)["pretrain"] == 3
+    # with every modality, every run still carries the whole data config (run directories unchanged)
+    tiny = resolved()
+    assert all(wfc.run_config(tiny, run)["data"] == tiny["data"] for run in wfc.expand_runs(tiny))
 
 
 def test_slurm_profile_without_partition_fails_naming_the_key(tmp_path):

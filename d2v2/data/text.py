@@ -400,15 +400,28 @@ def _prepare_raw(dcfg: DataConfig) -> dict:
     if manifest_is_current(folder, inputs, verify=False):
         return {**read_manifest(folder), "skipped": True}
 
+    undecodable: dict[str, int] = {}
+
     def lines(paths):
+        """Each shard's lines; a line that is not UTF-8 is kept with U+FFFD for its bad bytes, counted
+        per file, reported and recorded in the manifest."""
         for p in paths:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                yield from f
+            with open(p, "rb") as f:
+                for raw in f:
+                    try:
+                        yield raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        undecodable[str(p)] = undecodable.get(str(p), 0) + 1
+                        yield raw.decode("utf-8", errors="replace")
 
     dtype = _token_dtype(tokenizer.vocab_size)
     with atomic_dir(folder) as tmp:
         counts = {"tokens": {s: _write_tokens(tmp / f"{s}.bin", tokenizer, lines(ps), dtype)
-                             for s, ps in shards.items()}, "vocab_size": tokenizer.vocab_size}
+                             for s, ps in shards.items()}, "vocab_size": tokenizer.vocab_size,
+                  "undecodable_lines": undecodable}
+        for path, n in undecodable.items():
+            print(f"prepare-data: warning: {path}: {n} line(s) are not valid UTF-8; their bad bytes were "
+                  "replaced by U+FFFD", file=sys.stderr)
         manifest = {"modality": "text", "corpus": "raw", "inputs": inputs, "counts": counts,
                     "dtype": np.dtype(dtype).name,
                     "files": [file_record(p, tmp) for p in sorted(tmp.glob("*.bin"))]}

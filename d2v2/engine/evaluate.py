@@ -20,6 +20,7 @@ from d2v2 import data as D
 from d2v2.config import ConfigError, apply_overrides
 from d2v2.atomic import atomic_write_json
 from d2v2.engine.checkpoint import CheckpointError, load_checkpoint
+from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.finetune import Pretrained, build_encoder, build_model, evaluate, make_loader, resolve_device
 from d2v2.engine.ftconfig import finetune_config
 from d2v2.engine.provenance import provenance
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.splits, args.overrides)
-    except (ConfigError, CheckpointError, D.MissingDataError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps(result["metrics"], indent=1))

@@ -40,6 +40,7 @@ from d2v2.data.text import load_tokenizer
 from d2v2.engine import metrics as M
 from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_checkpoint, save_checkpoint
 from d2v2.engine.clock import synchronize
+from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.ftconfig import FinetuneConfig, finetune_config
 from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache, ImageClassifier, SentenceClassifier
 from d2v2.engine.optim import OptimConfig, build_optimizer, param_groups, set_lr
@@ -422,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args.config, args.overrides)
         record = finetune(cfg, args.checkpoint, args.checkpoint_format, args.save)
-    except (ConfigError, CheckpointError, D.MissingDataError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     atomic_write_json(args.out, record)
     print(json.dumps(record["metrics"], indent=1))
     return 0

@@ -48,8 +48,9 @@ from d2v2 import data
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
-from d2v2.engine.checkpoint import CheckpointError, load_latest, remove_stale_temporaries, save_checkpoint
+from d2v2.engine.checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
 from d2v2.engine.clock import RunClock, SegmentTable, process_start_time
+from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
@@ -62,8 +63,6 @@ __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 EXIT_DIVERGED = 3
 NEVER = 2**62           # "no non-finite update yet"
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-# errors in what the user gave (config, checkpoint, data, disk): exit status 2 with one line, no traceback
-USER_ERRORS = (ConfigError, CheckpointError, data.MissingDataError, data.CorruptDataError)
 
 
 class Diverged(RuntimeError):
@@ -552,7 +551,7 @@ class Pretrainer:
             if self.main:
                 print(f"error: run diverged: {err}", file=sys.stderr, flush=True)
         except BaseException as err:
-            status, exit_code = "aborted", 2 if isinstance(err, USER_ERRORS) else 1
+            status, exit_code = "aborted", EXIT_USER_ERROR if isinstance(err, USER_ERRORS) else 1
             self._warn(f"aborted at update {self.updates}: {type(err).__name__}: {err}; "
                        f"last good checkpoint: {self.last_good}")
             raise
@@ -634,4 +633,4 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, args.out, start_wall=process_start_time())
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

@@ -15,6 +15,6 @@ rule prepare_data:
         f"{PATHS['logs']}/prepare_data/{{data_modality}}.log",
     threads: 2
     shell:
-        "printf '%s' {params.data:q} > {params.config_file} && "
-        "python -m d2v2 prepare-data --modalities {wildcards.data_modality} "
-        "--config {params.config_file} > {output}.tmp 2> {log} && mv {output}.tmp {output}"
+        "printf '%s' {params.data:q} > {params.config_file:q} && "
+        "python -m d2v2 prepare-data --modalities {wildcards.data_modality:q} "
+        "--config {params.config_file:q} > {output:q}.tmp 2> {log:q} && mv {output:q}.tmp {output:q}"

@@ -8,6 +8,17 @@ METRICS = PATHS["metrics"]
 FT_LOG = f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}"
 
 
+def ft_launch_params(prefix):
+    """The file names a fine-tuning job writes next to its log (every path reaches the shell quoted)."""
+    return {"ft_yaml": f"{prefix}.yaml", "job_name": f"finetune:{prefix}", "slurm_folder": f"{PATHS['logs']}/slurm/%j",
+            "job_file": f"{prefix}.slurm_job.json"}
+
+
+FT_WRITE_CONFIG = "printf '%s\\n' {params.ft_config:q} > {params.ft_yaml:q} && "
+FT_LAUNCH = wfc.launch_command(config, "finetune", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
+                               job_file="{params.job_file:q}")
+
+
 rule finetune:
     input:
         done=f"{RUN_DIR}/DONE",
@@ -16,17 +27,16 @@ rule finetune:
     params:
         ft_config=lambda w: json.dumps(wfc.finetune_request(config, run_of(w), float(w.fraction)), sort_keys=True),
         checkpoint=f"{RUN_DIR}/checkpoints/checkpoint_f{{fraction}}.pt",
-        prefix=FT_LOG,
+        **ft_launch_params(FT_LOG),
     log:
         f"{FT_LOG}.log",
     threads: training_threads("finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        "printf '%s\\n' {params.ft_config:q} > {params.prefix}.yaml && "
-        + wfc.launch_command(config, "finetune", name="finetune:{params.prefix}", folder=f"{PATHS['logs']}/slurm/%j",
-                             job_file="{params.prefix}.slurm_job.json")
-        + " python -m d2v2 finetune --config {params.prefix}.yaml --checkpoint {params.checkpoint} --out {output} > {log} 2>&1"
+        FT_WRITE_CONFIG + FT_LAUNCH
+        + " python -m d2v2 finetune --config {params.ft_yaml:q} --checkpoint {params.checkpoint:q} --out {output:q}"
+        " > {log:q} 2>&1"
 
 
 RANDOM_LOG = f"{PATHS['logs']}/finetune/{{modality}}/random_init/seed{{seed}}"
@@ -39,14 +49,11 @@ rule finetune_random_init:
         f"{METRICS}/{{modality}}/random_init/seed{{seed}}.json",
     params:
         ft_config=lambda w: json.dumps(wfc.random_init_request(config, w.modality, int(w.seed)), sort_keys=True),
-        prefix=RANDOM_LOG,
+        **ft_launch_params(RANDOM_LOG),
     log:
         f"{RANDOM_LOG}.log",
     threads: training_threads("finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        "printf '%s\\n' {params.ft_config:q} > {params.prefix}.yaml && "
-        + wfc.launch_command(config, "finetune", name="finetune:{params.prefix}", folder=f"{PATHS['logs']}/slurm/%j",
-                             job_file="{params.prefix}.slurm_job.json")
-        + " python -m d2v2 finetune --config {params.prefix}.yaml --out {output} > {log} 2>&1"
+        FT_WRITE_CONFIG + FT_LAUNCH + " python -m d2v2 finetune --config {params.ft_yaml:q} --out {output:q} > {log:q} 2>&1"

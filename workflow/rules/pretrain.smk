@@ -39,13 +39,17 @@ rule pretrain:
     params:
         request=lambda w: json.dumps(wfc.run_config(config, run_of(w)), sort_keys=True),
         run_dir=RUN_DIR,
+        job_name=f"pretrain:{RUN_DIR}",
+        slurm_folder=f"{RUN_DIR}/slurm/%j",
+        job_file=f"{RUN_DIR}/slurm_job.json",
+        run_config=f"{RUN_DIR}/run.yaml",
     log:
         f"{PATHS['logs']}/pretrain/{{modality}}/{{method}}/{{variant}}/seed{{seed}}.log",
     threads: training_threads("pretrain")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        "python -m d2v2.workflow_config prepare-run {params.run_dir} {params.request:q} > {log} 2>&1 && "
-        + wfc.launch_command(config, "pretrain", name="pretrain:{params.run_dir}", folder="{params.run_dir}/slurm/%j",
-                             job_file="{params.run_dir}/slurm_job.json")
-        + " python -m d2v2 pretrain --config {params.run_dir}/run.yaml --out {params.run_dir} >> {log} 2>&1"
+        "python -m d2v2.workflow_config prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
+        + wfc.launch_command(config, "pretrain", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
+                             job_file="{params.job_file:q}")
+        + " python -m d2v2 pretrain --config {params.run_config:q} --out {params.run_dir:q} >> {log:q} 2>&1"

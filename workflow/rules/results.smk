@@ -18,7 +18,7 @@ rule resolved_config:
     params:
         text=yaml.safe_dump(dict(config), sort_keys=False),
     shell:
-        "printf '%s' {params.text:q} > {output}.tmp && mv {output}.tmp {output}"
+        "printf '%s' {params.text:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"
 
 
 rule collect:
@@ -32,10 +32,12 @@ rule collect:
         runs_parquet=f"{RESULTS}/tables/runs.parquet",
         progress=report(f"{RESULTS}/tables/progress.csv", category="Tables", caption="../report/progress.rst"),
         progress_parquet=f"{RESULTS}/tables/progress.parquet",
+    params:
+        tables=f"{RESULTS}/tables",
     log:
         f"{PATHS['logs']}/collect.log",
     shell:
-        "python -m d2v2 collect --metrics {input.metrics} --runs {input.runs} --out {RESULTS}/tables > {log} 2>&1"
+        "python -m d2v2 collect --metrics {input.metrics:q} --runs {input.runs:q} --out {params.tables:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -52,10 +54,12 @@ rule report:
         derived=directory(f"{RESULTS}/derived"),
     params:
         clock=config["report"]["clock"],
-        targets=" ".join(f"--target {key}={value}" for key, value in config["report"]["targets"].items()),
+        targets=" ".join(f"--target {shlex.quote(f'{key}={value}')}" for key, value in config["report"]["targets"].items()),
         bootstrap=config["report"]["bootstrap"],
+        tables=f"{RESULTS}/tables",
+        out=RESULTS,
     log:
         f"{PATHS['logs']}/report.log",
     shell:
-        "python -m d2v2 report --tables {RESULTS}/tables --config {input.config} --out {RESULTS} "
-        "--clock {params.clock} --bootstrap {params.bootstrap} {params.targets} > {log} 2>&1"
+        "python -m d2v2 report --tables {params.tables:q} --config {input.config:q} --out {params.out:q} "
+        "--clock {params.clock:q} --bootstrap {params.bootstrap:q} {params.targets} > {log:q} 2>&1"
