@@ -569,7 +569,8 @@ def to_checkpoint(model: Data2Vec2 | Encoder, info: ConversionInfo, source: str 
     A released model has no clocks the harness measured: they are None (``updates`` from fairseq's
     optimizer history when present), so its metrics cannot enter the time-to-target analysis."""
     encoder = model if isinstance(model, Encoder) else model.student
-    clocks = {k: None for k in ("train_time_s", "e2e_time_s", "device_hours", "device_count", "samples", "epochs")}
+    clocks = {k: None for k in ("train_time_s", "e2e_time_s", "device_hours", "device_count", "samples", "epochs",
+                                "train_cpu_s")}
     return {
         "kind": "pretrain",
         "identity": {"modality": info.modality, "method": "data2vec2", "preset": None, "seed": info.seed},

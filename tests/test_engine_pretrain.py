@@ -176,16 +176,19 @@ def test_epochs_budget(tmp_path, data_root):
     assert s["epochs"] == pytest.approx(8 / batches_per_epoch)
 
 
-@pytest.mark.parametrize("kind, value, seconds", [("train_seconds", 2.0, 2.0), ("device_hours", 2.0 / 3600, 2.0)])
-def test_time_budgets_stop_on_time_with_a_complete_schedule(tmp_path, data_root, kind, value, seconds):
+@pytest.mark.parametrize("kind, value, seconds, clock", [("train_seconds", 2.0, 2.0, "train_time_s"),
+                                                        ("device_hours", 2.0 / 3600, 2.0, "train_time_s"),
+                                                        ("cpu_seconds", 2.0, 2.0, "train_cpu_s")])
+def test_time_budgets_stop_on_time_with_a_complete_schedule(tmp_path, data_root, kind, value, seconds, clock):
     out = tmp_path / "run"
     cfg = run_config(data_root, budget={"kind": kind, "value": value}, log_every=1,
                      checkpoint={"fractions": [0.5, 1.0]})
     assert run(cfg, out) == 0
     s = summary(out)
     progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
-    step = max(b["train_time_s"] - a["train_time_s"] for a, b in zip(progress, progress[1:]))
-    assert seconds <= s["train_time_s"] <= seconds + 2 * step       # stopped at the first update past the budget
+    step = max(b[clock] - a[clock] for a, b in zip(progress, progress[1:]))
+    assert seconds <= s[clock] <= seconds + 2 * step                # stopped at the first update past the budget
+    assert all(p["budget_fraction"] == pytest.approx(p[clock] / seconds, rel=0.05) for p in progress)
     assert progress[-2]["budget_fraction"] < 1.0 <= progress[-1]["budget_fraction"]
     lrs = [p["lr"] for p in progress]
     peak = cfg.optim.lr
@@ -193,7 +196,33 @@ def test_time_budgets_stop_on_time_with_a_complete_schedule(tmp_path, data_root,
     assert lrs[-1] < 0.1 * peak                                     # and the decay finished by the end
     assert all(b <= a + 1e-12 for a, b in zip(lrs[lrs.index(max(lrs)):], lrs[lrs.index(max(lrs)) + 1:]))
     half = load_checkpoint(out / "checkpoints" / "checkpoint_f0.500.pt")
-    assert half["fraction_consumed"] >= 0.5 and half["pretrain"]["train_time_s"] >= 0.5 * seconds
+    assert half["fraction_consumed"] >= 0.5 and half["pretrain"][clock] >= 0.5 * seconds
+
+
+def test_a_cpu_seconds_budget_resumes_with_its_clock(tmp_path, data_root, monkeypatch):
+    """Interrupted at update 3 and resumed: the CPU clock continues from the checkpoint's (it never goes
+    back), and the run stops when the two processes together have spent the budget."""
+    from d2v2.data2vec2 import Data2Vec2
+
+    after_step = Data2Vec2.after_step
+
+    def interrupt(self, num_updates):
+        after_step(self, num_updates)
+        if num_updates == 3 and not getattr(interrupt, "done", False):
+            interrupt.done = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Data2Vec2, "after_step", interrupt)
+    out = tmp_path / "run"
+    cfg = run_config(data_root, budget={"kind": "cpu_seconds", "value": 1.5}, log_every=1)
+    assert run(cfg, out) == 128 + signal.SIGTERM
+    at_stop = load_checkpoint(out / "checkpoint_last.pt")["clock"]["train_cpu_s"]
+    assert 0 < at_stop < 1.5
+    assert run(cfg, out) == 0
+    progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
+    cpu = [p["train_cpu_s"] for p in progress]
+    assert cpu == sorted(cpu) and cpu[0] < at_stop < cpu[-1]
+    assert 1.5 <= summary(out)["train_cpu_s"] < 1.5 + 2 * max(b - a for a, b in zip(cpu, cpu[1:]))
 
 
 # ---------------------------------------------------------------- failures

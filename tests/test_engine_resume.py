@@ -94,6 +94,20 @@ def test_train_clock_pauses_and_accumulates():
     assert clock.e2e_time_s() > 100.25
 
 
+def test_the_cpu_clock_counts_work_not_waiting():
+    """A process that waits for the CPU (here: sleeps) spends train time but no train CPU time."""
+    clock = RunClock(torch.device("cpu"), train_cpu_s=3.0)
+    clock.start_train()
+    time.sleep(0.3)
+    idle = clock.train_cpu_s()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    clock.stop_train()
+    assert 3.0 <= idle < 3.1
+    assert 3.3 <= clock.train_cpu_s() < 3.45 and clock.train_time_s() >= 0.6
+
+
 def test_segment_table_marks_a_dead_process_killed(tmp_path):
     path = tmp_path / "segments.csv"
     table = SegmentTable(path)

@@ -43,7 +43,7 @@ from d2v2.engine.events import EventLogWarning, iter_events
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
            "collect_progress", "write_table", "main"]
 
-CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours")
+CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours", "train_cpu_s")
 IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task", "init", "mode")
 
 
@@ -75,6 +75,7 @@ class PretrainState(_Model):
     train_time_s: float = Field(ge=0)
     e2e_time_s: float = Field(ge=0)
     device_hours: float = Field(ge=0)
+    train_cpu_s: float | None = Field(None, ge=0)   # None: pretrained before this clock was recorded
     device_count: int = Field(ge=0)    # 0 for random initialisation (no pretraining)
     updates: int = Field(ge=0)
     samples: int = Field(ge=0)
@@ -281,8 +282,8 @@ def collect_progress(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
             value = event.get("value")
             if event.get("key") != "train_progress" or not isinstance(value, dict):
                 continue
-            row = {**base, **{k: value.get(k) for k in ("updates", "train_time_s", "e2e_time_s", "loss", "lr",
-                                                       "grad_norm")}}
+            row = {**base, **{k: value.get(k) for k in ("updates", "train_time_s", "e2e_time_s", "train_cpu_s", "loss",
+                                                       "lr", "grad_norm")}}
             if row["train_time_s"] is not None:
                 row["device_hours"] = row["train_time_s"] * base["device_count"] / 3600
             row.update({f"diag.{k}": v for k, v in (value.get("diagnostics") or {}).items()

@@ -31,7 +31,7 @@ import pandas as pd
 from d2v2.analysis import figures, paper
 from d2v2.analysis.collect import write_table
 from d2v2.analysis.paper import METHOD_NAMES
-from d2v2.analysis.speedup import CLOCKS, speedup_table, targets
+from d2v2.analysis.speedup import CLOCKS, recorded_clocks, speedup_table, targets
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
 from d2v2.atomic import atomic_write
 
@@ -295,6 +295,9 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
     evals, random_init = table[table["init"] == "pretrained"], table[table["init"] == "random"]
     if evals.empty:
         raise ValueError(f"{evals_path}: no evaluations of pretrained checkpoints in mode '{mode}'")
+    if clock not in recorded_clocks(evals):
+        raise ValueError(f"--clock: '{clock}' is not recorded for every evaluation in {evals_path} (runs "
+                         f"pretrained before it was recorded); choose one of {', '.join(recorded_clocks(evals))}")
     runs_path, progress_path = tables / "runs.parquet", tables / "progress.parquet"
     runs = pd.read_parquet(runs_path) if runs_path.is_file() else pd.DataFrame()
     progress = pd.read_parquet(progress_path) if progress_path.is_file() else pd.DataFrame()

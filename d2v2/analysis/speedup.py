@@ -34,12 +34,12 @@ from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 __all__ = [
     "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
-    "speedup_table",
+    "speedup_table", "recorded_clocks",
 ]
 
 REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not reached"
 CLOCKS = {"train_time_s": "train-only seconds", "e2e_time_s": "end-to-end seconds",
-          "device_hours": "device-hours"}
+          "device_hours": "device-hours", "train_cpu_s": "train-only CPU seconds"}
 REFERENCE_METHOD = "data2vec2"
 TARGET_COLUMNS = ["modality", "task", "baseline", "primary_metric", "higher_is_better", "configured", "target",
                   "target_source"]
@@ -274,9 +274,16 @@ def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | N
     return pd.DataFrame(rows, columns=TARGET_COLUMNS)
 
 
-def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Iterable[str] = CLOCKS,
+def recorded_clocks(evals: pd.DataFrame) -> list[str]:
+    """The clocks of :data:`CLOCKS` that every evaluation point has (older runs lack ``train_cpu_s``)."""
+    return [c for c in CLOCKS if c in evals.columns and evals[c].notna().all()]
+
+
+def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Iterable[str] | None = None,
                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per (target, data2vec 2.0 variant, clock): both methods' times and the speedup."""
+    """One row per (target, data2vec 2.0 variant, clock): both methods' times and the speedup (every
+    recorded clock unless ``clocks`` is given)."""
+    clocks = recorded_clocks(evals) if clocks is None else clocks
     rows = []
     for t in target_table.itertuples(index=False):
         base = _baseline_runs(evals, t.modality, t.task, t.baseline)

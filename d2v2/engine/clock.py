@@ -1,8 +1,12 @@
-"""The run's two clocks and its segment table (PROTOCOL.md#timing).
+"""The run's clocks and its segment table (PROTOCOL.md#timing).
 
 - **train time** (``train_time_s``): seconds spent in the training loop (data loading and steps),
   excluding evaluation, checkpoint writing and data preparation. Cumulative across restarts: it is
   stored in every checkpoint and restored from it, so it is the training time *behind those weights*.
+- **train CPU time** (``train_cpu_s``): the CPU seconds the training process (all its threads, not its
+  data workers) spent in those same intervals. Time spent waiting for a CPU that other work holds is not
+  counted, so on a shared machine a single-threaded run spends it at the idle rate: a budget on this
+  clock buys the same training on a busy machine as on an idle one (PROTOCOL.md#budgets).
 - **end-to-end time** (``e2e_time_s``): every second the run's processes were alive since the first
   start, including start-up, checkpoint writing and work lost to a crash (queue waits between restarts
   are not counted). Cumulative through the segment table.
@@ -57,10 +61,12 @@ class RunClock:
     """
 
     def __init__(self, device: torch.device, train_time_s: float = 0.0, e2e_before_s: float = 0.0,
-                 start_wall: float | None = None):
+                 start_wall: float | None = None, train_cpu_s: float = 0.0):
         self.device = device
         self._train = float(train_time_s)
         self._train_since: float | None = None
+        self._cpu = float(train_cpu_s)
+        self._cpu_since = 0.0
         self._e2e_before = float(e2e_before_s)
         self.start_wall = min(time.time() if start_wall is None else start_wall, time.time())
         self._t0 = time.perf_counter()
@@ -73,11 +79,13 @@ class RunClock:
     def start_train(self) -> None:
         synchronize(self.device)
         self._train_since = time.perf_counter()
+        self._cpu_since = time.process_time()
 
     def stop_train(self) -> None:
         synchronize(self.device)
         if self._train_since is not None:
             self._train += time.perf_counter() - self._train_since
+            self._cpu += time.process_time() - self._cpu_since
             self._train_since = None
 
     @contextlib.contextmanager
@@ -98,6 +106,13 @@ class RunClock:
             synchronize(self.device)
         running = time.perf_counter() - self._train_since if self._train_since is not None else 0.0
         return self._train + running
+
+    def train_cpu_s(self, sync: bool = True) -> float:
+        """Cumulative CPU seconds of the training process inside the train clock's intervals."""
+        if sync:
+            synchronize(self.device)
+        running = time.process_time() - self._cpu_since if self._train_since is not None else 0.0
+        return self._cpu + running
 
     def e2e_time_s(self, sync: bool = True) -> float:
         """Cumulative end-to-end time, this process counted from its start."""

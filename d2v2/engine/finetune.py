@@ -52,7 +52,9 @@ from d2v2.method import build_method
 __all__ = ["Pretrained", "load_pretrained", "build_encoder", "build_model", "resolve_device", "make_loader", "train",
            "evaluate", "sweep_lr", "finetune", "resolve_config", "main"]
 
-PRETRAIN_CLOCKS = ("train_time_s", "e2e_time_s", "device_hours", "device_count", "updates", "samples", "epochs")
+PRETRAIN_CLOCKS = ("train_time_s", "e2e_time_s", "device_hours", "device_count", "updates", "samples", "epochs",
+                   "train_cpu_s")
+OPTIONAL_CLOCKS = ("train_cpu_s",)          # absent from checkpoints written before it was recorded
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +85,8 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> Pretrained:
         return Pretrained(
             modality=ident["modality"], method=ident["method"], encoder_config=dict(ckpt["encoder_config"]),
             encoder_state=encoder_state_dict(ckpt), seed=ident.get("seed"), budget_fraction=float(fraction),
-            clocks={k: clocks[k] for k in PRETRAIN_CLOCKS}, provenance=ckpt.get("provenance"))
+            clocks={k: clocks.get(k) if k in OPTIONAL_CLOCKS else clocks[k] for k in PRETRAIN_CLOCKS},
+            provenance=ckpt.get("provenance"))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a pretraining checkpoint (missing {err})") from None
 

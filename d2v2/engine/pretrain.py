@@ -191,13 +191,16 @@ class Pretrainer:
     def epochs(self) -> float:
         return self.updates * self.cfg.grad_accum / self.sampler.batches_per_epoch
 
-    def budget_fraction(self, train_time_s: float) -> float:
-        """Fraction of the budget consumed after ``self.updates`` updates and ``train_time_s`` seconds."""
+    def budget_fraction(self, sync: bool = True) -> float:
+        """Fraction of the budget consumed after ``self.updates`` updates and the clocks' time so far."""
         kind, value = self.cfg.budget.kind, self.cfg.budget.value
         if kind == "updates":
             return self.updates / value
         if kind == "epochs":
             return self.epochs / value
+        if kind == "cpu_seconds":
+            return self.clock.train_cpu_s(sync) / value
+        train_time_s = self.clock.train_time_s(sync)
         if kind == "train_seconds":
             return train_time_s / value
         return train_time_s * self.world / 3600.0 / value
@@ -215,7 +218,7 @@ class Pretrainer:
         """The clocks and progress behind the current weights (the metrics file's ``pretrain`` entry)."""
         train = self.clock.train_time_s() if train is None else train
         e2e = self.clock.e2e_time_s() if e2e is None else e2e
-        return {"train_time_s": train, "e2e_time_s": e2e,
+        return {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False),
                 "device_hours": train * self.world / 3600.0, "device_count": self.world,
                 "updates": self.updates, "samples": self.samples, "epochs": self.epochs, "tokens": self.tokens}
 
@@ -248,7 +251,7 @@ class Pretrainer:
             "rng": rng_all,
             "data_position": {"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
             "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done},
-            "clock": {"train_time_s": train, "e2e_time_s": e2e},
+            "clock": {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False)},
             "pretrain": self.pretrain_record(train, e2e),
             "budget": self.cfg.budget.model_dump(),
             "budget_fraction": budget_fraction,
@@ -305,7 +308,7 @@ class Pretrainer:
         self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"],
                                             checkpoint_e2e_s=ckpt["clock"]["e2e_time_s"])
         self.clock = RunClock(self.device, ckpt["clock"]["train_time_s"], self.segments.e2e_before_s,
-                              start_wall=self.clock.start_wall)
+                              start_wall=self.clock.start_wall, train_cpu_s=ckpt["clock"].get("train_cpu_s", 0.0))
         self.resumed_from, self.last_good = used, str(used)
 
     def _check_config(self, where: Path, saved: dict | None = None) -> None:
@@ -354,6 +357,7 @@ class Pretrainer:
         record = {
             "updates": self.updates, "train_samples": self.samples, "epoch": self.epochs,
             "budget_fraction": self.fraction, "train_time_s": train, "e2e_time_s": e2e,
+            "train_cpu_s": self.clock.train_cpu_s(sync=False),
             "loss": values[0], "lr": self.lr, "grad_norm": values[1],
             "diagnostics": {**dict(zip(self._log_sums, values[2:])),
                             **{k: v / max(n, 1) for k, v in self._host_log_sums.items()},
@@ -527,9 +531,9 @@ class Pretrainer:
                 set_lr(self.optimizer, self.lr)
                 self.train_step(batches)
                 save_due = self.clock.e2e_time_s(sync=False) - self._last_saved_e2e >= self.cfg.checkpoint.last_every_s
-                timed = self.cfg.budget.kind in ("train_seconds", "device_hours")
+                timed = self.cfg.budget.kind in ("train_seconds", "device_hours", "cpu_seconds")
                 self.fraction, stop, save_due = self._agree(
-                    self.budget_fraction(self.clock.train_time_s(sync=timed and self._near_end())), save_due)
+                    self.budget_fraction(sync=timed and self._near_end()), save_due)
                 if self.bar is not None:
                     self.bar.update(int(1000 * min(self.fraction, 1.0)) - self.bar.n)
                 if self.updates % self.cfg.log_every == 0 or self.fraction >= 1.0 or stop:
@@ -568,7 +572,7 @@ class Pretrainer:
 
     def _near_end(self) -> bool:
         """Time budgets: sync the device only when the host clock says the budget is nearly spent."""
-        return self.budget_fraction(self.clock.train_time_s(sync=False)) >= 0.99
+        return self.budget_fraction(sync=False) >= 0.99
 
     def _progress_bar(self):
         show = self.cfg.progress

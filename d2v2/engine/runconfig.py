@@ -35,9 +35,10 @@ class MethodSpec(Config):
 
 class Budget(Config):
     """How much training: ``updates``, ``epochs`` (full passes of the sampler), ``train_seconds`` (train-only
-    clock) or ``device_hours`` (train-only seconds x processes / 3600)."""
+    clock), ``device_hours`` (train-only seconds x processes / 3600) or ``cpu_seconds`` (the training
+    process's CPU time in the train-only intervals: the same training on a busy CPU as on an idle one)."""
 
-    kind: Literal["updates", "epochs", "train_seconds", "device_hours"]
+    kind: Literal["updates", "epochs", "train_seconds", "device_hours", "cpu_seconds"]
     value: float = Field(gt=0)
 
     @model_validator(mode="after")
