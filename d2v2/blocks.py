@@ -1,4 +1,5 @@
-"""The Transformer block shared by every method (METHOD.md#transformer-block), plus ALiBi slopes and BERT init.
+"""The Transformer block shared by every method (METHOD.md#transformer-block), plus ALiBi slopes, BERT init
+and channels-last convolutions (:func:`conv_channels_last`).
 
 data2vec 2.0 uses *post-LN* blocks (fairseq ``AltBlock`` with ``layer_norm_first=False``)::
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "init_bert_params"]
+__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "init_bert_params", "conv_channels_last"]
 
 
 class Attention(nn.Module):
@@ -57,8 +58,14 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
         elif padding_mask is not None:
             attn_mask = ~padding_mask[:, None, None, :]          # bool: True = attend
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if attn_mask is not None and attn_mask.requires_grad and q.device.type == "cpu":
+            # A learned bias (ALiBi's scale) sends SDPA on a CPU to its slow generic path; written out, as
+            # fairseq's AltAttention computes it, the step is faster (docs/BENCHMARKS.md#ours-against-fairseq).
+            attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn_mask).softmax(-1)
+            x = F.dropout(attn, dropout_p, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -149,3 +156,18 @@ def init_bert_params(module: nn.Module) -> None:
         module.weight.normal_(0.0, 0.02)
         if module.padding_idx is not None:
             module.weight[module.padding_idx].zero_()
+
+
+def conv_channels_last(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
+    """``conv`` on channels-last input, (B, T, C) or (B, H, W, C), returning the same layout, contiguous.
+
+    Same weights and arithmetic as moving the channels first, convolving and moving them back, without
+    the copies: the channels-first view of ``x`` is a channels-last tensor (a 1-D convolution runs as a
+    2-D one of height 1), which the convolution reads in place and answers in the same memory format. The
+    LayerNorms over channels and the GELUs between such layers (the audio CNN, the positional convolution,
+    the decoder) then work on contiguous memory, forward and backward."""
+    if isinstance(conv, nn.Conv1d):
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
+                     stride=(1, conv.stride[0]), padding=(0, conv.padding[0]), groups=conv.groups)
+        return y.squeeze(2).transpose(1, 2)
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

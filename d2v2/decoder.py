@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2v2.blocks import conv_channels_last
 from d2v2.config import Config
 from d2v2.masking import scatter_tokens
 
@@ -49,9 +50,8 @@ class _DecoderLayer(nn.Module):
         self.conv = conv(c_in, c_out, kernel, padding=kernel // 2, groups=groups)
         self.out_channels = c_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:            # (B, C, *spatial)
-        x = self.conv(x).movedim(1, -1)
-        return F.gelu(F.layer_norm(x, (self.out_channels,))).movedim(-1, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # (B, *spatial, C), channels last
+        return F.gelu(F.layer_norm(conv_channels_last(x, self.conv), (self.out_channels,)))
 
 
 class Decoder(nn.Module):
@@ -81,13 +81,11 @@ class Decoder(nn.Module):
             else visible.new_zeros(B, length, D)
         x = scatter_tokens(filler, keep, self.input_dropout(visible))
         if self.grid is not None:
-            x = x.transpose(1, 2).reshape(B, D, *self.grid)
-        else:
-            x = x.transpose(1, 2)
+            x = x.reshape(B, *self.grid, D)                     # tokens are the grid's rows, left to right
         residual = x
         for layer in self.blocks:
             x = layer(x)
-            if self.cfg.residual and x.shape[1] == residual.shape[1]:
+            if self.cfg.residual and x.shape[-1] == residual.shape[-1]:
                 x = x + residual
             residual = x
-        return self.proj(x.flatten(2).transpose(1, 2))
+        return self.proj(x.reshape(B, length, -1))

@@ -174,7 +174,7 @@ def test_data2vec1_audio_mask_embedding_replaces_masked_frames():
     batch = masked(method, make_batch("audio"))
     seen = []
     method.student.context_encoder.relative_positional_encoder.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].transpose(1, 2).detach()))
+        lambda m, args: seen.append(args[0].detach()))          # frames-last (B, T, D)
     method(batch)
     teacher_in, student_in = seen                     # (B, T, D) before conv positions; targets come first
     mask = batch["mask"]

@@ -1,10 +1,13 @@
-"""The shared Transformer block: post-/pre-LN formulas, attention with ALiBi bias and padding, slopes."""
+"""The shared Transformer block: post-/pre-LN formulas, attention with ALiBi bias and padding, slopes, and
+the channels-last convolutions."""
 import math
 
 import pytest
 import torch
 
-from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes
+from torch import nn
+
+from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes, conv_channels_last
 
 
 def manual_attention(attn: Attention, x, bias=None, padding_mask=None):
@@ -29,6 +32,46 @@ def test_attention_matches_softmax_with_bias_and_padding():
     pad[1, 5:] = True
     for b, p in [(None, None), (bias, None), (None, pad), (bias, pad)]:
         torch.testing.assert_close(attn(x, b, p), manual_attention(attn, x, b, p), atol=1e-5, rtol=1e-5)
+
+
+def test_a_learned_bias_gets_the_same_outputs_and_gradients_on_either_attention_path():
+    """With a bias that needs a gradient (ALiBi's learned scale) the CPU path writes attention out; it must
+    give SDPA's outputs and gradients (inputs, weights and the bias itself), padding included."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4).train()
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    scale = torch.ones(1, 4, 1, 1, requires_grad=True)
+    results = []
+    for needs_grad in (True, False):             # False: SDPA (the bias is a constant for autograd)
+        bias = alibi_bias(torch.arange(7)[None], 4) * (scale if needs_grad else scale.detach())
+        out = attn(x, bias, pad)
+        grads = torch.autograd.grad(out.square().sum(), [x, attn.qkv.weight])
+        results.append((out, *grads))
+    for ours, sdpa in zip(*results):
+        torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)
+    bias = alibi_bias(torch.arange(7)[None], 4) * scale
+    (grad_scale,) = torch.autograd.grad(attn(x, bias, pad).square().sum(), [scale])
+    reference = manual_attention(attn, x, alibi_bias(torch.arange(7)[None], 4) * scale, pad)
+    (expected,) = torch.autograd.grad(reference.square().sum(), [scale])
+    torch.testing.assert_close(grad_scale, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(6, 8, 3, stride=2), nn.Conv1d(1, 8, 10, stride=5, bias=False),
+                                  nn.Conv1d(8, 8, 5, padding=2, groups=4), nn.Conv2d(8, 4, 3, padding=1, groups=4)],
+                         ids=["strided", "one-channel", "grouped-same", "2d-grouped"])
+def test_channels_last_convolution_is_the_convolution(conv):
+    torch.manual_seed(0)
+    shape = (2, 9, 7, conv.in_channels) if isinstance(conv, nn.Conv2d) else (2, 40, conv.in_channels)
+    x = torch.randn(*shape, requires_grad=True)
+    y = conv_channels_last(x, conv)
+    expected = conv(x.movedim(-1, 1)).movedim(1, -1)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous()                     # what the LayerNorm after it reads without a copy
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, [x, conv.weight], g),
+                               torch.autograd.grad(expected, [x, conv.weight], g), atol=1e-4, rtol=1e-4)
 
 
 def test_padded_keys_do_not_influence_real_positions():

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from d2v2 import data
 from d2v2.config import ConfigError
@@ -129,9 +129,11 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 class Pretrainer:
-    """One pretraining run in ``out`` (see module docstring); :meth:`fit` returns the exit status."""
+    """One pretraining run in ``out`` (see module docstring); :meth:`fit` returns the exit status. The
+    training items come from ``cfg.data`` unless ``dataset`` is given."""
 
-    def __init__(self, cfg: PretrainRunConfig, out: str | Path, start_wall: float | None = None):
+    def __init__(self, cfg: PretrainRunConfig, out: str | Path, start_wall: float | None = None,
+                 dataset: Dataset | None = None):
         self.cfg, self.out = cfg, Path(out)
         self.device = _resolve_device(cfg.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -148,7 +150,7 @@ class Pretrainer:
         self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         m = cfg.method
         # a missing data path fails before any compute, and before the run directory exists
-        self.dataset = data.pretrain_dataset(m.modality, cfg.data)
+        self.dataset = data.pretrain_dataset(m.modality, cfg.data) if dataset is None else dataset
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
         _seed_all(cfg.seed)                      # identical initial weights on every process
@@ -177,6 +179,7 @@ class Pretrainer:
         self.last_good: str | None = None
         self.resumed_from: Path | None = None
         self._signal: int | None = None
+        self._reset_step_state()
 
     # ------------------------------------------------------------------ budget and progress
     @property
@@ -424,6 +427,17 @@ class Pretrainer:
                 self._signal = signal.SIGTERM
         return flags[0], bool(flags[1]), bool(flags[2])
 
+    def _reset_step_state(self) -> None:
+        """What :meth:`train_step` accumulates on the device between host reads: loss and log sums of the
+        interval, whether any step was non-finite and the first such update (synchronised only at logging)."""
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._host_log_sums: dict[str, float] = {}
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._first_bad = torch.full((), NEVER, dtype=torch.long, device=self.device)   # first bad update
+        self._update_counter = torch.full((), self.updates, dtype=torch.long, device=self.device)
+        self._last_logs: dict[str, Any] = {}
+        self._reset_interval()
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -512,12 +526,7 @@ class Pretrainer:
             self.segments.begin(job_id(), self.provenance["host"], self.clock)
         in_main_thread = threading.current_thread() is threading.main_thread()   # where Python delivers signals
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS} if in_main_thread else {}
-        self._log_sums: dict[str, torch.Tensor] = {}
-        self._host_log_sums: dict[str, float] = {}
-        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._first_bad = torch.full((), NEVER, dtype=torch.long, device=self.device)   # first bad update
-        self._update_counter = torch.full((), self.updates, dtype=torch.long, device=self.device)
-        self._last_logs: dict[str, Any] = {}
+        self._reset_step_state()
         self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
         self.bar = self._progress_bar()
         self.method.train()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.blocks import alibi_bias
+from d2v2.blocks import alibi_bias, conv_channels_last
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
@@ -44,7 +44,9 @@ def receptive_field(conv_layers: list[tuple[int, int, int]]) -> tuple[int, int]:
 
 
 class _ConvLayer(nn.Module):
-    """Conv1d (no bias, kaiming-normal) -> LayerNorm over channels (affine, fp32) -> GELU."""
+    """Conv1d (no bias, kaiming-normal) -> LayerNorm over channels (affine, fp32) -> GELU, on frames-last
+    (B, T, C) input (:func:`~d2v2.blocks.conv_channels_last`: fairseq's ``ConvFeatureExtractionModel``
+    computes the same in (B, C, T), with a copy at every transpose)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
         super().__init__()
@@ -52,11 +54,11 @@ class _ConvLayer(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight)
         self.norm = nn.LayerNorm(c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:          # (B, C, T)
-        x = self.conv(x).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # (B, T, C) -> (B, T', C')
+        x = conv_channels_last(x, self.conv)
         x = F.layer_norm(x.float(), self.norm.normalized_shape, self.norm.weight.float(),
                          self.norm.bias.float(), self.norm.eps).type_as(x)
-        return F.gelu(x).transpose(1, 2)
+        return F.gelu(x)
 
 
 class AudioLocalEncoder(nn.Module):
@@ -85,7 +87,7 @@ class AudioLocalEncoder(nn.Module):
         receptive = frame_count(source.shape[1], self.cfg.conv_layers)
         if receptive < 1:
             raise ValueError(f"waveform of {source.shape[1]} samples is shorter than the CNN's receptive field")
-        return self.feature_extractor(source[:, None, :]).transpose(1, 2)
+        return self.feature_extractor(source[:, :, None])
 
     def project(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """CNN frames (B, T, C) -> ``(project_features(frames) (B, T, D), frame padding mask (B, T) | None)``;
@@ -100,16 +102,16 @@ class AudioLocalEncoder(nn.Module):
 
 
 class _PosConv(nn.Module):
-    """Conv1d(D, D, k, groups) with "same" length -> LN(no affine) -> GELU."""
+    """Conv1d(D, D, k, groups) with "same" length -> LN(no affine) -> GELU, on frames-last (B, T, D) input."""
 
     def __init__(self, dim: int, kernel: int, groups: int):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:           # (B, D, T)
-        y = self.conv(x)[..., : x.shape[-1]]
-        return F.gelu(self.norm(y.transpose(1, 2))).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:           # (B, T, D)
+        y = conv_channels_last(x, self.conv)[:, : x.shape[1]]
+        return F.gelu(self.norm(y))
 
 
 class AudioContextEncoder(ContextEncoder):
@@ -136,7 +138,7 @@ class AudioContextEncoder(ContextEncoder):
         if not len(self.relative_positional_encoder):
             return x
         inp = x if mask is None else x.masked_fill(mask[..., None], 0.0)
-        return x + self.relative_positional_encoder(inp.transpose(1, 2)).transpose(1, 2)
+        return x + self.relative_positional_encoder(inp)
 
     def attention_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         if self.alibi_scale is None:

@@ -1,0 +1,42 @@
+"""The side-by-side benchmark against fairseq (benchmarks/bench_vs_fairseq.py): it skips with a clear
+message without a checkout, names a path that is not one, and (with ``D2V2_FAIRSEQ`` set to a checkout and
+fairseq's import-time dependencies installed) runs its CPU dry run with the two sides' losses agreeing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_fairseq.py"
+
+
+def bench(*args, env=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "D2V2_FAIRSEQ"} if env is None else env
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_without_a_checkout_it_skips_saying_why():
+    r = bench()
+    assert r.returncode == 0, r.stderr
+    assert "skipped: no fairseq checkout" in r.stdout and "--fairseq" in r.stdout
+
+
+def test_a_path_that_is_not_a_checkout_is_named(tmp_path):
+    r = bench("--fairseq", str(tmp_path), "--dry-run")
+    assert r.returncode != 0
+    assert f"{tmp_path} is not a fairseq checkout" in r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
+def test_the_dry_run_measures_every_modality_with_equal_losses(tmp_path):
+    r = bench("--dry-run", "--json", str(tmp_path / "rows.json"), env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["modality"] for row in rows] == ["image", "audio", "text"]
+    for row in rows:
+        assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 3
+        assert row["loss_max_rel_diff"] < 1e-5, row
+    assert "| image | tiny | 1 |" in r.stdout
