@@ -200,20 +200,11 @@ def test_a_missing_data_root_leaves_no_run_directory(tmp_path, data_root, capsys
     assert not out.exists()
 
 
-def test_a_torn_event_line_is_cut_on_resume_and_collect_reads_the_log(tmp_path, data_root, monkeypatch):
+def test_a_torn_event_line_is_cut_on_resume_and_collect_reads_the_log(tmp_path, data_root, signal_after_update):
     """Interrupted run, its log torn as by a kill mid-write, resumed: the log is valid JSON lines again."""
     from d2v2.analysis.collect import collect_progress
-    from d2v2.data2vec2 import Data2Vec2
 
-    after_step = Data2Vec2.after_step
-
-    def interrupt(self, num_updates):
-        after_step(self, num_updates)
-        if num_updates == 3 and not getattr(interrupt, "done", False):
-            interrupt.done = True
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Data2Vec2, "after_step", interrupt)
+    signal_after_update(3)
     out = tmp_path / "run"
     cfg = run_config(data_root, log_every=1)
     assert run(cfg, out) == 128 + signal.SIGTERM

@@ -199,20 +199,10 @@ def test_time_budgets_stop_on_time_with_a_complete_schedule(tmp_path, data_root,
     assert half["fraction_consumed"] >= 0.5 and half["pretrain"][clock] >= 0.5 * seconds
 
 
-def test_a_cpu_seconds_budget_resumes_with_its_clock(tmp_path, data_root, monkeypatch):
+def test_a_cpu_seconds_budget_resumes_with_its_clock(tmp_path, data_root, signal_after_update):
     """Interrupted at update 3 and resumed: the CPU clock continues from the checkpoint's (it never goes
     back), and the run stops when the two processes together have spent the budget."""
-    from d2v2.data2vec2 import Data2Vec2
-
-    after_step = Data2Vec2.after_step
-
-    def interrupt(self, num_updates):
-        after_step(self, num_updates)
-        if num_updates == 3 and not getattr(interrupt, "done", False):
-            interrupt.done = True
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Data2Vec2, "after_step", interrupt)
+    signal_after_update(3)
     out = tmp_path / "run"
     cfg = run_config(data_root, budget={"kind": "cpu_seconds", "value": 1.5}, log_every=1)
     assert run(cfg, out) == 128 + signal.SIGTERM

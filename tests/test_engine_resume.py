@@ -182,24 +182,14 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_root)
     assert summary["e2e_time_s"] > float(rows[0]["e2e_time_s"]) >= at_kill["clock"]["e2e_time_s"]
 
 
-def test_truncated_checkpoint_last_is_reported_and_the_previous_one_used(tmp_path, data_root, monkeypatch, capsys):
+def test_truncated_checkpoint_last_is_reported_and_the_previous_one_used(tmp_path, data_root, signal_after_update, capsys):
     """Interrupt a run, truncate its checkpoint_last: the resume names the bad file, continues from
     checkpoint_last.prev.pt and still ends with the uninterrupted run's weights."""
-    from d2v2.data2vec2 import Data2Vec2
-
     changes = dict(budget={"kind": "updates", "value": 8}, checkpoint={"fractions": [1.0], "last_every_s": 0.01})
     reference = tmp_path / "reference"
     assert run(run_config(data_root, **changes), reference) == 0
 
-    after_step = Data2Vec2.after_step
-
-    def interrupt(self, num_updates):
-        after_step(self, num_updates)
-        if num_updates == 5 and self.training and not getattr(interrupt, "done", False):
-            interrupt.done = True
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(Data2Vec2, "after_step", interrupt)
+    signal_after_update(5, signal.SIGUSR2)
     out = tmp_path / "run"
     cfg = run_config(data_root, **changes)
     assert run(cfg, out) == 128 + signal.SIGUSR2
