@@ -265,3 +265,11 @@ def test_initialisation_follows_fairseq():
     fan_in = patch.weight[0].numel()
     assert patch.bias.any() and patch.bias.abs().max() <= fan_in ** -0.5
     assert abs(patch.weight.std().item() - (2 / (fan_in + patch.weight.shape[0])) ** 0.5) < 0.02
+
+
+def test_the_collapse_diagnostics_are_fairseqs_compute_var():
+    """target_var / pred_var: the per-dimension std over masked tokens, averaged (fairseq's compute_var)."""
+    from d2v2.data2vec2 import _mean_std
+
+    x = torch.randn(500, 12) * torch.linspace(0.1, 3.0, 12) + 5.0
+    torch.testing.assert_close(_mean_std(x), torch.sqrt(x.var(0) + 1e-6).mean(), rtol=1e-6, atol=1e-6)
