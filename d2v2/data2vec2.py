@@ -161,7 +161,7 @@ class Details:
 
 def _mean_std(x: torch.Tensor) -> torch.Tensor:
     """sqrt(unbiased variance over rows + 1e-6), averaged over columns: ``torch.sqrt(x.var(0) + 1e-6).mean()``
-    in two passes (``var(0)`` reduces across a strided axis, ten times slower on a CPU at these shapes)."""
+    in two passes (``var(0)`` reduces across a strided axis, slow on a CPU: docs/BENCHMARKS.md#ours-against-fairseq)."""
     centred = x - x.mean(0)
     return torch.sqrt(centred.square().sum(0) / (x.shape[0] - 1) + 1e-6).mean()
 

@@ -533,16 +533,14 @@ class Pretrainer:
         status, exit_code, batches = "success", 0, None
         try:
             self.clock.start_train()
-            self._reset_interval()
             batches = iter(loader)
             while self.fraction < 1.0:
                 self.lr = self.cfg.optim.lr_at(self.fraction)
                 set_lr(self.optimizer, self.lr)
                 self.train_step(batches)
                 save_due = self.clock.e2e_time_s(sync=False) - self._last_saved_e2e >= self.cfg.checkpoint.last_every_s
-                timed = self.cfg.budget.kind in ("train_seconds", "device_hours", "cpu_seconds")
                 self.fraction, stop, save_due = self._agree(
-                    self.budget_fraction(sync=timed and self._near_end()), save_due)
+                    self.budget_fraction(sync=self.cfg.budget.timed and self._near_end()), save_due)
                 if self.bar is not None:
                     self.bar.update(int(1000 * min(self.fraction, 1.0)) - self.bar.n)
                 if self.updates % self.cfg.log_every == 0 or self.fraction >= 1.0 or stop:

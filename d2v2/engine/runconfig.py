@@ -41,6 +41,11 @@ class Budget(Config):
     kind: Literal["updates", "epochs", "train_seconds", "device_hours", "cpu_seconds"]
     value: float = Field(gt=0)
 
+    @property
+    def timed(self) -> bool:
+        """Whether the budget is spent on a clock (the loop then reads it, with a device sync near the end)."""
+        return self.kind in ("train_seconds", "device_hours", "cpu_seconds")
+
     @model_validator(mode="after")
     def _integral_updates(self) -> "Budget":
         if self.kind == "updates" and self.value != int(self.value):
