@@ -36,7 +36,7 @@ from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_ma
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
-from d2v2.ema import EMATeacher, ema_decay
+from d2v2.ema import EMATeacher, teacher_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
 from d2v2.targets import make_targets
@@ -63,7 +63,8 @@ class Data2Vec1Config(Config):
     # teacher
     ema_decay: float = pydantic.Field(0.999, gt=0, le=1)           # tau_0
     ema_end_decay: float = pydantic.Field(0.9999, gt=0, le=1)      # tau_e
-    ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n
+    ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n in updates
+    ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)   # tau_n in budget (d2v2.ema)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "Data2Vec1Config":
@@ -111,10 +112,9 @@ class Data2Vec1(PretrainMethod):
     def encoder(self) -> Encoder:
         return self.student
 
-    def after_step(self, num_updates: int) -> None:
-        """EMA step of the teacher's blocks with tau(num_updates) (skipped when tau >= 1)."""
-        self.current_decay = ema_decay(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay,
-                                       self.cfg.ema_anneal_end_step)
+    def after_step(self, num_updates: int, fraction: float) -> None:
+        """EMA step of the teacher's blocks with tau at this point of the run (skipped when tau >= 1)."""
+        self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
         self.teacher.step(self.student, self.current_decay)
 
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -180,10 +180,12 @@ _BASE = {
               "layer_norm_target_layer": True, "loss_beta": 2.0, "ema_decay": 0.9998, "ema_end_decay": 0.9998},
     "audio": {"mask": {"kind": "span", "mask_prob": 0.65, "span": 10}, "average_top_k_layers": 8,
               "instance_norm_target_layer": True, "loss_beta": 0.0,
-              "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 30_000},
+              "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 30_000,
+              "ema_anneal_end_fraction": 30_000 / 400_000},
     "text": {"mask": {"kind": "bert"}, "average_top_k_layers": 10, "layer_norm_target_layer": True,
              "head_layers": 2, "loss_beta": 4.0, "loss_scale": 1.0,
-             "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 100_000},
+             "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 100_000,
+             "ema_anneal_end_fraction": 100_000 / 1_000_000},
 }
 # tiny / smoke: the encoders of data2vec 2.0's presets, K scaled with depth (base K/12 of the blocks), and
 # data2vec 2.0's shortened EMA warm-up (a 30k-100k-step anneal would never start in a tiny run).
@@ -195,7 +197,8 @@ def _preset(modality: str, name: str) -> dict:
     if name != "base":
         preset.update(average_top_k_layers=_TOP_K[name][modality],
                       ema_decay=d2v2_setting(modality, name, "ema_decay"),
-                      ema_anneal_end_step=d2v2_setting(modality, name, "ema_anneal_end_step"))
+                      ema_anneal_end_step=d2v2_setting(modality, name, "ema_anneal_end_step"),
+                      ema_anneal_end_fraction=d2v2_setting(modality, name, "ema_anneal_end_fraction"))
     return preset
 
 

@@ -60,7 +60,7 @@ def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
             torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step(i + 1)
+        method.after_step(i + 1, fraction=(i + 1) / (warmup + updates))
 
     for i in range(warmup):
         step(i)

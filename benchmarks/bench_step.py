@@ -84,7 +84,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         scaler.scale(out.loss).backward()
         scaler.step(opt)
         scaler.update()
-        method.after_step(step + 1)
+        method.after_step(step + 1, fraction=(step + 1) / (warmup + steps))
         _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - t0)

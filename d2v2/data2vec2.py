@@ -32,7 +32,7 @@ import torch
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config, merge
 from d2v2.decoder import Decoder, DecoderConfig
-from d2v2.ema import EMATeacher, ema_decay
+from d2v2.ema import EMATeacher, teacher_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.masking import block_mask, keep_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
@@ -75,7 +75,10 @@ class Data2Vec2Config(Config):
     # teacher (METHOD.md#teacher)
     ema_decay: float = pydantic.Field(0.9998, gt=0, le=1)        # tau_0
     ema_end_decay: float = pydantic.Field(0.99999, gt=0, le=1)   # tau_e
-    ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n
+    ema_anneal_end_step: int = pydantic.Field(100_000, ge=0)     # tau_n in updates
+    # tau_n as a fraction of the budget (the schedule fitted to any budget, like the LR); None: in updates.
+    # Base: the released configs' ratio ema_anneal_end_step / max_update.
+    ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)
     teacher_shares: Literal["nothing", "local_encoder", "embeddings"] | None = None  # None: per modality
     # gradient multiplier into the student's local encoder (fairseq ``local_grad_mult``; every released
     # pretraining config: 1). 0 freezes it at its initialisation.
@@ -203,11 +206,10 @@ class Data2Vec2(PretrainMethod):
     def encoder(self) -> Encoder:
         return self.student
 
-    def after_step(self, num_updates: int) -> None:
-        """EMA step with tau(num_updates) (skipped when tau >= 1)."""
+    def after_step(self, num_updates: int, fraction: float) -> None:
+        """EMA step with tau at this point of the run (skipped when tau >= 1)."""
         self.num_updates = num_updates
-        self.current_decay = ema_decay(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay,
-                                       self.cfg.ema_anneal_end_step)
+        self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
         self.teacher.step(self.student, self.current_decay)
 
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -346,6 +348,7 @@ _IMAGE_BASE = {
     "num_masks": 16, "mask_ratio": 0.8, "mask_width": 3, "mask_adjust": 0.07, "inverse_mask": True,
     "average_top_k_layers": 10, "instance_norm_target_layer": True, "layer_norm_targets": True,
     "cls_loss": 0.01, "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100_000,
+    "ema_anneal_end_fraction": 100_000 / 375_300,
     "min_target_var": 0.0, "min_pred_var": 0.0,
 }
 _AUDIO_BASE = {
@@ -357,6 +360,7 @@ _AUDIO_BASE = {
     "num_masks": 8, "mask_ratio": 0.5, "mask_width": 5, "mask_adjust": 0.05, "inverse_mask": False,
     "average_top_k_layers": 8, "instance_norm_target_layer": True,
     "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_end_step": 75_000,
+    "ema_anneal_end_fraction": 75_000 / 400_000,
 }
 _TEXT_BASE = {
     "encoder": {"modality": "text", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
@@ -367,6 +371,7 @@ _TEXT_BASE = {
     "num_masks": 8, "mask_ratio": 0.42, "mask_width": 1, "mask_adjust": 0.0, "inverse_mask": False,
     "average_top_k_layers": 12, "instance_norm_target_layer": True, "loss_scale": 1.0,
     "ema_decay": 0.9999, "ema_end_decay": 1.0, "ema_anneal_end_step": 100_000,
+    "ema_anneal_end_fraction": 100_000 / 1_000_000,
 }
 
 # tiny: Fashion-MNIST 1x28x28 with 4x4 patches (a 7x7 grid; inverse block masking keeps 9 of 49),
@@ -393,7 +398,9 @@ _TINY = {
              "num_masks": 4, "average_top_k_layers": 4,
              "ema_end_decay": 0.9999},            # the paper's tau_e = 1 would freeze a short run's teacher
 }
-_TINY_EMA = {"ema_decay": 0.99, "ema_anneal_end_step": 1000}
+# tiny and smoke keep an anneal in updates (1,000: about 80% of a 60-CPU-second image run), the count the tiny
+# recipes were calibrated with (docs/TINY_SCALE.md); a budget sweep on tiny sets ema_anneal_end_fraction.
+_TINY_EMA = {"ema_decay": 0.99, "ema_anneal_end_step": 1000, "ema_anneal_end_fraction": None}
 _SMOKE_ENCODER = {"embed_dim": 32, "num_heads": 2, "depth": 2, "prenet_depth": 0}
 _SMOKE = {
     "image": {"encoder": {**_SMOKE_ENCODER, "image": {"patch_size": 2}},

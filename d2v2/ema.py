@@ -16,14 +16,24 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["ema_decay", "EMATeacher"]
+__all__ = ["ema_decay", "teacher_decay", "EMATeacher"]
 
 
-def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
-    """Linear schedule ``tau(t) = end - (end - start) * (1 - t / n)`` for ``t < n``, then ``end``."""
+def ema_decay(step: float, start: float, end: float, anneal_steps: float) -> float:
+    """Linear schedule ``tau(t) = end - (end - start) * (1 - t / n)`` for ``t < n``, then ``end`` (fairseq
+    ``get_annealed_rate``; ``t`` and ``n`` in updates or in budget fractions alike)."""
     if anneal_steps <= 0 or step >= anneal_steps:
         return end
     return end - (end - start) * (1 - step / anneal_steps)
+
+
+def teacher_decay(cfg, num_updates: int, fraction: float) -> float:
+    """tau after an update, from a method config's ``ema_decay`` (tau_0), ``ema_end_decay`` (tau_e) and anneal
+    length: ``ema_anneal_end_fraction`` of the budget when set (the anneal fitted to the run's budget, like the
+    LR, PROTOCOL.md#budgets), else ``ema_anneal_end_step`` updates (the released configs' count)."""
+    if cfg.ema_anneal_end_fraction is not None:
+        return ema_decay(fraction, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_fraction)
+    return ema_decay(num_updates, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_step)
 
 
 class EMATeacher(nn.Module):

@@ -52,8 +52,9 @@ class PretrainMethod(nn.Module):
     def masker(self) -> Masker:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def after_step(self, num_updates: int) -> None:
-        """Bookkeeping after the optimiser step (the EMA teacher update); default: nothing."""
+    def after_step(self, num_updates: int, fraction: float) -> None:
+        """Bookkeeping after the optimiser step (the EMA teacher update); ``fraction`` is the share of the
+        budget consumed by the ``num_updates`` updates so far. Default: nothing."""
 
     def log_snapshot(self) -> dict[str, Any]:
         """Diagnostics read once per logging interval, not every step (e.g. weight norms); default: none."""

@@ -68,6 +68,8 @@ from d2v2.modalities.text import MASK, PAD
 
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
+# fairseq anneals the teacher over a count of updates; ours does at base over a budget fraction
+UPDATES_ANNEAL = {"ema_anneal_end_fraction": None}
 BOS = 0                                              # <s> (docs/ARCHITECTURE.md, fairseq order)
 
 
@@ -279,7 +281,7 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
             if p.requires_grad:
                 report.compare(f"{at}: gradient of {name}", p.grad, fs_grads[name], summary=f"{at}: gradients")
         fs_opt.step(), our_opt.step()
-        pair.fs.set_num_updates(step), pair.ours.after_step(step)
+        pair.fs.set_num_updates(step), pair.ours.after_step(step, fraction=0.0)   # anneal in updates (UPDATES_ANNEAL)
         if pair.ours_teacher is not None:
             report.exact(f"{at}: EMA decay", pair.ours.current_decay, pair.fairseq_decay())
             theirs_t = pair.fairseq_teacher()
@@ -291,6 +293,7 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
 # ---- data2vec 2.0 ------------------------------------------------------------------------------------------
 def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) -> Pair:
     overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
+    overrides = merge(overrides, UPDATES_ANNEAL)
     cfg = validate(Data2Vec2Config, merge(PRESETS[modality][preset], overrides), where=f"{modality}/{preset}")
     cfg_dict = fairseq_config(cfg)
     fs = build_fairseq(cfg_dict, cfg.encoder.text.vocab_size if modality == "text" else None)
@@ -439,7 +442,7 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
     import examples.data2vec.models.data2vec_text as data2vec_text
     from fairseq.models.transformer import TransformerConfig
 
-    cfg = method_config("text", "data2vec1", preset, merge(NO_DROPOUT, TEXT_DROPOUT))
+    cfg = method_config("text", "data2vec1", preset, merge(merge(NO_DROPOUT, TEXT_DROPOUT), UPDATES_ANNEAL))
     fs_cfg = OmegaConf.merge(OmegaConf.structured(data2vec_text.Data2VecTextConfig), {
         "max_positions": cfg.encoder.text.max_positions, "head_layers": cfg.head_layers,
         "loss_beta": cfg.loss_beta, "loss_scale": 0.0 if cfg.loss_scale is None else cfg.loss_scale,  # 0: 1/sqrt(D)

@@ -18,8 +18,8 @@ def signal_after_update(monkeypatch):
     def arm(n: int, signum: int = signal.SIGTERM) -> None:
         after_step, fired = Data2Vec2.after_step, []
 
-        def interrupt(self, num_updates):
-            after_step(self, num_updates)
+        def interrupt(self, num_updates, fraction):
+            after_step(self, num_updates, fraction)
             if num_updates == n and self.training and not fired:
                 fired.append(signum)
                 os.kill(os.getpid(), signum)

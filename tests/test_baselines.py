@@ -46,7 +46,7 @@ def test_interface(modality, name):
     assert isinstance(out, MethodOutput) and out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.sample_size == int(batch["mask"].sum()) > 0
     out.loss.backward()
-    method.after_step(1)
+    method.after_step(1, fraction=0.0)
     assert isinstance(method.encoder(), Encoder) and method.encoder() is method.student
     assert isinstance(method.encoder_tokens(batch), int) and method.encoder_tokens(batch) > 0
     assert isinstance(method.no_weight_decay(), set)
@@ -208,7 +208,7 @@ def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
             p.add_(1.0)
     before = teacher.blocks[0].mlp.fc1.weight.clone()
     student = method.student.blocks[0].mlp.fc1.weight.detach().clone()
-    method.after_step(0)
+    method.after_step(0, fraction=0.0)
     tau = method.cfg.ema_decay
     assert torch.allclose(teacher.blocks[0].mlp.fc1.weight, tau * before + (1 - tau) * student)
 
@@ -273,7 +273,7 @@ def test_loss_falls_on_one_batch(modality, name, overrides, steps, factor):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        method.after_step(step + 1)
+        method.after_step(step + 1, fraction=0.0)
         losses.append(loss.item())
     assert min(losses[-5:]) < losses[0] / factor, losses
 

@@ -52,7 +52,7 @@ def test_forward_through_the_registry(modality):
     with torch.no_grad():
         for p in method.student.blocks.parameters():
             p.add_(0.1)
-    method.after_step(1)
+    method.after_step(1, fraction=0.0)
     assert all(not torch.equal(a, b) for a, b in zip(before, method.teacher.model.blocks.parameters()))
     pickle.loads(pickle.dumps(method.masker()))                                     # data-loader workers
 
@@ -134,7 +134,7 @@ def test_tiny_model_overfits_one_batch(modality, ratio):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        method.after_step(step + 1)
+        method.after_step(step + 1, fraction=0.0)
         losses.append(out.loss.item())
     assert losses[0] / min(losses[-5:]) > 5.0, losses[::10]
 
@@ -197,7 +197,7 @@ def test_audio_masker_counts_frames_from_samples():
 
 def test_collapse_guard_and_mask_shape_errors():
     method = build("image", {"min_target_var": 100.0, "collapse_check_after": 0})
-    method.after_step(1)
+    method.after_step(1, fraction=0.0)
     with pytest.raises(RuntimeError, match="collapse guard: target std"):
         method(batch_for("image"))
     method = build("image")

@@ -165,8 +165,8 @@ def test_the_ema_step_never_sees_a_repeated_update_count(tmp_path, data_root, mo
 
     after_step, seen = Data2Vec2.after_step, []
 
-    def recording(self, num_updates):
-        after_step(self, num_updates)
+    def recording(self, num_updates, fraction):
+        after_step(self, num_updates, fraction)
         seen.append(num_updates)
         if num_updates == 4 and seen.count(4) == 1:
             os.kill(os.getpid(), signal.SIGINT)

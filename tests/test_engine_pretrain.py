@@ -160,6 +160,43 @@ def test_updates_budget_outputs_and_rerun(tmp_path, data_root, capsys):
     assert (out / "checkpoint_last.pt").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("kind", ["updates", "epochs"])
+def test_every_schedule_is_fitted_to_the_runs_own_budget(tmp_path, data_root, kind):
+    """A budget sweep's premise (PROTOCOL.md#budgets): a run with half the budget reaches final_lr at its own
+    end, and its EMA anneal (set as a budget fraction) ends at the same fraction of its own budget."""
+    decays = {}
+    for value in (8, 4):
+        out = tmp_path / f"run{value}"
+        budget = {"kind": "updates", "value": value} if kind == "updates" else \
+            {"kind": "epochs", "value": value * 8 / 60_000}          # 8 samples a batch of 60,000
+        cfg = run_config(data_root, budget=budget, log_every=1, checkpoint={"fractions": [1.0]},
+                         method={"overrides": {"ema_decay": 0.9, "ema_end_decay": 0.99,
+                                               "ema_anneal_end_fraction": 0.5}})
+        assert run(cfg, out) == 0
+        progress = [e["value"] for e in read_events(out / "events.jsonl") if e["key"] == "train_progress"]
+        decays[value] = [p["diagnostics"]["ema_decay"] for p in progress]
+        assert summary(out)["updates"] == value
+        assert load_checkpoint(out / "checkpoint_last.pt")["schedule"]["lr"] == pytest.approx(1e-5)
+    # 0.9 -> 0.99 over the first half of either budget (update n logs the tau its forward used: the one set
+    # after update n - 1, at fraction (n - 1) / budget)
+    assert decays[8] == pytest.approx([0.9, 0.9225, 0.945, 0.9675, 0.99, 0.99, 0.99, 0.99])
+    assert decays[4] == pytest.approx([0.9, 0.945, 0.99, 0.99])
+    assert decays[4] == pytest.approx(decays[8][::2])
+
+
+def test_the_anneal_in_updates_stays_an_option():
+    from d2v2.data2vec2 import PRESETS
+    from d2v2.ema import teacher_decay
+    from d2v2.method import method_config
+
+    base = method_config("image", "data2vec2", "base")
+    assert base.ema_anneal_end_fraction == pytest.approx(100_000 / 375_300)   # the released ratio
+    assert teacher_decay(base, 5, fraction=base.ema_anneal_end_fraction) == base.ema_end_decay
+    counted = method_config("image", "data2vec2", "base", {"ema_anneal_end_fraction": None})
+    assert teacher_decay(counted, 50_000, fraction=1.0) == pytest.approx((0.9998 + 0.99999) / 2)
+    assert PRESETS["image"]["tiny"]["ema_anneal_end_fraction"] is None         # tiny: 1,000 updates
+
+
 def test_bf16_autocast_run(tmp_path, data_root):
     out = tmp_path / "run"
     assert run(run_config(data_root, precision="bf16", budget={"kind": "updates", "value": 2}), out) == 0
@@ -271,8 +308,8 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, data_root, monkeypa
 
     after_step = Data2Vec2.after_step
 
-    def signalled(self, num_updates):
-        after_step(self, num_updates)
+    def signalled(self, num_updates, fraction):
+        after_step(self, num_updates, fraction)
         if num_updates == 3 and not os.environ.get("_D2V2_SIGNALLED"):
             os.environ["_D2V2_SIGNALLED"] = "1"
             os.kill(os.getpid(), signal.SIGTERM)

@@ -1,7 +1,7 @@
 """Pretrain one method under a budget: ``python -m d2v2 pretrain --config run.yaml --out RUN [key=value ...]``.
 
 The loop is the paper's (METHOD.md#the-training-step, METHOD.md#pretraining-recipes): AdamW, warm-up + cosine LR, gradient clipping, mixed
-precision, an EMA step after every update (``method.after_step``). Around it, what a benchmark needs:
+precision, an EMA step after every update (``method.after_step``, at the budget fraction consumed). Around it, what a benchmark needs:
 
 - **Budgets** (d2v2.engine.runconfig): updates, epochs, train seconds or device-hours; the LR follows the
   fraction of the budget consumed and the run stops at the first update that consumes it.
@@ -479,9 +479,15 @@ class Pretrainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self.method.after_step(self.updates)
+        self.method.after_step(self.updates, self._teacher_fraction())
         self._update_counter += 1
         self._first_bad = torch.where(self._bad, torch.minimum(self._first_bad, self._update_counter), self._first_bad)
+
+    def _teacher_fraction(self) -> float:
+        """The budget fraction the EMA schedule reads after an update: exact for counted budgets; on a clock,
+        the fraction all processes agreed on after the previous update (a clock read here can differ between
+        processes, and their teachers must stay identical)."""
+        return self.fraction if self.cfg.budget.timed else min(self.budget_fraction(sync=False), 1.0)
 
     def _loader(self) -> DataLoader:
         m = self.cfg.method
