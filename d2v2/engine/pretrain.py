@@ -34,6 +34,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ from d2v2.engine.checkpoint import load_latest, remove_stale_temporaries, save_c
 from d2v2.engine.clock import RunClock, SegmentTable, process_start_time
 from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
+from d2v2.engine.flops import count_flops, peak_flops, utilisation
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
+from d2v2.blocks import compile_blocks
 from d2v2.method import CollapseError, PretrainMethod, build_method
 
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
@@ -156,6 +159,7 @@ class Pretrainer:
         _seed_all(cfg.seed)                      # identical initial weights on every process
         self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
         _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
+        self._compile_pending = cfg.compile       # done by the first train_step (see there)
         self.model = self.method
         if self.world > 1:
             enc = self.method.encoder().cfg
@@ -167,12 +171,14 @@ class Pretrainer:
                 find_unused_parameters=find_unused)
         self.optimizer = build_optimizer(
             param_groups(self.method, cfg.optim.weight_decay, no_weight_decay=self.method.no_weight_decay()),
-            cfg.optim)
+            cfg.optim, fused=self.device.type == "cuda")
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
         self.updates = self.tokens = self._local_tokens = 0
+        self.flops_per_update: int | None = None      # counted on the run's first update (d2v2.engine.flops)
+        self.data_wait_s = 0.0                        # host seconds waiting for the data loader, cumulative
         self.fraction = 0.0
         self.fractions_done: list[float] = []
         self.lr = cfg.optim.lr_at(0.0)
@@ -253,7 +259,8 @@ class Pretrainer:
             "schedule": {"fraction": self.fraction, "lr": self.cfg.optim.lr_at(self.fraction)},
             "rng": rng_all,
             "data_position": {"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
-            "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done},
+            "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done,
+                         "flops_per_update": self.flops_per_update, "data_wait_s": self.data_wait_s},
             "clock": {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False)},
             "pretrain": self.pretrain_record(train, e2e),
             "budget": self.cfg.budget.model_dump(),
@@ -306,6 +313,8 @@ class Pretrainer:
         _set_rng_state(ckpt["rng"][self.rank])
         self.updates, self.tokens = ckpt["progress"]["updates"], ckpt["progress"]["tokens"]
         self.fractions_done = list(ckpt["progress"]["fractions_done"])
+        self.flops_per_update = ckpt["progress"].get("flops_per_update")     # older checkpoints: counted anew
+        self.data_wait_s = ckpt["progress"].get("data_wait_s", 0.0)
         self.fraction = ckpt["fraction_consumed"]
         # segments.csv is newer than any checkpoint; the checkpoint's copy is the fallback if it was lost
         self.segments = SegmentTable.resume(self.out / "segments.csv", fallback=ckpt["segments"],
@@ -399,6 +408,12 @@ class Pretrainer:
             "throughput": {"samples_per_s": record["samples"] / max(record["train_time_s"], 1e-9),
                            "tokens_per_s": record["tokens"] / max(record["train_time_s"], 1e-9),
                            "clock": "train_time_s"},
+            # FLOPs counted on the first update (d2v2.engine.flops); MFU on the train-only clock
+            "compute": {**utilisation(self.flops_per_update, self.updates, record["train_time_s"],
+                                      peak_flops(self.device, self.cfg.peak_flops), self.world),
+                        "clock": "train_time_s", "compiled": self.cfg.compile, "precision": self.cfg.precision},
+            "data_wait": {"seconds": self.data_wait_s,
+                          "share_of_train_time": self.data_wait_s / max(record["train_time_s"], 1e-9)},
             "peak_memory_bytes": _peak_memory_bytes(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_max_rss_main_process",
             "batch": {"per_device": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "processes": self.world,
@@ -443,9 +458,21 @@ class Pretrainer:
 
     def train_step(self, batches) -> None:
         """One update: ``grad_accum`` forward/backward passes, clip, optimiser step, EMA step."""
+        if self.flops_per_update is None:
+            self.flops_per_update = count_flops(lambda: self._update(batches))
+        else:
+            self._update(batches)
+        if self._compile_pending:    # after the count: a compiled block first called under the counter stays eager
+            compile_blocks(self.method)
+            self._compile_pending = False
+
+    def _update(self, batches) -> None:
         accum = self.cfg.grad_accum
         for i in range(accum):
-            batch = self._to_device(next(batches))
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.data_wait_s += time.perf_counter() - waited
+            batch = self._to_device(batch)
             sync = (self.model.no_sync() if self.world > 1 and i < accum - 1 else contextlib.nullcontext())
             with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                       enabled=self.autocast_dtype is not None):

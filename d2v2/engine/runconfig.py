@@ -80,7 +80,9 @@ class PretrainRunConfig(Config):
     changes results, METHOD.md#small-batch-gap). ``precision``: ``fp16`` uses dynamic loss scaling (the paper's
     setting on GPUs, METHOD.md#pretraining-recipes), ``bf16`` autocast without scaling, ``fp32`` none.
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
-    ``None`` turns it on exactly when the encoder uses layer-drop.
+    ``None`` turns it on exactly when the encoder uses layer-drop. ``compile``: ``torch.compile`` every
+    Transformer block (opt-in; docs/BENCHMARKS.md measures it). ``peak_flops``: the FLOP/s per device that
+    MFU is measured against (default: the device's dense bf16 peak, d2v2.engine.flops).
     """
 
     method: MethodSpec
@@ -98,10 +100,12 @@ class PretrainRunConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     ddp_find_unused_parameters: bool | None = None
+    compile: bool = False
+    peak_flops: float | None = Field(None, gt=0)
 
 
 # Keys that change how a run executes, not what it computes: they may differ when a run is resumed.
-EXECUTION_KEYS = ("progress", "log_every", "threads", "device", "checkpoint.last_every_s",
+EXECUTION_KEYS = ("progress", "log_every", "threads", "device", "compile", "peak_flops", "checkpoint.last_every_s",
                   "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers")
 
 

@@ -1,0 +1,70 @@
+"""FLOPs per update and MFU (d2v2.engine.flops) and what a run records of them."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from d2v2.engine.flops import count_flops, peak_flops, utilisation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_pretrain import data_root, run_config  # noqa: E402,F401  (the session fixture and helper)
+
+
+def test_counted_flops_equal_the_matmul_formula():
+    """Two linear layers, batch B: forward 2*B*(i*h + h*o); backward twice that, less the input gradient
+    of the first layer (its input needs none): the counter sees exactly what the formula says."""
+    B, i, h, o = 8, 32, 64, 16
+    model = nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, o))
+    x = torch.randn(B, i)
+    forward = 2 * B * (i * h + h * o)
+    backward = 2 * forward - 2 * B * i * h
+    assert count_flops(lambda: model(x).sum().backward()) == forward + backward
+
+
+def test_utilisation_is_achieved_rate_over_peak():
+    u = utilisation(10**12, updates=50, train_time_s=100.0, peak=1e12)
+    assert u["achieved_flops_per_s"] == pytest.approx(5e11) and u["mfu"] == pytest.approx(0.5)
+    assert utilisation(10**12, 50, 100.0, peak=None)["mfu"] is None
+    assert utilisation(None, 50, 100.0, peak=1e12)["achieved_flops_per_s"] is None
+
+
+def test_peak_defaults_to_none_on_a_cpu_and_takes_a_configured_value():
+    assert peak_flops(torch.device("cpu")) is None
+    assert peak_flops(torch.device("cpu"), configured=2e12) == 2e12
+
+
+def test_a_run_records_its_flops_mfu_and_data_wait(tmp_path, data_root):
+    from d2v2.engine.pretrain import run
+
+    out = tmp_path / "run"
+    assert run(run_config(data_root, peak_flops=1e11), out) == 0
+    s = json.loads((out / "summary.json").read_text())
+    c = s["compute"]
+    assert c["flops_per_update"] > 10**8 and c["clock"] == "train_time_s" and c["processes"] == 1
+    assert c["achieved_flops_per_s"] == pytest.approx(c["flops_per_update"] * s["updates"] / s["train_time_s"])
+    assert c["mfu"] == pytest.approx(c["achieved_flops_per_s"] / 1e11)
+    assert 0 < s["data_wait"]["share_of_train_time"] < 1
+
+
+def test_compiled_blocks_compute_the_same_step(tmp_path, data_root):
+    """``compile: true`` compiles every block (after the FLOPs count: a block first called under the counter
+    would stay eager) and trains to the same loss within float rounding."""
+    import torch._dynamo.utils
+
+    from d2v2.engine.pretrain import run
+
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = tmp_path / f"run{compiled}"
+        assert run(run_config(data_root, compile=compiled, budget={"kind": "updates", "value": 3}), out) == 0
+        losses[compiled] = [json.loads(line)["value"]["loss"] for line in (out / "events.jsonl").open()
+                            if '"train_progress"' in line]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled
+        assert json.loads((out / "summary.json").read_text())["compute"]["compiled"] == compiled
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
