@@ -5,7 +5,9 @@ feed it synthetic inputs of the preset's shape (masks drawn by its own masker, o
 region, as the data-loader workers do), and time ``forward + backward + AdamW step + after_step``
 with ``time.perf_counter`` (wall clock; the device is synchronised before every timestamp).
 
-Reported per row: seconds per step (median over the timed steps); "cpu s", the process CPU time of
+Reported per row: seconds per step (median over the timed steps); FLOPs per step (counted on one step
+with ``FlopCounterMode``, d2v2.engine.flops), achieved TFLOP/s and MFU against the device's dense bf16 peak
+(GPU only); "cpu s", the process CPU time of
 the step (``time.process_time``: about what the step takes on idle cores when others share the
 machine); samples/s; encoder tokens per step and per second (``method.encoder_tokens``: student +
 teacher tokens); the per-sample training cost relative to data2vec 2.0 of the same modality and preset
@@ -15,10 +17,12 @@ Python/torch runtime, ~0.6 GB).
 
     python benchmarks/bench_step.py --presets tiny
     python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
+    python benchmarks/bench_step.py --presets base --dtype bf16 --compile both --json rows.json   # on a GPU
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -57,8 +61,10 @@ def _to(batch: dict, device: str) -> dict:
 
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
-              device: str, dtype: str, threads: int, audio_seconds: float) -> dict:
+              device: str, dtype: str, threads: int, audio_seconds: float, compile: bool = False) -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
+    from d2v2.blocks import compile_blocks
+    from d2v2.engine.flops import count_flops, peak_flops
     from d2v2.method import build_method
 
     torch.set_num_threads(threads)
@@ -66,7 +72,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     method = build_method(modality, method_name, preset).to(device)
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda") or None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
     raw = synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds)
@@ -74,10 +80,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times, tokens = [], [], 0
-    for step in range(warmup + steps):
-        batch = _to(masker(dict(raw), torch.Generator().manual_seed(step)), device)
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def step_fn(step: int, batch: dict) -> None:
         with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
             out = method(batch)
         opt.zero_grad(set_to_none=True)
@@ -85,6 +89,16 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         scaler.step(opt)
         scaler.update()
         method.after_step(step + 1, fraction=(step + 1) / (warmup + steps))
+
+    # FLOPs of one step, counted before compiling (a block first called under the counter stays eager)
+    flops = count_flops(lambda: step_fn(-1, _to(masker(dict(raw), torch.Generator().manual_seed(0)), device)))
+    if compile:
+        compile_blocks(method)
+    for step in range(warmup + steps):
+        batch = _to(masker(dict(raw), torch.Generator().manual_seed(step)), device)
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step_fn(step, batch)
         _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
@@ -95,10 +109,12 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
-    return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size,
-            "step_s": step_s, "cpu_s": statistics.median(cpu_times), "samples_s": batch_size / step_s,
-            "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
-            "params_m": sum(p.numel() for p in params) / 1e6}
+    peak = peak_flops(torch.device(device))
+    return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size, "dtype": dtype,
+            "compiled": compile, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
+            "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
+            "params_m": sum(p.numel() for p in params) / 1e6, "flops_step": flops,
+            "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None}
 
 
 def _run_isolated(kwargs: dict) -> dict:
@@ -121,6 +137,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--audio-seconds", type=float, default=None,
                         help=f"utterance length for audio (default per preset: {AUDIO_SECONDS})")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="torch.compile the Transformer blocks (both: a row each, eager first)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
     from d2v2.method import available_methods
@@ -130,10 +149,11 @@ def main(argv=None) -> None:
         f"cpu ({args.threads} threads)"
     print(f"device: {device_name}; dtype: {args.dtype}; clock: time.perf_counter (wall), device synchronised; "
           f"median of {args.steps} steps after {args.warmup} warm-up; cost ratio from "
-          f"{'CPU time' if args.device == 'cpu' else 'wall time'}")
-    header = (f"{'preset':6} {'modality':8} {'method':10} {'batch':>5} {'params(M)':>9} {'s/step':>8} {'cpu s':>7} "
-              f"{'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
-              f"{'peak GB':>8}")
+          f"{'CPU time' if args.device == 'cpu' else 'wall time'}; FLOPs counted by FlopCounterMode on one step "
+          f"(matmuls, convolutions, attention); MFU against the dense bf16 peak (GPU only)")
+    header = (f"{'preset':6} {'modality':8} {'method':10} {'compiled':8} {'batch':>5} {'params(M)':>9} {'s/step':>8} "
+              f"{'cpu s':>7} {'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
+              f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
     # per-sample cost ratio: CPU time on a CPU (robust to other processes sharing the cores), else wall
     cost = "cpu_s" if args.device == "cpu" else "step_s"
     print(header)
@@ -144,18 +164,26 @@ def main(argv=None) -> None:
             if modality not in args.modalities or (args.methods and method not in args.methods):
                 continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
-            kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
-                          steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                          threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS[preset])
-            row = _run_isolated(kwargs) if args.device == "cpu" else bench_one(**kwargs)
-            rows.append(row)
-            ref = next((r for r in rows if (r["preset"], r["modality"], r["method"]) ==
-                        (preset, modality, "data2vec2")), None)
-            ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
-            print(f"{preset:6} {modality:8} {method:10} {batch:>5} {row['params_m']:>9.2f} "
-                  f"{row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
-                  f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
-                  f"{row['peak_gb']:>8.2f}", flush=True)
+            for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
+                              steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                              threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS[preset],
+                              compile=compiled)
+                # a fresh process per row on a CPU (peak RSS) and with compile (no graph cache shared)
+                row = _run_isolated(kwargs) if args.device == "cpu" or compiled else bench_one(**kwargs)
+                rows.append(row)
+                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"]) ==
+                            (preset, modality, "data2vec2", compiled)), None)
+                ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
+                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+                print(f"{preset:6} {modality:8} {method:10} {str(compiled).lower():8} {batch:>5} "
+                      f"{row['params_m']:>9.2f} {row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
+                      f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
+                      f"{row['flops_step'] / 1e9:>10.1f} {row['tflops_s']:>8.2f} {mfu:>6} {row['peak_gb']:>8.2f}",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "dtype": args.dtype, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
