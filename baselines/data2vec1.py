@@ -36,6 +36,7 @@ from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_ma
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
+from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.ema import EMATeacher, teacher_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
@@ -189,7 +190,8 @@ _BASE = {
 }
 # tiny / smoke: the encoders of data2vec 2.0's presets, K scaled with depth (base K/12 of the blocks), and
 # data2vec 2.0's shortened EMA warm-up (a 30k-100k-step anneal would never start in a tiny run).
-_TOP_K = {"tiny": {"image": 2, "audio": 3, "text": 3}, "smoke": {"image": 1, "audio": 2, "text": 2}}
+_TOP_K = {"tiny": {"image": 2, "audio": 3, "text": 3}, "smoke": {"image": 1, "audio": 2, "text": 2},
+          "gpu": {"image": 6}}
 
 
 def _preset(modality: str, name: str) -> dict:
@@ -199,9 +201,12 @@ def _preset(modality: str, name: str) -> dict:
                       ema_decay=d2v2_setting(modality, name, "ema_decay"),
                       ema_anneal_end_step=d2v2_setting(modality, name, "ema_anneal_end_step"),
                       ema_anneal_end_fraction=d2v2_setting(modality, name, "ema_anneal_end_fraction"))
+    if name == "gpu":     # data2vec 2.0's whole short-run teacher schedule (data2vec 1.0's image tau is constant)
+        preset.update(ema_end_decay=d2v2_setting(modality, name, "ema_end_decay"))
     return preset
 
 
-PRESETS = {m: {name: _preset(m, name) for name in ("base", "tiny", "smoke")} for m in _BASE}
+PRESETS = {m: {name: _preset(m, name) for name in ("base", "tiny", "smoke", "gpu") if name in D2V2_PRESETS[m]}
+           for m in _BASE}
 for _modality in PRESETS:
     register_method(_modality, "data2vec1", Data2Vec1Config, PRESETS[_modality])(Data2Vec1)

@@ -84,7 +84,7 @@ class MAEMasker:
 
     def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         mask = random_mask(batch["source"].shape[0], self.num_patches, self.mask_ratio, generator)
-        return {**batch, "mask": mask}
+        return {**batch, "mask": mask, "keep": keep_indices(mask)}
 
 
 class MAE(PretrainMethod):
@@ -136,23 +136,24 @@ class MAE(PretrainMethod):
         mask = batch["mask"].to(x.device)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"batch['mask'] has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}")
-        out = self.student.contextualize(x, mask, layer_results="none")      # [CLS, visible] after final LN
-        pred = self.decode(out.x, mask, out.num_extra_tokens)
+        # the visible positions, from the masker (found here when a caller gave only the mask)
+        keep = batch["keep"].to(x.device, non_blocking=True) if "keep" in batch else keep_indices(mask)
+        out = self.student.contextualize(x, mask, keep=keep, layer_results="none")   # [CLS, visible], final LN
+        pred = self.decode(out.x, keep, mask.shape[1], out.num_extra_tokens)
         target = patchify(images, self.patch_size)
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = (pred.float() - target.float()).pow(2).mean(-1)         # (B, T)
-        sample_size = int(mask.sum())
+        sample_size = mask.numel() - keep.numel()
         loss = (per_patch * mask).sum() / sample_size
         return MethodOutput(loss, sample_size, {"masked_pct": sample_size / mask.numel()})
 
-    def decode(self, h: torch.Tensor, mask: torch.Tensor, num_extra: int) -> torch.Tensor:
-        """Encoder output [extra, visible] -> pixel predictions (B, T, p*p*C) for every patch."""
+    def decode(self, h: torch.Tensor, keep: torch.Tensor, T: int, num_extra: int) -> torch.Tensor:
+        """Encoder output [extra, visible at ``keep``] -> pixel predictions (B, T, p*p*C) for every patch."""
         z = self.decoder_embed(h)
-        B, T = mask.shape
-        slots = self.mask_token.to(z.dtype).expand(B, T, -1)
-        patches = scatter_tokens(slots, keep_indices(mask), z[:, num_extra:]) + self.decoder_pos_embed.to(z.dtype)
+        slots = self.mask_token.to(z.dtype).expand(keep.shape[0], T, -1)
+        patches = scatter_tokens(slots, keep, z[:, num_extra:]) + self.decoder_pos_embed.to(z.dtype)
         z = torch.cat([z[:, :num_extra], patches], dim=1)
         for block in self.decoder_blocks:
             z, _ = block(z)
@@ -160,9 +161,10 @@ class MAE(PretrainMethod):
 
 
 # ---- presets: data2vec 2.0's image encoders made pre-LN ---------------------------------------------
-# MAE's decoder is 2/3 of ViT-B's width (512 / 768) and 8 blocks; tiny / smoke keep it narrower than the
-# encoder (32 / 48, 16 / 32) with half the encoder's depth.
+# MAE's decoder is 2/3 of ViT-B's width (512 / 768) and 8 blocks; gpu keeps 2/3 of its width (256 / 384) at half
+# the depth; tiny / smoke keep it narrower than the encoder (32 / 48, 16 / 32) with half the encoder's depth.
 _DECODER = {"base": {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16},
+            "gpu": {"decoder_dim": 256, "decoder_depth": 4, "decoder_heads": 8},
             "tiny": {"decoder_dim": 32, "decoder_depth": 2, "decoder_heads": 4},
             "smoke": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}}
 PRESETS = {name: {"encoder": backbone("image", name, layer_norm_first=True), "mask_ratio": 0.75, **dec}

@@ -135,11 +135,12 @@ class Encoder(nn.Module):
 
     def prepare(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
-                fill: torch.Tensor | None = None) -> Prepared:
+                fill: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Prepared:
         """Apply ``mask`` (True = masked) to local features and run the context encoder.
 
-        ``sparse=True`` drops masked tokens (every row must mask the same number); ``sparse=False``
-        replaces them by ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise).
+        ``sparse=True`` drops masked tokens (every row must mask the same number; ``keep``: the visible
+        positions, d2v2.masking.mask_indices, else found from ``mask``); ``sparse=False`` replaces them by
+        ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise).
         """
         ctx = self.context_encoder
         if ctx is None:
@@ -154,7 +155,7 @@ class Encoder(nn.Module):
             x = torch.where(mask[..., None], fill.to(x.dtype), x)
         x = ctx.add_positions(x, mask if sparse else None)
         if mask is not None and sparse:
-            positions = keep_indices(mask)
+            positions = keep_indices(mask) if keep is None else keep.to(x.device, non_blocking=True)
             x = gather_tokens(x, positions)
             if padding_mask is not None:
                 padding_mask = padding_mask.gather(1, positions)
@@ -186,10 +187,11 @@ class Encoder(nn.Module):
 
     def contextualize(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                       padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
-                      fill: torch.Tensor | None = None,
+                      fill: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                       layer_results: Literal["ffn", "block", "none"] = "ffn") -> EncoderOutput:
         """:meth:`prepare` then :meth:`run_blocks`."""
-        return self.run_blocks(self.prepare(x, mask, padding_mask, sparse=sparse, fill=fill), layer_results)
+        return self.run_blocks(self.prepare(x, mask, padding_mask, sparse=sparse, fill=fill, keep=keep),
+                               layer_results)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> EncoderOutput:
         """Unmasked feature extraction (fine-tuning, evaluation)."""

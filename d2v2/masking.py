@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["block_mask", "random_mask", "num_kept", "keep_indices", "gather_tokens", "scatter_tokens"]
+__all__ = ["block_mask", "random_mask", "num_kept", "keep_indices", "mask_indices", "gather_tokens", "scatter_tokens"]
 
 
 def num_kept(length: int, mask_ratio: float) -> int:
@@ -90,6 +90,13 @@ def keep_indices(mask: torch.Tensor) -> torch.Tensor:
     if visible.numel() and int(visible[0]) == 0:
         raise ValueError("the mask leaves no visible token")
     return (~mask).nonzero()[:, 1].view(mask.shape[0], -1)
+
+
+def mask_indices(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``keep`` (B, T_vis) and ``masked`` (B, T_mask): the sorted visible and masked positions of ``mask``.
+    The maskers add them to the batch where the masks are drawn (the data-loader workers), so the training
+    step gathers tokens with indices of known shape and never waits for the device to count them."""
+    return {"keep": keep_indices(mask), "masked": keep_indices(~mask)}
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

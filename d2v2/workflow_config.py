@@ -14,6 +14,12 @@ paper's ablations, METHOD.md#paper-results) varies one field at a time (variants
 ..., ``decoder.depth=3``); ``grid`` runs every combination (``decoder.depth=1,num_masks=2``). Paths
 hold modality/method/variant/seed, so variants never share outputs, and each run's Snakemake params
 hold only that run's own config: editing an ablation list adds or removes only the affected jobs.
+
+Budget sweeps (the paper's protocol, PROTOCOL.md#protocols): ``budget_sweep: {image: [0.125, 0.25, 0.5, 1.0]}``
+adds, for every run of the modality, a separate run per listed fraction ``s < 1`` of the modality's budget,
+with every schedule fitted to its own budget ``s x budget`` and only its final checkpoint kept and
+fine-tuned (``.../seed0-budget0.250``); the full-budget run (``.../seed0``) is the sweep's point at 1.0 and
+still gives the anytime points (its checkpoints at ``checkpoint_fractions``).
 """
 from __future__ import annotations
 
@@ -46,18 +52,30 @@ class WorkflowConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """One pretraining run: (modality, method, variant, seed); ``params`` are the variant's dotted fields."""
+    """One pretraining run: (modality, method, variant, seed) at ``budget_scale`` x the modality's budget
+    (1: the full run; less: a budget sweep's run); ``params`` are the variant's dotted fields."""
 
     modality: str
     method: str
     variant: str
     seed: int
     params: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    budget_scale: float = 1.0
+
+    @property
+    def sweep(self) -> str:
+        """The run folder's suffix: empty for the full run, ``-budget0.250`` for a sweep's run."""
+        return "" if self.budget_scale == 1.0 else f"-budget{fraction_tag(self.budget_scale)}"
 
     @property
     def key(self) -> str:
-        """The run's path below the runs/metrics folders: ``modality/method/variant/seed<seed>``."""
-        return f"{self.modality}/{self.method}/{self.variant}/seed{self.seed}"
+        """The run's path below the runs/metrics folders: ``modality/method/variant/seed<seed>[-budget<s>]``."""
+        return f"{self.modality}/{self.method}/{self.variant}/seed{self.seed}{self.sweep}"
+
+    @property
+    def fractions(self) -> list[float] | None:
+        """A sweep run keeps only its final checkpoint; ``None``: the config's checkpoint fractions."""
+        return None if self.budget_scale == 1.0 else [1.0]
 
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
@@ -111,9 +129,31 @@ def schema_error(err: Exception) -> str:
     return f"{key or 'config'}: {message}"
 
 
-def finetune_fractions(config: Mapping[str, Any], modality: str) -> list[float]:
-    """The checkpoint fractions fine-tuned for ``modality`` (``finetune_fractions``, default: all kept)."""
-    return list(config.get("finetune_fractions", {}).get(modality) or config["checkpoint_fractions"])
+def finetune_fractions(config: Mapping[str, Any], run: Run) -> list[float]:
+    """The checkpoint fractions fine-tuned for ``run`` (``finetune_fractions`` of its modality, default: all
+    kept; a sweep's run: its final checkpoint)."""
+    return run.fractions or list(config.get("finetune_fractions", {}).get(run.modality) or config["checkpoint_fractions"])
+
+
+def budget_sweep(config: Mapping[str, Any], modality: str) -> list[float]:
+    """The budget fractions of ``modality``'s sweep below 1 (``budget_sweep``; each is a separate run).
+
+    Raises :class:`WorkflowConfigError` naming ``budget_sweep.<modality>`` for an empty, unsorted or
+    repeating list or a value outside (0, 1]."""
+    values = config.get("budget_sweep", {}).get(modality)
+    if values is None:
+        return []
+    key = f"budget_sweep.{modality}"
+    if not isinstance(values, list) or not values:
+        raise WorkflowConfigError(f"{key}: expected a non-empty list of budget fractions in (0, 1] (got {values!r})")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1]
+    if bad:
+        raise WorkflowConfigError(f"{key}: {bad} not in (0, 1] (fractions of budget.{modality})")
+    if len({fraction_tag(v) for v in values}) != len(values):
+        raise WorkflowConfigError(f"{key}: repeated values in {values}")
+    if list(values) != sorted(values):
+        raise WorkflowConfigError(f"{key}: {values} is not sorted (write the fractions in increasing order)")
+    return [float(v) for v in values if v < 1.0]
 
 
 def fraction_tag(fraction: float) -> str:
@@ -157,13 +197,15 @@ def variants(fields: Mapping[str, Any], mode: str = "one_at_a_time") -> list[tup
 
 
 def expand_runs(config: Mapping[str, Any]) -> list[Run]:
-    """Every pretraining run of the config, in a stable order."""
+    """Every pretraining run of the config, in a stable order: the full runs, then the budget sweeps'."""
     runs = []
     for modality in config["modalities"]:
+        scales = [1.0, *budget_sweep(config, modality)]
         for method in config["methods"].get(modality, []):
             fields = config["ablations"].get(modality, {}).get(method, {})
             for name, params in variants(fields, config["ablation_mode"]):
-                runs += [Run(modality, method, name, seed, params) for seed in config["seeds"]]
+                runs += [Run(modality, method, name, seed, params, scale) for scale in scales
+                         for seed in config["seeds"]]
     return runs
 
 
@@ -173,12 +215,16 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     cfg = merge(merge(pre.get("common", {}), pre.get(run.modality, {})),
                 pre.get("per_method", {}).get(run.modality, {}).get(run.method, {}))
     method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(run.params))
+    budget = dict(config["budget"][run.modality])
+    budget["value"] = budget["value"] * run.budget_scale
+    if budget["kind"] == "updates":
+        budget["value"] = max(1, round(budget["value"]))
     return merge(cfg, {
         "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
                    "overrides": method_overrides},
         "data": active_data(config),
-        "budget": config["budget"][run.modality],
-        "checkpoint": {"fractions": list(config["checkpoint_fractions"])},
+        "budget": budget,
+        "checkpoint": {"fractions": run.fractions or list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
 
@@ -203,7 +249,7 @@ def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> di
     return merge(cfg, {
         "modality": run.modality, "preset": config["preset"], "data": active_data(config),
         "identity": {"variant": run.variant, "params": dict(run.params), "seed": run.seed,
-                     "budget_fraction": fraction},
+                     "budget_fraction": fraction, **({"budget_scale": run.budget_scale} if run.sweep else {})},
     })
 
 
@@ -275,6 +321,8 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
     if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
         raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
                                   "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+    for modality in config.get("budget_sweep", {}):
+        budget_sweep(config, modality)
     for modality, fractions in config.get("finetune_fractions", {}).items():
         extra = sorted(set(fractions) - set(config["checkpoint_fractions"]))
         if extra:

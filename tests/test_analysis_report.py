@@ -99,3 +99,36 @@ def test_training_figure_one_legend_entry_per_method_and_variant_colours_fixed_p
     assert lines["data2vec 2.0"].get_linestyle() != lines["data2vec 2.0 M2"].get_linestyle()
     assert figures._color("my_method") == figures._color("my_method") not in [figures._color(m) for m in
                                                                              ("data2vec2", "mae", "mlm")]
+
+
+def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
+    """Sweep points (separate runs at half the budget) next to the fixture's full runs: the summary opens with
+    one plain line per claim on the sweep, the scorecard and figures name the protocol."""
+    import json
+    import shutil
+
+    metrics = tmp_path / "metrics"
+    shutil.copytree(FIXTURE / "metrics", metrics)
+    for path in sorted(metrics.glob("image-*-default-s*-f1.000.json")):
+        data = json.loads(path.read_text())
+        data["identity"]["budget_scale"] = 0.5
+        data["pretrain"] = {k: (v / 2 if k in ("train_time_s", "e2e_time_s", "device_hours") else v)
+                            for k, v in data["pretrain"].items()}
+        data["metrics"]["test_accuracy"] -= 0.01
+        (metrics / path.name.replace("-f1.000", "-b0.5-f1.000")).write_text(json.dumps(data))
+    tables = tmp_path / "tables"
+    assert collect.main(["--metrics", str(metrics), "--out", str(tables)]) == 0
+    assert report.main(["--tables", str(tables), "--out", str(tmp_path), "--bootstrap", "50"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    summary = md.split("## Summary", 1)[1]
+    first = summary.split("\n- ", 2)[1]
+    assert first.startswith("audio vs data2vec 1.0: ")            # one line per claim, in plain words
+    image = [line for line in summary.splitlines() if line.startswith("- image vs MAE: ")]
+    assert len(image) == 1 and "budget sweep of 2 runs per method (0.5, 1 of the budget)" in image[0]
+    card = pd.read_csv(tmp_path / "derived" / "scorecard.csv")
+    assert card.set_index("data2vec 2.0 vs").loc["MAE", "protocol"] == "sweep"
+    speedups = pd.read_csv(tmp_path / "derived" / "speedups.csv")
+    assert set(speedups[speedups.modality == "image"].protocol) == {"sweep", "anytime"}
+    assert set(speedups[speedups.modality == "audio"].protocol) == {"anytime"}
+    assert (tmp_path / "figures" / "curves_image_fmnist_sweep.png").is_file()
+    assert (tmp_path / "figures" / "curves_image_fmnist.png").is_file()

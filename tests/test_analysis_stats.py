@@ -153,3 +153,34 @@ def test_default_target_with_even_seeds_is_reached_by_half_the_baseline():
     c = sp.compare(base, ref, higher_is_better=True, n_boot=100)
     assert c.target == 0.70 and all(t.status == sp.REACHED for t in c.baseline)
     assert c.speedup.relation == "=" and c.speedup.value == pytest.approx(((20 + 10 + 10 / 1.4) / 2) / 7.5)
+
+
+def _point(method, scale, fraction, time, value):
+    return {"modality": "image", "task": "fmnist", "method": method, "variant": "default", "params": "{}",
+            "seed": 0, "budget_scale": scale, "budget_fraction": fraction, "train_time_s": time,
+            "primary_metric": "accuracy", "higher_is_better": True, "value": value}
+
+
+def test_sweep_and_anytime_protocols_give_their_own_points_and_speedups():
+    """A budget sweep's point at half the budget is a separate run with a finished schedule: here it fine-tunes
+    better (0.70) than the full run's checkpoint at half its schedule (0.60), and the speedups differ."""
+    rows = [_point("mae", 1.0, 0.5, 50, 0.60), _point("mae", 1.0, 1.0, 100, 0.80), _point("mae", 0.5, 1.0, 50, 0.70)]
+    rows += [_point("data2vec2", 1.0, 0.5, 50, 0.60), _point("data2vec2", 1.0, 1.0, 100, 0.90),
+             _point("data2vec2", 0.5, 1.0, 50, 0.85)]
+    evals = pd.DataFrame(rows)
+    assert sp.protocols_of(evals) == ["sweep", "anytime"]
+    assert sp.protocols_of(evals[evals.budget_scale == 1.0]) == ["anytime"]
+    sweep = sp.protocol_points(evals, "sweep")
+    assert sorted(zip(sweep.method, sweep.budget_fraction, sweep.value)) == [
+        ("data2vec2", 0.5, 0.85), ("data2vec2", 1.0, 0.9), ("mae", 0.5, 0.7), ("mae", 1.0, 0.8)]
+    assert len(sp.protocol_points(evals, "anytime")) == 4
+    tt = sp.targets(evals)
+    assert tt.loc[0, "target"] == pytest.approx(0.80)                     # the full run's final quality
+    table = sp.speedup_table(evals, tt, clocks=["train_time_s"], n_boot=10).set_index("protocol")
+    # sweep: data2vec 2.0 reaches 0.80 at its first point (50 s): at least 100 / 50 = 2x
+    assert table.loc["sweep", "relation"] == ">=" and table.loc["sweep", "speedup"] == pytest.approx(2.0)
+    # anytime: 50 + 50 * (0.2 / 0.3) s
+    assert table.loc["anytime", "relation"] == "="
+    assert table.loc["anytime", "speedup"] == pytest.approx(100 / (50 + 50 * 2 / 3))
+    with pytest.raises(ValueError, match="protocol 'x' unknown"):
+        sp.protocol_points(evals, "x")

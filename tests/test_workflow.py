@@ -156,6 +156,36 @@ def test_ablation_dag_shape_and_readable_paths(tmp_path):
     assert "runs/image/data2vec2/decoder.depth=3,num_masks=4/seed1/DONE" in grid.stdout
 
 
+def test_a_budget_sweep_is_one_run_per_budget_with_its_own_schedule():
+    """Each fraction below 1 is a separate run: the budget scaled, only its final checkpoint kept and fine-tuned;
+    the full run stays as it is (the sweep's point at 1 and the anytime points)."""
+    config = resolved(budget_sweep={"image": [0.25, 0.5, 1.0]})
+    runs = wfc.validate_workflow(config)
+    image = [r for r in runs if r.modality == "image" and r.method == "mae"]
+    assert [(r.budget_scale, r.key) for r in image] == [
+        (1.0, "image/mae/default/seed0"), (0.25, "image/mae/default/seed0-budget0.250"),
+        (0.5, "image/mae/default/seed0-budget0.500")]
+    full, quarter = (wfc.run_config(config, r) for r in image[:2])
+    assert full["budget"] == {"kind": "cpu_seconds", "value": 60}
+    assert quarter["budget"] == {"kind": "cpu_seconds", "value": 15.0}
+    assert full["checkpoint"]["fractions"] == [0.25, 0.5, 1.0] and quarter["checkpoint"]["fractions"] == [1.0]
+    assert wfc.finetune_fractions(config, image[1]) == [1.0]
+    assert wfc.finetune_request(config, image[1], 1.0)["identity"]["budget_scale"] == 0.25
+    assert len(runs) == 8 + 3 * 2                      # three image methods, two extra budgets each
+    updates = resolved(preset="smoke", budget_sweep={"image": [0.5]})
+    half = next(r for r in wfc.validate_workflow(updates) if r.budget_scale == 0.5)
+    assert wfc.run_config(updates, half)["budget"] == {"kind": "updates", "value": 3}
+
+
+def test_budget_sweep_dag_shape(tmp_path):
+    r = snakemake(tmp_path, "-n", config=["budget_sweep={image: [0.25, 0.5, 1.0]}"])
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert counts["pretrain"] == 8 + 6 and counts["finetune"] == 3 * 3 + 2 + 3 * 3 + 6
+    assert "runs/image/data2vec2/default/seed0-budget0.250/DONE" in r.stdout
+    assert "metrics/image/mae/default/seed0-budget0.500/f1.000.json" in r.stdout
+
+
 def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
@@ -226,6 +256,10 @@ BAD_CONFIGS = [
     (["launcher={backend: slurm}"], "slurm.partition: required when launcher.backend is slurm"),
     (["slurm={pretrain: {gpus: 8}}"], "slurm.pretrain.gpus: unknown key"),
     (["finetune_fractions={audio: [0.75]}"], "finetune_fractions.audio: [0.75] not in checkpoint_fractions"),
+    (["budget_sweep={image: []}"], "budget_sweep.image: expected a non-empty list"),
+    (["budget_sweep={image: [0.5, 0.25]}"], "budget_sweep.image: [0.5, 0.25] is not sorted"),
+    (["budget_sweep={text: [0.25, 0.25]}"], "budget_sweep.text: repeated values"),
+    (["budget_sweep={audio: [-0.5, 1]}"], "budget_sweep.audio: [-0.5] not in (0, 1]"),
 ]
 
 
@@ -248,7 +282,7 @@ def test_only_the_data_of_the_modalities_run_is_checked(tmp_path):
     r = snakemake(tmp_path, "-n", config=["preset=base", "modalities=[image]", "slurm={partition: p}",
                                           f"data={{root: {DATA}, image: {{imagenet_dir: {imagenet}}}}}"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
-    assert job_counts(r.stdout)["pretrain"] == 3
+    assert job_counts(r.stdout)["pretrain"] == 3 * 3        # three methods, each a budget sweep of three runs
     # with every modality, every run still carries the whole data config (run directories unchanged)
     tiny = resolved()
     assert all(wfc.run_config(tiny, run)["data"] == tiny["data"] for run in wfc.expand_runs(tiny))
@@ -296,3 +330,8 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert job_counts(ablation.stdout) == {"pretrain": 1, "finetune": 2, "resolved_config": 1, "collect": 1,
                                            "report": 1, "all": 1}
     assert "runs/image/data2vec2/num_masks=1/seed0/DONE" in ablation.stdout
+
+    sweep = snakemake(tmp_path, "-n", config=smoke + ["budget_sweep={image: [0.5, 1.0]}"])
+    assert job_counts(sweep.stdout) == {"pretrain": 2, "finetune": 2, "resolved_config": 1, "collect": 1,
+                                        "report": 1, "all": 1}
+    assert "runs/image/mae/default/seed0-budget0.500/DONE" in sweep.stdout

@@ -3,7 +3,8 @@
 Outputs (each as parquet and CSV, written atomically):
 
 - ``evals``: one row per evaluation point, i.e. per fine-tuned checkpoint: identity (modality, method,
-  variant, its parameters as JSON and as ``param.<name>`` columns, seed, budget fraction, task), the
+  variant, its parameters as JSON and as ``param.<name>`` columns, seed, the run's budget scale (below 1
+  for a budget sweep's run), the checkpoint's budget fraction, task), the
   pretraining clocks at that checkpoint (train-only and end-to-end seconds, device-hours), updates,
   samples and epochs seen, every metric (``metric.<name>``) plus ``value`` = the primary metric, and
   provenance (git commit and dirty flag, package versions, device name and count, host, SLURM job ids,
@@ -44,7 +45,8 @@ __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "coll
            "collect_progress", "write_table", "main"]
 
 CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours", "train_cpu_s")
-IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_fraction", "task", "init", "mode")
+IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_scale", "budget_fraction", "task", "init",
+                    "mode")
 
 
 class CollectError(ValueError):
@@ -64,6 +66,7 @@ class Identity(_Model):
     params: dict[str, Any] = {}
     seed: int
     budget_fraction: float = Field(ge=0, le=1)
+    budget_scale: float = Field(1.0, gt=0, le=1)     # the run's budget / the modality's (< 1: a budget sweep)
     task: str
     init: str = "pretrained"           # "random": fine-tuned from random weights (budget_fraction 0)
     mode: str = "finetune"             # or "linear_probe"

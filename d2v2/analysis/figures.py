@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from d2v2.analysis.paper import METHOD_NAMES  # noqa: E402
-from d2v2.analysis.speedup import CLOCKS, is_default_variant  # noqa: E402
+from d2v2.analysis.speedup import CLOCKS, PROTOCOLS, is_default_variant  # noqa: E402
 from d2v2.analysis.stats import bootstrap_ci  # noqa: E402
 from d2v2.atomic import atomic_write  # noqa: E402
 
@@ -92,9 +92,12 @@ def _draw_curve(ax, runs: pd.DataFrame, clock: str, label: str, color) -> None:
 
 
 def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s",
-                target_table: pd.DataFrame | None = None, random_init: pd.DataFrame | None = None) -> list[Figure]:
+                target_table: pd.DataFrame | None = None, random_init: pd.DataFrame | None = None,
+                protocol: str = "anytime") -> list[Figure]:
     """Metric vs pretraining time per modality and task, every method's default variant; fine-tuning
-    from random initialisation (if given) as a dash-dotted line."""
+    from random initialisation (if given) as a dash-dotted line. ``evals`` holds the points of one
+    ``protocol`` (d2v2.analysis.speedup.protocol_points), named in the title, caption and file name
+    (``curves_<modality>_<task>`` for anytime, ``..._sweep`` for a budget sweep)."""
     sns.set_theme(style="whitegrid")
     figures = []
     default = evals[evals["params"].map(is_default_variant)]
@@ -113,16 +116,17 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
         metric = df["primary_metric"].iloc[0]
         better = "higher" if df["higher_is_better"].iloc[0] else "lower"
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
-               ylabel=f"{metric} ({better} is better)", title=f"{modality} / {task}")
-        ax.legend(fontsize=8)
+               ylabel=f"{metric} ({better} is better)", title=f"{modality} / {task} ({protocol})")
+        _legend_outside(ax)
         seeds = df.groupby("method")["seed"].nunique()
         caption = (f"{modality} / {task}: fine-tuned {metric} vs pretraining time on the {clock} clock "
-                   f"({CLOCKS[clock]}); device {_hardware(df)}; preset {', '.join(map(str, df['preset'].unique()))}; "
+                   f"({CLOCKS[clock]}); protocol {PROTOCOLS[protocol]}; device {_hardware(df)}; preset {', '.join(map(str, df['preset'].unique()))}; "
                    f"median over seeds ({', '.join(f'{_name(m)}: {n}' for m, n in seeds.items())}), "
-                   "band = 95% bootstrap CI over seeds (none with one seed), one marker per checkpoint; "
+                   "band = 95% bootstrap CI over seeds (none with one seed), one marker per point; "
                    "dotted lines: each baseline's target (its final quality); dash-dotted: fine-tuned from random "
                    "initialisation (if run).")
-        figures.append((save(fig, out_dir, f"curves_{modality}_{task}"), caption))
+        suffix = "" if protocol == "anytime" else f"_{protocol}"
+        figures.append((save(fig, out_dir, f"curves_{modality}_{task}{suffix}"), caption))
     return figures
 
 
@@ -155,18 +159,24 @@ def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.Data
     ax.plot([], [], "o", color="C0", label="measured here, 95% CI (> lower / < upper bound)")
     ax.plot([], [], "D", color="grey", label="implied by the paper's figure points")
     ax.plot([], [], "X", color="C3", label="paper's claim")
-    ax.legend(fontsize=7, loc="best")
+    _legend_outside(ax)
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlim(min(finite) / 2, right * 1.2)
     ax.set_yticks(range(len(keys)), [f"{m}: vs {_name(b)}" for m, b in keys])
     ax.set(xlabel=f"speedup of data2vec 2.0 (time to baseline's target, clock '{clock}')",
            title="data2vec 2.0 speedups: measured vs paper")
+    protocols = ", ".join(sorted(set(ours["protocol"]))) if "protocol" in ours else "anytime"
     caption = (f"Speedup of data2vec 2.0 = time(baseline) / time(data2vec 2.0) to reach the baseline's target, "
-               f"on the {clock} clock ({CLOCKS[clock]}); bars: 95% bootstrap CI over seeds; '>'/'<' markers "
+               f"on the {clock} clock ({CLOCKS[clock]}); protocol: {protocols}; bars: 95% bootstrap CI over seeds; '>'/'<' markers "
                "are bounds (target reached at the first checkpoint / not reached within the budget). "
                "Paper values are on the paper's hardware and scale (results/paper).")
     return [(save(fig, out_dir, "speedups"), caption)]
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, so it never covers a data point."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _fmt_param(v) -> str:
@@ -198,7 +208,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             ax.plot([_fmt_param(v) for v in summary[col]], summary["value"], marker="o")
             if not default.empty:
                 ax.axhline(_final(default).median(), ls="--", color="grey", label="default variant")
-                ax.legend(fontsize=8)
+                _legend_outside(ax)
             ax.set(xlabel=param, ylabel=f"{metric} at the full budget",
                    title=f"{modality} / {_name(method)}: {param}")
             caption = (f"{modality} / {_name(method)} ablation of {param}: fine-tuned {metric} at the final "
@@ -212,7 +222,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             _draw_curve(ax, runs, clock, f"{variant} ({_seeds(runs)})", color)
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')", ylabel=metric,
                title=f"{modality} / {_name(method)}: variants")
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
         caption = (f"{modality} / {_name(method)}: fine-tuned {metric} vs pretraining time ({clock}) per "
                    f"variant; median over seeds with 95% bootstrap band; device {_hardware(df)}.")
         figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_curves"), caption))
@@ -276,7 +286,7 @@ def plot_paper_efficiency(points: pd.DataFrame, out_dir: str | Path) -> list[Fig
         for method, g in pts.groupby("method", sort=True):
             ax.plot(g["hours"], g["value"], marker="o", label=_name(method), color=_color(method))
         ax.set(title=modality, xlabel="pretraining hours (paper's hardware)", ylabel=pts["metric"].iloc[0])
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))   # below: off the data
     caption = ("The paper's efficiency figure redrawn from results/paper/efficiency_points.csv (values read "
                "off the plot: about ±0.5 h and ±0.1 points; GPU type not stated).")
     return [(save(fig, out_dir, "paper_efficiency"), caption)]

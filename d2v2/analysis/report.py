@@ -31,7 +31,8 @@ import pandas as pd
 from d2v2.analysis import figures, paper
 from d2v2.analysis.collect import write_table
 from d2v2.analysis.paper import METHOD_NAMES
-from d2v2.analysis.speedup import CLOCKS, recorded_clocks, speedup_table, targets
+from d2v2.analysis.speedup import (CLOCKS, NOT_REACHED, PROTOCOLS, protocol_points, protocols_of,
+                                   recorded_clocks, speedup_table, targets)
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
 from d2v2.atomic import atomic_write
 
@@ -173,10 +174,59 @@ def final_quality(evals: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def headline(speedups: pd.DataFrame, evals: pd.DataFrame, clock: str) -> pd.DataFrame:
+    """The speedups the report leads with: default variants on ``clock``, per modality on its headline
+    protocol (the budget sweep where there is one, :func:`d2v2.analysis.speedup.protocols_of`)."""
+    rows = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
+    first = {m: protocols_of(g)[0] for m, g in evals.groupby("modality")}
+    return rows[np.array([first.get(m) == p for m, p in zip(rows["modality"], rows["protocol"])], dtype=bool)]
+
+
+def _protocol_words(evals: pd.DataFrame, modality: str, protocol: str) -> str:
+    g = evals[evals["modality"] == modality]
+    if protocol == "sweep":
+        scales = sorted(set(g["budget_scale"]))
+        return f"budget sweep of {len(scales)} runs per method ({', '.join(f'{s:g}' for s in scales)} of the budget)"
+    return f"checkpoints at {', '.join(f'{f:g}' for f in sorted(set(g['budget_fraction'])))} of one run's budget"
+
+
+def _points(evals: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The points of ``protocol`` of every modality that has it."""
+    have = [m for m in evals["modality"].unique() if protocol in protocols_of(evals[evals["modality"] == m])]
+    return protocol_points(evals[evals["modality"].isin(have)], protocol)
+
+
+def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
+    """One line in plain words for a headline speedup row: what was shown, with protocol, scale and seeds."""
+    b, metric = _name(r.baseline), r.primary_metric.removeprefix("test_")
+    where = (f"{_protocol_words(evals, r.modality, r.protocol)}; clock {clock}; preset "
+             f"{', '.join(map(str, evals[evals.modality == r.modality]['preset'].unique()))}; "
+             f"{r.d2v2_seeds} / {r.baseline_seeds} seed(s)")
+    target = f"{b}'s final {metric} ({r.target:.3g})"
+    if r.d2v2_status == NOT_REACHED:
+        return (f"{r.modality} vs {b}: not shown at this scale: data2vec 2.0 did not reach {target} within "
+                f"{_hours(r.d2v2_budget, clock)} ({where}).")
+    if r.relation == "=":
+        verdict = (f"shown: {r.speedup:.2f}x faster" if r.speedup > 1 else
+                   f"not shown: data2vec 2.0 was {1 / r.speedup:.2f}x slower" if r.speedup < 1 else "equal time")
+        return (f"{r.modality} vs {b}: {verdict}: data2vec 2.0 reached {target} in "
+                f"{_hours(r.d2v2_time_high, clock)}, {b} in {_hours(r.baseline_time_high, clock)} ({where}; "
+                f"data2vec 2.0 vs {b}: {r.speedup_text}).")
+    if r.relation == ">=":
+        return (f"{r.modality} vs {b}: at least {r.speedup:.2f}x faster: data2vec 2.0 reached {target} already "
+                f"at its first point ({_hours(r.d2v2_time_high, clock)}), so only a lower bound ({where}).")
+    if r.relation == "<=":
+        return (f"{r.modality} vs {b}: at most {r.speedup:.2f}x: {b} reached its own target only as a bound "
+                f"({r.baseline_status}) ({where}; data2vec 2.0 vs {b}: {r.speedup_text}).")
+    return (f"{r.modality} vs {b}: undetermined: {b} {r.baseline_status}, data2vec 2.0 {r.d2v2_status}, so "
+            f"neither time is bounded on both sides ({where}).")
+
+
 def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFrame, evals: pd.DataFrame,
               clock: str) -> pd.DataFrame:
-    """Each paper claim (and each comparison the paper's figure implies) beside what this run measured."""
-    ours = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
+    """Each paper claim (and each comparison the paper's figure implies) beside what this run measured
+    (on the headline protocol: the budget sweep where there is one)."""
+    ours = headline(speedups, evals, clock)
     # every comparison the paper's figure implies, plus any baseline run here that the figure lacks
     extra = ours[~ours.set_index(["modality", "baseline"]).index.isin(
         implied.set_index(["modality", "baseline"]).index)][["modality", "baseline"]].drop_duplicates()
@@ -195,6 +245,7 @@ def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFram
             "paper scale": paper.PAPER_SCALE.get(r.modality, "–"),
             "measured here": "; ".join(f"{m.speedup_text} on {m.task}" for m in mine.itertuples())
             if len(mine) else "not run here",
+            "protocol": ", ".join(sorted(set(mine["protocol"]))) if len(mine) else "–",
             "target reached (baseline / data2vec 2.0)": "; ".join(
                 f"{m.baseline_status} / {m.d2v2_status}" for m in mine.itertuples()) if len(mine) else "–",
             "our scale": ours_scale,
@@ -203,32 +254,24 @@ def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFram
 
 
 def _summary(evals: pd.DataFrame, runs: pd.DataFrame, speedups: pd.DataFrame, clock: str) -> list[Block]:
-    blocks: list[Block] = [Heading("Summary")]
+    lines = [claim_sentence(r, evals, clock) for r in headline(speedups, evals, clock).itertuples()]
+    blocks: list[Block] = [
+        Heading("Summary"),
+        Para(f"The claims, one line each (time for data2vec 2.0 to reach each baseline's final quality, on the "
+             f"{clock} clock: {CLOCKS[clock]}; protocols: " + "; ".join(PROTOCOLS.values()) + "):"),
+        Bullets(lines or ["no baseline with a data2vec 2.0 comparison in the tables"])]
     items = []
     for modality, g in evals.groupby("modality"):
         methods = ", ".join(f"{_name(m)} ({', '.join(sorted(v['variant'].unique()))})"
                             for m, v in g.groupby("method"))
         items.append(f"{modality} (task {', '.join(g['task'].unique())}, metric {g['primary_metric'].iloc[0]}): "
-                     f"{methods}; seeds {sorted(g['seed'].unique().tolist())}; checkpoints at budget fractions "
-                     f"{sorted(g['budget_fraction'].unique().tolist())}; preset "
+                     f"{methods}; seeds {sorted(g['seed'].unique().tolist())}; "
+                     + "; ".join(_protocol_words(evals, modality, p) for p in protocols_of(g)) + "; preset "
                      f"{', '.join(map(str, g['preset'].unique()))}; device "
                      f"{', '.join(map(str, g['device_name'].unique()))} x{'/'.join(map(str, g['prov_device_count'].unique()))}")
     blocks += [Para(f"What was run: {len(evals)} fine-tuned evaluation points from {len(runs)} pretraining "
                     "run(s) with summaries. Every method was pretrained under the same budget per modality and "
-                    "fine-tuned with the same recipe at each checkpoint."), Bullets(items)]
-    head = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
-    lines = []
-    for r in head.itertuples():
-        lines.append(
-            f"{r.modality} / {r.task}: data2vec 2.0 vs {_name(r.baseline)}: {r.speedup_text} on the {clock} clock "
-            f"({CLOCKS[clock]}; 95% bootstrap CI over seeds in brackets). Target {r.primary_metric} = "
-            f"{r.target:.4g} ({r.target_source}); {_name(r.baseline)}: {r.baseline_status} "
-            f"(median {_hours(r.baseline_time_high, clock)}, {r.baseline_seeds} seed(s)); data2vec 2.0: "
-            f"{r.d2v2_status} (median {_hours(r.d2v2_time_high, clock)}, budget {_hours(r.d2v2_budget, clock)}, "
-            f"{r.d2v2_seeds} seed(s)).")
-    blocks += [Para("Headline speedups (time for data2vec 2.0 to reach each baseline's target; a bound where "
-                    "the target was reached at the first checkpoint or not within the budget):"),
-               Bullets(lines or ["no baseline with a data2vec 2.0 comparison in the tables"])]
+                    "fine-tuned with the same recipe at each point."), Bullets(items)]
     return blocks
 
 
@@ -313,7 +356,8 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
     implied = paper.implied_speedups(paper_dir)
     target_table = targets(evals, configured_targets)
     speedups = speedup_table(evals, target_table, n_boot=n_boot)
-    quality = final_quality(evals)
+    anytime = protocol_points(evals, "anytime")          # the full runs: final quality, ablations
+    quality = final_quality(anytime)
     card = scorecard(speedups, implied, claims, evals, clock)
     derived = out / "derived"
     for name, df in (("targets", target_table), ("speedups", speedups), ("final_quality", quality),
@@ -322,16 +366,17 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
 
     fig_dir = out / "figures"
     figs = {
-        "curves": figures.plot_curves(evals, fig_dir, clock, target_table, random_init),
-        "speedups": figures.plot_speedups(speedups, implied, claims, fig_dir, clock),
-        "ablations": figures.plot_ablations(evals, fig_dir, clock),
+        "curves": [f for p in PROTOCOLS if not _points(evals, p).empty for f in figures.plot_curves(
+            _points(evals, p), fig_dir, clock, target_table, random_init, protocol=p)],
+        "speedups": figures.plot_speedups(headline(speedups, evals, clock), implied, claims, fig_dir, clock),
+        "ablations": figures.plot_ablations(anytime, fig_dir, clock),
         "paper": figures.plot_paper_efficiency(points, fig_dir),
         "training": figures.plot_training(progress, fig_dir, clock),
     }
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = "data2vec 2.0 reproduction: efficiency report"
-    speed_cols = ["modality", "task", "baseline", "variant", "clock", "target", "baseline_status",
+    speed_cols = ["modality", "task", "baseline", "variant", "clock", "protocol", "target", "baseline_status",
                   "baseline_time_high", "d2v2_status", "d2v2_time_high", "d2v2_budget", "speedup_text"]
     blocks: list[Block] = [
         Heading(title, 1),

@@ -19,6 +19,12 @@ reaching it at its first checkpoint gives "speedup >= T_baseline / T_first(data2
 The target of a baseline is, by default, its own final quality at the full budget: the median over
 seeds, where for an even number of seeds the worse of the two middle values is taken, so that at least
 half of the baseline's seeds reach it and its median time is finite. Or a configured value.
+
+A run's curve comes from one of two protocols (PROTOCOL.md#protocols): ``sweep``, the paper's, where each
+point is the final checkpoint of a separate run whose schedules are fitted to its budget; or ``anytime``,
+the checkpoints at budget fractions of one full run, read inside its schedule (which understates what a
+smaller budget buys). :func:`protocol_points` gives either view with ``budget_fraction`` = the share of the
+modality's budget behind each point; every speedup row names its protocol.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import pandas as pd
 from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
-    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
+    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
     "speedup_table", "recorded_clocks",
 ]
@@ -40,11 +46,14 @@ __all__ = [
 REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not reached"
 CLOCKS = {"train_time_s": "train-only seconds", "e2e_time_s": "end-to-end seconds",
           "device_hours": "device-hours", "train_cpu_s": "train-only CPU seconds"}
+PROTOCOLS = {"sweep": "budget sweep: the final checkpoints of separate runs, each with its schedules fitted to "
+                      "its own budget (the paper's protocol)",
+             "anytime": "anytime: checkpoints at budget fractions of one full-budget run, inside its schedule"}
 REFERENCE_METHOD = "data2vec2"
 TARGET_COLUMNS = ["modality", "task", "baseline", "primary_metric", "higher_is_better", "configured", "target",
                   "target_source"]
 SPEEDUP_COLUMNS = [
-    "modality", "task", "baseline", "variant", "default_variant", "clock", "primary_metric", "target",
+    "modality", "task", "baseline", "variant", "default_variant", "clock", "protocol", "primary_metric", "target",
     "target_source", "baseline_time_low", "baseline_time_high", "baseline_olympic", "baseline_status",
     "baseline_seeds", "d2v2_time_low", "d2v2_time_high", "d2v2_olympic", "d2v2_status", "d2v2_seeds",
     "d2v2_budget", "speedup_low", "speedup_high", "relation", "speedup", "ci_low", "ci_high", "speedup_text"]
@@ -229,6 +238,30 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
     return Comparison(tgt, tb, tr, Speedup(point.low, point.high, ci))
 
 
+def _scale(evals: pd.DataFrame) -> pd.Series:
+    """Each row's budget scale (tables collected before budget sweeps have none: every run was full)."""
+    return evals["budget_scale"] if "budget_scale" in evals else pd.Series(1.0, index=evals.index)
+
+
+def protocols_of(evals: pd.DataFrame) -> list[str]:
+    """The protocols ``evals`` (one modality) supports, the headline first: ``sweep`` where it holds runs
+    with a budget below the full one, then ``anytime``."""
+    return (["sweep"] if (_scale(evals) < 1.0).any() else []) + ["anytime"]
+
+
+def protocol_points(evals: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The evaluation points of ``protocol`` with ``budget_fraction`` = the share of the modality's budget
+    behind each: ``anytime``, the full runs' checkpoints; ``sweep``, every run's final checkpoint (the
+    full run's included), at its budget scale."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol '{protocol}' unknown (have {', '.join(PROTOCOLS)})")
+    scale = _scale(evals)
+    if protocol == "anytime":
+        return evals[scale == 1.0]
+    final = evals[evals["budget_fraction"] == 1.0]
+    return final.assign(budget_fraction=scale[final.index])
+
+
 def is_default_variant(params: Mapping | str | None) -> bool:
     """A run with no ablation parameters is the method's default variant."""
     if isinstance(params, str):
@@ -251,10 +284,11 @@ def _baseline_runs(evals: pd.DataFrame, modality: str, task: str, method: str) -
 
 def targets(evals: pd.DataFrame, configured: Mapping[tuple[str, str], float] | None = None) -> pd.DataFrame:
     """Target per (modality, task, baseline): configured, or the baseline's final quality
-    (:func:`median_final` of each seed's value at its largest budget fraction, normally 1.0) for its
-    default variant."""
+    (:func:`median_final` of each seed's value at its full run's largest budget fraction, normally 1.0) for
+    its default variant."""
     configured = dict(configured or {})
     rows = []
+    evals = protocol_points(evals, "anytime")
     base = evals[(evals["method"] != REFERENCE_METHOD) & evals["params"].map(is_default_variant)]
     for (modality, task, method), runs in base.groupby(["modality", "task", "method"], sort=True):
         final = runs.loc[runs.groupby("seed")["budget_fraction"].idxmax()]
@@ -281,29 +315,30 @@ def recorded_clocks(evals: pd.DataFrame) -> list[str]:
 
 def speedup_table(evals: pd.DataFrame, target_table: pd.DataFrame, clocks: Iterable[str] | None = None,
                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per (target, data2vec 2.0 variant, clock): both methods' times and the speedup (every
-    recorded clock unless ``clocks`` is given)."""
+    """One row per (target, data2vec 2.0 variant, clock, protocol): both methods' times and the speedup
+    (every recorded clock unless ``clocks`` is given; every protocol of :func:`protocols_of`)."""
     clocks = recorded_clocks(evals) if clocks is None else clocks
     rows = []
-    for t in target_table.itertuples(index=False):
-        base = _baseline_runs(evals, t.modality, t.task, t.baseline)
-        same_task = evals[(evals["modality"] == t.modality) & (evals["task"] == t.task)]
+    for t, clock, protocol in ((t, c, p) for t in target_table.itertuples(index=False) for c in clocks
+                               for p in protocols_of(evals[evals["modality"] == t.modality])):
+        points = protocol_points(evals, protocol)
+        base = _baseline_runs(points, t.modality, t.task, t.baseline)
+        same_task = points[(points["modality"] == t.modality) & (points["task"] == t.task)]
         for variant, ref in same_task[same_task["method"] == REFERENCE_METHOD].groupby("variant", sort=True):
-            for clock in clocks:
-                c = compare(curves(base, clock), curves(ref, clock), t.higher_is_better,
-                            t.target if t.configured else None, n_boot=n_boot, seed=seed)
-                ab, ar, s = aggregate_times(c.baseline), aggregate_times(c.reference), c.speedup
-                rows.append({
-                    "modality": t.modality, "task": t.task, "baseline": t.baseline,
-                    "variant": variant, "default_variant": is_default_variant(ref["params"].iloc[0]),
-                    "clock": clock, "primary_metric": t.primary_metric, "target": c.target,
-                    "target_source": t.target_source,
-                    "baseline_time_low": ab.low, "baseline_time_high": ab.high,
-                    "baseline_olympic": ab.olympic, "baseline_status": ab.status, "baseline_seeds": ab.n,
-                    "d2v2_time_low": ar.low, "d2v2_time_high": ar.high, "d2v2_olympic": ar.olympic,
-                    "d2v2_status": ar.status, "d2v2_seeds": ar.n,
-                    "d2v2_budget": float(np.median([cv[0][-1] for cv in curves(ref, clock)])),
-                    "speedup_low": s.low, "speedup_high": s.high, "relation": s.relation,
-                    "speedup": s.value, "ci_low": s.ci[0], "ci_high": s.ci[1], "speedup_text": s.describe(),
-                })
+            c = compare(curves(base, clock), curves(ref, clock), t.higher_is_better,
+                        t.target if t.configured else None, n_boot=n_boot, seed=seed)
+            ab, ar, s = aggregate_times(c.baseline), aggregate_times(c.reference), c.speedup
+            rows.append({
+                "modality": t.modality, "task": t.task, "baseline": t.baseline,
+                "variant": variant, "default_variant": is_default_variant(ref["params"].iloc[0]),
+                "clock": clock, "protocol": protocol, "primary_metric": t.primary_metric, "target": c.target,
+                "target_source": t.target_source,
+                "baseline_time_low": ab.low, "baseline_time_high": ab.high,
+                "baseline_olympic": ab.olympic, "baseline_status": ab.status, "baseline_seeds": ab.n,
+                "d2v2_time_low": ar.low, "d2v2_time_high": ar.high, "d2v2_olympic": ar.olympic,
+                "d2v2_status": ar.status, "d2v2_seeds": ar.n,
+                "d2v2_budget": float(np.median([cv[0][-1] for cv in curves(ref, clock)])),
+                "speedup_low": s.low, "speedup_high": s.high, "relation": s.relation,
+                "speedup": s.value, "ci_low": s.ci[0], "ci_high": s.ci[1], "speedup_text": s.describe(),
+            })
     return pd.DataFrame(rows, columns=SPEEDUP_COLUMNS)

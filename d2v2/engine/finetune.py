@@ -392,6 +392,7 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
         "identity": {"modality": pre.modality, "method": pre.method, "variant": cfg.identity.variant,
                      "params": cfg.identity.params, "seed": seed,
                      "budget_fraction": pre.budget_fraction if pretrained else 0.0,
+                     "budget_scale": cfg.identity.budget_scale,
                      "task": cfg.task, "init": cfg.init, "mode": cfg.mode},
         "pretrain": pre.clocks,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},

@@ -59,12 +59,14 @@ class IdentityConfig(Config):
     """What the workflow knows about the run that the checkpoint may not: the variant's name and parameters.
 
     ``seed`` and ``budget_fraction`` default to the checkpoint's values; if given they must agree with it.
+    ``budget_scale``: the run's budget as a fraction of the modality's (below 1 in a budget sweep).
     """
 
     variant: str = "default"
     params: dict[str, Any] = {}
     seed: int | None = None
     budget_fraction: float | None = Field(None, ge=0, le=1)
+    budget_scale: float = Field(1.0, gt=0, le=1)
 
 
 class ArchConfig(Config):
@@ -174,6 +176,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {
             "task": "fmnist", "optim": {"lr": 1e-3, "warmup_fraction": 0.1}, "budget": {"value": 4},
             "batch_size": 8, "eval_batch_size": 64, "layer_decay": 0.75,
+        },
+        # gpu: tiny's recipe (1,000 labels) for the ViT-S-width encoder, at a third of its LR (a wider model)
+        # and a larger batch; uncalibrated until a GPU run calibrates it (docs/BENCHMARKS.md#the-gpu-path).
+        "gpu": {
+            "task": "fmnist", "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
+                                        "warmup_fraction": 0.1, "final_lr": 1e-6,
+                                        "schedule": "cosine", "clip_grad": None},
+            "budget": {"kind": "updates", "value": 400}, "batch_size": 64, "eval_batch_size": 1000,
+            "eval_max_samples": 10000,
+            "layer_decay": 0.75, "drop_path": 0.0, "dropout": 0.0, "activation_dropout": 0.0,
+            "label_smoothing": 0.0, "mixup": False,
         },
     },
     "audio": {

@@ -42,7 +42,9 @@ class TextLocalEncoder(nn.Module):
         positions = torch.cumsum(real, dim=1) * real + self.cfg.pad_idx
         x = self.embed_tokens(source) + self.embed_positions(positions)
         x = self.dropout(self.layernorm_embedding(x))
-        return x, (padding_mask if padding_mask.any() else None)
+        # no padding: no mask, so SDPA takes its faster path; reading .any() on a GPU would stall the host
+        # until the step so far is done, so there the mask is always passed
+        return x, (padding_mask if padding_mask.is_cuda or padding_mask.any() else None)
 
 
 class TextContextEncoder(ContextEncoder):

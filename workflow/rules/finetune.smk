@@ -5,7 +5,7 @@
 METRICS = PATHS["metrics"]
 
 
-FT_LOG = f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}"
+FT_LOG = f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}/f{{fraction}}"
 
 
 def ft_launch_params(prefix):
@@ -23,7 +23,7 @@ rule finetune:
     input:
         done=f"{RUN_DIR}/DONE",
     output:
-        f"{METRICS}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}/f{{fraction}}.json",
+        f"{METRICS}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}/f{{fraction}}.json",
     params:
         ft_config=lambda w: json.dumps(wfc.finetune_request(config, run_of(w), float(w.fraction)), sort_keys=True),
         checkpoint=f"{RUN_DIR}/checkpoints/checkpoint_f{{fraction}}.pt",

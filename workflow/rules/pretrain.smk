@@ -6,11 +6,12 @@
 # it. The params hold only this run's own config: other runs' edits never re-run it. Plain shell (no
 # `run:` block): a `run:` job would re-parse the whole workflow in a new Snakemake process.
 
-RUN_DIR = f"{PATHS['runs']}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}"
+# {sweep}: empty for a full run, "-budget0.250" for a budget sweep's run (d2v2/workflow_config.py)
+RUN_DIR = f"{PATHS['runs']}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}"
 
 
 def run_of(wildcards):
-    return RUNS[f"{wildcards.modality}/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}"]
+    return RUNS[f"{wildcards.modality}/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}{wildcards.sweep}"]
 
 
 ON_SLURM = config["launcher"]["backend"] == "slurm"
@@ -27,6 +28,7 @@ wildcard_constraints:
     method="[A-Za-z0-9_]+",
     variant="[^/]+",
     seed=r"\d+",
+    sweep=r"(-budget\d\.\d{3})?",
     fraction=r"\d\.\d{3}",
 
 
@@ -44,7 +46,7 @@ rule pretrain:
         job_file=f"{RUN_DIR}/slurm_job.json",
         run_config=f"{RUN_DIR}/run.yaml",
     log:
-        f"{PATHS['logs']}/pretrain/{{modality}}/{{method}}/{{variant}}/seed{{seed}}.log",
+        f"{PATHS['logs']}/pretrain/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}.log",
     threads: training_threads("pretrain")
     resources:
         slurm_jobs=int(ON_SLURM),

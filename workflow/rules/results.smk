@@ -6,7 +6,7 @@ RESULTS = PATHS["results"]
 
 def all_metrics():
     files = [f"{METRICS}/{run.key}/f{wfc.fraction_tag(fraction)}.json" for run in RUNS.values()
-             for fraction in wfc.finetune_fractions(config, run.modality)]
+             for fraction in wfc.finetune_fractions(config, run)]
     if config["finetune_random_init"]:
         files += [f"{METRICS}/{m}/random_init/seed{s}.json" for m in config["modalities"] for s in config["seeds"]]
     return files

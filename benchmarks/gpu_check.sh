@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU path, checked and measured in one command (docs/BENCHMARKS.md#the-gpu-path):
+#   bash benchmarks/gpu_check.sh OUT            # on one H100/H200: about 9 minutes
+#   bash benchmarks/gpu_check.sh OUT --dry-run  # the same stages on a CPU at smoke sizes (tests/test_gpu_check.py)
+# Stages, each bounded in time, everything written to OUT (at most 8 files):
+#   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
+#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory), and
+#      data2vec 2.0 image with and without torch.compile;
+#   3. the image budget sweep of the `gpu` preset end to end (shortened budgets): tables, figures, report.
+# A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
+# failed stages. STAGES="bench sweep" runs only those stages (default: all three). Python packages missing on the machine are installed from .gpu/whl (wheels) if present,
+# and Fashion-MNIST is read from .gpu/fashion-mnist if the Debian package is not installed.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run]}
+DRY=${2:-}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/log.txt"
+WORK=$(mktemp -d)
+cd "$REPO"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+failed=0
+STAGES=${STAGES:-cuda-tests bench sweep}
+stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its output, count a failure
+  local name=$1 limit=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) say "stage $name: skipped (STAGES=$STAGES)"; return ;; esac
+  say "stage $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  say "stage $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+# ---- the environment
+if ! python3 -c "import pydantic, snakemake, jsonschema" 2>/dev/null && [ -d .gpu/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    .gpu/whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+if ! command -v python >/dev/null; then          # the workflow's rules call `python`
+  mkdir -p "$WORK/bin" && ln -s "$(command -v python3)" "$WORK/bin/python" && export PATH="$WORK/bin:$PATH"
+fi
+FMNIST=/usr/share/datasets/fashion-mnist
+[ -d "$FMNIST" ] || FMNIST="$REPO/.gpu/fashion-mnist"
+{
+  echo "host $(hostname); $(date -u)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  python3 -c "import numpy, pandas, pydantic, snakemake, matplotlib; print('numpy', numpy.__version__, 'pandas', pandas.__version__, 'pydantic', pydantic.__version__, 'snakemake', snakemake.__version__, 'matplotlib', matplotlib.__version__)"
+  echo "git $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+} >>"$LOG" 2>&1
+
+if [ "$DRY" = "--dry-run" ]; then
+  BENCH=(--presets smoke --device cpu --steps 2 --warmup 1)
+  SWEEP=(preset=gpu "methods={image: [data2vec2, mae]}" "launcher={pretrain_threads: 1, finetune_threads: 1}"
+         "budget={image: {kind: train_seconds, value: 4}}" "budget_sweep={image: [0.5, 1.0]}"
+         "checkpoint_fractions=[0.5, 1.0]" "pretrain={common: {device: cpu, precision: fp32}, image: {batch_size: 8}}"
+         "finetune={common: {device: cpu}, image: {budget: {value: 3}, eval_max_samples: 200}}"
+         "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
+  LIMITS=(300 300 900)
+else
+  BENCH=(--presets base --device cuda --dtype bf16 --steps 10 --warmup 3)
+  SWEEP=(preset=gpu "budget={image: {kind: train_seconds, value: 24}}" "budget_sweep={image: [0.25, 0.5, 1.0]}"
+         "checkpoint_fractions=[0.5, 1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
+  LIMITS=(100 130 330)
+fi
+
+# ---- 1. the CUDA tests (they skip on a CPU)
+stage cuda-tests "${LIMITS[0]}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+# ---- 2. the step at base size: every method eager, then data2vec 2.0 image compiled
+stage bench "${LIMITS[1]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --json '$OUT/bench.json' && \
+  python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile on \
+  --json '$WORK/bench_compiled.json'"
+[ -f "$WORK/bench_compiled.json" ] && python3 - "$OUT/bench.json" "$WORK/bench_compiled.json" <<'EOF' 2>>"$LOG"
+import json, sys
+rows = json.load(open(sys.argv[1]))
+rows["rows"] += json.load(open(sys.argv[2]))["rows"]
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+EOF
+
+# ---- 3. the gpu preset's image budget sweep, end to end (one training job at a time: --cores 2)
+stage sweep "${LIMITS[2]}" python3 -m snakemake -d "$WORK/wf" --cores 2 --scheduler greedy --config "${SWEEP[@]}"
+[ -d "$WORK/wf" ] && for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/figures/speedups.png \
+         results/figures/curves_image_fmnist_sweep.png results/figures/curves_image_fmnist.png; do
+  if [ -f "$WORK/wf/$f" ]; then cp "$WORK/wf/$f" "$OUT/"; else say "missing: $f"; fi
+done
+[ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
+say "done: $failed failed stage(s)"
+exit "$failed"

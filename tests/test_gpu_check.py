@@ -1,0 +1,29 @@
+"""The device script (benchmarks/gpu_check.sh) runs right the first time: its CPU dry run goes through every
+stage (CUDA tests, the step benchmark, the gpu preset's budget sweep end to end) and returns the files a
+device run returns."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_dry_run_goes_through_every_stage(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+                       capture_output=True, text=True, timeout=1500)
+    log = (out / "log.txt").read_text()
+    assert r.returncode == 0, log[-4000:]
+    for stage in ("cuda-tests", "bench", "sweep"):
+        assert f"stage {stage}: exit 0" in log
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files                     # the device tool returns at most 8 files
+    assert {"log.txt", "bench.json", "report.md", "evals.csv", "runs.csv", "curves_image_fmnist_sweep.png"} <= set(files)
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"data2vec2", "mae", "data2vec1", "mlm"}
+    assert any(r["compiled"] for r in rows) and all(r["flops_step"] > 0 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "image vs MAE: " in report and "budget sweep of 2 runs per method" in report
