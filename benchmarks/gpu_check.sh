@@ -6,7 +6,9 @@
 #   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
 #   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory), and
 #      data2vec 2.0 image with and without torch.compile;
-#   3. the image budget sweep of the `gpu` preset end to end (shortened budgets): tables, figures, report.
+#   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
+#      points at 0.25, 0.5 and 1, no anytime points): tables, figures, report;
+#   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
 # failed stages. STAGES="bench sweep" runs only those stages (default: all three). Python packages missing on the machine are installed from .gpu/whl (wheels) if present,
 # and Fashion-MNIST is read from .gpu/fashion-mnist if the Debian package is not installed.
@@ -23,7 +25,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 failed=0
-STAGES=${STAGES:-cuda-tests bench sweep}
+STAGES=${STAGES:-cuda-tests bench sweep runner}
 stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its output, count a failure
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) say "stage $name: skipped (STAGES=$STAGES)"; return ;; esac
@@ -60,12 +62,14 @@ if [ "$DRY" = "--dry-run" ]; then
          "checkpoint_fractions=[0.5, 1.0]" "pretrain={common: {device: cpu, precision: fp32}, image: {batch_size: 8}}"
          "finetune={common: {device: cpu}, image: {budget: {value: 3}, eval_max_samples: 200}}"
          "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
-  LIMITS=(300 300 900)
+  RUNNER=(--preset smoke --device cpu --updates 4 --warmup 2 --repeats 1 --batch-size 8)
+  LIMITS=(300 300 900 300)
 else
   BENCH=(--presets base --device cuda --dtype bf16 --steps 10 --warmup 3)
-  SWEEP=(preset=gpu "budget={image: {kind: train_seconds, value: 24}}" "budget_sweep={image: [0.25, 0.5, 1.0]}"
-         "checkpoint_fractions=[0.5, 1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
-  LIMITS=(100 130 330)
+  SWEEP=(preset=gpu "budget={image: {kind: train_seconds, value: 16}}" "budget_sweep={image: [0.25, 0.5, 1.0]}"
+         "checkpoint_fractions=[1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
+  RUNNER=(--preset gpu --device cuda --precision bf16 --updates 40 --warmup 5 --repeats 2)
+  LIMITS=(100 130 340 70)
 fi
 
 # ---- 1. the CUDA tests (they skip on a CPU)
@@ -89,5 +93,9 @@ stage sweep "${LIMITS[2]}" python3 -m snakemake -d "$WORK/wf" --cores 2 --schedu
   if [ -f "$WORK/wf/$f" ]; then cp "$WORK/wf/$f" "$OUT/"; else say "missing: $f"; fi
 done
 [ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
+
+# ---- 4. the runner's overhead over the bare step
+stage runner "${LIMITS[3]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
+  image.fmnist_source='$FMNIST' && python3 benchmarks/bench_runner.py ${RUNNER[*]} --data-root '$REPO/data'"
 say "done: $failed failed stage(s)"
 exit "$failed"

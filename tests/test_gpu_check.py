@@ -17,7 +17,7 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
                        capture_output=True, text=True, timeout=1500)
     log = (out / "log.txt").read_text()
     assert r.returncode == 0, log[-4000:]
-    for stage in ("cuda-tests", "bench", "sweep"):
+    for stage in ("cuda-tests", "bench", "sweep", "runner"):
         assert f"stage {stage}: exit 0" in log
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files                     # the device tool returns at most 8 files
