@@ -137,11 +137,11 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
 
 
-def alibi_bias(positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+def alibi_bias(positions: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     """ALiBi bias ``-m_h * |i - j|`` (B, H, T, T) for tokens at original ``positions`` (B, T), so that
-    after masking distances stay those of the full sequence (METHOD.md#sparse-encoding)."""
+    after masking distances stay those of the full sequence (METHOD.md#sparse-encoding); ``slopes``: the
+    (H,) ``m_h`` of :func:`alibi_slopes`, on the positions' device (a buffer: no copy from the host per step)."""
     distance = (positions[:, None, :] - positions[:, :, None]).abs().float()
-    slopes = torch.tensor(alibi_slopes(num_heads), device=positions.device)
     return -slopes[None, :, None, None] * distance[:, None]
 
 

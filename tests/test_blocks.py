@@ -9,6 +9,8 @@ from torch import nn
 
 from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes, conv_channels_last
 
+SLOPES4 = torch.tensor(alibi_slopes(4))        # m_h of 4 heads
+
 
 def manual_attention(attn: Attention, x, bias=None, padding_mask=None):
     B, T, D = x.shape
@@ -45,15 +47,15 @@ def test_a_learned_bias_gets_the_same_outputs_and_gradients_on_either_attention_
     scale = torch.ones(1, 4, 1, 1, requires_grad=True)
     results = []
     for needs_grad in (True, False):             # False: SDPA (the bias is a constant for autograd)
-        bias = alibi_bias(torch.arange(7)[None], 4) * (scale if needs_grad else scale.detach())
+        bias = alibi_bias(torch.arange(7)[None], SLOPES4) * (scale if needs_grad else scale.detach())
         out = attn(x, bias, pad)
         grads = torch.autograd.grad(out.square().sum(), [x, attn.qkv.weight])
         results.append((out, *grads))
     for ours, sdpa in zip(*results):
         torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)
-    bias = alibi_bias(torch.arange(7)[None], 4) * scale
+    bias = alibi_bias(torch.arange(7)[None], SLOPES4) * scale
     (grad_scale,) = torch.autograd.grad(attn(x, bias, pad).square().sum(), [scale])
-    reference = manual_attention(attn, x, alibi_bias(torch.arange(7)[None], 4) * scale, pad)
+    reference = manual_attention(attn, x, alibi_bias(torch.arange(7)[None], SLOPES4) * scale, pad)
     (expected,) = torch.autograd.grad(reference.square().sum(), [scale])
     torch.testing.assert_close(grad_scale, expected, atol=1e-4, rtol=1e-4)
 
@@ -125,10 +127,10 @@ def test_alibi_slopes_follow_the_spec():
     twelve = alibi_slopes(12)
     assert twelve[:8] == pytest.approx([2.0 ** -i for i in range(1, 9)])
     assert twelve[8:] == pytest.approx([2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
-    bias = alibi_bias(torch.arange(5)[None], 4)
+    bias = alibi_bias(torch.arange(5)[None], SLOPES4)
     assert bias.shape == (1, 4, 5, 5)
     assert bias[0, 0, 1, 4].item() == pytest.approx(-alibi_slopes(4)[0] * 3)
-    gathered = alibi_bias(torch.tensor([[0, 3, 4]]), 4)             # distances of original positions
+    gathered = alibi_bias(torch.tensor([[0, 3, 4]]), SLOPES4)             # distances of original positions
     assert gathered[0, 1, 0, 1].item() == pytest.approx(-alibi_slopes(4)[1] * 3)
 
 
@@ -146,3 +148,15 @@ def test_block_under_bf16_autocast_with_bias():
         y, f = block(x, bias, torch.zeros(2, 5, dtype=torch.bool))
     (y.float().sum() + f.float().sum()).backward()
     assert x.grad is not None and bias.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_the_alibi_slopes_travel_with_the_model_and_stay_out_of_checkpoints():
+    """The slopes are a non-persistent buffer: on the model's device without a host copy each step (a
+    synchronising copy on a GPU), and absent from state dicts (checkpoints and fairseq conversion unchanged)."""
+    from d2v2.method import build_method
+
+    method = build_method("audio", "data2vec2", "smoke")
+    ctx = method.student.context_encoder
+    assert torch.equal(ctx.alibi_slopes, torch.tensor(alibi_slopes(ctx.num_heads)))
+    assert not any(k.endswith("alibi_slopes") for k in method.state_dict())
+    assert method.to(torch.float64).student.context_encoder.alibi_slopes.dtype == torch.float64

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.blocks import alibi_bias, conv_channels_last
+from d2v2.blocks import alibi_bias, alibi_slopes, conv_channels_last
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
@@ -131,6 +131,7 @@ class AudioContextEncoder(ContextEncoder):
         self.num_heads = num_heads
         if cfg.use_alibi:
             self.alibi_scale = nn.Parameter(torch.full((1, 1, num_heads, 1, 1), cfg.alibi_scale))
+            self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
         else:
             self.alibi_scale = None
 
@@ -144,4 +145,4 @@ class AudioContextEncoder(ContextEncoder):
         if self.alibi_scale is None:
             return None
         scale = self.alibi_scale.clamp_min(0).view(1, -1, 1, 1).float()
-        return alibi_bias(positions, self.num_heads) * scale                           # (B|1, H, T', T')
+        return alibi_bias(positions, self.alibi_slopes) * scale                           # (B|1, H, T', T')
