@@ -27,3 +27,4 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     assert any(r["compiled"] for r in rows) and all(r["flops_step"] > 0 for r in rows)
     report = (out / "report.md").read_text()
     assert "image vs MAE: " in report and "budget sweep of 2 runs per method" in report
+    assert "compute.flops_per_update" in report and "data_wait.share_of_train_time" in report

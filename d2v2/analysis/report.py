@@ -411,9 +411,16 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
                        Table(paper.load(name, paper_dir))]
     if not runs.empty:
         keep = [c for c in runs.columns if c in ("run_dir", "status", "train_time_s", "e2e_time_s", "updates",
-                                                 "samples", "last_loss")
+                                                 "samples", "last_loss", "compute.flops_per_update",
+                                                 "compute.achieved_flops_per_s", "compute.mfu",
+                                                 "data_wait.share_of_train_time")
                 or c.startswith(("identity.", "throughput.samples", "throughput.tokens", "peak_"))]
-        blocks += [Heading("Pretraining runs: throughput and memory"), Table(runs[keep])]
+        blocks += [Heading("Pretraining runs: throughput, compute and memory"),
+                   Para("FLOPs per update are counted on each run's first update (matrix products, convolutions "
+                        "and attention, forward and backward); achieved FLOP/s and MFU are on the train-only "
+                        "clock, MFU against the device's dense bf16 peak (none on a CPU); data_wait is the share "
+                        "of train time spent waiting for the data loader."),
+                   Table(runs[keep])]
     if figs["training"]:
         blocks += [Heading("Pretraining health"),
                    Para("Loss and the logged diagnostics of every pretraining run, from its events.jsonl "
