@@ -189,7 +189,7 @@ def test_budget_sweep_dag_shape(tmp_path):
 def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
-    assert job_counts(r.stdout)["pretrain"] == 4
+    assert job_counts(r.stdout)["pretrain"] == 5          # smoke: 2 image, 2 speech, 1 text method
 
 
 # ------------------------------------------------------------------ nothing reaches a shell unquoted
@@ -305,7 +305,7 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     results = tmp_path / "results"
     assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
     metrics = sorted((results / "metrics").rglob("*.json"))
-    assert len(metrics) == 4 * 2                       # 4 runs x 2 checkpoint fractions
+    assert len(metrics) == 5 * 2                       # 5 runs x 2 checkpoint fractions
     first = json.loads(metrics[0].read_text())
     assert first["identity"]["variant"] == "default" and first["provenance"]
     assert yaml.safe_load((results / "config.yaml").read_text())["preset"] == "smoke"
