@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from d2v2.blocks import alibi_bias, alibi_slopes, conv_channels_last
@@ -20,7 +21,7 @@ WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 +
 class AudioConfig(Config):
     conv_layers: list[tuple[int, int, int]] = WAV2VEC2_CONV
     conv_pos_width: int = 95           # total width; each of the conv_pos_depth layers has kernel
-    conv_pos_depth: int = 5            #   max(3, conv_pos_width // conv_pos_depth)
+    conv_pos_depth: int = Field(5, ge=0)   #   max(3, conv_pos_width // conv_pos_depth); 0: none
     conv_pos_groups: int = 16
     use_alibi: bool = True             # ALiBi with a learned per-head scale (init alibi_scale)
     alibi_scale: float = 1.0
@@ -123,9 +124,9 @@ class AudioContextEncoder(ContextEncoder):
     def __init__(self, cfg: AudioConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
                  dropout: float):
         super().__init__(dim, norm, norm_eps, dropout)
-        if dim % cfg.conv_pos_groups:
+        if cfg.conv_pos_depth and dim % cfg.conv_pos_groups:
             raise ValueError(f"embed_dim {dim} is not divisible by conv_pos_groups {cfg.conv_pos_groups}")
-        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
+        kernel = max(3, cfg.conv_pos_width // max(cfg.conv_pos_depth, 1))          # depth 0: no convolution
         self.relative_positional_encoder = nn.Sequential(*[
             _PosConv(dim, kernel, cfg.conv_pos_groups) for _ in range(cfg.conv_pos_depth)])
         self.num_heads = num_heads
