@@ -26,6 +26,7 @@ import torch
 
 from d2v2.config import Config
 from d2v2.encoder import EncoderConfig
+from d2v2.masking import span_mask
 from d2v2.modalities.audio import frame_count
 from d2v2.modalities.text import MASK, PAD
 
@@ -98,44 +99,6 @@ def beit_block_mask(batch_size: int, grid: tuple[int, int], num_masked: int, gen
     rows = [_one_beit_mask(rng, height, width, num_masked, min_block, max_block or num_masked, log_aspect)
             for _ in range(batch_size)]
     return torch.from_numpy(np.stack(rows))
-
-
-def span_mask(batch_size: int, num_frames: int, generator: torch.Generator, *, mask_prob: float = 0.65,
-              span: int = 10, min_spans: int = 1, same_count: bool = True) -> torch.Tensor:
-    """wav2vec 2.0 span masks ``(batch_size, num_frames)`` (fairseq ``compute_mask_indices``, static lengths).
-
-    Each row draws ``int(mask_prob * T / span + U(0,1))`` (at least ``min_spans``) distinct start frames
-    and masks ``span`` frames from each; spans may overlap, so ~``1 - exp(-mask_prob)`` of the frames end
-    up masked. With ``same_count`` (fairseq's ``require_same_masks``, on in data2vec 1.0) every row is
-    then thinned at random to the smallest row's count.
-    """
-    T = num_frames
-    num_spans = (mask_prob * T / span + torch.rand(batch_size, generator=generator)).long().clamp(min=min_spans)
-    if int(num_spans.max()) >= T:
-        raise ValueError(f"span masking: {num_frames} frames is too short for mask_prob={mask_prob}, span={span}")
-    # Starts are drawn from [0, T - span); fairseq widens that range when it holds fewer than num_spans.
-    start_range = torch.where(T - span <= num_spans, T - num_spans - 1, torch.full_like(num_spans, T - span))
-    scores = torch.rand(batch_size, T, generator=generator)
-    scores[torch.arange(T) >= start_range[:, None]] = 2.0            # outside the range: never chosen
-    starts = scores.argsort(dim=1)[:, : int(num_spans.max())]        # distinct, uniform without replacement
-    valid = torch.arange(starts.shape[1]) < num_spans[:, None]
-    frames = starts[:, :, None] + torch.arange(span)                  # (B, spans, span)
-    keep = valid[:, :, None] & (frames < T)
-    mask = torch.zeros(batch_size, T + 1, dtype=torch.bool)
-    mask.scatter_(1, torch.where(keep, frames, T).reshape(batch_size, -1), True)   # column T is a sink
-    mask = mask[:, :T]
-    if same_count:
-        mask = _thin_to_min_count(mask, generator)
-    return mask
-
-
-def _thin_to_min_count(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Unmask random positions so that every row keeps exactly the smallest row's masked count."""
-    count = int(mask.sum(1).min())
-    scores = torch.rand(mask.shape, generator=generator).masked_fill(~mask, -1.0)
-    out = torch.zeros_like(mask)
-    out.scatter_(1, scores.topk(count, dim=1).indices, True)
-    return out
 
 
 class BertMasking(NamedTuple):

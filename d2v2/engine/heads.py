@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.masking import span_mask
 from d2v2.data.speech import BLANK, LETTERS
+from d2v2.masking import span_mask
 from d2v2.modalities.audio import AudioLocalEncoder, frame_count, receptive_field
 
 __all__ = ["ImageClassifier", "CTCRecognizer", "FrozenFeatureCache", "SentenceClassifier"]
