@@ -24,6 +24,7 @@ docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT bac
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Union
 
 import pydantic
@@ -81,6 +82,19 @@ class Data2Vec1Config(Config):
         return self
 
 
+@dataclass(frozen=True)
+class WithMaskedPositions:
+    """Picklable masker wrapper: adds ``masked_pos`` (N, 2), the (row, column) of every masked position in
+    row-major order, made where the masks are drawn (the loader workers), so the step indexes with a shape
+    known on the host instead of a boolean mask (which makes a GPU step wait for the count)."""
+
+    masker: Masker
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.masker(batch, generator)
+        return {**batch, "masked_pos": batch["mask"].nonzero()}
+
+
 class Data2Vec1(PretrainMethod):
     """``student`` Encoder + ``mask_emb`` + ``head``; EMA ``teacher`` of the student's blocks."""
 
@@ -107,8 +121,8 @@ class Data2Vec1(PretrainMethod):
     # ---- PretrainMethod interface -----------------------------------------------------------------
     def masker(self) -> Masker:
         if self.modality == "text":
-            return self.cfg.mask.masker(self.cfg.encoder, loss_on="masked")
-        return self.cfg.mask.masker(self.cfg.encoder)
+            return WithMaskedPositions(self.cfg.mask.masker(self.cfg.encoder, loss_on="masked"))
+        return WithMaskedPositions(self.cfg.mask.masker(self.cfg.encoder))
 
     def encoder(self) -> Encoder:
         return self.student
@@ -134,11 +148,14 @@ class Data2Vec1(PretrainMethod):
         mask = batch["mask"].to(x.device)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"batch['mask'] has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}")
-        y = self._targets(batch, x, padding_mask)[mask]                          # (N_masked, D) fp32
+        # the masked positions (row, column), from the masker; found here when a caller gave only the mask
+        rows, cols = (batch["masked_pos"].to(x.device, non_blocking=True) if "masked_pos" in batch
+                      else mask.nonzero()).unbind(1)
+        y = self._targets(batch, x, padding_mask)[rows, cols]                   # (N_masked, D) fp32
 
         out = self.student.contextualize(x, mask if self.mask_emb is not None else None, padding_mask,
                                          sparse=False, fill=self._fill(), layer_results="none")
-        h = out.x[:, out.num_extra_tokens:][mask]
+        h = out.x[:, out.num_extra_tokens:][rows, cols]
         pred = self.head(h).float()
         if self.cfg.loss_beta == 0:
             per_token = (pred - y).pow(2).sum(-1)
