@@ -24,7 +24,6 @@ docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT bac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Union
 
 import pydantic
@@ -34,7 +33,7 @@ from torch import nn
 
 from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
                               num_tokens)
-from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig
+from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
@@ -80,19 +79,6 @@ class Data2Vec1Config(Config):
         if self.instance_norm_target_layer and self.layer_norm_target_layer:
             raise ValueError("instance_norm_target_layer and layer_norm_target_layer are exclusive")
         return self
-
-
-@dataclass(frozen=True)
-class WithMaskedPositions:
-    """Picklable masker wrapper: adds ``masked_pos`` (N, 2), the (row, column) of every masked position in
-    row-major order, made where the masks are drawn (the loader workers), so the step indexes with a shape
-    known on the host instead of a boolean mask (which makes a GPU step wait for the count)."""
-
-    masker: Masker
-
-    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        batch = self.masker(batch, generator)
-        return {**batch, "masked_pos": batch["mask"].nonzero()}
 
 
 class Data2Vec1(PretrainMethod):

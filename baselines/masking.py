@@ -32,7 +32,8 @@ from d2v2.modalities.text import MASK, PAD
 
 __all__ = [
     "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
-    "BlockMasker", "SpanMasker", "BertMasker", "BlockMaskConfig", "SpanMaskConfig", "BertMaskConfig",
+    "BlockMasker", "SpanMasker", "BertMasker", "WithMaskedPositions", "BlockMaskConfig", "SpanMaskConfig",
+    "BertMaskConfig",
     "PAD", "MASK", "NUM_SPECIAL",
 ]
 
@@ -199,6 +200,19 @@ class BertMasker:
                         random_token_prob=self.random_token_prob)
         mask = out.selected if self.loss_on == "selected" else out.masked
         return {**batch, "source": out.source, "mlm_target": tokens, "mask": mask}
+
+
+@dataclass(frozen=True)
+class WithMaskedPositions:
+    """Picklable masker wrapper: adds ``masked_pos`` (N, 2), the (row, column) of every masked position in
+    row-major order, made where the masks are drawn (the loader workers), so the step indexes with a shape
+    known on the host instead of a boolean mask (which makes a GPU step wait for the count)."""
+
+    masker: Callable[[dict, torch.Generator], dict]
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.masker(batch, generator)
+        return {**batch, "masked_pos": batch["mask"].nonzero()}
 
 
 # ---------------------------------------------------------------- settings inside method configs

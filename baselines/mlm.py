@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.common import backbone, ensure_masked
-from baselines.masking import BertMaskConfig, BertMasker
+from baselines.masking import BertMaskConfig, WithMaskedPositions
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.encoder import Encoder, EncoderConfig
@@ -66,8 +66,8 @@ class MLM(PretrainMethod):
         self.lm_head = LMHead(self.student.local_encoder.embed_tokens, cfg.encoder.norm_eps)
         self.lm_head.apply(init_bert_params)                      # as the encoder (fairseq RoBERTa)
 
-    def masker(self) -> BertMasker:
-        return self.cfg.mask.masker(self.cfg.encoder, loss_on="selected")
+    def masker(self) -> WithMaskedPositions:
+        return WithMaskedPositions(self.cfg.mask.masker(self.cfg.encoder, loss_on="selected"))
 
     def encoder(self) -> Encoder:
         return self.student
@@ -78,13 +78,16 @@ class MLM(PretrainMethod):
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
         out = self.student(batch["source"], batch.get("padding_mask"))
-        selected = batch["mask"].to(out.x.device)
-        logits = self.lm_head(out.x[selected]).float()          # only the selected positions, as fairseq
-        target = batch["mlm_target"].to(out.x.device)[selected]
+        # the selected positions (row, column), from the masker; found here when a caller gave only the mask
+        rows, cols = (batch["masked_pos"].to(out.x.device, non_blocking=True) if "masked_pos" in batch
+                      else batch["mask"].to(out.x.device).nonzero()).unbind(1)
+        logits = self.lm_head(out.x[rows, cols]).float()        # only the selected positions, as fairseq
+        target = batch["mlm_target"].to(out.x.device)[rows, cols]
         sample_size = int(target.numel())
         loss = F.cross_entropy(logits, target, reduction="sum") / max(sample_size, 1)
-        accuracy = float((logits.argmax(-1) == target).float().mean()) if sample_size else 0.0
-        return MethodOutput(loss, sample_size, {"accuracy": accuracy, "masked_pct": sample_size / selected.numel()})
+        accuracy = (logits.argmax(-1) == target).float().mean() if sample_size else logits.new_zeros(())
+        return MethodOutput(loss, sample_size, {"accuracy": accuracy.detach(),
+                                                "masked_pct": sample_size / batch["mask"].numel()})
 
 
 PRESETS = {name: {"encoder": backbone("text", name), "mask": {"kind": "bert"}} for name in ("base", "tiny", "smoke")}

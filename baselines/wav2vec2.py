@@ -100,7 +100,7 @@ class GumbelQuantizer(nn.Module):
         (what the diversity loss raises) and ``code_perplexity`` of the chosen entries, summed over groups."""
         N = x.shape[0]
         logits = self.weight_proj(x).view(N, self.groups, self.entries).float()
-        hard = F.one_hot(logits.argmax(-1), self.entries).float()
+        hard = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)   # one_hot checks on the host
         stats = {"code_perplexity": _perplexity(hard.mean(0)), "prob_perplexity": _perplexity(logits.softmax(-1).mean(0))}
         if self.training:
             onehot = F.gumbel_softmax(logits, tau=temperature, hard=True)

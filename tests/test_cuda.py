@@ -49,27 +49,27 @@ def test_attention_runs_on_the_expected_kernel(modality, name):
     assert torch.isfinite(loss)
 
 
-def _trainer(tmp_path, modality: str, **changes):
+def _trainer(tmp_path, modality: str, name: str = "data2vec2", **changes):
     from d2v2.config import merge
     from d2v2.engine.pretrain import Pretrainer
     from d2v2.engine.runconfig import resolve_run_config
 
     cfg = resolve_run_config(merge({
-        "method": {"modality": modality, "name": "data2vec2", "preset": "smoke"},
+        "method": {"modality": modality, "name": name, "preset": "smoke"},
         "batch_size": 4, "budget": {"kind": "updates", "value": 100}, "precision": "bf16",
         "device": "cuda", "progress": False}, changes))
-    method = build_method(modality, "data2vec2", "smoke")
+    method = build_method(modality, name, "smoke")
     items = [batch_for(method, batch_size=4, seed=i) for i in range(4)]
     trainer = Pretrainer(cfg, tmp_path / modality, dataset=list(range(4)))
     batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in items]
     return trainer, batches
 
 
-@pytest.mark.parametrize("modality", ["image", "audio", "text"])
-def test_a_training_step_does_not_synchronise(tmp_path, modality):
+@pytest.mark.parametrize("modality,name", sorted(available_methods()))
+def test_a_training_step_does_not_synchronise(tmp_path, modality, name):
     """After a warm-up update, a whole update (forward, backward, clip, fused AdamW, EMA) runs with CUDA's
     sync debug mode set to error: any host-device synchronisation inside it raises."""
-    trainer, batches = _trainer(tmp_path, modality)
+    trainer, batches = _trainer(tmp_path, modality, name)
     assert trainer.optimizer.defaults["fused"] is True
     trainer.train_step(iter(batches[:1]))              # the FLOPs count and the kernels' first launch
     torch.cuda.synchronize()
