@@ -11,12 +11,10 @@ from torch import nn
 
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.encoder import EncoderConfig
-from d2v2.modalities.audio import frame_count
+from d2v2.modalities.audio import NO_WEIGHT_DECAY, frame_count
 
 __all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked", "NO_WEIGHT_DECAY"]
 
-# ALiBi scales are not weight-decayed (METHOD.md#pretraining-recipes); biases and 1-D tensors are excluded by the engine.
-NO_WEIGHT_DECAY = {"alibi_scale"}
 
 
 def backbone(modality: str, preset: str, **changes) -> dict:

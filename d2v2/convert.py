@@ -41,7 +41,6 @@ import argparse
 import ast
 import collections
 import enum
-import hashlib
 import pickle
 import sys
 import typing
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from d2v2.config import ConfigError, validate
+from d2v2.data.common import sha256_file
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import CheckpointError, save_checkpoint
@@ -596,14 +596,6 @@ def load_fairseq(path: str | Path, *, trust_pickle: bool = False, encoder_only: 
     return to_checkpoint(model, info, str(path))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d2v2 convert", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="fairseq data2vec 2.0 checkpoint (.pt)")
@@ -619,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert: {err}", file=sys.stderr)
         return 2
     ckpt = to_checkpoint(model, info, args.checkpoint)
-    ckpt["converted_from"]["sha256"] = _sha256(Path(args.checkpoint))
+    ckpt["converted_from"]["sha256"] = sha256_file(args.checkpoint)
     save_checkpoint(ckpt, args.out, keep_previous=False)
     params = sum(p.numel() for p in (model if isinstance(model, Encoder) else model.student).parameters())
     print(f"converted {info.modality} data2vec 2.0 ({params / 1e6:.1f}M encoder parameters, teacher: "

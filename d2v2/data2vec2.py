@@ -36,7 +36,7 @@ from d2v2.ema import EMATeacher, teacher_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.masking import block_mask, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
-from d2v2.modalities.audio import frame_count
+from d2v2.modalities.audio import NO_WEIGHT_DECAY, frame_count
 from d2v2.targets import make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
@@ -222,7 +222,7 @@ class Data2Vec2(PretrainMethod):
 
     def no_weight_decay(self) -> set[str]:
         """ALiBi scales are not decayed (METHOD.md#pretraining-recipes); biases and 1-D tensors are excluded by the engine."""
-        return {n for n, _ in self.named_parameters() if n.endswith("alibi_scale")}
+        return set(NO_WEIGHT_DECAY)
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:

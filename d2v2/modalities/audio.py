@@ -11,8 +11,12 @@ from d2v2.blocks import alibi_bias, alibi_slopes, conv_channels_last
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
-__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "frame_count",
-           "receptive_field"]
+__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "NO_WEIGHT_DECAY",
+           "frame_count", "receptive_field"]
+
+# Parameter names (last component) never weight-decayed beyond biases and 1-D tensors: the ALiBi scales
+# (METHOD.md#pretraining-recipes), 5-D tensors. Every method and the fine-tuning use this one set.
+NO_WEIGHT_DECAY = frozenset({"alibi_scale"})
 
 # (channels, kernel, stride) per CNN layer: total stride 320 (20 ms at 16 kHz), receptive field 400.
 WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
