@@ -45,6 +45,7 @@ from d2v2.data.common import (
     read_manifest, require_path, sha256_file,
 )
 from d2v2.data.config import DataConfig, TextDataConfig
+from d2v2.modalities.text import BOS, EOS, MASK, PAD, SPECIALS, UNK
 
 __all__ = [
     "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "read_fairseq_dict",
@@ -52,8 +53,6 @@ __all__ = [
     "finetune_collater", "task_info", "embedded_corpus",
 ]
 
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-BOS, PAD, EOS, UNK, MASK = range(5)
 FORMAT_VERSION = 1           # bump when the prepared files change for the same inputs
 _CHUNK_LINES = 100           # lines per document chunk for the held-out split
 _VADER = "vaderSentiment==3.3.2"

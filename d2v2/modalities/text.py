@@ -7,9 +7,12 @@ from torch import nn
 from d2v2.config import Config
 from d2v2.modalities import ContextEncoder
 
-__all__ = ["TextConfig", "TextLocalEncoder", "TextContextEncoder", "PAD", "MASK"]
+__all__ = ["TextConfig", "TextLocalEncoder", "TextContextEncoder", "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK"]
 
-PAD, MASK = 1, 4        # fairseq dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4
+# The special tokens and their ids, in fairseq's dictionary order: the one table the tokenizer (d2v2.data.text),
+# the encoder and the maskers share.
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+BOS, PAD, EOS, UNK, MASK = range(len(SPECIALS))
 
 
 class TextConfig(Config):
