@@ -10,8 +10,9 @@
 #      points at 0.25, 0.5 and 1, no anytime points): tables, figures, report;
 #   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
-# failed stages. STAGES="bench sweep" runs only those stages (default: all three). Python packages missing on the machine are installed from .gpu/whl (wheels) if present,
-# and Fashion-MNIST is read from .gpu/fashion-mnist if the Debian package is not installed.
+# failed stages. STAGES="bench sweep" runs only those stages (default: all four). Python packages missing on
+# the machine are installed from .gpu/whl (wheels) if present, and Fashion-MNIST is read from
+# .gpu/fashion-mnist if the Debian package is not installed (both made by benchmarks/offline_bundle.sh).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run]}
 DRY=${2:-}
