@@ -156,7 +156,7 @@ def _name(method: str) -> str:
 def _hours(x: float, clock: str) -> str:
     if math.isinf(x):
         return "inf"
-    return f"{x:.4g} h" if clock == "device_hours" else f"{x:.4g} s"
+    return f"{x:.4g} " + {"device_hours": "h", "train_cpu_s": "CPU-s"}.get(clock, "s")
 
 
 def final_quality(evals: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
