@@ -33,7 +33,7 @@ from torch import nn
 
 from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
                               num_tokens)
-from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions
+from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
@@ -134,9 +134,7 @@ class Data2Vec1(PretrainMethod):
         mask = batch["mask"].to(x.device)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"batch['mask'] has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}")
-        # the masked positions (row, column), from the masker; found here when a caller gave only the mask
-        rows, cols = (batch["masked_pos"].to(x.device, non_blocking=True) if "masked_pos" in batch
-                      else mask.nonzero()).unbind(1)
+        rows, cols = masked_positions(batch, x.device)
         y = self._targets(batch, x, padding_mask)[rows, cols]                   # (N_masked, D) fp32
 
         out = self.student.contextualize(x, mask if self.mask_emb is not None else None, padding_mask,

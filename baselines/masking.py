@@ -32,8 +32,8 @@ from d2v2.modalities.text import MASK, PAD
 
 __all__ = [
     "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
-    "BlockMasker", "SpanMasker", "BertMasker", "WithMaskedPositions", "BlockMaskConfig", "SpanMaskConfig",
-    "BertMaskConfig",
+    "BlockMasker", "SpanMasker", "BertMasker", "WithMaskedPositions", "masked_positions",
+    "BlockMaskConfig", "SpanMaskConfig", "BertMaskConfig",
     "PAD", "MASK", "NUM_SPECIAL",
 ]
 
@@ -213,6 +213,13 @@ class WithMaskedPositions:
     def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = self.masker(batch, generator)
         return {**batch, "masked_pos": batch["mask"].nonzero()}
+
+
+def masked_positions(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)`` of the masked positions on ``device``: the masker's ``masked_pos``
+    (:class:`WithMaskedPositions`), or found from ``mask`` when a caller gave only the mask."""
+    pos = batch["masked_pos"] if "masked_pos" in batch else batch["mask"].nonzero()
+    return pos.to(device, non_blocking=True).unbind(1)
 
 
 # ---------------------------------------------------------------- settings inside method configs

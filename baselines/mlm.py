@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.common import backbone, ensure_masked
-from baselines.masking import BertMaskConfig, WithMaskedPositions
+from baselines.masking import BertMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.encoder import Encoder, EncoderConfig
@@ -78,9 +78,7 @@ class MLM(PretrainMethod):
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
         out = self.student(batch["source"], batch.get("padding_mask"))
-        # the selected positions (row, column), from the masker; found here when a caller gave only the mask
-        rows, cols = (batch["masked_pos"].to(out.x.device, non_blocking=True) if "masked_pos" in batch
-                      else batch["mask"].to(out.x.device).nonzero()).unbind(1)
+        rows, cols = masked_positions(batch, out.x.device)                 # the selected positions
         logits = self.lm_head(out.x[rows, cols]).float()        # only the selected positions, as fairseq
         target = batch["mlm_target"].to(out.x.device)[rows, cols]
         sample_size = int(target.numel())

@@ -244,10 +244,8 @@ class Data2Vec2(PretrainMethod):
                              f"({B * M}, {T}) for {B} samples, num_masks={M}, {T} tokens")
 
         # visible / masked positions, from the masker (found here when a caller gave only the mask)
-        index = {k: batch[k].to(x.device, non_blocking=True) for k in ("keep", "masked") if k in batch}
-        keep, masked = index.get("keep"), index.get("masked")
-        if keep is None or masked is None:
-            keep, masked = mask_indices(mask).values()
+        index = batch if "keep" in batch and "masked" in batch else mask_indices(mask)
+        keep, masked = (index[k].to(x.device, non_blocking=True) for k in ("keep", "masked"))
 
         y = self._targets(source, batch.get("padding_mask"), x, padding_mask)     # (B, T, D) fp32
 

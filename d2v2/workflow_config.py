@@ -132,7 +132,8 @@ def schema_error(err: Exception) -> str:
 def finetune_fractions(config: Mapping[str, Any], run: Run) -> list[float]:
     """The checkpoint fractions fine-tuned for ``run`` (``finetune_fractions`` of its modality, default: all
     kept; a sweep's run: its final checkpoint)."""
-    return run.fractions or list(config.get("finetune_fractions", {}).get(run.modality) or config["checkpoint_fractions"])
+    return run.fractions or list(config.get("finetune_fractions", {}).get(run.modality)
+                                 or config["checkpoint_fractions"])
 
 
 def budget_sweep(config: Mapping[str, Any], modality: str) -> list[float]:
@@ -197,7 +198,7 @@ def variants(fields: Mapping[str, Any], mode: str = "one_at_a_time") -> list[tup
 
 
 def expand_runs(config: Mapping[str, Any]) -> list[Run]:
-    """Every pretraining run of the config, in a stable order: the full runs, then the budget sweeps'."""
+    """Every pretraining run of the config, in a stable order (each full run before its budget sweep's runs)."""
     runs = []
     for modality in config["modalities"]:
         scales = [1.0, *budget_sweep(config, modality)]
@@ -216,9 +217,10 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
                 pre.get("per_method", {}).get(run.modality, {}).get(run.method, {}))
     method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(run.params))
     budget = dict(config["budget"][run.modality])
-    budget["value"] = budget["value"] * run.budget_scale
-    if budget["kind"] == "updates":
-        budget["value"] = max(1, round(budget["value"]))
+    if run.sweep:                         # a full run's budget stays as written (its params, hence its job, unchanged)
+        budget["value"] = budget["value"] * run.budget_scale
+        if budget["kind"] == "updates":
+            budget["value"] = max(1, round(budget["value"]))
     return merge(cfg, {
         "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
                    "overrides": method_overrides},

@@ -368,8 +368,8 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
 
     fig_dir = out / "figures"
     figs = {
-        "curves": [f for p in PROTOCOLS if not _points(evals, p).empty for f in figures.plot_curves(
-            _points(evals, p), fig_dir, clock, target_table, random_init, protocol=p)],
+        "curves": [f for p, pts in ((p, _points(evals, p)) for p in PROTOCOLS) if not pts.empty
+                   for f in figures.plot_curves(pts, fig_dir, clock, target_table, random_init, protocol=p)],
         "speedups": figures.plot_speedups(headline(speedups, evals, clock), implied, claims, fig_dir, clock),
         "ablations": figures.plot_ablations(anytime, fig_dir, clock),
         "paper": figures.plot_paper_efficiency(points, fig_dir),

@@ -38,7 +38,8 @@ import pandas as pd
 from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
-    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
+    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget",
+    "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
     "speedup_table", "recorded_clocks",
 ]

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from d2v2 import data
+from d2v2.blocks import compile_blocks
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
@@ -58,7 +59,6 @@ from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
-from d2v2.blocks import compile_blocks
 from d2v2.method import CollapseError, PretrainMethod, build_method
 
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
