@@ -10,14 +10,18 @@ Each method is run next to the fairseq model it reproduces:
 - ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
   (examples/data2vec/models/data2vec_text.py).
 - ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
+- ``wav2vec2`` (audio): ``baselines/wav2vec2.py`` against fairseq's ``Wav2Vec2Model`` and its ``wav2vec``
+  criterion (InfoNCE), our encoder without ALiBi (fairseq's has none).
 
-The two text baselines train fairseq's RoBERTa encoder (``TransformerEncoder``); its weights are copied
-into ours through the explicit name table below (separate q/k/v projections -> our fused ``qkv``).
-Both sides get the same batch and masks (text baselines: the same BERT-corrupted tokens, original tokens
-and loss positions, from our masker), and for two consecutive training steps the script compares:
+The two text baselines train fairseq's RoBERTa encoder (``TransformerEncoder``), wav2vec 2.0 its own; their
+weights are copied into ours through the explicit name tables below (separate q/k/v projections -> our
+fused ``qkv``). Both sides get the same batch and masks (text baselines: the same BERT-corrupted tokens,
+original tokens and loss positions, from our masker; wav2vec 2.0: the same distractors and Gumbel noise),
+and for two consecutive training steps the script compares:
 
 - data2vec 2.0 and 1.0: the targets, predictions and per-element regression loss at every masked position,
   and the loss (plus the CLS term for images); MLM: the logits at the selected positions and the loss;
+  wav2vec 2.0: the quantised targets, the contrastive logits and the loss;
 - the gradient of every parameter;
 - after one identical SGD step and each side's EMA update, every teacher weight (data2vec 1.0: also the
   embeddings its teacher reads, which fairseq copies from the student and ours shares with it).
@@ -55,9 +59,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import baselines.data2vec1
+import baselines.wav2vec2
 from baselines.data2vec1 import Data2Vec1
 from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
+from baselines.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
 from d2v2.config import merge, validate
 from d2v2.convert import convert
@@ -333,14 +339,19 @@ EMBEDDINGS = ("embed_tokens.weight", "embed_positions.weight",        # the same
               "layernorm_embedding.weight", "layernorm_embedding.bias")
 
 
+def block_names(depth: int, blocks: str, theirs: str) -> dict[str, tuple[str, ...]]:
+    """Our block parameter -> the fairseq encoder-layer names it is made of (concatenated along dim 0):
+    our blocks under ``blocks``, fairseq's layers under ``theirs`` (RoBERTa's ``TransformerEncoderLayer`` and
+    wav2vec 2.0's ``TransformerSentenceEncoderLayer`` name their parts alike)."""
+    return {f"{blocks}{i}.{ours}.{p}": tuple(f"{theirs}{i}.{fs}.{p}" for fs in parts)
+            for i in range(depth) for ours, parts in BLOCK_NAMES.items() for p in ("weight", "bias")}
+
+
 def encoder_names(depth: int, blocks: str, embeddings: str, theirs: str) -> dict[str, tuple[str, ...]]:
-    """Our name -> the fairseq ``TransformerEncoder`` names it is made of (concatenated along dim 0):
-    our blocks under ``blocks``, our local encoder under ``embeddings``, fairseq's encoder under ``theirs``."""
-    names = {f"{embeddings}{n}": (f"{theirs}{n}",) for n in EMBEDDINGS}
-    for i in range(depth):
-        names.update({f"{blocks}{i}.{ours}.{p}": tuple(f"{theirs}layers.{i}.{fs}.{p}" for fs in parts)
-                      for ours, parts in BLOCK_NAMES.items() for p in ("weight", "bias")})
-    return names
+    """Our name -> the fairseq ``TransformerEncoder`` names it is made of: our blocks under ``blocks``, our
+    local encoder under ``embeddings``, fairseq's encoder under ``theirs``."""
+    return {**{f"{embeddings}{n}": (f"{theirs}{n}",) for n in EMBEDDINGS},
+            **block_names(depth, blocks, f"{theirs}layers.")}
 
 
 def as_ours(theirs: Mapping[str, torch.Tensor], names: Mapping[str, tuple[str, ...]],
@@ -406,9 +417,10 @@ def outputs_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 @contextlib.contextmanager
-def recorded_regression(module: types.ModuleType) -> Iterator[list[tuple]]:
-    """Run with ``module.F`` (its torch.nn.functional) replaced by a copy that records every
-    ``smooth_l1_loss`` / ``mse_loss`` call as ``(prediction, target, element-wise loss)``."""
+def recorded_losses(module: types.ModuleType, names: tuple[str, ...] = ("smooth_l1_loss", "mse_loss")
+                    ) -> Iterator[list[tuple]]:
+    """Run with ``module.F`` (its torch.nn.functional) replaced by a copy that records every call of the
+    loss functions ``names`` as ``(input, target, loss)``."""
     calls = []
 
     def recording(loss_fn):
@@ -420,7 +432,7 @@ def recorded_regression(module: types.ModuleType) -> Iterator[list[tuple]]:
 
     proxy = types.ModuleType("F")
     proxy.__dict__.update(vars(F))
-    proxy.smooth_l1_loss, proxy.mse_loss = recording(F.smooth_l1_loss), recording(F.mse_loss)
+    proxy.__dict__.update({name: recording(getattr(F, name)) for name in names})
     original, module.F = module.F, proxy
     try:
         yield calls
@@ -480,12 +492,12 @@ def data2vec1_pair(preset: str, batch_size: int) -> Pair:
     ours.load_state_dict(weights, strict=True)
 
     def ours_data2vec1_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with recorded_regression(baselines.data2vec1) as calls:
+        with recorded_losses(baselines.data2vec1) as calls:
             out = ours(batch)
         return regression_recorded(out.loss, calls)
 
     def fairseq_data2vec1_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with recorded_regression(data2vec_text) as calls:       # it regresses where src_tokens == <mask>
+        with recorded_losses(data2vec_text) as calls:       # it regresses where src_tokens == <mask>
             result = fs(batch["source"], target_tokens=batch["mlm_target"])
         return regression_recorded(result["losses"]["main"] / result["sample_size"], calls)
 
@@ -537,15 +549,122 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
                 fresh_ours=lambda: MLM(cfg))
 
 
-TEXT_BASELINES = {"data2vec1": data2vec1_pair, "mlm": mlm_pair}
+# ---- wav2vec 2.0 -------------------------------------------------------------------------------------------
+def wav2vec2_config(cfg: Wav2Vec2Config) -> dict:
+    """fairseq's ``Wav2Vec2Config`` for ours. fairseq's encoder has no ALiBi, so the check runs our encoder
+    without it; its ``pos_conv_depth`` > 1 positional encoder is data2vec 2.0's (a depth of 1 would be the
+    wav2vec 2.0 paper's single weight-normed convolution, which ours does not build). The Gumbel temperature
+    is held at its start on both sides (ours follows the budget fraction, fairseq a count of updates)."""
+    enc, audio, q = cfg.encoder, cfg.encoder.audio, cfg.quantizer
+    if audio.use_alibi or audio.conv_pos_depth < 2 or enc.layer_norm_first or enc.prenet_depth:
+        raise SystemExit("fairseq's Wav2Vec2Model needs conv_pos_depth >= 2, no ALiBi, post-LN blocks and no "
+                         f"prenet; got conv_pos_depth={audio.conv_pos_depth}, use_alibi={audio.use_alibi}, "
+                         f"layer_norm_first={enc.layer_norm_first}, prenet_depth={enc.prenet_depth}")
+    return {
+        "extractor_mode": "layer_norm", "conv_feature_layers": str(audio.conv_layers), "conv_bias": False,
+        "encoder_layers": enc.depth, "encoder_embed_dim": enc.embed_dim, "encoder_attention_heads": enc.num_heads,
+        "encoder_ffn_embed_dim": int(enc.embed_dim * enc.mlp_ratio), "layer_norm_first": False,
+        "pos_conv_depth": audio.conv_pos_depth, "conv_pos": audio.conv_pos_width,
+        "conv_pos_groups": audio.conv_pos_groups, "dropout": 0.0, "attention_dropout": 0.0,
+        "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "dropout_input": 0.0, "dropout_features": 0.0,
+        "feature_grad_mult": cfg.feature_grad_mult, "final_dim": cfg.final_dim, "quantize_targets": True,
+        "latent_vars": q.entries, "latent_groups": q.groups, "latent_dim": q.dim,
+        "latent_temp": (q.temp_start, q.temp_end, 1.0), "num_negatives": cfg.num_negatives,
+        "cross_sample_negatives": 0, "codebook_negatives": 0, "logit_temp": cfg.logit_temp}
+
+
+def wav2vec2_names(cfg: Wav2Vec2Config) -> dict[str, tuple[str, ...]]:
+    """Our name -> fairseq's ``Wav2Vec2Model`` name."""
+    local, context = "student.local_encoder.", "student.context_encoder."
+    names = {n: (n,) for n in ("mask_emb", "final_proj.weight", "final_proj.bias", "project_q.weight",
+                               "project_q.bias", "quantizer.vars", "quantizer.weight_proj.weight",
+                               "quantizer.weight_proj.bias")}
+    for i in range(len(cfg.encoder.audio.conv_layers)):
+        names[f"{local}feature_extractor.{i}.conv.weight"] = (f"feature_extractor.conv_layers.{i}.0.weight",)
+        names.update({f"{local}feature_extractor.{i}.norm.{p}": (f"feature_extractor.conv_layers.{i}.2.1.{p}",)
+                      for p in ("weight", "bias")})
+    for p in ("weight", "bias"):
+        names[f"{local}project_features.0.{p}"] = (f"layer_norm.{p}",)
+        names[f"{local}project_features.1.{p}"] = (f"post_extract_proj.{p}",)
+        names[f"{context}norm.{p}"] = (f"encoder.layer_norm.{p}",)
+        names.update({f"{context}relative_positional_encoder.{i}.conv.{p}": (f"encoder.pos_conv.{i}.0.{p}",)
+                      for i in range(cfg.encoder.audio.conv_pos_depth)})
+    return {**names, **block_names(cfg.encoder.depth, "student.blocks.", "encoder.layers.")}
+
+
+def contrastive_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The finite logits, and where a distractor equal to the target got none (-inf), compared apart."""
+    excluded = torch.isneginf(logits)
+    return {"logits": logits.masked_fill(excluded, 0.0), "distractors equal to the target": excluded.float()}
+
+
+def wav2vec2_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/wav2vec2.py`` and fairseq's ``Wav2Vec2Model`` + ``wav2vec`` criterion (InfoNCE, extra-loss
+    weights 0.1 and 10) with the same masks, the same K distractors per masked frame (ours, passed to
+    fairseq's ``sample_negatives``) and the same Gumbel noise (the global RNG seeded alike before each side's
+    step: the Gumbel draw is its only random draw, dropout being off)."""
+    from omegaconf import OmegaConf
+    import fairseq.criterions.wav2vec_criterion as wav2vec_criterion
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config as FairseqWav2Vec2Config, Wav2Vec2Model
+
+    cfg = method_config("audio", "wav2vec2", preset,
+                        merge(NO_DROPOUT, {"dropout_features": 0.0, "encoder": {"audio": {"use_alibi": False}}}))
+    fs = Wav2Vec2Model(OmegaConf.merge(OmegaConf.structured(FairseqWav2Vec2Config), wav2vec2_config(cfg)))
+    criterion = wav2vec_criterion.Wav2vecCriterion(None, infonce=True,
+                                                   loss_weights=[cfg.diversity_weight, cfg.feature_penalty_weight])
+    ours = Wav2Vec2(cfg)
+    fs.train(), ours.train()
+    names = wav2vec2_names(cfg)
+
+    def theirs(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """fairseq keeps the codebook as (1, G V, dim / G); ours as (G V, dim / G)."""
+        return {n: t.squeeze(0) if n == "quantizer.vars" else t for n, t in tensors.items()}
+
+    ours.load_state_dict(as_ours(theirs(fs.state_dict()), names, ours.state_dict()), strict=True)
+
+    def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out = ours.masker()({"source": batch_for(cfg.encoder, batch_size, generator)}, generator)
+        return {**out, "gumbel_seed": int(torch.randint(0, 2**62, (1,), generator=generator))}
+
+    def ours_wav2vec2_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(b["gumbel_seed"])
+        with recorded_losses(baselines.wav2vec2, ("cross_entropy",)) as calls, outputs_of(ours.project_q) as q:
+            out = ours(b)
+        return {"quantized targets": q[0].flatten(0, -2), **contrastive_logits(calls[0][0]), "loss": out.loss}
+
+    def fairseq_wav2vec2_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        (B, T_m), K = b["masked"].shape, cfg.num_negatives
+
+        def our_negatives(y, num, padding_count=None):           # (B, T_m, F) -> (K, B, T_m, F)
+            return y[torch.arange(B)[:, None, None], b["negatives"]].permute(2, 0, 1, 3), None
+
+        fs.sample_negatives = our_negatives
+        torch.manual_seed(b["gumbel_seed"])
+        sample = {"net_input": {"source": b["source"], "mask_indices": b["mask"]}, "id": torch.arange(B)}
+        try:
+            with recorded_losses(wav2vec_criterion, ("cross_entropy",)) as calls, outputs_of(fs.project_q) as q:
+                loss, sample_size, _ = criterion(fs, sample)
+        finally:
+            del fs.sample_negatives
+        logits = calls[0][0].view(T_m, B, 1 + K).transpose(0, 1).reshape(B * T_m, 1 + K)  # fairseq: time-major
+        return {"quantized targets": q[0].flatten(0, -2), **contrastive_logits(logits), "loss": loss / sample_size}
+
+    return Pair(ours, fs, batch, ours_wav2vec2_step, fairseq_wav2vec2_step,
+                fairseq_grads=lambda: as_ours(theirs({n: grad_of(p) for n, p in fs.named_parameters()}), names,
+                                              dict(ours.named_parameters())),
+                fresh_ours=lambda: Wav2Vec2(cfg))
+
+
+BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "wav2vec2": ("audio", wav2vec2_pair)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fairseq", type=Path, required=True, help="a fairseq checkout")
-    ap.add_argument("--method", choices=["data2vec2", "data2vec1", "mlm", "all"], default="all")
+    ap.add_argument("--method", choices=["data2vec2", *BASELINES, "all"], default="all")
     ap.add_argument("--modality", choices=["image", "audio", "text", "all"], default="all",
-                    help="data2vec2's modalities; the baselines (data2vec1, mlm) are checked for text")
+                    help="data2vec2's modalities; each baseline is checked in its own (data2vec1, mlm: text; "
+                         "wav2vec2: audio)")
     ap.add_argument("--preset", choices=["tiny", "smoke", "base"], default="tiny",
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -555,19 +674,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     report = Report(args.atol, reference="fairseq")
-    methods = ["data2vec2", "data2vec1", "mlm"] if args.method == "all" else [args.method]
+    methods = ["data2vec2", *BASELINES] if args.method == "all" else [args.method]
     modalities = ["image", "audio", "text"] if args.modality == "all" else [args.modality]
     with tempfile.TemporaryDirectory() as tmp:
         importable_fairseq(args.fairseq.resolve(), Path(tmp))
         for method in methods:
             for modality in modalities:
-                if method != "data2vec2" and modality != "text":
+                if method != "data2vec2" and modality != BASELINES[method][0]:
                     continue
                 torch.manual_seed(0)
                 if method == "data2vec2":
                     pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
                 else:
-                    pair = TEXT_BASELINES[method](args.preset, args.batch_size)
+                    pair = BASELINES[method][1](args.preset, args.batch_size)
                 if not args.skip_init:
                     compare_init(pair, f"{method} {modality}", report)
                 compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
