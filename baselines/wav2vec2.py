@@ -19,7 +19,6 @@ fairseq's ``dropout_input`` is the backbone's own input dropout.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pydantic
@@ -34,7 +33,8 @@ from d2v2.encoder import Encoder, EncoderConfig
 from d2v2.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 
-__all__ = ["QuantizerConfig", "Wav2Vec2Config", "GumbelQuantizer", "Wav2Vec2Masker", "Wav2Vec2", "PRESETS"]
+__all__ = ["QuantizerConfig", "Wav2Vec2Config", "GumbelQuantizer", "Wav2Vec2Masker", "Wav2Vec2", "frontend",
+           "PRESETS"]
 
 
 class QuantizerConfig(Config):
@@ -135,6 +135,19 @@ class Wav2Vec2Masker:
         return {**batch, **index, "negatives": negatives}
 
 
+def frontend(student: Encoder, source: torch.Tensor, padding_mask: torch.Tensor | None, grad_mult: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """wav2vec 2.0's (and HuBERT's) front end: CNN features f (B, T, C) with their gradient into the CNN
+    multiplied by ``grad_mult`` (fairseq ``GradMultiply``), the feature penalty mean(f^2) (fp32), and the
+    projected frames Linear(LN(f)) (B, T, D) with their padding mask."""
+    local = student.local_encoder
+    features = local.cnn(source)
+    if grad_mult != 1.0:
+        features = features * grad_mult + features.detach() * (1 - grad_mult)    # same values, gradient x g
+    x, padding_mask = local.project(features, padding_mask)
+    return features, features.float().pow(2).mean(), x, padding_mask
+
+
 class Wav2Vec2(PretrainMethod):
     """``student`` speech Encoder + ``mask_emb``, ``final_proj``, ``quantizer``, ``project_q``."""
 
@@ -176,14 +189,9 @@ class Wav2Vec2(PretrainMethod):
         if "negatives" not in batch:                  # draw masks from the global RNG (seedable)
             seed = int(torch.randint(0, 2**62, (1,)))
             batch = self.masker()(batch, torch.Generator().manual_seed(seed))
-        local = self.student.local_encoder
-        features = local.cnn(batch["source"])                                        # (B, T, C)
-        g = self.cfg.feature_grad_mult
-        if g != 1.0:
-            features = features * g + features.detach() * (1 - g)                    # same values, gradient x g
-        feature_penalty = features.float().pow(2).mean()
-        x, padding_mask = local.project(features, batch.get("padding_mask"))
-        unmasked = self.feature_dropout(local.project_features[0](features))         # LN(f), the quantiser's input
+        features, feature_penalty, x, padding_mask = frontend(self.student, batch["source"], batch.get("padding_mask"),
+                                                              self.cfg.feature_grad_mult)
+        unmasked = self.feature_dropout(self.student.local_encoder.project_features[0](features))  # LN(f): quantiser input
         B, T = x.shape[:2]
         mask = batch["mask"].to(x.device, non_blocking=True)
         if mask.shape != (B, T):

@@ -75,7 +75,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda") or None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
-    raw = synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds)
+    raw = method.stand_in_inputs(synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds),
+                                 torch.Generator().manual_seed(0))
     masker = method.masker()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)

@@ -56,6 +56,11 @@ class PretrainMethod(nn.Module):
         """Bookkeeping after the optimiser step (the EMA teacher update); ``fraction`` is the share of the
         budget consumed by the ``num_updates`` updates so far. Default: nothing."""
 
+    def stand_in_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``batch`` plus random stand-ins for what the data pipeline adds for this method alone (HuBERT's
+        k-means labels), for benchmarks and tests on synthetic batches. Default: ``batch`` as it is."""
+        return batch
+
     def log_snapshot(self) -> dict[str, Any]:
         """Diagnostics read once per logging interval, not every step (e.g. weight norms); default: none."""
         return {}
@@ -80,7 +85,8 @@ class _Entry:
 
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 # Modules that register methods on import; imported lazily so `d2v2.config` users stay light.
-_PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm", "baselines.wav2vec2")
+_PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm", "baselines.wav2vec2",
+              "baselines.hubert")
 
 
 def register_method(modality: str, name: str, config_cls: type[Config],

@@ -59,8 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import baselines.data2vec1
+import baselines.hubert
 import baselines.wav2vec2
 from baselines.data2vec1 import Data2Vec1
+from baselines.hubert import Hubert
 from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
 from baselines.wav2vec2 import Wav2Vec2, Wav2Vec2Config
@@ -550,14 +552,14 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
 
 
 # ---- wav2vec 2.0 -------------------------------------------------------------------------------------------
-def wav2vec2_config(cfg: Wav2Vec2Config) -> dict:
-    """fairseq's ``Wav2Vec2Config`` for ours. fairseq's encoder has no ALiBi, so the check runs our encoder
-    without it; its ``pos_conv_depth`` > 1 positional encoder is data2vec 2.0's (a depth of 1 would be the
-    wav2vec 2.0 paper's single weight-normed convolution, which ours does not build). The Gumbel temperature
-    is held at its start on both sides (ours follows the budget fraction, fairseq a count of updates)."""
-    enc, audio, q = cfg.encoder, cfg.encoder.audio, cfg.quantizer
+def speech_backbone_config(enc: EncoderConfig) -> dict:
+    """The fields of fairseq's ``Wav2Vec2Config`` / ``HubertConfig`` that describe our speech encoder, random
+    parts off. fairseq's encoder has no ALiBi, so the checks run ours without it; its ``pos_conv_depth`` > 1
+    positional encoder is data2vec 2.0's (a depth of 1 is the wav2vec 2.0 paper's single weight-normed
+    convolution, which ours does not build)."""
+    audio = enc.audio
     if audio.use_alibi or audio.conv_pos_depth < 2 or enc.layer_norm_first or enc.prenet_depth:
-        raise SystemExit("fairseq's Wav2Vec2Model needs conv_pos_depth >= 2, no ALiBi, post-LN blocks and no "
+        raise SystemExit("fairseq's speech encoder needs conv_pos_depth >= 2, no ALiBi, post-LN blocks and no "
                          f"prenet; got conv_pos_depth={audio.conv_pos_depth}, use_alibi={audio.use_alibi}, "
                          f"layer_norm_first={enc.layer_norm_first}, prenet_depth={enc.prenet_depth}")
     return {
@@ -566,11 +568,18 @@ def wav2vec2_config(cfg: Wav2Vec2Config) -> dict:
         "encoder_ffn_embed_dim": int(enc.embed_dim * enc.mlp_ratio), "layer_norm_first": False,
         "pos_conv_depth": audio.conv_pos_depth, "conv_pos": audio.conv_pos_width,
         "conv_pos_groups": audio.conv_pos_groups, "dropout": 0.0, "attention_dropout": 0.0,
-        "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "dropout_input": 0.0, "dropout_features": 0.0,
-        "feature_grad_mult": cfg.feature_grad_mult, "final_dim": cfg.final_dim, "quantize_targets": True,
-        "latent_vars": q.entries, "latent_groups": q.groups, "latent_dim": q.dim,
-        "latent_temp": (q.temp_start, q.temp_end, 1.0), "num_negatives": cfg.num_negatives,
-        "cross_sample_negatives": 0, "codebook_negatives": 0, "logit_temp": cfg.logit_temp}
+        "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "dropout_input": 0.0, "dropout_features": 0.0}
+
+
+def wav2vec2_config(cfg: Wav2Vec2Config) -> dict:
+    """fairseq's ``Wav2Vec2Config`` for ours. The Gumbel temperature is held at its start on both sides (ours
+    follows the budget fraction, fairseq a count of updates)."""
+    q = cfg.quantizer
+    return {**speech_backbone_config(cfg.encoder), "feature_grad_mult": cfg.feature_grad_mult,
+            "final_dim": cfg.final_dim, "quantize_targets": True, "latent_vars": q.entries,
+            "latent_groups": q.groups, "latent_dim": q.dim, "latent_temp": (q.temp_start, q.temp_end, 1.0),
+            "num_negatives": cfg.num_negatives, "cross_sample_negatives": 0, "codebook_negatives": 0,
+            "logit_temp": cfg.logit_temp}
 
 
 def wav2vec2_names(cfg: Wav2Vec2Config) -> dict[str, tuple[str, ...]]:
@@ -655,7 +664,85 @@ def wav2vec2_pair(preset: str, batch_size: int) -> Pair:
                 fresh_ours=lambda: Wav2Vec2(cfg))
 
 
-BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "wav2vec2": ("audio", wav2vec2_pair)}
+# ---- HuBERT ------------------------------------------------------------------------------------------------
+def hubert_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/hubert.py`` and fairseq's ``HubertModel`` + ``hubert`` criterion, with the same masks (ours,
+    returned by fairseq's ``compute_mask_indices``) and labels. fairseq's label dictionary puts 4 special
+    symbols before the clusters, which are never targets but are classes of its softmax, so ours gets C + 4
+    classes here and the labels are dictionary indices. The labels are 4 label frames short of the audio, so
+    fairseq's trimming of unlabelled frames is exercised too."""
+    from omegaconf import OmegaConf
+    import fairseq.criterions.hubert_criterion as hubert_criterion
+    import fairseq.models.hubert.hubert as fs_hubert
+    from fairseq.data import Dictionary
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+
+    dictionary = Dictionary()
+    for c in range(method_config("audio", "hubert", preset).num_classes):
+        dictionary.add_symbol(str(c))
+    cfg = method_config("audio", "hubert", preset, merge(NO_DROPOUT, {
+        "num_classes": len(dictionary), "unmasked_weight": 0.5, "encoder": {"audio": {"use_alibi": False}}}))
+    backbone = speech_backbone_config(cfg.encoder)
+    fs_cfg = OmegaConf.merge(OmegaConf.structured(fs_hubert.HubertConfig), {
+        **{k: v for k, v in backbone.items() if k != "pos_conv_depth"}, "label_rate": cfg.label_rate,
+        "final_dim": cfg.final_dim, "logit_temp": cfg.logit_temp, "feature_grad_mult": cfg.feature_grad_mult,
+        "untie_final_proj": True})
+    OmegaConf.set_struct(fs_cfg, False)          # HubertConfig has no pos_conv_depth; its encoder reads one
+    fs_cfg.pos_conv_depth = backbone["pos_conv_depth"]
+    task_cfg = HubertPretrainingConfig(data="", sample_rate=cfg.sample_rate, label_rate=cfg.label_rate)
+    fs = fs_hubert.HubertModel(fs_cfg, task_cfg, [dictionary])
+    criterion = hubert_criterion.HubertCriterion(None, cfg.masked_weight, cfg.unmasked_weight,
+                                                 loss_weights=[cfg.feature_penalty_weight])
+    ours = Hubert(cfg)
+    fs.train(), ours.train()
+    names = {n: names for n, names in wav2vec2_names(cfg).items() if not n.startswith(("quantizer.", "project_q."))}
+    names["label_embs"] = ("label_embs_concat",)
+    ours.load_state_dict(as_ours(fs.state_dict(), names, ours.state_dict()), strict=True)
+
+    def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        source = batch_for(cfg.encoder, batch_size, generator)
+        length = int(source.shape[1] * cfg.label_rate / cfg.sample_rate) - 4
+        labels = torch.randint(dictionary.nspecial, len(dictionary), (batch_size, length), generator=generator)
+        return {"raw source": source, **ours.masker()({"source": source, "labels": labels}, generator)}
+
+    def ours_hubert_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with recorded_losses(baselines.hubert, ("cross_entropy",)) as calls:
+            out = ours(b)
+        (logits_m, _, _), (logits_u, _, _) = calls
+        return {"logits (masked frames)": logits_m, "logits (unmasked frames)": logits_u, "loss": out.loss}
+
+    def fairseq_hubert_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        original = fs_hubert.compute_mask_indices
+        fs_hubert.compute_mask_indices = lambda shape, *args, **kwargs: b["mask"].numpy()
+        source = b["raw source"]
+        sample = {"net_input": {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)},
+                  "target_list": [b["labels"]], "id": torch.arange(source.shape[0])}
+        try:
+            with recorded_losses(hubert_criterion, ("cross_entropy",)) as calls:
+                loss, sample_size, _ = criterion(fs, sample)
+        finally:
+            fs_hubert.compute_mask_indices = original
+        targets_m, targets_u = b["frame_labels"][b["mask"]], b["frame_labels"][~b["mask"]]
+        return {"logits (masked frames)": over_classes(calls[0][0], targets_m),
+                "logits (unmasked frames)": over_classes(calls[1][0], targets_u), "loss": loss / sample_size}
+
+    return Pair(ours, fs, batch, ours_hubert_step, fairseq_hubert_step,
+                fairseq_grads=lambda: grads_by_table(fs, names, ours), fresh_ours=lambda: Hubert(cfg))
+
+
+def over_classes(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fairseq's HuBERT logits [positive, every class with the positive's own at -inf] as logits over the
+    classes (the positive's value at its class)."""
+    rows = torch.arange(len(targets))
+    if not torch.isneginf(logits[rows, 1 + targets]).all():
+        raise SystemExit("fairseq's HuBERT logits do not exclude the positive's duplicate where expected")
+    out = logits[:, 1:].clone()
+    out[rows, targets] = logits[:, 0]
+    return out
+
+
+BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "wav2vec2": ("audio", wav2vec2_pair),
+             "hubert": ("audio", hubert_pair)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ def batch_for(method, batch_size: int = 4, seed: int = 0) -> dict[str, torch.Ten
     else:
         source = torch.randint(5, cfg.text.vocab_size, (batch_size, 64), generator=g)
         source[:, 0] = 0
-    batch = {"source": source, "id": torch.arange(batch_size)}
+    batch = method.stand_in_inputs({"source": source, "id": torch.arange(batch_size)}, g)
     return method.masker()(batch, torch.Generator().manual_seed(seed))
 
 

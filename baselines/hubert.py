@@ -1,0 +1,177 @@
+"""HuBERT (Hsu et al. 2021, arXiv:2106.07447) on the shared speech backbone (METHOD.md#baseline-hubert).
+
+    f = CNN(waveform)                               (B, T, C)   gradient x 0.1 into the CNN
+    z = Linear(LN(f)); masked frames (wav2vec 2.0 spans, p = 0.8) replaced by a learned mask embedding
+    h = Transformer(z)
+    p(c | t) = softmax_c(cos(final_proj(h_t), e_c) / tau)      over the C cluster embeddings e_c
+    loss = sum over masked frames of -log p(label_t | t)  [+ w_u * the same over unmasked frames]
+           + 10 * mean(f^2) * #masked,   / #masked
+
+The labels are k-means cluster ids, one per label frame at ``label_rate`` Hz: iteration 1 clusters MFCC
+features (100 Hz), iteration 2 an intermediate layer of the iteration-1 model (50 Hz, the CNN's rate).
+Encoder frame t reads label ``floor(t * label_rate * stride / sample_rate)`` (fairseq ``forward_targets``);
+when the labels end before the frames do, the last frames are dropped (here: the waveform is cut so the CNN
+makes no frame without a label, which leaves every other frame's features unchanged).
+
+fairseq's logits are [positive, every class] with the positive's duplicate set to -inf; that is the
+softmax over all C classes with the label as the target, which is what this computes.
+
+Deviations (docs/FIDELITY_BASELINES.md#hubert): the backbone is data2vec 2.0's speech encoder, as for every
+method here; one label set per run (fairseq allows several, with ``untie_final_proj``, equivalent for one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.common import NO_WEIGHT_DECAY, backbone, ensure_masked
+from baselines.masking import SpanMaskConfig, SpanMasker
+from baselines.wav2vec2 import frontend
+from d2v2.config import Config
+from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.masking import mask_indices
+from d2v2.method import MethodOutput, PretrainMethod, register_method
+from d2v2.modalities.audio import receptive_field
+
+__all__ = ["HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
+
+
+class HubertConfig(Config):
+    encoder: EncoderConfig
+    mask: SpanMaskConfig = SpanMaskConfig(mask_prob=0.8)
+    num_classes: int = pydantic.Field(100, ge=2)             # C: k-means clusters of the label set
+    label_rate: float = pydantic.Field(100.0, gt=0)          # labels per second (100: MFCC, 50: model features)
+    sample_rate: int = pydantic.Field(16_000, gt=0)
+    final_dim: int = pydantic.Field(256, ge=1)
+    logit_temp: float = pydantic.Field(0.1, gt=0)            # tau
+    masked_weight: float = pydantic.Field(1.0, ge=0)         # fairseq pred_masked_weight
+    unmasked_weight: float = pydantic.Field(0.0, ge=0)       # fairseq pred_nomask_weight (w_u)
+    feature_penalty_weight: float = pydantic.Field(10.0, ge=0)
+    feature_grad_mult: float = pydantic.Field(0.1, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "HubertConfig":
+        if self.encoder.modality != "audio":
+            raise ValueError(f"HuBERT needs an audio encoder (got {self.encoder.modality})")
+        if self.masked_weight == 0 and self.unmasked_weight == 0:
+            raise ValueError("masked_weight and unmasked_weight are both 0: nothing to learn")
+        return self
+
+    def labels_per_frame(self) -> float:
+        """Label frames per encoder frame (fairseq ``feat2tar_ratio``: 2 for 100 Hz labels, 1 for 50 Hz)."""
+        return self.label_rate * receptive_field(self.encoder.audio.conv_layers)[1] / self.sample_rate
+
+
+@dataclass(frozen=True)
+class HubertMasker:
+    """Picklable masker: aligns ``labels`` (B, L) to the encoder frames as ``frame_labels`` (B, T), cutting
+    the waveform where the labels end, then draws wav2vec 2.0 spans and adds their indices."""
+
+    spans: SpanMasker
+    labels_per_frame: float
+    conv_layers: tuple[tuple[int, int, int], ...]
+
+    def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if "labels" not in batch:
+            raise ValueError("HuBERT needs k-means labels in the batch ('labels', one cluster id per label "
+                             "frame); the workflow makes them (METHOD.md#baseline-hubert)")
+        source, labels = batch["source"], batch["labels"]
+        T = self.spans.num_frames(source.shape[1])
+        if self.labels_per_frame * T > labels.shape[1]:                 # fairseq: drop unlabelled frames
+            T = int(labels.shape[1] / self.labels_per_frame)
+            size, stride = receptive_field(list(self.conv_layers))
+            source = source[:, :size + (T - 1) * stride]
+        frame_labels = labels[:, (torch.arange(T).float() * self.labels_per_frame).long()]
+        batch = self.spans({**batch, "source": source}, generator)
+        return {**batch, **mask_indices(batch["mask"]), "frame_labels": frame_labels}
+
+
+class Hubert(PretrainMethod):
+    """``student`` speech Encoder + ``mask_emb``, ``final_proj``, ``label_embs`` (C, F)."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: HubertConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.encoder.embed_dim
+        self.student = Encoder(cfg.encoder)
+        self.mask_emb = nn.Parameter(torch.rand(D))                      # fairseq: uniform_()
+        self.final_proj = nn.Linear(D, cfg.final_dim)
+        self.label_embs = nn.Parameter(torch.rand(cfg.num_classes, cfg.final_dim))   # fairseq: uniform_()
+
+    # ---- PretrainMethod interface -----------------------------------------------------------------
+    def masker(self) -> HubertMasker:
+        conv = tuple(tuple(c) for c in self.cfg.encoder.audio.conv_layers)
+        return HubertMasker(self.cfg.mask.masker(self.cfg.encoder), self.cfg.labels_per_frame(), conv)
+
+    def encoder(self) -> Encoder:
+        return self.student
+
+    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """The student encodes every frame of every utterance (masked ones as the mask embedding)."""
+        B, N = batch["source"].shape
+        return B * self.masker().spans.num_frames(N)
+
+    def stand_in_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Uniformly random cluster ids at ``label_rate`` for a synthetic batch."""
+        B, N = batch["source"].shape
+        L = int(N * self.cfg.label_rate / self.cfg.sample_rate)
+        return {**batch, "labels": torch.randint(0, self.cfg.num_classes, (B, L), generator=generator)}
+
+    def no_weight_decay(self) -> set[str]:
+        return set(NO_WEIGHT_DECAY)
+
+    # ---- the training step ------------------------------------------------------------------------
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, D) encoder outputs -> (N, C) cosine similarities to the cluster embeddings / tau."""
+        proj = F.normalize(self.final_proj(h).float(), dim=-1, eps=1e-8)
+        return proj @ F.normalize(self.label_embs.float(), dim=-1, eps=1e-8).T / self.cfg.logit_temp
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        batch = ensure_masked(batch, self.masker(), needs=("masked", "frame_labels"))
+        _, feature_penalty, x, padding_mask = frontend(self.student, batch["source"], batch.get("padding_mask"),
+                                                       self.cfg.feature_grad_mult)
+        B, T = x.shape[:2]
+        mask = batch["mask"].to(x.device, non_blocking=True)
+        labels = batch["frame_labels"].to(x.device, non_blocking=True)
+        if mask.shape != (B, T) or labels.shape != (B, T):
+            raise ValueError(f"batch['mask'] {tuple(mask.shape)} and batch['frame_labels'] {tuple(labels.shape)} "
+                             f"must both be (B, T) = {(B, T)}")
+        out = self.student.contextualize(x, mask, padding_mask, sparse=False, fill=self.mask_emb,
+                                         layer_results="none")
+        h = out.x[:, out.num_extra_tokens:]
+        rows = torch.arange(B, device=x.device)[:, None]
+        masked = batch["masked"].to(x.device, non_blocking=True)
+        logits_m = self.logits(h[rows, masked].flatten(0, 1))
+        targets_m = labels[rows, masked].flatten()
+        loss_m = F.cross_entropy(logits_m, targets_m, reduction="sum")
+        logs = {"loss_masked": loss_m.detach() / targets_m.numel()}
+        loss, sample_size = 0.0, 0                 # fairseq: each weighted term adds its frames to the sample size
+        if self.cfg.masked_weight > 0:
+            loss, sample_size = self.cfg.masked_weight * loss_m, targets_m.numel()
+        if self.cfg.unmasked_weight > 0:
+            keep = batch["keep"].to(x.device, non_blocking=True)
+            loss_u = F.cross_entropy(self.logits(h[rows, keep].flatten(0, 1)), labels[rows, keep].flatten(),
+                                     reduction="sum")
+            loss, sample_size = loss + self.cfg.unmasked_weight * loss_u, sample_size + keep.numel()
+            logs["loss_unmasked"] = loss_u.detach() / max(keep.numel(), 1)
+        loss = (loss + self.cfg.feature_penalty_weight * feature_penalty * sample_size) / sample_size
+        with torch.no_grad():
+            logs["accuracy_masked"] = (logits_m.argmax(-1) == targets_m).float().mean()
+        logs.update(feature_penalty=feature_penalty.detach(), masked_pct=targets_m.numel() / mask.numel())
+        return MethodOutput(loss, sample_size, logs)
+
+
+# ---- presets: data2vec 2.0's speech encoders --------------------------------------------------------
+# base: the released HuBERT base config (final_dim 256, tau 0.1, mask p 0.8 / 10 frames, masked frames only,
+# feature penalty 10, CNN gradient x 0.1) with iteration 1's label set (100 MFCC clusters at 100 Hz);
+# tiny / smoke: fewer clusters and a narrower projection for their small corpus and encoder.
+_LABELS = {"base": {}, "tiny": {"num_classes": 50, "final_dim": 64}, "smoke": {"num_classes": 20, "final_dim": 32}}
+PRESETS = {name: {"encoder": backbone("audio", name), **_LABELS[name]} for name in ("base", "tiny", "smoke")}
+
+register_method("audio", "hubert", HubertConfig, PRESETS)(Hubert)
