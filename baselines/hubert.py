@@ -68,26 +68,53 @@ class HubertConfig(Config):
 
 @dataclass(frozen=True)
 class HubertMasker:
-    """Picklable masker: aligns ``labels`` (B, L) to the encoder frames as ``frame_labels`` (B, T), cutting
-    the waveform where the labels end, then draws wav2vec 2.0 spans and adds their indices."""
+    """Picklable masker: crops each utterance's ``labels`` to its audio (when the batch carries
+    ``label_offsets``: the data pipeline's whole-utterance labels), aligns them to the encoder frames as
+    ``frame_labels`` (B, T), cutting the waveform where the labels end, then draws wav2vec 2.0 spans and
+    adds their indices."""
 
     spans: SpanMasker
     labels_per_frame: float
     conv_layers: tuple[tuple[int, int, int], ...]
+    label_rate: float
+    sample_rate: int
 
     def __call__(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         if "labels" not in batch:
             raise ValueError("HuBERT needs k-means labels in the batch ('labels', one cluster id per label "
-                             "frame); the workflow makes them (METHOD.md#baseline-hubert)")
+                             "frame): set data.speech.pretrain_labels (the workflow makes them, "
+                             "METHOD.md#baseline-hubert)")
         source, labels = batch["source"], batch["labels"]
+        if "label_offsets" in batch:
+            labels = self.crop(labels, batch["label_offsets"], batch["utterance_samples"], source.shape[1])
         T = self.spans.num_frames(source.shape[1])
         if self.labels_per_frame * T > labels.shape[1]:                 # fairseq: drop unlabelled frames
             T = int(labels.shape[1] / self.labels_per_frame)
             size, stride = receptive_field(list(self.conv_layers))
             source = source[:, :size + (T - 1) * stride]
         frame_labels = labels[:, (torch.arange(T).float() * self.labels_per_frame).long()]
-        batch = self.spans({**batch, "source": source}, generator)
+        batch = self.spans({**batch, "source": source, "labels": labels}, generator)
         return {**batch, **mask_indices(batch["mask"]), "frame_labels": frame_labels}
+
+    def crop(self, labels: torch.Tensor, offsets: torch.Tensor, utterance_samples: torch.Tensor,
+             num_samples: int) -> torch.Tensor:
+        """Whole-utterance labels (B, L_max; -1 pads) -> those of the cropped audio (fairseq HubertDataset
+        ``collater_label``: start ``round(offset * rate)``, length ``round(samples * rate)``, at most what is
+        left in every row). A label count that does not fit the utterance's length at ``label_rate`` (labels
+        made at another rate) is an error."""
+        per_sample = self.label_rate / self.sample_rate
+        lengths = (labels >= 0).sum(1).tolist()
+        for n, samples in zip(lengths, utterance_samples.tolist()):
+            expected = samples * per_sample
+            if abs(n - expected) > 3 + 0.01 * expected:
+                raise ValueError(f"an utterance of {samples} samples has {n} labels; at label_rate "
+                                 f"{self.label_rate:g} Hz it should have about {expected:.0f} (labels made at "
+                                 "another rate?)")
+        starts = [int(round(o * per_sample)) for o in offsets.tolist()]
+        size = min(int(round(num_samples * per_sample)), *(n - s for n, s in zip(lengths, starts)))
+        if size < 1:
+            raise ValueError(f"no labels left for the cropped audio (offsets {offsets.tolist()})")
+        return torch.stack([labels[b, s:s + size] for b, s in enumerate(starts)])
 
 
 class Hubert(PretrainMethod):
@@ -107,7 +134,8 @@ class Hubert(PretrainMethod):
     # ---- PretrainMethod interface -----------------------------------------------------------------
     def masker(self) -> HubertMasker:
         conv = tuple(tuple(c) for c in self.cfg.encoder.audio.conv_layers)
-        return HubertMasker(self.cfg.mask.masker(self.cfg.encoder), self.cfg.labels_per_frame(), conv)
+        return HubertMasker(self.cfg.mask.masker(self.cfg.encoder), self.cfg.labels_per_frame(), conv,
+                            self.cfg.label_rate, self.cfg.sample_rate)
 
     def encoder(self) -> Encoder:
         return self.student

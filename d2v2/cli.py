@@ -14,6 +14,7 @@ COMMANDS = {
     "finetune": ("d2v2.engine.finetune", "fine-tune a pretraining checkpoint and write metrics"),
     "evaluate": ("d2v2.engine.evaluate", "evaluate a fine-tuned checkpoint"),
     "convert": ("d2v2.convert", "convert an official fairseq data2vec 2.0 checkpoint"),
+    "hubert-labels": ("baselines.hubert_labels", "make HuBERT's k-means labels of the speech pretraining split"),
     "launch": ("d2v2.launch", "run a command locally or as a SLURM job (used by the workflow)"),
     "collect": ("d2v2.analysis.collect", "collect metrics into tidy tables"),
     "report": ("d2v2.analysis.report", "render figures and the report"),

@@ -200,6 +200,56 @@ def test_collate_pretrain_crops_to_shortest(corpus):
     assert later.shape == batch["source"].shape and not torch.equal(later, batch["source"])
 
 
+def clock_labels(path, sizes):
+    """A .km file whose label k of every utterance is k (100 per second, as MFCC frames)."""
+    path.write_text("".join(" ".join(str(k) for k in range((n - 400) // 160 + 1)) + "\n" for n in sizes))
+    return str(path)
+
+
+def test_labels_follow_the_audio_through_both_crops(corpus, tmp_path):
+    """HuBERT's labels: the dataset's random crop and the collater's crop to the shortest move the labels
+    with the audio, and the masker gives frame t the label at 2 t after the crop's start (fairseq)."""
+    from d2v2.method import build_method
+
+    root, cfg, _ = corpus
+    full = SpeechPretrainDataset(root, cfg, "pretrain")
+    km = clock_labels(tmp_path / "pretrain.km", full.utts.sizes)
+    ds = SpeechPretrainDataset(root, cfg.model_copy(update={"max_sample_size": 24000, "pretrain_labels": km}),
+                               "pretrain")
+    torch.manual_seed(0)
+    batch = collate_pretrain([ds[i] for i in range(4)])
+    out = build_method("audio", "hubert", "smoke").masker()(batch, torch.Generator().manual_seed(0))
+    T = out["mask"].shape[1]
+    assert out["frame_labels"].shape == (4, T)
+    for b in range(4):
+        start = _offset(full[b]["source"], batch["source"][b])
+        assert start == batch["label_offsets"][b]
+        assert out["frame_labels"][b].tolist() == [round(start / 160) + 2 * t for t in range(T)]
+
+
+def test_bad_label_files_are_named(corpus, tmp_path):
+    from d2v2.data.common import CorruptDataError, MissingDataError
+    from d2v2.method import build_method
+
+    root, cfg, _ = corpus
+    sizes = SpeechPretrainDataset(root, cfg, "pretrain").utts.sizes
+    short = tmp_path / "short.km"
+    short.write_text("1 2 3\n")
+    with pytest.raises(CorruptDataError, match="1 lines of labels but the split has"):
+        SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": str(short)}), "pretrain")
+    with pytest.raises(MissingDataError, match="data.speech.pretrain_labels"):
+        SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": str(tmp_path / "none.km")}))
+    bad = tmp_path / "bad.km"
+    bad.write_text("1 2 x\n" * len(sizes))
+    with pytest.raises(CorruptDataError, match="bad.km:1: expected space-separated cluster ids"):
+        SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": str(bad)}), "pretrain")[0]
+    km = clock_labels(tmp_path / "pretrain.km", sizes)        # 100 per second, read as 50 per second
+    ds = SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": km}), "pretrain")
+    masker = build_method("audio", "hubert", "smoke", {"label_rate": 50}).masker()
+    with pytest.raises(ValueError, match="labels made at another rate"):
+        masker(collate_pretrain([ds[0], ds[1]]), torch.Generator().manual_seed(0))
+
+
 def test_collate_finetune_pads(corpus):
     root, cfg, _ = corpus
     ds = SpeechFinetuneDataset(root, cfg, "train")

@@ -26,7 +26,7 @@ from d2v2.data.config import DataConfig, ImageDataConfig, SpeechDataConfig, Text
 __all__ = [
     "DataConfig", "ImageDataConfig", "SpeechDataConfig", "TextDataConfig", "MODALITIES", "modality_name",
     "pretrain_dataset", "pretrain_collater", "finetune_datasets", "finetune_collater", "task_info",
-    "loader_kwargs", "prepare", "MissingDataError", "CorruptDataError",
+    "loader_kwargs", "prepare", "speech_root", "MissingDataError", "CorruptDataError",
 ]
 
 MODALITIES = ("image", "speech", "text")
@@ -47,7 +47,8 @@ def _module(modality: str) -> ModuleType:
     return importlib.import_module(f"d2v2.data.{modality_name(modality)}")
 
 
-def _speech_root(cfg: DataConfig) -> Path:
+def speech_root(cfg: DataConfig) -> Path:
+    """Where the prepared speech corpus lives."""
     return Path(cfg.root) / "speech"
 
 
@@ -56,7 +57,7 @@ def pretrain_dataset(modality: str, cfg: DataConfig, split: str = "train") -> Da
     if modality_name(modality) == "speech":
         from d2v2.data.speech import SpeechPretrainDataset
 
-        return SpeechPretrainDataset(_speech_root(cfg), cfg.speech, "pretrain" if split == "train" else split)
+        return SpeechPretrainDataset(speech_root(cfg), cfg.speech, "pretrain" if split == "train" else split)
     return _module(modality).pretrain_dataset(cfg, split)
 
 
@@ -79,7 +80,7 @@ def finetune_datasets(modality: str, cfg: DataConfig, task: str) -> dict[str, Da
         from d2v2.data.speech import SPLITS, SpeechFinetuneDataset
 
         task_info(modality, task)
-        root = _speech_root(cfg)
+        root = speech_root(cfg)
         # extra test sets: those the synthesised corpus wrote (test_flite, test_asterisk) or split_names adds
         written = {s for s in SPLITS if s not in _SPEECH_SPLITS and (root / f"{s}.tsv").is_file()}
         extra = sorted((written if cfg.speech.source == "synth" else set())
@@ -127,5 +128,5 @@ def prepare(modalities, cfg: DataConfig) -> dict[str, dict]:
         else:
             from d2v2.data.speech import prepare_speech
 
-            out[name] = prepare_speech(_speech_root(cfg), cfg.speech)
+            out[name] = prepare_speech(speech_root(cfg), cfg.speech)
     return out

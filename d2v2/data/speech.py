@@ -41,7 +41,9 @@ from d2v2.data.common import CorruptDataError, MissingDataError, read_manifest, 
 __all__ = [
     "LETTERS", "BLANK", "WORD_SEP", "words_to_letters", "letters_to_words", "letters_to_ids",
     "ids_to_letters", "SynthConfig", "SpeechDataConfig", "SPLITS", "prepare_speech", "Utterances",
-    "read_fairseq_manifest", "read_librispeech", "load_audio", "SpeechPretrainDataset", "SpeechFinetuneDataset",
+    "read_fairseq_manifest", "read_librispeech", "read_split", "load_audio", "normalise_waveform", "LabelFile",
+    "SpeechPretrainDataset",
+    "SpeechFinetuneDataset",
     "collate_pretrain", "collate_finetune",
 ]
 
@@ -166,6 +168,10 @@ class SpeechDataConfig(Config):
     # {pretrain: train-clean-100+train-clean-360+train-other-500, train: train-clean-100, valid: dev-other,
     #  test: test-other}; unmapped names are used as they are
     split_names: dict[str, str] = {}
+    # k-means labels of the pretraining split for HuBERT (METHOD.md#baseline-hubert): fairseq's ``.km``
+    # format, one line of space-separated cluster ids per utterance of the split's manifest, in its order;
+    # the workflow makes and sets them
+    pretrain_labels: str | None = None
     synth: SynthConfig = SynthConfig()
 
     @model_validator(mode="after")
@@ -267,7 +273,8 @@ def read_librispeech(root: Path, split: str) -> Utterances:
     return Utterances(paths, np.asarray(sizes, dtype=np.int64), words, [words_to_letters(w) for w in words])
 
 
-def _utterances(root: Path, cfg: SpeechDataConfig, split: str) -> Utterances:
+def read_split(root: Path, cfg: SpeechDataConfig, split: str) -> Utterances:
+    """The utterances of ``split`` (mapped through ``split_names``) from the configured source."""
     name = cfg.split_names.get(split, split)
     if cfg.source == "synth":
         if read_manifest(root) is None:
@@ -294,7 +301,7 @@ def load_audio(path: Path, num_samples: int | None, sample_rate: int) -> np.ndar
     return wav
 
 
-def _normalise(wav: np.ndarray) -> np.ndarray:
+def normalise_waveform(wav: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance over the utterance, as fairseq's ``F.layer_norm(wav, wav.shape)`` (eps 1e-5)."""
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)).astype(np.float32)
 
@@ -305,7 +312,7 @@ def _normalise(wav: np.ndarray) -> np.ndarray:
 class _SpeechDataset(Dataset):
     def __init__(self, root: Path, cfg: SpeechDataConfig, split: str):
         self.cfg, self.split = cfg, split
-        self.utts = _utterances(root, cfg, split)
+        self.utts = read_split(root, cfg, split)
         self.index = np.arange(len(self.utts.paths))
 
     def __len__(self) -> int:
@@ -319,11 +326,37 @@ class _SpeechDataset(Dataset):
     def _wave(self, i: int) -> np.ndarray:
         j = self.index[i]
         wav = load_audio(self.utts.paths[j], int(self.utts.sizes[j]), self.cfg.sample_rate)
-        return _normalise(wav) if self.cfg.normalize else wav
+        return normalise_waveform(wav) if self.cfg.normalize else wav
+
+
+class LabelFile:
+    """A ``.km`` file read a line at a time (fairseq's label offsets): line ``j`` -> int64 cluster ids. The
+    line count must match the manifest's utterances; a line that is not integers is an error naming it."""
+
+    def __init__(self, path: Path, num_lines: int):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            lengths = [len(line) for line in f]
+        if len(lengths) != num_lines:
+            raise CorruptDataError(f"{self.path}: {len(lengths)} lines of labels but the split has {num_lines} "
+                                   "utterances (one line per utterance, in the manifest's order)")
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[j]))
+            line = f.read(int(self.offsets[j + 1] - self.offsets[j])).decode()
+        try:
+            return torch.tensor([int(x) for x in line.split()], dtype=torch.long)
+        except ValueError:
+            raise CorruptDataError(f"{self.path}:{j + 1}: expected space-separated cluster ids, got "
+                                   f"{line.strip()[:60]!r}") from None
 
 
 class SpeechPretrainDataset(_SpeechDataset):
-    """Unlabelled waveforms: ``{"source": float32 (N,), "id": int}``, N <= ``max_sample_size``.
+    """Unlabelled waveforms: ``{"source": float32 (N,), "id": int, "offset": int}``, N <= ``max_sample_size``;
+    with ``pretrain_labels`` also ``"labels"``, the whole utterance's cluster ids (the method crops them to
+    the audio it gets from ``offset``, the first sample's position in the utterance).
 
     Utterances shorter than ``min_sample_size`` are dropped; longer ones than ``max_sample_size`` are cropped
     at a random offset after normalising the whole utterance, as fairseq does. The offset comes from torch's
@@ -336,14 +369,22 @@ class SpeechPretrainDataset(_SpeechDataset):
         if len(self.index) == 0:
             raise MissingDataError(f"speech split '{split}': every utterance is shorter than "
                                    f"data.speech.min_sample_size={cfg.min_sample_size}")
+        self.labels = None
+        if cfg.pretrain_labels is not None:
+            path = require_path(cfg.pretrain_labels, "data.speech.pretrain_labels", "k-means labels (.km)")
+            self.labels = LabelFile(path, len(self.utts.paths))
 
     def __getitem__(self, i: int) -> dict:
         wav = self._wave(i)
-        excess = len(wav) - self.cfg.max_sample_size
+        excess, start = len(wav) - self.cfg.max_sample_size, 0
         if excess > 0:
             start = int(torch.randint(excess + 1, (1,)))
             wav = wav[start:start + self.cfg.max_sample_size]
-        return {"source": torch.from_numpy(wav), "id": i}
+        item = {"source": torch.from_numpy(wav), "id": i, "offset": start}
+        if self.labels is not None:
+            item["labels"] = self.labels[self.index[i]]
+            item["utterance_samples"] = int(self.sizes[i])
+        return item
 
 
 class SpeechFinetuneDataset(_SpeechDataset):
@@ -365,18 +406,27 @@ def collate_pretrain(items: list[dict], generator: torch.Generator | None = None
     """Crop every utterance to the shortest of the batch (METHOD.md#equal-mask-counts: no padding).
 
     Crop offsets come from ``generator``, or by default from one seeded with the batch's ``(epoch, ids)``
-    (:func:`~d2v2.data.common.stable_seed`), so a batch is the same whichever worker builds it.
+    (:func:`~d2v2.data.common.stable_seed`), so a batch is the same whichever worker builds it. Items with
+    ``labels`` add ``labels`` (B, L_max) padded with -1, ``label_offsets`` (B,): where each crop starts in
+    its utterance, in samples, and ``utterance_samples`` (B,): each utterance's length.
     """
     ids = torch.tensor([it["id"] for it in items], dtype=torch.long)
     size = min(len(it["source"]) for it in items)
     if generator is None:
         generator = torch.Generator().manual_seed(stable_seed(0, int(items[0].get("epoch", 0)), ids))
-    crops = []
+    crops, offsets = [], []
     for it in items:
         excess = len(it["source"]) - size
         start = int(torch.randint(excess + 1, (1,), generator=generator)) if excess else 0
         crops.append(it["source"][start:start + size])
-    return {"source": torch.stack(crops), "id": ids}
+        offsets.append(it.get("offset", 0) + start)
+    batch = {"source": torch.stack(crops), "id": ids}
+    if "labels" in items[0]:
+        batch["labels"] = torch.nn.utils.rnn.pad_sequence([it["labels"] for it in items], batch_first=True,
+                                                          padding_value=-1)
+        batch["label_offsets"] = torch.tensor(offsets, dtype=torch.long)
+        batch["utterance_samples"] = torch.tensor([it["utterance_samples"] for it in items], dtype=torch.long)
+    return batch
 
 
 def collate_finetune(items: list[dict]) -> dict:
