@@ -41,7 +41,8 @@ from d2v2.config import ConfigError, merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY", "active_data"]
+           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY", "active_data",
+           "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
 
@@ -221,7 +222,7 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
         budget["value"] = budget["value"] * run.budget_scale
         if budget["kind"] == "updates":
             budget["value"] = max(1, round(budget["value"]))
-    return merge(cfg, {
+    cfg = merge(cfg, {
         "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
                    "overrides": method_overrides},
         "data": active_data(config),
@@ -229,6 +230,61 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
         "checkpoint": {"fractions": run.fractions or list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
+    return _hubert_labels(config, run, cfg, 2) if run.method == HUBERT else cfg
+
+
+# ---- HuBERT's label chain (METHOD.md#baseline-hubert) ------------------------------------------------------
+# MFCC labels -> iteration 1 (its own run, iteration1_budget x the run's budget) -> labels of its block
+# `layer` -> the compared run (iteration 2, the run's budget). The chain of a run lives next to the runs,
+# in hubert_chain/<variant>/seed<seed>[-budget<s>]/, so that replacing the compared run's folder (its
+# config changed) never takes its labels with it.
+HUBERT = "hubert"
+
+
+def hubert_chain(config: Mapping[str, Any], run: Run) -> str:
+    """The folder of ``run``'s label chain: ``labels1/``, ``iteration1/`` (a run dir), ``labels2/``."""
+    return f"{config['paths']['runs']}/hubert_chain/{run.variant}/seed{run.seed}{run.sweep}"
+
+
+def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> list[str]:
+    """The ``python -m d2v2 hubert-labels`` arguments of ``run``'s labels for ``iteration`` (1: MFCC
+    clusters; 2: clusters of iteration 1's block ``layer``), written to ``<chain>/labels<iteration>/``."""
+    chain, settings = hubert_chain(config, run), config["hubert"]
+    args = ["--data", json.dumps(active_data(config), sort_keys=True),
+            "--out", f"{chain}/labels{iteration}", "--clusters", str(settings["clusters"][iteration - 1]),
+            "--percent", str(settings["percent"]), "--seed", str(run.seed)]
+    if iteration == 2:
+        args += ["--checkpoint", f"{chain}/iteration1/checkpoints/checkpoint_f1.000.pt", "--layer",
+                 str(settings["layer"])]
+    return args
+
+
+def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], iteration: int) -> dict[str, Any]:
+    """``cfg`` (a HuBERT run config) reading ``run``'s labels of ``iteration``: their file, cluster count and
+    rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
+    from d2v2.method import method_config
+    from d2v2.modalities.audio import receptive_field
+
+    speech = merge({"sample_rate": 16_000}, cfg["data"].get("speech", {}))
+    if iteration == 1:
+        rate = 100.0
+    else:
+        encoder = method_config(run.modality, HUBERT, config["preset"], cfg["method"]["overrides"]).encoder
+        rate = speech["sample_rate"] / receptive_field(encoder.audio.conv_layers)[1]
+    return merge(cfg, {
+        "method": {"overrides": {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}},
+        "data": {"speech": {"pretrain_labels": f"{hubert_chain(config, run)}/labels{iteration}/pretrain.km"}}})
+
+
+def hubert_iteration1_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The run config of ``run``'s iteration 1: on the MFCC labels, ``iteration1_budget`` x its budget, its
+    final checkpoint kept (the one clustered for iteration 2)."""
+    cfg = _hubert_labels(config, run, run_config(config, run), 1)
+    budget = dict(cfg["budget"])
+    budget["value"] = budget["value"] * config["hubert"]["iteration1_budget"]
+    if budget["kind"] == "updates":
+        budget["value"] = max(1, round(budget["value"]))
+    return {**cfg, "budget": budget, "checkpoint": {**cfg["checkpoint"], "fractions": [1.0]}}
 
 
 def active_data(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,6 +402,8 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
             else:
                 where = f"pretrain ({run.modality}/{run.method})"
             raise WorkflowConfigError(f"{where}: {err}") from None
+    for run in (r for r in runs if r.method == HUBERT):
+        _check_hubert(config, run)
     for run in {r.modality: r for r in runs}.values():
         try:
             finetune_config(finetune_request(config, run, 1.0))
@@ -357,6 +415,21 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
             except ConfigError as err:
                 raise WorkflowConfigError(f"finetune.{run.modality} (random init): {err}") from None
     return runs
+
+
+def _check_hubert(config: Mapping[str, Any], run: Run) -> None:
+    """The label chain of a HuBERT run: its iteration-1 config and the layer it clusters exist."""
+    from d2v2.engine.runconfig import resolve_run_config
+    from d2v2.method import method_config
+
+    try:
+        cfg = resolve_run_config(hubert_iteration1_config(config, run))
+    except ConfigError as err:
+        raise WorkflowConfigError(f"hubert (iteration 1 of {run.key}): {err}") from None
+    depth = method_config(run.modality, HUBERT, config["preset"], cfg.method.overrides).encoder.depth
+    if config["hubert"]["layer"] > depth:
+        raise WorkflowConfigError(f"hubert.layer: {config['hubert']['layer']} but the {config['preset']} "
+                                  f"encoder has {depth} blocks")
 
 
 def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,

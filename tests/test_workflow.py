@@ -177,6 +177,28 @@ def test_a_budget_sweep_is_one_run_per_budget_with_its_own_schedule():
     assert wfc.run_config(updates, half)["budget"] == {"kind": "updates", "value": 3}
 
 
+def test_a_hubert_run_brings_its_label_chain():
+    """MFCC labels -> iteration 1 (its own config: the first label set, 0.625 x the budget, its final
+    checkpoint kept) -> labels of its block `layer` -> the compared run, which reads them."""
+    config = resolved(preset="smoke", budget_sweep={"audio": [0.5, 1.0]})
+    runs = [r for r in wfc.validate_workflow(config) if r.method == "hubert"]
+    assert [r.key for r in runs] == ["audio/hubert/default/seed0", "audio/hubert/default/seed0-budget0.500"]
+    chain = "runs/hubert_chain/default/seed0-budget0.500"
+    assert wfc.hubert_chain(config, runs[1]) == chain
+    compared, first = wfc.run_config(config, runs[1]), wfc.hubert_iteration1_config(config, runs[1])
+    assert compared["data"]["speech"]["pretrain_labels"] == f"{chain}/labels2/pretrain.km"
+    assert compared["method"]["overrides"] == {"num_classes": 8, "label_rate": 50.0}
+    assert compared["budget"] == {"kind": "updates", "value": 2}
+    assert first["data"]["speech"]["pretrain_labels"] == f"{chain}/labels1/pretrain.km"
+    assert first["method"]["overrides"] == {"num_classes": 8, "label_rate": 100.0}
+    assert first["budget"] == {"kind": "updates", "value": 1} and first["checkpoint"]["fractions"] == [1.0]
+    args = wfc.hubert_labels_args(config, runs[1], 2)
+    assert args[args.index("--checkpoint") + 1] == f"{chain}/iteration1/checkpoints/checkpoint_f1.000.pt"
+    assert args[args.index("--layer") + 1] == "1" and "--checkpoint" not in wfc.hubert_labels_args(config, runs[1], 1)
+    with pytest.raises(wfc.WorkflowConfigError, match="hubert.layer: 3 but the smoke encoder has 2 blocks"):
+        wfc.validate_workflow(resolved(preset="smoke", hubert={"layer": 3}))
+
+
 def test_budget_sweep_dag_shape(tmp_path):
     r = snakemake(tmp_path, "-n", config=["budget_sweep={image: [0.25, 0.5, 1.0]}"])
     assert r.returncode == 0, r.stderr
@@ -189,7 +211,9 @@ def test_budget_sweep_dag_shape(tmp_path):
 def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
-    assert job_counts(r.stdout)["pretrain"] == 5          # smoke: 2 image, 2 speech, 1 text method
+    counts = job_counts(r.stdout)
+    assert counts["pretrain"] == 6                        # smoke: 2 image, 3 speech, 1 text method
+    assert counts["hubert_iteration1"] == 1 and counts["hubert_labels_mfcc"] == counts["hubert_labels_layer"] == 1
 
 
 # ------------------------------------------------------------------ nothing reaches a shell unquoted
@@ -249,6 +273,7 @@ BAD_CONFIGS = [
     (["ablations={image: {data2vec2: {num_maskz: [2]}}}"], "num_maskz: unknown key"),
     (["ablations={image: {data2vec2: {num_masks: 4}}}"], "num_masks: expected a non-empty list"),
     (["ablations={text: {mae: {num_masks: [2]}}}"], "ablations.text.mae: 'mae' is not in methods.text"),
+    (["preset=smoke", "hubert={clusters: [1, 5]}"], "hubert.clusters[0]: 1 is less than the minimum of 2"),
     (["pretrain={image: {batch_sise: 8}}"], "batch_sise: unknown key (did you mean 'batch_size'?)"),
     (["finetune={text: {layer_decay: 2}}"], "finetune.text: layer_decay"),
     (["data={image: {dataset: imagenet, imagenet_dir: /nonexistent/imagenet}}"],
@@ -305,7 +330,11 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     results = tmp_path / "results"
     assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
     metrics = sorted((results / "metrics").rglob("*.json"))
-    assert len(metrics) == 5 * 2                       # 5 runs x 2 checkpoint fractions
+    assert len(metrics) == 6 * 2                       # 6 runs x 2 checkpoint fractions
+    chain = tmp_path / "runs" / "hubert_chain" / "default" / "seed0"       # HuBERT's labels and iteration 1
+    assert (chain / "iteration1" / "DONE").exists()
+    for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):
+        assert json.loads((chain / labels / "labels.json").read_text())["label_rate"] == rate
     first = json.loads(metrics[0].read_text())
     assert first["identity"]["variant"] == "default" and first["provenance"]
     assert yaml.safe_load((results / "config.yaml").read_text())["preset"] == "smoke"
@@ -330,6 +359,11 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert job_counts(ablation.stdout) == {"pretrain": 1, "finetune": 2, "resolved_config": 1, "collect": 1,
                                            "report": 1, "all": 1}
     assert "runs/image/data2vec2/num_masks=1/seed0/DONE" in ablation.stdout
+
+    clusters = snakemake(tmp_path, "-n", config=smoke + ["hubert={clusters: [8, 6], layer: 1, percent: 0.1}"])
+    counts = job_counts(clusters.stdout)               # the labels cached before the changed count are kept
+    assert counts["hubert_labels_layer"] == 1 and counts["pretrain"] == 1 and counts["finetune"] == 2
+    assert "hubert_labels_mfcc" not in counts and "hubert_iteration1" not in counts
 
     sweep = snakemake(tmp_path, "-n", config=smoke + ["budget_sweep={image: [0.5, 1.0]}"])
     assert job_counts(sweep.stdout) == {"pretrain": 2, "finetune": 2, "resolved_config": 1, "collect": 1,

@@ -305,12 +305,14 @@ def _caveats(evals: pd.DataFrame, notes: list[str], clock: str, implied: pd.Data
                     "as configured (see Configuration)."),
         "Fine-tuning: one recipe for every method; the model is scored at the end of fine-tuning (not the best "
         "validation checkpoint) and speech is decoded greedily without a language model (the paper: 4-gram LM).",
-        ("Baselines: wav2vec 2.0 (the paper's speech claim) runs on the shared speech backbone; it is not yet "
-         "cross-checked step by step against fairseq's." if "wav2vec2" in set(evals["method"]) else
+        ("Baselines: wav2vec 2.0 (the paper's speech claim) runs on the shared speech backbone, cross-checked step "
+         "by step against fairseq's." if "wav2vec2" in set(evals["method"]) else
          "Baselines: the paper's speech claim is against wav2vec 2.0, which this configuration does not run (add "
          "wav2vec2 to methods.audio)") + " The paper's efficiency figure implies " + ", ".join(
             f"{r.speedup_text} vs {_name(r.baseline)}" for r in implied[implied.modality == "audio"].itertuples())
-        + " for speech.",
+        + " for speech." + (" HuBERT's times are those of its second iteration alone: its k-means labels and "
+                              "first iteration (runs/hubert_chain/) are not counted yet."
+                              if "hubert" in set(evals["method"]) else ""),
         "The paper's efficiency-figure points are read off a plot (about ±0.5 h, ±0.1 points); the implied "
         "speedups carry that error.",
         f"Seeds: {seeds.min()}-{seeds.max()} per configuration; the olympic mean needs at least "

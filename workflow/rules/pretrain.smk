@@ -32,9 +32,26 @@ wildcard_constraints:
     fraction=r"\d\.\d{3}",
 
 
+# The command of a pretraining job, from the rule's params (the pretrain rule's and HuBERT's iteration 1).
+PRETRAIN_SHELL = (
+    "python -m d2v2.workflow_config prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
+    + wfc.launch_command(config, "pretrain", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
+                         job_file="{params.job_file:q}")
+    + " python -m d2v2 pretrain --config {params.run_config:q} --out {params.run_dir:q} >> {log:q} 2>&1"
+)
+
+
+def pretrain_inputs(w):
+    """The prepared data, and a HuBERT run's labels (its chain, rules/hubert.smk)."""
+    inputs = [f"{PATHS['results']}/data/prepared_{wfc.DATA_MODALITY[w.modality]}.txt"]
+    if w.method == wfc.HUBERT:
+        inputs.append(f"{wfc.hubert_chain(config, run_of(w))}/labels2/pretrain.km")
+    return inputs
+
+
 rule pretrain:
     input:
-        lambda w: f"{PATHS['results']}/data/prepared_{wfc.DATA_MODALITY[w.modality]}.txt",
+        pretrain_inputs,
     output:
         done=f"{RUN_DIR}/DONE",
         summary=f"{RUN_DIR}/summary.json",
@@ -51,7 +68,4 @@ rule pretrain:
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        "python -m d2v2.workflow_config prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
-        + wfc.launch_command(config, "pretrain", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
-                             job_file="{params.job_file:q}")
-        + " python -m d2v2 pretrain --config {params.run_config:q} --out {params.run_dir:q} >> {log:q} 2>&1"
+        PRETRAIN_SHELL

@@ -1,0 +1,65 @@
+# HuBERT's label chain (METHOD.md#baseline-hubert), for every audio/hubert run: MFCC labels -> iteration 1
+# (a pretraining run of its own, hubert.iteration1_budget x the run's budget) -> labels of its block
+# `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). All of it lives in
+# runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow_config.py), cached: a changed cluster
+# count re-runs only the labels and runs after it. The label jobs run where Snakemake runs.
+
+CHAIN_DIR = f"{PATHS['runs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
+CHAIN_LOGS = f"{PATHS['logs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
+
+
+def hubert_run(w):
+    """The compared HuBERT run a chain belongs to."""
+    return RUNS[f"audio/{wfc.HUBERT}/{w.variant}/seed{w.seed}{w.sweep}"]
+
+
+rule hubert_labels_mfcc:
+    input:
+        f"{PATHS['results']}/data/prepared_speech.txt",
+    output:
+        km=f"{CHAIN_DIR}/labels1/pretrain.km",
+        info=f"{CHAIN_DIR}/labels1/labels.json",
+    params:
+        args=lambda w: shlex.join(wfc.hubert_labels_args(config, hubert_run(w), 1)),
+    log:
+        f"{CHAIN_LOGS}/labels1.log",
+    threads: config["launcher"]["pretrain_threads"]
+    shell:
+        "python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
+
+
+rule hubert_iteration1:
+    input:
+        f"{CHAIN_DIR}/labels1/pretrain.km",
+    output:
+        done=f"{CHAIN_DIR}/iteration1/DONE",
+        summary=f"{CHAIN_DIR}/iteration1/summary.json",
+    params:
+        request=lambda w: json.dumps(wfc.hubert_iteration1_config(config, hubert_run(w)), sort_keys=True),
+        run_dir=f"{CHAIN_DIR}/iteration1",
+        job_name=f"pretrain:{CHAIN_DIR}/iteration1",
+        slurm_folder=f"{CHAIN_DIR}/iteration1/slurm/%j",
+        job_file=f"{CHAIN_DIR}/iteration1/slurm_job.json",
+        run_config=f"{CHAIN_DIR}/iteration1/run.yaml",
+    log:
+        f"{CHAIN_LOGS}/iteration1.log",
+    threads: training_threads("pretrain")
+    resources:
+        slurm_jobs=int(ON_SLURM),
+    shell:
+        PRETRAIN_SHELL
+
+
+rule hubert_labels_layer:
+    input:
+        f"{CHAIN_DIR}/iteration1/DONE",
+    output:
+        km=f"{CHAIN_DIR}/labels2/pretrain.km",
+        info=f"{CHAIN_DIR}/labels2/labels.json",
+    params:
+        args=lambda w: shlex.join(wfc.hubert_labels_args(config, hubert_run(w), 2)),
+    log:
+        f"{CHAIN_LOGS}/labels2.log",
+    threads: config["launcher"]["pretrain_threads"]
+    shell:
+        "python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
