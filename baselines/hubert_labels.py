@@ -11,7 +11,7 @@ Two passes over the split: features of a sample of the utterances (``--percent``
 LibriSpeech 960 h) fit ``MiniBatchKMeans`` with fairseq's settings; then every utterance's features are
 assigned to their nearest centroid. Only the sample's features are held in memory (and reused). The run writes
 ``pretrain.km`` and ``labels.json`` (what made them, the label rate, and the time each pass took on both
-clocks, so a comparison can count the label-making in HuBERT's budget) atomically into ``--out``.
+clocks, summed as the input cost of the runs trained on them, PROTOCOL.md#input-costs) atomically into ``--out``.
 """
 from __future__ import annotations
 
@@ -127,10 +127,13 @@ def make_labels(data: DataConfig, out: Path, clusters: int, percent: float = -1.
             ids = nearest(seen.pop(j) if j in seen else features(read(j)), centroids)
             frames += len(ids)
             f.write(" ".join(map(str, ids.tolist())) + "\n")
+    wall, cpu = fit_clock.wall + label_clock.wall, fit_clock.cpu + label_clock.cpu
     info = {"split": split, "utterances": n, "frames": frames, "label_rate": rate, "clusters": clusters,
             "features": source, "kmeans_sample_utterances": len(sample), "seed": seed,
             "inertia_per_frame": float(km.inertia_) / max(1, frames),
-            "seconds": {"fit": fit_clock.seconds(), "label": label_clock.seconds()}}
+            "seconds": {"fit": fit_clock.seconds(), "label": label_clock.seconds()},
+            # the cost of these labels on a run's clocks (PROTOCOL.md#input-costs): one process
+            "train_time_s": wall, "e2e_time_s": wall, "train_cpu_s": cpu, "device_hours": wall / 3600}
     atomic_write_json(out / "labels.json", info)
     return info
 

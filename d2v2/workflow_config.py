@@ -230,7 +230,11 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
         "checkpoint": {"fractions": run.fractions or list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
-    return _hubert_labels(config, run, cfg, 2) if run.method == HUBERT else cfg
+    if run.method != HUBERT:
+        return cfg
+    chain = hubert_chain(config, run)
+    return {**_hubert_labels(config, run, cfg, 2),
+            "input_costs": [f"{chain}/{step}" for step in HUBERT_INPUT_COSTS]}
 
 
 # ---- HuBERT's label chain (METHOD.md#baseline-hubert) ------------------------------------------------------
@@ -239,6 +243,8 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
 # in hubert_chain/<variant>/seed<seed>[-budget<s>]/, so that replacing the compared run's folder (its
 # config changed) never takes its labels with it.
 HUBERT = "hubert"
+# what the compared run's inputs cost (PROTOCOL.md#input-costs), in its chain folder
+HUBERT_INPUT_COSTS = ("labels1/labels.json", "iteration1/summary.json", "labels2/labels.json")
 
 
 def hubert_chain(config: Mapping[str, Any], run: Run) -> str:
@@ -279,7 +285,7 @@ def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], ite
 def hubert_iteration1_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     """The run config of ``run``'s iteration 1: on the MFCC labels, ``iteration1_budget`` x its budget, its
     final checkpoint kept (the one clustered for iteration 2)."""
-    cfg = _hubert_labels(config, run, run_config(config, run), 1)
+    cfg = _hubert_labels(config, run, {k: v for k, v in run_config(config, run).items() if k != "input_costs"}, 1)
     budget = dict(cfg["budget"])
     budget["value"] = budget["value"] * config["hubert"]["iteration1_budget"]
     if budget["kind"] == "updates":

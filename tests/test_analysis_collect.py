@@ -126,6 +126,25 @@ def test_identity_includes_mode_and_devices_come_from_pretraining(metrics_dir):
         collect_evals([metrics_dir])
 
 
+def test_input_costs_are_added_to_every_clock_and_kept_apart(metrics_dir):
+    """PROTOCOL.md#input-costs: a run trained on inputs that cost compute (HuBERT's labels and first
+    iteration) is compared on its total time; inputs_<clock> gives that part."""
+    path = metrics_dir / "image-mae-default-s0-f1.000.json"
+    own = json.loads(path.read_text())["pretrain"]
+    inputs = {"train_time_s": 10.0, "e2e_time_s": 12.0, "train_cpu_s": 9.0, "device_hours": 0.5, "sources": ["a"]}
+    _edit(path, lambda d: d["pretrain"].update(inputs=inputs, train_cpu_s=1.0))
+    evals, _ = collect_evals([metrics_dir])
+    row = evals[evals["source"] == str(path)].iloc[0]
+    for clock in ("train_time_s", "e2e_time_s", "device_hours"):
+        assert row[clock] == pytest.approx(own[clock] + inputs[clock]) and row[f"inputs_{clock}"] == inputs[clock]
+    assert row["train_cpu_s"] == pytest.approx(10.0)
+    others = evals[evals["source"] != str(path)]
+    assert (others["inputs_train_time_s"] == 0).all()
+    _edit(path, lambda d: d["pretrain"]["inputs"].pop("train_cpu_s"))
+    with pytest.raises(CollectError, match="train_cpu_s"):
+        collect_evals([metrics_dir])
+
+
 def test_progress_takes_the_variant_from_the_workflow_layout(tmp_path):
     run = tmp_path / "runs" / "image" / "data2vec2" / "num_masks=4" / "seed0"
     shutil.copytree(FIXTURE / "runs" / "image-data2vec2-default-s0", run)

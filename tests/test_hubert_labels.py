@@ -9,7 +9,7 @@ import torch
 import torchaudio
 
 from baselines.hubert_labels import LayerFeatures, make_labels, mfcc_features
-from d2v2.config import validate
+from d2v2.config import ConfigError, validate
 from d2v2.data import DataConfig, speech_root
 from d2v2.data.speech import LabelFile, load_audio, prepare_speech, read_split
 from d2v2.engine.pretrain import run
@@ -52,8 +52,8 @@ def test_mfcc_labels_cover_every_utterance_and_repeat_for_a_seed(data, tmp_path)
     assert (tmp_path / "b" / "pretrain.km").read_text() == "\n".join(lines) + "\n"
 
 
-def hubert_run(data: DataConfig, labels: str, out, overrides: dict) -> None:
-    cfg = resolve_run_config({
+def hubert_run(data: DataConfig, labels: str, out, overrides: dict, input_costs: list[str] = ()) -> None:
+    cfg = resolve_run_config({"input_costs": list(input_costs),
         "method": {"modality": "audio", "name": "hubert", "preset": "smoke", "overrides": overrides},
         "data": {**data.model_dump(), "speech": {**data.speech.model_dump(), "pretrain_labels": labels,
                                                 "min_sample_size": 16_000, "max_sample_size": 32_000}},
@@ -72,10 +72,21 @@ def test_two_iterations_through_the_engine(data, tmp_path):
     utts = read_split(speech_root(data), data.speech, "pretrain")
     first = LabelFile(tmp_path / "layer" / "pretrain.km", len(utts.paths))[0]
     assert len(first) == (utts.sizes[0] - 400) // 320 + 1                # one label per encoder frame
+    costs = [tmp_path / "mfcc" / "labels.json", tmp_path / "iter1" / "summary.json", tmp_path / "layer" / "labels.json"]
     hubert_run(data, str(tmp_path / "layer" / "pretrain.km"), tmp_path / "iter2",
-               {"num_classes": 6, "label_rate": 50})
+               {"num_classes": 6, "label_rate": 50}, [str(c) for c in costs])
     summary = json.loads((tmp_path / "iter2" / "summary.json").read_text())
     assert summary["status"] == "success" and summary["updates"] == 2
+    # the inputs' cost (PROTOCOL.md#input-costs): both label jobs and iteration 1, on every clock
+    records = [json.loads(c.read_text()) for c in costs]
+    for clock in ("train_time_s", "e2e_time_s", "train_cpu_s", "device_hours"):
+        assert summary["inputs"][clock] == pytest.approx(sum(r[clock] for r in records))
+    assert records[0]["train_cpu_s"] == pytest.approx(sum(v["cpu_s"] for v in records[0]["seconds"].values()), abs=0.01)
+    checkpoint = torch.load(tmp_path / "iter2" / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint["pretrain"]["inputs"]["sources"] == [str(c) for c in costs]
+    with pytest.raises(ConfigError, match="input_costs: .*none.json"):
+        hubert_run(data, str(tmp_path / "layer" / "pretrain.km"), tmp_path / "bad", {"num_classes": 6, "label_rate": 50},
+                   [str(tmp_path / "none.json")])
 
 
 def test_a_layer_past_the_encoder_is_an_error(data, tmp_path):

@@ -189,6 +189,8 @@ def test_a_hubert_run_brings_its_label_chain():
     assert compared["data"]["speech"]["pretrain_labels"] == f"{chain}/labels2/pretrain.km"
     assert compared["method"]["overrides"] == {"num_classes": 8, "label_rate": 50.0}
     assert compared["budget"] == {"kind": "updates", "value": 2}
+    assert compared["input_costs"] == [f"{chain}/labels1/labels.json", f"{chain}/iteration1/summary.json",
+                                       f"{chain}/labels2/labels.json"] and "input_costs" not in first
     assert first["data"]["speech"]["pretrain_labels"] == f"{chain}/labels1/pretrain.km"
     assert first["method"]["overrides"] == {"num_classes": 8, "label_rate": 100.0}
     assert first["budget"] == {"kind": "updates", "value": 1} and first["checkpoint"]["fractions"] == [1.0]
@@ -335,6 +337,10 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert (chain / "iteration1" / "DONE").exists()
     for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):
         assert json.loads((chain / labels / "labels.json").read_text())["label_rate"] == rate
+    hubert = json.loads((tmp_path / "runs/audio/hubert/default/seed0/summary.json").read_text())
+    assert hubert["inputs"]["train_time_s"] > 0 and len(hubert["inputs"]["sources"]) == 3
+    report_md = (results / "report.md").read_text()
+    assert "Input costs" in report_md and "time includes its inputs" in report_md
     first = json.loads(metrics[0].read_text())
     assert first["identity"]["variant"] == "default" and first["provenance"]
     assert yaml.safe_load((results / "config.yaml").read_text())["preset"] == "smoke"

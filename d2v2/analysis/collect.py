@@ -5,7 +5,8 @@ Outputs (each as parquet and CSV, written atomically):
 - ``evals``: one row per evaluation point, i.e. per fine-tuned checkpoint: identity (modality, method,
   variant, its parameters as JSON and as ``param.<name>`` columns, seed, the run's budget scale (below 1
   for a budget sweep's run), the checkpoint's budget fraction, task), the
-  pretraining clocks at that checkpoint (train-only and end-to-end seconds, device-hours), updates,
+  pretraining clocks at that checkpoint (train-only and end-to-end seconds, device-hours, CPU seconds;
+  including what made the run's inputs, which ``inputs_<clock>`` also gives apart, PROTOCOL.md#input-costs), updates,
   samples and epochs seen, every metric (``metric.<name>``) plus ``value`` = the primary metric, and
   provenance (git commit and dirty flag, package versions, device name and count, host, SLURM job ids,
   preset) and the source file;
@@ -72,6 +73,16 @@ class Identity(_Model):
     mode: str = "finetune"             # or "linear_probe"
 
 
+class InputCosts(_Model):
+    """The clocks of what made a run's inputs (PROTOCOL.md#input-costs; HuBERT: its labels and first iteration)."""
+
+    train_time_s: float = Field(ge=0)
+    e2e_time_s: float = Field(ge=0)
+    train_cpu_s: float = Field(ge=0)
+    device_hours: float = Field(ge=0)
+    sources: list[str] = []
+
+
 class PretrainState(_Model):
     """Clocks and progress of the pretraining run at the checkpoint that was fine-tuned."""
 
@@ -83,6 +94,7 @@ class PretrainState(_Model):
     updates: int = Field(ge=0)
     samples: int = Field(ge=0)
     epochs: float = Field(ge=0)
+    inputs: InputCosts | None = None
 
 
 class Provenance(_Model):
@@ -162,7 +174,13 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
     row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
     row["params"] = json.dumps(ident.params, sort_keys=True)
     row.update({f"param.{k}": v for k, v in ident.params.items()})
-    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields)))
+    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs"}))
+    # the compared time includes what made the run's inputs; inputs_<clock> keeps that part apart
+    inputs = m.pretrain.inputs
+    for clock in CLOCK_COLUMNS:
+        row[f"inputs_{clock}"] = getattr(inputs, clock) if inputs else 0.0
+        if inputs and row[clock] is not None:
+            row[clock] += row[f"inputs_{clock}"]
     row.update(primary_metric=m.primary_metric, higher_is_better=m.higher_is_better,
                value=m.metrics[m.primary_metric])
     row.update({f"metric.{k}": (float("nan") if v is None else v) for k, v in m.metrics.items()})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -31,8 +32,13 @@ from typing import Iterator
 import torch
 
 from d2v2.atomic import atomic_write
+from d2v2.config import ConfigError
 
-__all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable"]
+__all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable", "INPUT_CLOCKS", "input_costs"]
+
+# The clocks an input's cost is counted on: a pretraining run's summary.json has them, and so must any other
+# file that records what made a run's inputs (HuBERT's labels.json).
+INPUT_CLOCKS = ("train_time_s", "e2e_time_s", "train_cpu_s", "device_hours")
 
 
 def synchronize(device: torch.device) -> None:
@@ -189,3 +195,22 @@ class SegmentTable:
         writer.writerows(self.rows)
         with atomic_write(self.path, "w") as f:
             f.write(buf.getvalue())
+
+
+def input_costs(paths: list[str]) -> dict | None:
+    """The summed :data:`INPUT_CLOCKS` of the JSON files ``paths`` and the files themselves (``sources``), or
+    None without files. A missing file or clock is an error naming it."""
+    if not paths:
+        return None
+    total = dict.fromkeys(INPUT_CLOCKS, 0.0)
+    for path in paths:
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"input_costs: cannot read {path} ({err})") from None
+        missing = [c for c in INPUT_CLOCKS if not isinstance(record.get(c), (int, float))]
+        if missing:
+            raise ConfigError(f"input_costs: {path} has no {', '.join(missing)}")
+        for c in INPUT_CLOCKS:
+            total[c] += float(record[c])
+    return {**total, "sources": list(paths)}

@@ -51,7 +51,7 @@ from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
 from d2v2.engine.checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
-from d2v2.engine.clock import RunClock, SegmentTable, process_start_time
+from d2v2.engine.clock import RunClock, SegmentTable, input_costs, process_start_time
 from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
 from d2v2.engine.flops import count_flops, peak_flops, utilisation
@@ -154,6 +154,7 @@ class Pretrainer:
         m = cfg.method
         # a missing data path fails before any compute, and before the run directory exists
         self.dataset = data.pretrain_dataset(m.modality, cfg.data) if dataset is None else dataset
+        self.inputs = input_costs(cfg.input_costs)     # what made the inputs cost (HuBERT: labels, iteration 1)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
         _seed_all(cfg.seed)                      # identical initial weights on every process
@@ -227,9 +228,10 @@ class Pretrainer:
         """The clocks and progress behind the current weights (the metrics file's ``pretrain`` entry)."""
         train = self.clock.train_time_s() if train is None else train
         e2e = self.clock.e2e_time_s() if e2e is None else e2e
-        return {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False),
-                "device_hours": train * self.world / 3600.0, "device_count": self.world,
-                "updates": self.updates, "samples": self.samples, "epochs": self.epochs, "tokens": self.tokens}
+        record = {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False),
+                  "device_hours": train * self.world / 3600.0, "device_count": self.world,
+                  "updates": self.updates, "samples": self.samples, "epochs": self.epochs, "tokens": self.tokens}
+        return {**record, "inputs": self.inputs} if self.inputs else record
 
     # ------------------------------------------------------------------ checkpoints
     def _encoder_prefix(self) -> str:

@@ -82,7 +82,9 @@ class PretrainRunConfig(Config):
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
     ``None`` turns it on exactly when the encoder uses layer-drop. ``compile``: ``torch.compile`` every
     Transformer block (opt-in; docs/BENCHMARKS.md measures it). ``peak_flops``: the FLOP/s per device that
-    MFU is measured against (default: the device's dense bf16 peak, d2v2.engine.flops).
+    MFU is measured against (default: the device's dense bf16 peak, d2v2.engine.flops). ``input_costs``: JSON
+    files holding the clocks of what made this run's inputs (HuBERT: its label files' ``labels.json`` and its
+    first iteration's ``summary.json``); their sum is recorded beside the run's own clocks (PROTOCOL.md#input-costs).
     """
 
     method: MethodSpec
@@ -102,6 +104,7 @@ class PretrainRunConfig(Config):
     ddp_find_unused_parameters: bool | None = None
     compile: bool = False
     peak_flops: float | None = Field(None, gt=0)
+    input_costs: list[str] = []
 
 
 # Keys that change how a run executes, not what it computes: they may differ when a run is resumed.
