@@ -27,18 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "init_bert_params", "conv_channels_last",
-           "compile_blocks"]
+__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "relative_position_bucket",
+           "RelativePositionBias", "init_bert_params", "conv_channels_last", "compile_blocks"]
 
 
 class Attention(nn.Module):
     """Multi-head self-attention: fused ``qkv`` (bias), SDPA, optional additive bias and key padding.
 
     ``bias`` is added to the attention logits (METHOD.md#alibi), broadcastable to (B, H, T, T);
-    ``padding_mask`` (B, T) True = padded key, excluded from every query's softmax.
+    ``padding_mask`` (B, T) True = padded key, excluded from every query's softmax. ``rel_bias`` (B, H, T, T)
+    is WavLM's relative position bias (:class:`RelativePositionBias`), added too; with ``gated`` each query
+    scales it by a gate computed from its own input vector (METHOD.md#gated-relative-position-bias).
     """
 
-    def __init__(self, dim: int, num_heads: int, attention_dropout: float = 0.0, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float = 0.0, dropout: float = 0.0,
+                 gated: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
@@ -47,10 +50,26 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_dropout = attention_dropout
         self.proj_drop = nn.Dropout(dropout)
+        if gated:              # WavLM's gru_rel_pos_linear and gru_rel_pos_const
+            self.gate = nn.Linear(dim // num_heads, 8)
+            self.gate_scale = nn.Parameter(torch.ones(1, num_heads, 1, 1))
+        else:
+            self.gate = None
+
+    def gated(self, x: torch.Tensor, rel_bias: torch.Tensor) -> torch.Tensor:
+        """``rel_bias`` scaled per query by ``a (b s_h - 1) + 2``, with gates a, b = sigmoid of two sums of
+        four outputs of one Linear map of the query's input vector in each head (WavLM, Sec. 3.2)."""
+        B, T, D = x.shape
+        heads = x.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)         # (B, H, T, D/H)
+        a, b = torch.sigmoid(self.gate(heads).view(B, self.num_heads, T, 2, 4).sum(-1)).unbind(-1)
+        return (a * (b * self.gate_scale[..., 0] - 1.0) + 2.0)[..., None] * rel_bias
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
+        if rel_bias is not None:
+            rel_bias = self.gated(x, rel_bias) if self.gate is not None else rel_bias
+            bias = rel_bias if bias is None else bias + rel_bias
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         attn_mask = None
         if bias is not None:
@@ -95,12 +114,12 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, dropout: float = 0.0,
                  attention_dropout: float = 0.0, activation_dropout: float = 0.0,
                  post_mlp_dropout: float = 0.0, drop_path: float = 0.0, layer_norm_first: bool = False,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, gated_rel_pos: bool = False):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, attention_dropout, dropout)
+        self.attn = Attention(dim, num_heads, attention_dropout, dropout, gated=gated_rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_dropout)
         self.post_mlp_dropout = nn.Dropout(post_mlp_dropout)
@@ -108,15 +127,15 @@ class Block(nn.Module):
     def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
         return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                rel_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(block output, FFN output)``, both (B, T, D)."""
         if self.layer_norm_first:
-            x = x + self._drop_path(self.attn(self.norm1(x), bias, padding_mask))
+            x = x + self._drop_path(self.attn(self.norm1(x), bias, padding_mask, rel_bias))
             f = self.mlp(self.norm2(x))
             x = x + self._drop_path(self.post_mlp_dropout(f))
         else:
-            x = x + self._drop_path(self.attn(x, bias, padding_mask))
+            x = x + self._drop_path(self.attn(x, bias, padding_mask, rel_bias))
             r = self.norm1(x)
             f = self.mlp(r)
             x = self.norm2(r + self._drop_path(self.post_mlp_dropout(f)))
@@ -143,6 +162,35 @@ def alibi_bias(positions: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     (H,) ``m_h`` of :func:`alibi_slopes`, on the positions' device (a buffer: no copy from the host per step)."""
     distance = (positions[:, None, :] - positions[:, :, None]).abs().float()
     return -slopes[None, :, None, None] * distance[:, None]
+
+
+def relative_position_bucket(offset: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """WavLM's (and T5's) bidirectional buckets of the offset ``j - i``: half the buckets per direction; in
+    each, offsets below a quarter of ``num_buckets`` exactly, larger ones logarithmically up to
+    ``max_distance``, beyond it the last bucket."""
+    half = num_buckets // 2
+    exact = half // 2
+    bucket = (offset > 0).long() * half
+    distance = offset.abs()
+    log_bucket = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                          * (half - exact)).long()
+    return bucket + torch.where(distance < exact, distance, log_bucket.clamp(max=half - 1))
+
+
+class RelativePositionBias(nn.Module):
+    """WavLM's relative position bias (Chen et al. 2022, Sec. 3.2): one learned value per head for each
+    bucket of the offset between two tokens' original positions; one table serves every block, each block
+    gating it (:class:`Attention`)."""
+
+    def __init__(self, num_heads: int, num_buckets: int, max_distance: int):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.embed = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B|1, T) original positions -> (B|1, H, T, T) bias for query i, key j."""
+        offset = positions[:, None, :] - positions[:, :, None]
+        return self.embed(relative_position_bucket(offset, self.num_buckets, self.max_distance)).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()

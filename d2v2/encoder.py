@@ -17,7 +17,7 @@ import pydantic
 import torch
 from torch import nn
 
-from d2v2.blocks import Block, init_bert_params
+from d2v2.blocks import Block, RelativePositionBias, init_bert_params
 from d2v2.config import Config
 from d2v2.masking import gather_tokens, keep_indices
 from d2v2.modalities import ContextEncoder
@@ -25,7 +25,23 @@ from d2v2.modalities.audio import AudioConfig, AudioContextEncoder, AudioLocalEn
 from d2v2.modalities.image import ImageConfig, ImageContextEncoder, ImageLocalEncoder
 from d2v2.modalities.text import TextConfig, TextContextEncoder, TextLocalEncoder
 
-__all__ = ["EncoderConfig", "Encoder", "EncoderOutput", "Prepared"]
+__all__ = ["RelativePositionConfig", "EncoderConfig", "Encoder", "EncoderOutput", "Prepared"]
+
+
+class RelativePositionConfig(Config):
+    """WavLM's gated relative position bias (METHOD.md#gated-relative-position-bias; WavLM Base: 320 buckets,
+    distances up to 800 frames, gated). Off (``None``) for every method but WavLM."""
+
+    num_buckets: int = pydantic.Field(320, ge=4)
+    max_distance: int = pydantic.Field(800, ge=2)
+    gated: bool = True
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "RelativePositionConfig":
+        if self.max_distance <= self.num_buckets // 4:
+            raise ValueError(f"relative_position.max_distance {self.max_distance} must exceed num_buckets / 4 "
+                             f"= {self.num_buckets // 4} (the offsets bucketed exactly)")
+        return self
 
 
 class EncoderConfig(Config):
@@ -55,6 +71,7 @@ class EncoderConfig(Config):
     drop_path: float = pydantic.Field(0.0, ge=0, lt=1)
     layerdrop: float = pydantic.Field(0.0, ge=0, lt=1)
     prenet_layerdrop: float = pydantic.Field(0.0, ge=0, lt=1)
+    relative_position: RelativePositionConfig | None = None
     image: ImageConfig | None = None
     audio: AudioConfig | None = None
     text: TextConfig | None = None
@@ -94,6 +111,7 @@ class Prepared:
     padding_mask: torch.Tensor | None
     bias: torch.Tensor | None
     num_extra_tokens: int
+    rel_bias: torch.Tensor | None = None       # WavLM's relative position bias, gated in each block
 
 
 class Encoder(nn.Module):
@@ -120,8 +138,11 @@ class Encoder(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                   activation_dropout=cfg.activation_dropout, post_mlp_dropout=cfg.post_mlp_dropout,
                   drop_path=cfg.drop_path * i / max(n - 1, 1), layer_norm_first=cfg.layer_norm_first,
-                  norm_eps=cfg.norm_eps)
+                  norm_eps=cfg.norm_eps, gated_rel_pos=bool(cfg.relative_position and cfg.relative_position.gated))
             for i in range(n)])
+        rel = cfg.relative_position
+        self.relative_position = None if rel is None else \
+            RelativePositionBias(cfg.num_heads, rel.num_buckets, rel.max_distance)
         self.layerdrop = [cfg.prenet_layerdrop] * cfg.prenet_depth + [cfg.layerdrop] * cfg.depth
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.layer_norm_first else None
         self.apply(init_bert_params)                       # METHOD.md#initialisation, then modality-specific re-inits
@@ -160,6 +181,7 @@ class Encoder(nn.Module):
             if padding_mask is not None:
                 padding_mask = padding_mask.gather(1, positions)
         bias = ctx.attention_bias(positions)
+        rel_bias = None if self.relative_position is None else self.relative_position(positions)
         extra = ctx.extra_tokens_for(B)
         E = 0 if extra is None else extra.shape[1]
         if E:
@@ -168,7 +190,9 @@ class Encoder(nn.Module):
                 padding_mask = nn.functional.pad(padding_mask, (E, 0), value=False)
             if bias is not None:
                 bias = nn.functional.pad(bias, (E, 0, E, 0))
-        return Prepared(ctx.finish(x), padding_mask, bias, E)
+            if rel_bias is not None:
+                rel_bias = nn.functional.pad(rel_bias, (E, 0, E, 0))
+        return Prepared(ctx.finish(x), padding_mask, bias, E, rel_bias)
 
     def run_blocks(self, p: Prepared, layer_results: Literal["ffn", "block", "none"] = "ffn") -> EncoderOutput:
         """The Transformer blocks. ``layer_results``: keep each block's FFN output (data2vec 2.0
@@ -178,7 +202,7 @@ class Encoder(nn.Module):
         for block, drop in zip(self.blocks, self.layerdrop):
             if self.training and drop > 0 and torch.rand(()) < drop:
                 continue
-            x, ffn = block(x, p.bias, p.padding_mask)
+            x, ffn = block(x, p.bias, p.padding_mask, p.rel_bias)
             if layer_results != "none":
                 results.append((ffn if layer_results == "ffn" else x)[:, p.num_extra_tokens:])
         if self.norm is not None:

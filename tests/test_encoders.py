@@ -115,6 +115,26 @@ def test_audio_alibi_uses_original_distances_after_masking():
     assert (full[3] == 0).all()                                                   # scale clamped at 0
 
 
+def test_relative_position_bias_is_off_by_default_and_uses_original_offsets_after_masking():
+    """WavLM's option (METHOD.md#gated-relative-position-bias): no parameter exists without it; with it the
+    bias of the kept tokens is the full sequence's at their original offsets, and the blocks gate it."""
+    assert not [n for n, _ in make("audio").named_parameters() if n.startswith("relative_position.") or ".gate" in n]
+    enc = make("audio", relative_position={"num_buckets": 8, "max_distance": 12})
+    assert {n for n, _ in enc.named_parameters() if ".gate" in n} == {
+        f"blocks.{i}.attn.{p}" for i in range(3) for p in ("gate.weight", "gate.bias", "gate_scale")}
+    mask = block_mask(2, (24,), 0.5, 5, 0.05, False, torch.Generator().manual_seed(0))
+    keep = keep_indices(mask)
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        full, sparse = enc.prepare(x).rel_bias, enc.prepare(x, mask, keep=keep).rel_bias
+    assert full.shape == (1, 4, 24, 24) and sparse.shape == (2, 4, 12, 12)
+    for b in range(2):
+        torch.testing.assert_close(sparse[b], full[0][:, keep[b]][:, :, keep[b]])
+    assert torch.equal(full[0, :, 3, 10], full[0, :, 5, 12])                   # a function of the offset j - i
+    with pytest.raises(ConfigError, match="max_distance 2 must exceed num_buckets / 4"):
+        validate(EncoderConfig, {"modality": "audio", "relative_position": {"num_buckets": 32, "max_distance": 2}})
+
+
 def test_text_positions_follow_fairseq_padding_convention():
     enc = make("text")
     src = source("text")

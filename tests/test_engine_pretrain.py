@@ -300,6 +300,12 @@ def test_resume_with_a_different_config_is_refused(tmp_path, data_root, capsys):
     with pytest.raises(ConfigError, match="optim.lr: 0.001 -> 0.002"):
         run(run_config(data_root, optim={"lr": 2e-3}), out)
     assert run(run_config(data_root, log_every=3), out) == 0     # execution-only keys may change
+    # a run directory from before a field was added (its config lacks the key) resumes under the empty default
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["input_costs"], saved["method"]["overrides"]["encoder"]["relative_position"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    (out / "DONE").unlink()
+    assert run(run_config(data_root), out) == 0
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, data_root, monkeypatch):

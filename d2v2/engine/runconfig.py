@@ -130,7 +130,9 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> PretrainRunC
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring :data:`EXECUTION_KEYS`."""
+    """Dotted keys whose values differ between two config dicts, ignoring :data:`EXECUTION_KEYS`. A key one
+    side lacks equals an empty value (``None``, ``[]``, ``{}``) on the other: a field added later with an
+    empty default does not make an older run directory another run."""
     keys = sorted(set(old) | set(new))
     out = []
     for key in keys:
@@ -140,6 +142,10 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: s
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_differences(a, b, dotted + ".")
-        elif a != b:
+        elif a != b and not (_empty(a) and _empty(b)):
             out.append(f"{dotted}: {a!r} -> {b!r}")
     return out
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, dict)) and not value)
