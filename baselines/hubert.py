@@ -37,14 +37,16 @@ from d2v2.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 from d2v2.modalities.audio import receptive_field
 
-__all__ = ["HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
+__all__ = ["MFCC_RATE", "HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
+
+MFCC_RATE = 100.0      # iteration 1's labels per second: kaldi MFCC frames, 25 ms windows every 10 ms
 
 
 class HubertConfig(Config):
     encoder: EncoderConfig
     mask: SpanMaskConfig = SpanMaskConfig(mask_prob=0.8)
     num_classes: int = pydantic.Field(100, ge=2)             # C: k-means clusters of the label set
-    label_rate: float = pydantic.Field(100.0, gt=0)          # labels per second (100: MFCC, 50: model features)
+    label_rate: float = pydantic.Field(MFCC_RATE, gt=0)      # labels per second (MFCCs; model features: 50)
     sample_rate: int = pydantic.Field(16_000, gt=0)
     final_dim: int = pydantic.Field(256, ge=1)
     logit_temp: float = pydantic.Field(0.1, gt=0)            # tau

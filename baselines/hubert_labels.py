@@ -26,6 +26,7 @@ import torchaudio
 import yaml
 from sklearn.cluster import MiniBatchKMeans
 
+from baselines.hubert import MFCC_RATE
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.config import ConfigError, validate
 from d2v2.data import CorruptDataError, DataConfig, MissingDataError, speech_root
@@ -35,8 +36,6 @@ from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_che
 from d2v2.modalities.audio import receptive_field
 
 __all__ = ["mfcc_features", "LayerFeatures", "fit_kmeans", "nearest", "make_labels", "load_data_config", "main"]
-
-MFCC_RATE = 100.0                         # frames per second (kaldi: 25 ms windows every 10 ms)
 
 
 def mfcc_features(wav: np.ndarray, sample_rate: int) -> torch.Tensor:

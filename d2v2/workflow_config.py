@@ -219,9 +219,7 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(run.params))
     budget = dict(config["budget"][run.modality])
     if run.sweep:                         # a full run's budget stays as written (its params, hence its job, unchanged)
-        budget["value"] = budget["value"] * run.budget_scale
-        if budget["kind"] == "updates":
-            budget["value"] = max(1, round(budget["value"]))
+        budget = _scaled(budget, run.budget_scale)
     cfg = merge(cfg, {
         "method": {"modality": run.modality, "name": run.method, "preset": config["preset"],
                    "overrides": method_overrides},
@@ -268,15 +266,18 @@ def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> l
 def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], iteration: int) -> dict[str, Any]:
     """``cfg`` (a HuBERT run config) reading ``run``'s labels of ``iteration``: their file, cluster count and
     rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
+    from baselines.hubert import MFCC_RATE
+    from d2v2.config import validate
+    from d2v2.data import SpeechDataConfig
     from d2v2.method import method_config
     from d2v2.modalities.audio import receptive_field
 
-    speech = merge({"sample_rate": 16_000}, cfg["data"].get("speech", {}))
     if iteration == 1:
-        rate = 100.0
+        rate = MFCC_RATE
     else:
         encoder = method_config(run.modality, HUBERT, config["preset"], cfg["method"]["overrides"]).encoder
-        rate = speech["sample_rate"] / receptive_field(encoder.audio.conv_layers)[1]
+        sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
+        rate = sample_rate / receptive_field(encoder.audio.conv_layers)[1]
     return merge(cfg, {
         "method": {"overrides": {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}},
         "data": {"speech": {"pretrain_labels": f"{hubert_chain(config, run)}/labels{iteration}/pretrain.km"}}})
@@ -286,11 +287,14 @@ def hubert_iteration1_config(config: Mapping[str, Any], run: Run) -> dict[str, A
     """The run config of ``run``'s iteration 1: on the MFCC labels, ``iteration1_budget`` x its budget, its
     final checkpoint kept (the one clustered for iteration 2)."""
     cfg = _hubert_labels(config, run, {k: v for k, v in run_config(config, run).items() if k != "input_costs"}, 1)
-    budget = dict(cfg["budget"])
-    budget["value"] = budget["value"] * config["hubert"]["iteration1_budget"]
-    if budget["kind"] == "updates":
-        budget["value"] = max(1, round(budget["value"]))
-    return {**cfg, "budget": budget, "checkpoint": {**cfg["checkpoint"], "fractions": [1.0]}}
+    return {**cfg, "budget": _scaled(cfg["budget"], config["hubert"]["iteration1_budget"]),
+            "checkpoint": {**cfg["checkpoint"], "fractions": [1.0]}}
+
+
+def _scaled(budget: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """``budget`` x ``scale``; a count of updates stays a whole number, at least 1."""
+    value = budget["value"] * scale
+    return {**budget, "value": max(1, round(value)) if budget["kind"] == "updates" else value}
 
 
 def active_data(config: Mapping[str, Any]) -> dict[str, Any]:
