@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import NO_WEIGHT_DECAY, backbone, ensure_masked
+from baselines.common import NO_WEIGHT_DECAY, backbone, ensure_masked, num_tokens
 from baselines.masking import SpanMaskConfig, SpanMasker
 from baselines.wav2vec2 import frontend
 from d2v2.config import Config
@@ -144,8 +144,7 @@ class Hubert(PretrainMethod):
 
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """The student encodes every frame of every utterance (masked ones as the mask embedding)."""
-        B, N = batch["source"].shape
-        return B * self.masker().spans.num_frames(N)
+        return batch["source"].shape[0] * num_tokens(self.cfg.encoder, batch["source"])
 
     def stand_in_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Uniformly random cluster ids at ``label_rate`` for a synthetic batch."""

@@ -86,7 +86,7 @@ class _Entry:
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 # Modules that register methods on import; imported lazily so `d2v2.config` users stay light.
 _PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm", "baselines.wav2vec2",
-              "baselines.hubert")
+              "baselines.hubert", "baselines.wavlm")
 
 
 def register_method(modality: str, name: str, config_cls: type[Config],

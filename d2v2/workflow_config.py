@@ -42,7 +42,8 @@ from d2v2.config import ConfigError, merge
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
            "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY", "active_data",
-           "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
+           "LABEL_CHAIN_METHODS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
+           "hubert_iteration1_config"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
 
@@ -228,7 +229,7 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
         "checkpoint": {"fractions": run.fractions or list(config["checkpoint_fractions"])},
         "seed": run.seed,
     })
-    if run.method != HUBERT:
+    if run.method not in LABEL_CHAIN_METHODS:
         return cfg
     chain = hubert_chain(config, run)
     return {**_hubert_labels(config, run, cfg, 2),
@@ -239,15 +240,32 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
 # MFCC labels -> iteration 1 (its own run, iteration1_budget x the run's budget) -> labels of its block
 # `layer` -> the compared run (iteration 2, the run's budget). The chain of a run lives next to the runs,
 # in hubert_chain/<variant>/seed<seed>[-budget<s>]/, so that replacing the compared run's folder (its
-# config changed) never takes its labels with it.
+# config changed) never takes its labels with it. WavLM trains on the same labels (METHOD.md#baseline-wavlm):
+# a WavLM run reads the chain of the default HuBERT run of its seed and budget.
 HUBERT = "hubert"
+LABEL_CHAIN_METHODS = (HUBERT, "wavlm")        # audio methods whose runs train on a chain's second labels
 # what the compared run's inputs cost (PROTOCOL.md#input-costs), in its chain folder
 HUBERT_INPUT_COSTS = ("labels1/labels.json", "iteration1/summary.json", "labels2/labels.json")
 
 
+def chain_owner(run: Run) -> Run:
+    """The HuBERT run whose label chain ``run`` (a HuBERT or WavLM run) trains on: a HuBERT run's own (its
+    variant's iteration 1), a WavLM run's the default HuBERT run's of the same seed and budget."""
+    if run.method == HUBERT:
+        return run
+    return Run(run.modality, HUBERT, "default", run.seed, budget_scale=run.budget_scale)
+
+
+def label_chains(config: Mapping[str, Any], runs) -> dict[str, Run]:
+    """Every label chain ``runs`` need: its folder -> the HuBERT run it belongs to."""
+    owners = [chain_owner(r) for r in runs if r.method in LABEL_CHAIN_METHODS]
+    return {hubert_chain(config, owner): owner for owner in owners}
+
+
 def hubert_chain(config: Mapping[str, Any], run: Run) -> str:
     """The folder of ``run``'s label chain: ``labels1/``, ``iteration1/`` (a run dir), ``labels2/``."""
-    return f"{config['paths']['runs']}/hubert_chain/{run.variant}/seed{run.seed}{run.sweep}"
+    owner = chain_owner(run)
+    return f"{config['paths']['runs']}/hubert_chain/{owner.variant}/seed{owner.seed}{owner.sweep}"
 
 
 def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> list[str]:
@@ -264,8 +282,8 @@ def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> l
 
 
 def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], iteration: int) -> dict[str, Any]:
-    """``cfg`` (a HuBERT run config) reading ``run``'s labels of ``iteration``: their file, cluster count and
-    rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
+    """``cfg`` (a HuBERT or WavLM run config) reading ``run``'s labels of ``iteration``: their file, cluster
+    count and rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
     from baselines.hubert import MFCC_RATE
     from d2v2.config import validate
     from d2v2.data import SpeechDataConfig
@@ -275,7 +293,7 @@ def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], ite
     if iteration == 1:
         rate = MFCC_RATE
     else:
-        encoder = method_config(run.modality, HUBERT, config["preset"], cfg["method"]["overrides"]).encoder
+        encoder = method_config(run.modality, run.method, config["preset"], cfg["method"]["overrides"]).encoder
         sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
         rate = sample_rate / receptive_field(encoder.audio.conv_layers)[1]
     return merge(cfg, {
@@ -412,8 +430,8 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
             else:
                 where = f"pretrain ({run.modality}/{run.method})"
             raise WorkflowConfigError(f"{where}: {err}") from None
-    for run in (r for r in runs if r.method == HUBERT):
-        _check_hubert(config, run)
+    for owner in label_chains(config, runs).values():
+        _check_hubert(config, owner)
     for run in {r.modality: r for r in runs}.values():
         try:
             finetune_config(finetune_request(config, run, 1.0))

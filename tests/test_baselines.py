@@ -262,7 +262,8 @@ NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dr
     ("image", "mae", {}, 40, 2.0), ("image", "data2vec1", {}, 40, 5.0),
     ("audio", "data2vec1", {**FROZEN_TEACHER, **NO_DROPOUT}, 60, 2.5),
     ("text", "data2vec1", FROZEN_TEACHER, 40, 5.0), ("text", "mlm", {}, 40, 5.0),
-    ("audio", "hubert", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0)])
+    ("audio", "hubert", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0),
+    ("audio", "wavlm", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0)])
 def test_loss_falls_on_one_batch(modality, name, overrides, steps, factor):
     torch.manual_seed(0)
     method = build_method(modality, name, "smoke", overrides)

@@ -201,6 +201,27 @@ def test_a_hubert_run_brings_its_label_chain():
         wfc.validate_workflow(resolved(preset="smoke", hubert={"layer": 3}))
 
 
+def test_a_wavlm_run_trains_on_the_default_hubert_runs_labels():
+    """WavLM reads the second labels of the default HuBERT run of its seed and budget, whether HuBERT is
+    compared too (one chain for both, whatever HuBERT's ablations) or not (the chain is made for WavLM)."""
+    both = resolved(preset="smoke", methods={"audio": ["hubert", "wavlm"]},
+                    ablations={"audio": {"hubert": {"unmasked_weight": [0.5]}}})
+    runs = wfc.validate_workflow(both)
+    wavlm = next(r for r in runs if r.method == "wavlm")
+    chains = wfc.label_chains(both, runs)
+    assert sorted(chains) == ["runs/hubert_chain/default/seed0", "runs/hubert_chain/unmasked_weight=0.5/seed0"]
+    assert wfc.hubert_chain(both, wavlm) == "runs/hubert_chain/default/seed0"
+    cfg = wfc.run_config(both, wavlm)
+    assert cfg["data"]["speech"]["pretrain_labels"] == "runs/hubert_chain/default/seed0/labels2/pretrain.km"
+    assert cfg["method"]["overrides"] == {"num_classes": 8, "label_rate": 50.0} and len(cfg["input_costs"]) == 3
+    alone = resolved(preset="smoke", methods={"audio": ["wavlm"]}, budget_sweep={"audio": [0.5, 1.0]})
+    runs = wfc.validate_workflow(alone)
+    owners = wfc.label_chains(alone, runs)
+    assert {o.key for o in owners.values()} == {"audio/hubert/default/seed0", "audio/hubert/default/seed0-budget0.500"}
+    first = wfc.hubert_iteration1_config(alone, owners["runs/hubert_chain/default/seed0"])
+    assert first["method"]["name"] == "hubert" and first["method"]["overrides"]["label_rate"] == 100.0
+
+
 def test_budget_sweep_dag_shape(tmp_path):
     r = snakemake(tmp_path, "-n", config=["budget_sweep={image: [0.25, 0.5, 1.0]}"])
     assert r.returncode == 0, r.stderr
@@ -214,7 +235,7 @@ def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
-    assert counts["pretrain"] == 6                        # smoke: 2 image, 3 speech, 1 text method
+    assert counts["pretrain"] == 7                        # smoke: 2 image, 4 speech, 1 text method
     assert counts["hubert_iteration1"] == 1 and counts["hubert_labels_mfcc"] == counts["hubert_labels_layer"] == 1
 
 
@@ -332,13 +353,15 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     results = tmp_path / "results"
     assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
     metrics = sorted((results / "metrics").rglob("*.json"))
-    assert len(metrics) == 6 * 2                       # 6 runs x 2 checkpoint fractions
+    assert len(metrics) == 7 * 2                       # 7 runs x 2 checkpoint fractions
     chain = tmp_path / "runs" / "hubert_chain" / "default" / "seed0"       # HuBERT's labels and iteration 1
     assert (chain / "iteration1" / "DONE").exists()
     for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):
         assert json.loads((chain / labels / "labels.json").read_text())["label_rate"] == rate
     hubert = json.loads((tmp_path / "runs/audio/hubert/default/seed0/summary.json").read_text())
     assert hubert["inputs"]["train_time_s"] > 0 and len(hubert["inputs"]["sources"]) == 3
+    wavlm = json.loads((tmp_path / "runs/audio/wavlm/default/seed0/summary.json").read_text())
+    assert wavlm["inputs"] == hubert["inputs"]                # WavLM trains on the same chain's labels
     report_md = (results / "report.md").read_text()
     assert "Input costs" in report_md and "time includes its inputs" in report_md
     first = json.loads(metrics[0].read_text())
@@ -368,7 +391,7 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
 
     clusters = snakemake(tmp_path, "-n", config=smoke + ["hubert={clusters: [8, 6], layer: 1, percent: 0.1}"])
     counts = job_counts(clusters.stdout)               # the labels cached before the changed count are kept
-    assert counts["hubert_labels_layer"] == 1 and counts["pretrain"] == 1 and counts["finetune"] == 2
+    assert counts["hubert_labels_layer"] == 1 and counts["pretrain"] == 2 and counts["finetune"] == 4
     assert "hubert_labels_mfcc" not in counts and "hubert_iteration1" not in counts
 
     sweep = snakemake(tmp_path, "-n", config=smoke + ["budget_sweep={image: [0.5, 1.0]}"])

@@ -429,7 +429,8 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
     if not costs.empty:
         blocks += [Heading("Input costs"),
                    Para("Some methods train on inputs that other runs made: HuBERT on k-means labels of MFCCs and "
-                        "of its own first iteration (runs/hubert_chain/). Every time in this report, its speedups "
+                        "of its own first iteration (runs/hubert_chain/), WavLM on the same chain's labels. Every "
+                        "time in this report, its speedups "
                         "and the scorecard included, is the total: the run's own time plus what made its inputs "
                         "(PROTOCOL.md#input-costs). Final checkpoints of the full runs, medians over seeds:"),
                    Table(costs)]

@@ -354,7 +354,8 @@ class LabelFile:
 
 
 class SpeechPretrainDataset(_SpeechDataset):
-    """Unlabelled waveforms: ``{"source": float32 (N,), "id": int, "offset": int}``, N <= ``max_sample_size``;
+    """Unlabelled waveforms: ``{"source": float32 (N,), "id": int, "offset": int, "normalized": bool}``,
+    N <= ``max_sample_size``;
     with ``pretrain_labels`` also ``"labels"``, the whole utterance's cluster ids (the method crops them to
     the audio it gets from ``offset``, the first sample's position in the utterance).
 
@@ -380,7 +381,7 @@ class SpeechPretrainDataset(_SpeechDataset):
         if excess > 0:
             start = int(torch.randint(excess + 1, (1,)))
             wav = wav[start:start + self.cfg.max_sample_size]
-        item = {"source": torch.from_numpy(wav), "id": i, "offset": start}
+        item = {"source": torch.from_numpy(wav), "id": i, "offset": start, "normalized": self.cfg.normalize}
         if self.labels is not None:
             item["labels"] = self.labels[self.index[i]]
             item["utterance_samples"] = int(self.sizes[i])
@@ -408,7 +409,8 @@ def collate_pretrain(items: list[dict], generator: torch.Generator | None = None
     Crop offsets come from ``generator``, or by default from one seeded with the batch's ``(epoch, ids)``
     (:func:`~d2v2.data.common.stable_seed`), so a batch is the same whichever worker builds it. Items with
     ``labels`` add ``labels`` (B, L_max) padded with -1, ``label_offsets`` (B,): where each crop starts in
-    its utterance, in samples, and ``utterance_samples`` (B,): each utterance's length.
+    its utterance, in samples, and ``utterance_samples`` (B,): each utterance's length. ``normalized`` says
+    whether the utterances were normalised (``data.speech.normalize``; WavLM normalises mixed rows again).
     """
     ids = torch.tensor([it["id"] for it in items], dtype=torch.long)
     size = min(len(it["source"]) for it in items)
@@ -421,6 +423,8 @@ def collate_pretrain(items: list[dict], generator: torch.Generator | None = None
         crops.append(it["source"][start:start + size])
         offsets.append(it.get("offset", 0) + start)
     batch = {"source": torch.stack(crops), "id": ids}
+    if "normalized" in items[0]:
+        batch["normalized"] = torch.tensor(bool(items[0]["normalized"]))
     if "labels" in items[0]:
         batch["labels"] = torch.nn.utils.rnn.pad_sequence([it["labels"] for it in items], batch_first=True,
                                                           padding_value=-1)

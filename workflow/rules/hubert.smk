@@ -1,6 +1,7 @@
 # HuBERT's label chain (METHOD.md#baseline-hubert), for every audio/hubert run: MFCC labels -> iteration 1
 # (a pretraining run of its own, hubert.iteration1_budget x the run's budget) -> labels of its block
-# `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). All of it lives in
+# `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). audio/wavlm runs train on
+# the default HuBERT run's second labels (METHOD.md#baseline-wavlm). All of it lives in
 # runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow_config.py), cached: a changed cluster
 # count re-runs only the labels and runs after it. The label jobs run where Snakemake runs.
 
@@ -8,9 +9,12 @@ CHAIN_DIR = f"{PATHS['runs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 CHAIN_LOGS = f"{PATHS['logs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 
 
+CHAINS = wfc.label_chains(config, RUNS.values())     # chain folder -> the HuBERT run it belongs to
+
+
 def hubert_run(w):
-    """The compared HuBERT run a chain belongs to."""
-    return RUNS[f"audio/{wfc.HUBERT}/{w.variant}/seed{w.seed}{w.sweep}"]
+    """The HuBERT run a chain belongs to (a compared run's, or the default one's when only WavLM needs it)."""
+    return CHAINS[f"{PATHS['runs']}/hubert_chain/{w.variant}/seed{w.seed}{w.sweep}"]
 
 
 rule hubert_labels_mfcc:

@@ -42,9 +42,9 @@ PRETRAIN_SHELL = (
 
 
 def pretrain_inputs(w):
-    """The prepared data, and a HuBERT run's labels (its chain, rules/hubert.smk)."""
+    """The prepared data, and a HuBERT or WavLM run's labels (its chain, rules/hubert.smk)."""
     inputs = [f"{PATHS['results']}/data/prepared_{wfc.DATA_MODALITY[w.modality]}.txt"]
-    if w.method == wfc.HUBERT:
+    if w.method in wfc.LABEL_CHAIN_METHODS:
         chain = wfc.hubert_chain(config, run_of(w))
         inputs += [f"{chain}/labels2/pretrain.km"] + [f"{chain}/{step}" for step in wfc.HUBERT_INPUT_COSTS]
     return inputs
