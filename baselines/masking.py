@@ -111,11 +111,13 @@ class BertMasking(NamedTuple):
 
 
 def bert_mask(tokens: torch.Tensor, generator: torch.Generator, vocab_size: int, *, prob: float = 0.15,
-              mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> BertMasking:
+              mask_token_prob: float = 0.8, random_token_prob: float = 0.1,
+              candidates: torch.Tensor | None = None) -> BertMasking:
     """RoBERTa's dynamic masking (fairseq ``MaskTokensDataset``, METHOD.md#baseline-mlm) of a ``(B, L)`` token batch.
 
-    Per sequence ``n = int(prob * len + U(0,1))`` non-pad positions are chosen uniformly without
-    replacement (``<s>`` included, as in fairseq); each chosen token independently becomes ``<mask>``
+    Per sequence ``n = int(prob * len + U(0,1))`` of its ``len`` candidate positions are chosen uniformly
+    without replacement (default candidates: the non-pad tokens, ``<s>`` included, as in fairseq; BERT
+    passes its tokens without ``<s>`` and ``</s>``); each chosen token independently becomes ``<mask>``
     with probability ``mask_token_prob``, a uniformly random regular token (id >= 5) with probability
     ``random_token_prob``, and stays unchanged otherwise.
     """
@@ -124,7 +126,7 @@ def bert_mask(tokens: torch.Tensor, generator: torch.Generator, vocab_size: int,
     if vocab_size <= NUM_SPECIAL:
         raise ValueError(f"vocab_size={vocab_size} leaves no regular token (ids >= {NUM_SPECIAL})")
     B, L = tokens.shape
-    real = tokens != PAD
+    real = tokens != PAD if candidates is None else candidates
     n = (prob * real.sum(1) + torch.rand(B, generator=generator)).long()
     scores = torch.rand(B, L, generator=generator).masked_fill(~real, 2.0)
     rank = scores.argsort(1).argsort(1)                               # a uniform random order of real tokens

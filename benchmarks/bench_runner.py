@@ -31,7 +31,7 @@ from d2v2.engine.optim import build_optimizer, param_groups
 from d2v2.engine.pretrain import run
 from d2v2.engine.runconfig import resolve_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
-from d2v2.method import build_method
+from d2v2.method import build_method, method_dataset
 from d2v2.workflow_config import Run, run_config, with_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
     method = build_method(m.modality, m.name, m.preset, m.overrides).to(device).train()
     optimizer = build_optimizer(param_groups(method, cfg.optim.weight_decay, method.no_weight_decay()), cfg.optim,
                                 fused=device.type == "cuda")                # as the runner builds it
-    dataset = WithEpoch(data.pretrain_dataset(m.modality, cfg.data), cfg.seed)
+    dataset = WithEpoch(method_dataset(m.modality, m.name, m.preset, m.overrides, cfg.data), cfg.seed)
     collate = data.pretrain_collater(m.modality, cfg.data, method.masker(), cfg.seed)
     sampler = iter(ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed))
     stream = iter([{k: v.to(device) if torch.is_tensor(v) else v

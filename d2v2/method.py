@@ -17,7 +17,7 @@ from d2v2.config import Config, ConfigError, merge, validate
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
-    "available_methods", "CollapseError",
+    "method_dataset", "available_methods", "CollapseError",
 ]
 
 
@@ -61,6 +61,14 @@ class PretrainMethod(nn.Module):
         k-means labels), for benchmarks and tests on synthetic batches. Default: ``batch`` as it is."""
         return batch
 
+    @classmethod
+    def pretrain_dataset(cls, cfg: Config, data_cfg, split: str = "train"):
+        """The items this method pretrains on: the modality's (:func:`d2v2.data.pretrain_dataset`) unless a
+        method builds its own instances from the prepared data (BERT: sentence pairs)."""
+        from d2v2 import data
+
+        return data.pretrain_dataset(cfg.encoder.modality, data_cfg, split)
+
     def log_snapshot(self) -> dict[str, Any]:
         """Diagnostics read once per logging interval, not every step (e.g. weight norms); default: none."""
         return {}
@@ -86,7 +94,7 @@ class _Entry:
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 # Modules that register methods on import; imported lazily so `d2v2.config` users stay light.
 _PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm", "baselines.wav2vec2",
-              "baselines.hubert", "baselines.wavlm")
+              "baselines.hubert", "baselines.wavlm", "baselines.bert")
 
 
 def register_method(modality: str, name: str, config_cls: type[Config],
@@ -137,3 +145,10 @@ def build_method(modality: str, name: str, preset: str = "tiny",
     """Build a method from its preset and overrides."""
     cfg = method_config(modality, name, preset, overrides)
     return _entry(modality, name).builder(cfg)
+
+
+def method_dataset(modality: str, name: str, preset: str, overrides: Mapping[str, Any] | None, data_cfg,
+                   split: str = "train"):
+    """The pretraining dataset of a method (:meth:`PretrainMethod.pretrain_dataset`), without building it."""
+    return _entry(modality, name).builder.pretrain_dataset(method_config(modality, name, preset, overrides),
+                                                           data_cfg, split)

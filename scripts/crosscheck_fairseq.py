@@ -10,6 +10,8 @@ Each method is run next to the fairseq model it reproduces:
 - ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
   (examples/data2vec/models/data2vec_text.py).
 - ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
+- ``bert`` (text): ``baselines/bert.py`` against fairseq's BERT (``MaskedLMModel`` at ``bert_base``: segment
+  embeddings, NSP pooler and head) and its ``legacy_masked_lm`` criterion (MLM + NSP).
 - ``wav2vec2`` (audio): ``baselines/wav2vec2.py`` against fairseq's ``Wav2Vec2Model`` and its ``wav2vec``
   criterion (InfoNCE), our encoder without ALiBi (fairseq's has none).
 
@@ -61,6 +63,7 @@ from torch import nn
 import baselines.data2vec1
 import baselines.hubert
 import baselines.wav2vec2
+from baselines.bert import Bert
 from baselines.data2vec1 import Data2Vec1
 from baselines.hubert import Hubert
 from baselines.masking import NUM_SPECIAL
@@ -72,7 +75,7 @@ from d2v2.convert import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
 from d2v2.encoder import EncoderConfig
 from d2v2.method import method_config
-from d2v2.modalities.text import MASK, PAD
+from d2v2.modalities.text import EOS, MASK, PAD
 
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
@@ -551,6 +554,99 @@ def mlm_pair(preset: str, batch_size: int) -> Pair:
                 fresh_ours=lambda: MLM(cfg))
 
 
+# ---- BERT --------------------------------------------------------------------------------------------------
+def bert_args(enc: EncoderConfig) -> argparse.Namespace:
+    """fairseq's ``masked_lm`` arguments at ``bert_base`` for our text encoder (with its segments)."""
+    from fairseq.models.masked_lm import bert_base_architecture
+
+    roberta = roberta_args(enc)                          # refuses what fairseq's encoders cannot express
+    args = argparse.Namespace(
+        encoder_layers=enc.depth, encoder_embed_dim=enc.embed_dim, encoder_attention_heads=enc.num_heads,
+        encoder_ffn_embed_dim=roberta.encoder_ffn_embed_dim, max_positions=enc.text.max_positions,
+        dropout=roberta.dropout, attention_dropout=enc.attention_dropout, act_dropout=enc.activation_dropout,
+        num_segment=enc.text.num_segments)
+    bert_base_architecture(args)        # tied output embedding, learned positions, NSP, BERT init, GELU, emb LN
+    return args
+
+
+def pair_batch(enc: EncoderConfig, batch_size: int, masker, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sentence pairs ``<s> A </s> B </s>`` of random regular tokens and lengths (the shortest padded),
+    random next-sentence labels and mask seeds, corrupted by our ``masker``; ``segments`` are BERT's token
+    types built from the pair's structure (fairseq's ``segment_labels``; ours derives them from the tokens)."""
+    L = enc.text.max_positions
+    rows, segments = [], []
+    for b in range(batch_size):
+        n = L if b < batch_size - 1 else 3 * L // 4
+        a = int(torch.randint(1, n - 3, (), generator=generator))
+        body = torch.randint(NUM_SPECIAL, enc.text.vocab_size, (n,), generator=generator)
+        body[0], body[a + 1], body[-1] = BOS, EOS, EOS
+        rows.append(torch.nn.functional.pad(body, (0, L - n), value=PAD))
+        segments.append(torch.nn.functional.pad((torch.arange(n) > a + 1).long(), (0, L - n), value=PAD))
+    batch = {"source": torch.stack(rows), "id": torch.arange(batch_size),
+             "next_sentence": torch.randint(0, 2, (batch_size,), generator=generator),
+             "mask_seed": torch.randint(0, 2**62, (batch_size,), generator=generator)}
+    return {**masker(batch, generator), "segments": torch.stack(segments)}
+
+
+def bert_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/bert.py`` and fairseq's BERT (``MaskedLMModel`` at ``bert_base``) + ``legacy_masked_lm``.
+    fairseq's BERT leaves its heads (pooler, NSP projection, LM transform) at PyTorch's default init while
+    Google's BERT, and ours, draw them from N(0, 0.02); fairseq's heads are re-drawn so (init_bert_params)
+    before the copy, so the init comparison covers the encoder and the heads' shapes."""
+    from fairseq.criterions.legacy_masked_lm import LegacyMaskedLmLoss
+    from fairseq.models.masked_lm import MaskedLMEncoder, MaskedLMModel
+    from fairseq.modules.transformer_sentence_encoder import init_bert_params
+
+    cfg = method_config("text", "bert", preset, merge(NO_DROPOUT, TEXT_DROPOUT))
+    dictionary = fairseq_dictionary(cfg.encoder.text.vocab_size)
+    args = bert_args(cfg.encoder)
+    fs = MaskedLMModel(args, MaskedLMEncoder(args, dictionary))
+    for head in (fs.encoder.masked_lm_pooler, fs.encoder.lm_head_transform_weight, fs.encoder.sentence_projection_layer):
+        head.apply(init_bert_params)
+    criterion = LegacyMaskedLmLoss(types.SimpleNamespace(target_dictionary=dictionary), masked_lm_only=False,
+                                   nsp_loss_weight=cfg.nsp_weight)
+    ours = Bert(cfg)
+    fs.train(), ours.train()
+
+    se = "encoder.sentence_encoder."
+    local = {"embed_tokens.weight": "embed_tokens.weight", "embed_positions.weight": "embed_positions.weight",
+             "embed_segments.weight": "segment_embeddings.weight",
+             "layernorm_embedding.weight": "emb_layer_norm.weight", "layernorm_embedding.bias": "emb_layer_norm.bias"}
+    names = {f"student.local_encoder.{o}": (f"{se}{t}",) for o, t in local.items()}
+    names.update(block_names(cfg.encoder.depth, "student.blocks.", f"{se}layers."))
+    for p in ("weight", "bias"):
+        names.update({f"lm_head.dense.{p}": (f"encoder.lm_head_transform_weight.{p}",),
+                      f"lm_head.layer_norm.{p}": (f"encoder.layer_norm.{p}",),
+                      f"pooler.{p}": (f"encoder.masked_lm_pooler.{p}",)})
+    names.update({"lm_head.weight": (f"{se}embed_tokens.weight",), "lm_head.bias": ("encoder.lm_output_learned_bias",),
+                  "nsp_head.weight": ("encoder.sentence_projection_layer.weight",)})
+    ours.load_state_dict(as_ours(fs.state_dict(), names, ours.state_dict()), strict=True)
+
+    def ours_bert_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with outputs_of(ours.lm_head) as logits, outputs_of(ours.nsp_head) as nsp:
+            out = ours(batch)
+        return {"logits at selected positions": logits[0], "next-sentence logits": nsp[0], "loss": out.loss}
+
+    def fairseq_bert_step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen = []
+        handle = fs.encoder.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        sample = {"net_input": {"src_tokens": batch["source"], "segment_labels": batch["segments"]},
+                  "lm_target": batch["mlm_target"].masked_fill(~batch["mask"], PAD),
+                  "sentence_target": batch["next_sentence"], "nsentences": batch["source"].shape[0]}
+        try:
+            loss, sample_size, _ = criterion(fs, sample)
+        finally:
+            handle.remove()
+        logits, extra = seen[0]
+        return {"logits at selected positions": logits[batch["mask"]].detach().float(),
+                "next-sentence logits": extra["sentence_logits"].detach().float(), "loss": loss / sample_size}
+
+    return Pair(ours, fs, lambda g: pair_batch(cfg.encoder, batch_size, ours.masker(), g),
+                ours_bert_step, fairseq_bert_step,
+                fairseq_grads=lambda: grads_by_table(fs, names, ours),
+                fresh_ours=lambda: Bert(cfg))
+
+
 # ---- wav2vec 2.0 -------------------------------------------------------------------------------------------
 def speech_backbone_config(enc: EncoderConfig) -> dict:
     """The fields of fairseq's ``Wav2Vec2Config`` / ``HubertConfig`` that describe our speech encoder, random
@@ -741,7 +837,8 @@ def over_classes(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "wav2vec2": ("audio", wav2vec2_pair),
+BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "bert": ("text", bert_pair),
+             "wav2vec2": ("audio", wav2vec2_pair),
              "hubert": ("audio", hubert_pair)}
 
 

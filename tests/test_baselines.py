@@ -263,7 +263,7 @@ NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dr
     ("audio", "data2vec1", {**FROZEN_TEACHER, **NO_DROPOUT}, 60, 2.5),
     ("text", "data2vec1", FROZEN_TEACHER, 40, 5.0), ("text", "mlm", {}, 40, 5.0),
     ("audio", "hubert", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0),
-    ("audio", "wavlm", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0)])
+    ("audio", "wavlm", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0), ("text", "bert", {}, 40, 5.0)])
 def test_loss_falls_on_one_batch(modality, name, overrides, steps, factor):
     torch.manual_seed(0)
     method = build_method(modality, name, "smoke", overrides)

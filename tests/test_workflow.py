@@ -235,7 +235,7 @@ def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
-    assert counts["pretrain"] == 7                        # smoke: 2 image, 4 speech, 1 text method
+    assert counts["pretrain"] == 8                        # smoke: 2 image, 4 speech, 2 text methods
     assert counts["hubert_iteration1"] == 1 and counts["hubert_labels_mfcc"] == counts["hubert_labels_layer"] == 1
 
 
@@ -353,7 +353,7 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     results = tmp_path / "results"
     assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
     metrics = sorted((results / "metrics").rglob("*.json"))
-    assert len(metrics) == 7 * 2                       # 7 runs x 2 checkpoint fractions
+    assert len(metrics) == 8 * 2                       # 8 runs x 2 checkpoint fractions
     chain = tmp_path / "runs" / "hubert_chain" / "default" / "seed0"       # HuBERT's labels and iteration 1
     assert (chain / "iteration1" / "DONE").exists()
     for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):

@@ -20,7 +20,7 @@ TABLES = ("efficiency_points", "claims", "imagenet", "librispeech", "glue", "abl
           "ablation_block_width")
 METHOD_NAMES = {"data2vec2": "data2vec 2.0", "data2vec1": "data2vec 1.0", "mae": "MAE",
                 "mlm": "RoBERTa (MLM)", "wav2vec2": "wav2vec 2.0", "hubert": "HuBERT",
-                "wavlm": "WavLM"}
+                "wavlm": "WavLM", "bert": "BERT"}
 
 # Scale and hardware behind the efficiency figure (METHOD.md#pretraining-recipes; GPU type not stated in the paper).
 PAPER_SCALE = {"image": "ViT-B, ImageNet-1k; GPU count and type not stated",

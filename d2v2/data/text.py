@@ -49,7 +49,8 @@ from d2v2.modalities.text import BOS, EOS, MASK, PAD, SPECIALS, UNK
 
 __all__ = [
     "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "read_fairseq_dict",
-    "load_tokenizer", "prepare_text", "TokenBlocks", "pretrain_dataset", "finetune_datasets", "collate",
+    "load_tokenizer", "prepare_text", "TokenBlocks", "pretrain_dataset", "SentencePairs", "sentence_pairs",
+    "finetune_datasets", "collate",
     "finetune_collater", "task_info", "embedded_corpus",
 ]
 
@@ -470,6 +471,114 @@ def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     return TokenBlocks(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len)
 
 
+# --------------------------------------------------------------------------------------- BERT's instances
+class SentencePairs(Dataset):
+    """BERT's pretraining instances over a token stream (METHOD.md#baseline-bert; BERT's
+    ``create_instances_from_document``, fairseq's ``BlockPairDataset`` with ``break_mode: doc``).
+
+    A sentence is a line of the prepared stream (its tokens before ``</s>``); a document is a run of
+    ``doc_lines`` consecutive lines (the prepared stream keeps no document boundaries; 100 lines is the
+    unit the held-out split is drawn in). Instance ``i`` starts at the first sentence at or after token
+    ``i * W`` (``W = block_len - 3``, so the dataset has a fixed length) and takes sentences of its document
+    until they reach a target length (``W``, or with ``short_seq_prob`` a uniform one in [2, W]); a random
+    cut splits them into A and B; half of the time (always when there is one sentence) B is replaced by
+    sentences of a random other document from a random start, up to the rest of the target length. The
+    longer of A and B loses a token at its front or back (even odds) until both fit in ``W``. Item:
+    ``{"source": <s> A </s> B </s>, "id", "next_sentence": 1 if B follows A, "mask_seed"}``.
+
+    Every draw comes from torch's global generator, which the engine's ``WithEpoch`` seeds from
+    ``(seed, epoch mod duplicates, index)`` (:attr:`draws_repeat_every`): each instance has ``duplicates``
+    versions (BERT's ``dupe_factor``), each with its own pair and masks (``mask_seed``), repeated every
+    ``duplicates`` epochs: BERT's static masking."""
+
+    def __init__(self, path: Path, num_tokens: int, dtype: str, block_len: int, short_seq_prob: float = 0.1,
+                 duplicates: int = 10, doc_lines: int = _CHUNK_LINES):
+        size = path.stat().st_size
+        if size != num_tokens * np.dtype(dtype).itemsize:
+            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {num_tokens} {dtype} tokens; "
+                                   "truncated? prepare again")
+        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+        ends = np.flatnonzero(self.tokens == EOS)
+        self.starts = np.concatenate([[0], ends[:-1] + 1])
+        self.lengths = ends - self.starts
+        doc = np.arange(len(ends)) // doc_lines
+        if len(ends) == 0 or doc[-1] < 1:
+            raise ValueError(f"{path}: {len(ends)} lines make fewer than two documents of {doc_lines} lines; "
+                             "BERT's next-sentence pairs need two")
+        self.doc_of = doc
+        self.doc_start = np.searchsorted(doc, np.arange(doc[-1] + 1))          # first sentence of each document
+        self.doc_end = np.append(self.doc_start[1:], len(ends))
+        self.width = block_len - 3                                              # <s>, </s>, </s>
+        if self.width < 2:
+            raise ValueError(f"block_len {block_len} leaves no room for a pair (need at least 5)")
+        self.short_seq_prob, self.draws_repeat_every = short_seq_prob, duplicates
+        self.num_items = max(1, int(self.starts[-1]) // self.width)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def _run(self, first: int, end: int, target: int) -> tuple[int, int]:
+        """Sentences ``[first, j)`` of a document (``j <= end``): the fewest that reach ``target`` tokens."""
+        total, j = 0, first
+        while j < end and total < target:
+            total, j = total + int(self.lengths[j]), j + 1
+        return first, j
+
+    def _tokens(self, first: int, last: int) -> np.ndarray:
+        """The tokens of sentences ``[first, last)`` without their ``</s>``."""
+        return np.concatenate([self.tokens[s:s + n] for s, n in zip(self.starts[first:last], self.lengths[first:last])])
+
+    def __getitem__(self, i: int) -> dict:
+        W = self.width
+        first = min(int(np.searchsorted(self.starts, i * W)), len(self.starts) - 1)
+        doc = int(self.doc_of[first])
+        target = W if float(torch.rand(())) >= self.short_seq_prob else int(torch.randint(2, W + 1, ()))
+        first, end = self._run(first, int(self.doc_end[doc]), target)
+        n = end - first
+        cut = first + (int(torch.randint(1, n, ())) if n > 1 else 1)
+        a = self._tokens(first, cut)
+        is_next = n > 1 and float(torch.rand(())) >= 0.5
+        if is_next:
+            b = self._tokens(cut, end)
+        else:
+            other = int(torch.randint(len(self.doc_start) - 1, ()))
+            other += other >= doc                                               # any document but this one
+            lo, hi = int(self.doc_start[other]), int(self.doc_end[other])
+            b = self._tokens(*self._run(lo + int(torch.randint(hi - lo, ())), hi, max(target - len(a), 1)))
+        a, b = _truncate_pair(a, b, W)
+        source = np.concatenate([[BOS], a, [EOS], b, [EOS]]).astype(np.int64)
+        return {"source": torch.from_numpy(source), "id": int(i), "next_sentence": int(is_next),
+                "mask_seed": int(torch.randint(0, 2**62, ()))}
+
+
+def _truncate_pair(a: np.ndarray, b: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's ``truncate_seq_pair``: while A and B exceed ``width`` tokens, the longer (B on a tie) loses
+    its first or its last token, with even odds."""
+    excess = len(a) + len(b) - width
+    if excess <= 0:
+        return a, b
+    front = torch.rand(excess) < 0.5
+    cut = {"a": [0, 0], "b": [0, 0]}
+    la, lb = len(a), len(b)
+    for k in range(excess):
+        side = "a" if la > lb else "b"
+        cut[side][0 if front[k] else 1] += 1
+        la, lb = (la - 1, lb) if side == "a" else (la, lb - 1)
+    return a[cut["a"][0]:len(a) - cut["a"][1]], b[cut["b"][0]:len(b) - cut["b"][1]]
+
+
+def sentence_pairs(cfg: DataConfig, split: str = "train", short_seq_prob: float = 0.1,
+                   duplicates: int = 10) -> SentencePairs:
+    """BERT's instances (:class:`SentencePairs`) of the ``train`` or ``valid`` stream, ``block_len`` tokens at most."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"text pretraining split must be 'train' or 'valid' (got {split!r})")
+    _no_fairseq_dict(cfg)
+    manifest = _manifest(cfg)
+    path = require_path(_folder(cfg) / f"{split}.bin", "data.root", "prepare the text data again")
+    return SentencePairs(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len,
+                         short_seq_prob, duplicates)
+
+
 # --------------------------------------------------------------------------------------- labelled tasks
 # GLUE task -> (folder, sentence columns, label column, label values or None for regression,
 #               metrics, primary metric); files with a header except CoLA (columns by position).
@@ -591,6 +700,9 @@ def collate(items: list[dict]) -> dict:
     for row, it in enumerate(items):
         source[row, :lengths[row]] = it["source"]
     batch = {"source": source, "id": torch.tensor([it["id"] for it in items], dtype=torch.int64)}
+    for key in ("next_sentence", "mask_seed"):                    # BERT's instances (SentencePairs)
+        if key in items[0]:
+            batch[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
     if "label" in items[0]:
         batch["padding_mask"] = torch.arange(source.shape[1]) >= torch.tensor(lengths)[:, None]
         is_float = isinstance(items[0]["label"], float)

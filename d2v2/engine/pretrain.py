@@ -59,7 +59,7 @@ from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
-from d2v2.method import CollapseError, PretrainMethod, build_method
+from d2v2.method import CollapseError, PretrainMethod, build_method, method_dataset
 
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
@@ -153,7 +153,8 @@ class Pretrainer:
         self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         m = cfg.method
         # a missing data path fails before any compute, and before the run directory exists
-        self.dataset = data.pretrain_dataset(m.modality, cfg.data) if dataset is None else dataset
+        self.dataset = method_dataset(m.modality, m.name, m.preset, m.overrides, cfg.data) if dataset is None \
+            else dataset
         self.inputs = input_costs(cfg.input_costs)     # what made the inputs cost (HuBERT: labels, iteration 1)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)

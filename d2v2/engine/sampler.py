@@ -61,7 +61,10 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class WithEpoch(Dataset):
-    """``dataset[(epoch, index)]`` -> ``{**dataset[index], "epoch": epoch}`` with a seeded augmentation."""
+    """``dataset[(epoch, index)]`` -> ``{**dataset[index], "epoch": epoch}`` with a seeded augmentation.
+
+    A dataset with ``draws_repeat_every = k`` makes the same draws every ``k`` epochs (seeded from
+    ``epoch mod k``: BERT's static masking with ``k`` duplicates of the corpus)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -73,7 +76,8 @@ class WithEpoch(Dataset):
         epoch, index = key
         rng = torch.default_generator                  # CPU transforms draw from it
         state = rng.get_state()
-        rng.manual_seed(stable_seed(self.seed, epoch, [index]))
+        period = getattr(self.dataset, "draws_repeat_every", None)
+        rng.manual_seed(stable_seed(self.seed, epoch % period if period else epoch, [index]))
         try:
             item = self.dataset[index]
         finally:
