@@ -8,7 +8,8 @@
     loss  = mean over the selected tokens of CE(LMHead(h_t), token_t)
             + nsp_weight * mean over the pairs of CE(W tanh(P h_<s>), is_next)
 
-The LM head is :class:`baselines.mlm.LMHead` (tied to the input embedding); the next-sentence head is
+The encoder, the LM head (tied to the input embedding) and the MLM term are :class:`baselines.mlm.MLM`'s;
+the next-sentence head is
 fairseq's ``MaskedLMEncoder`` (``masked_lm_pooler`` + tanh, ``sentence_projection_layer`` without bias) and
 the loss its ``legacy_masked_lm`` criterion. The instances come from
 :func:`d2v2.data.text.sentence_pairs` (BERT's ``create_instances_from_document``). ``mlm`` stays RoBERTa's
@@ -24,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.common import backbone, ensure_masked
-from baselines.masking import BertMaskConfig, WithMaskedPositions, bert_mask, masked_positions
-from baselines.mlm import LMHead
+from baselines.masking import BertMaskConfig, WithMaskedPositions, bert_mask
+from baselines.mlm import MLM
 from d2v2.blocks import init_bert_params
 from d2v2.config import Config
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.method import MethodOutput, PretrainMethod, register_method
+from d2v2.encoder import EncoderConfig
+from d2v2.method import MethodOutput, register_method
 from d2v2.modalities.text import BOS, EOS, PAD
 
 __all__ = ["BertConfig", "StaticBertMasker", "Bert", "PRESETS"]
@@ -78,21 +79,16 @@ class StaticBertMasker:
                 "mask": torch.cat([r.selected for r in rows])}
 
 
-class Bert(PretrainMethod):
-    """``student`` text Encoder + tied ``lm_head`` + next-sentence ``pooler`` and ``nsp_head``."""
-
-    modality = "text"
+class Bert(MLM):
+    """MLM's ``student`` text Encoder and tied ``lm_head``, plus the next-sentence ``pooler`` and ``nsp_head``."""
 
     def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         D = cfg.encoder.embed_dim
-        self.student = Encoder(cfg.encoder)
-        self.lm_head = LMHead(self.student.local_encoder.embed_tokens, cfg.encoder.norm_eps)
         self.pooler = nn.Linear(D, D)
         self.nsp_head = nn.Linear(D, 2, bias=False)
-        for head in (self.lm_head, self.pooler, self.nsp_head):
-            head.apply(init_bert_params)                                # fairseq apply_bert_init
+        for head in (self.pooler, self.nsp_head):
+            head.apply(init_bert_params)                      # N(0, 0.02), as Google's BERT (every weight)
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
     @classmethod
@@ -106,12 +102,6 @@ class Bert(PretrainMethod):
         return WithMaskedPositions(StaticBertMasker(self.cfg.encoder.text.vocab_size, m.prob, m.mask_token_prob,
                                                     m.random_token_prob))
 
-    def encoder(self) -> Encoder:
-        return self.student
-
-    def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["source"].numel()
-
     def stand_in_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A synthetic block as a pair: ``</s>`` after its middle and at its end, random NSP labels and seeds."""
         source = batch["source"].clone()
@@ -123,20 +113,15 @@ class Bert(PretrainMethod):
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
         batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
-        out = self.student(batch["source"], batch.get("padding_mask"))
-        rows, cols = masked_positions(batch, out.x.device)
-        logits = self.lm_head(out.x[rows, cols]).float()
-        target = batch["mlm_target"].to(out.x.device)[rows, cols]
-        loss_mlm = F.cross_entropy(logits, target)
-        nsp_logits = self.nsp_head(torch.tanh(self.pooler(out.x[:, 0]))).float()
-        is_next = batch["next_sentence"].to(out.x.device)
+        h = self.student(batch["source"], batch.get("padding_mask")).x
+        mlm = self.masked_lm(h, batch)
+        nsp_logits = self.nsp_head(torch.tanh(self.pooler(h[:, 0]))).float()
+        is_next = batch["next_sentence"].to(h.device)
         loss_nsp = F.cross_entropy(nsp_logits, is_next)
         with torch.no_grad():
-            logs = {"loss_mlm": loss_mlm.detach(), "loss_nsp": loss_nsp.detach(),
-                    "accuracy": (logits.argmax(-1) == target).float().mean(),
-                    "accuracy_nsp": (nsp_logits.argmax(-1) == is_next).float().mean(),
-                    "masked_pct": target.numel() / batch["mask"].numel()}
-        return MethodOutput(loss_mlm + self.cfg.nsp_weight * loss_nsp, int(target.numel()), logs)
+            logs = {**mlm.logs, "loss_mlm": mlm.loss.detach(), "loss_nsp": loss_nsp.detach(),
+                    "accuracy_nsp": (nsp_logits.argmax(-1) == is_next).float().mean()}
+        return MethodOutput(mlm.loss + self.cfg.nsp_weight * loss_nsp, mlm.sample_size, logs)
 
 
 # ---- presets: data2vec 2.0's text encoders with BERT's two segment embeddings ---------------------------

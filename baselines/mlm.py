@@ -75,17 +75,21 @@ class MLM(PretrainMethod):
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["source"].numel()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
-        batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
-        out = self.student(batch["source"], batch.get("padding_mask"))
-        rows, cols = masked_positions(batch, out.x.device)                 # the selected positions
-        logits = self.lm_head(out.x[rows, cols]).float()        # only the selected positions, as fairseq
-        target = batch["mlm_target"].to(out.x.device)[rows, cols]
+    def masked_lm(self, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        """The MLM term on encoder outputs ``h`` (B, L, D): logits at the selected positions only (as
+        fairseq), cross-entropy against the original tokens averaged over them."""
+        rows, cols = masked_positions(batch, h.device)
+        logits = self.lm_head(h[rows, cols]).float()
+        target = batch["mlm_target"].to(h.device)[rows, cols]
         sample_size = int(target.numel())
         loss = F.cross_entropy(logits, target, reduction="sum") / max(sample_size, 1)
         accuracy = (logits.argmax(-1) == target).float().mean() if sample_size else logits.new_zeros(())
         return MethodOutput(loss, sample_size, {"accuracy": accuracy.detach(),
                                                 "masked_pct": sample_size / batch["mask"].numel()})
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        batch = ensure_masked(batch, self.masker(), needs=("mlm_target",))
+        return self.masked_lm(self.student(batch["source"], batch.get("padding_mask")).x, batch)
 
 
 PRESETS = {name: {"encoder": backbone("text", name), "mask": {"kind": "bert"}} for name in ("base", "tiny", "smoke")}
