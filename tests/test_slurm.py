@@ -134,7 +134,7 @@ def test_smoke_workflow_through_the_slurm_profile(tmp_path):
         wait_until(lambda: job_state(record["job_id"]) == "COMPLETED", 10, "sacct")
         segments = (run / "segments.csv").read_text().splitlines()
         assert len(segments) == 2 and f",{record['job_id']}," in segments[1]   # the run knows its SLURM job
-    assert len(list((tmp_path / "results" / "metrics").rglob("*.json"))) == 2 * 2
+    assert len(list((tmp_path / "results" / "metrics").rglob("*.json"))) == 3 * 2   # smoke's 3 image methods
 
 
 def _pretrain_config(path: Path) -> Path:

@@ -201,6 +201,14 @@ def test_a_hubert_run_brings_its_label_chain():
         wfc.validate_workflow(resolved(preset="smoke", hubert={"layer": 3}))
 
 
+def test_smoke_runs_every_registered_method():
+    """CI's end-to-end run covers every method of every modality."""
+    from d2v2.method import available_methods
+
+    runs = wfc.validate_workflow(resolved(preset="smoke"))
+    assert {(r.modality, r.method) for r in runs} == set(available_methods())
+
+
 def test_a_wavlm_run_trains_on_the_default_hubert_runs_labels():
     """WavLM reads the second labels of the default HuBERT run of its seed and budget, whether HuBERT is
     compared too (one chain for both, whatever HuBERT's ablations) or not (the chain is made for WavLM)."""
@@ -235,7 +243,7 @@ def test_slurm_profile_dag(tmp_path):
     r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
-    assert counts["pretrain"] == 8                        # smoke: 2 image, 4 speech, 2 text methods
+    assert counts["pretrain"] == 12                       # smoke: 3 image, 5 speech, 4 text methods
     assert counts["hubert_iteration1"] == 1 and counts["hubert_labels_mfcc"] == counts["hubert_labels_layer"] == 1
 
 
@@ -353,7 +361,7 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     results = tmp_path / "results"
     assert (results / "report.html").stat().st_size > 0 and list((results / "figures").glob("curves_*.png"))
     metrics = sorted((results / "metrics").rglob("*.json"))
-    assert len(metrics) == 8 * 2                       # 8 runs x 2 checkpoint fractions
+    assert len(metrics) == 12 * 2                      # 12 runs x 2 checkpoint fractions
     chain = tmp_path / "runs" / "hubert_chain" / "default" / "seed0"       # HuBERT's labels and iteration 1
     assert (chain / "iteration1" / "DONE").exists()
     for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):
@@ -395,6 +403,6 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert "hubert_labels_mfcc" not in counts and "hubert_iteration1" not in counts
 
     sweep = snakemake(tmp_path, "-n", config=smoke + ["budget_sweep={image: [0.5, 1.0]}"])
-    assert job_counts(sweep.stdout) == {"pretrain": 2, "finetune": 2, "resolved_config": 1, "collect": 1,
+    assert job_counts(sweep.stdout) == {"pretrain": 3, "finetune": 3, "resolved_config": 1, "collect": 1,
                                         "report": 1, "all": 1}
     assert "runs/image/mae/default/seed0-budget0.500/DONE" in sweep.stdout
