@@ -7,6 +7,10 @@ pretraining utterances, k-means on a sample of them, and one line of cluster ids
     python -m d2v2 hubert-labels --data '{root: data}' --out DIR --clusters 100                  # iteration 1
     python -m d2v2 hubert-labels --data data.yaml --out DIR --clusters 500 --checkpoint CKPT --layer 6
 
+The model's features are computed on ``--device`` (default: a GPU when there is one), one utterance at a
+time as fairseq's ``dump_hubert_feature.py`` does (padding would change the frames near an utterance's end
+through the positional convolution); k-means and the assignment run on the CPU.
+
 Two passes over the split: features of a sample of the utterances (``--percent``; fairseq's 10% of
 LibriSpeech 960 h) fit ``MiniBatchKMeans`` with fairseq's settings; then every utterance's features are
 assigned to their nearest centroid. Only the sample's features are held in memory (and reused). The run writes
@@ -51,7 +55,7 @@ class LayerFeatures:
     """The output of block ``layer`` (1-based, fairseq ``output_layer``) of a pretraining checkpoint's
     encoder, unmasked, in eval mode, on the normalised waveform: (N,) -> (T, D), 50 per second."""
 
-    def __init__(self, checkpoint: str | Path, layer: int, sample_rate: int):
+    def __init__(self, checkpoint: str | Path, layer: int, sample_rate: int, device: str = "cpu"):
         ckpt = load_checkpoint(checkpoint)
         encoder = Encoder(EncoderConfig(**ckpt["encoder_config"]))
         encoder.load_state_dict(encoder_state_dict(ckpt))
@@ -60,12 +64,13 @@ class LayerFeatures:
         if encoder.cfg.modality != "audio":
             raise ValueError(f"{checkpoint} is a {encoder.cfg.modality} checkpoint, not a speech one")
         encoder.blocks = encoder.blocks[:layer]              # the blocks above the layer change nothing
-        self.encoder, self.layer = encoder.eval(), layer
+        self.device = torch.device(device)
+        self.encoder, self.layer = encoder.to(self.device).eval(), layer
         self.rate = sample_rate / receptive_field(encoder.cfg.audio.conv_layers)[1]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, wav: np.ndarray) -> torch.Tensor:
-        return self.encoder(torch.from_numpy(wav)[None]).x[0]
+        return self.encoder(torch.from_numpy(wav)[None].to(self.device)).x[0].float().cpu()
 
 
 def fit_kmeans(features: np.ndarray, clusters: int, seed: int) -> MiniBatchKMeans:
@@ -100,16 +105,18 @@ class _Clock:
 
 
 def make_labels(data: DataConfig, out: Path, clusters: int, percent: float = -1.0,
-                checkpoint: str | Path | None = None, layer: int = 6, seed: int = 0, split: str = "pretrain") -> dict:
+                checkpoint: str | Path | None = None, layer: int = 6, seed: int = 0, split: str = "pretrain",
+                device: str = "cpu") -> dict:
     """Write ``out/<split>.km`` and ``out/labels.json`` for every utterance of ``split``, in manifest order:
-    MFCC clusters, or (with ``checkpoint``) clusters of its encoder's block ``layer``."""
+    MFCC clusters, or (with ``checkpoint``) clusters of its encoder's block ``layer`` computed on ``device``."""
     speech = data.speech
     utts = read_split(speech_root(data), speech, split)
     if checkpoint is None:      # MFCCs of the raw waveform, as fairseq's reader
         features, rate, source = (lambda wav: mfcc_features(wav, speech.sample_rate)), MFCC_RATE, {"kind": "mfcc"}
     else:                       # the model sees what it was trained on
-        features = LayerFeatures(checkpoint, layer, speech.sample_rate)
-        rate, source = features.rate, {"kind": "layer", "checkpoint": str(checkpoint), "layer": layer}
+        features = LayerFeatures(checkpoint, layer, speech.sample_rate, device)
+        rate, source = features.rate, {"kind": "layer", "checkpoint": str(checkpoint), "layer": layer,
+                                       "device": str(features.device)}
 
     def read(j: int) -> np.ndarray:
         wav = load_audio(utts.paths[j], int(utts.sizes[j]), speech.sample_rate)
@@ -153,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=6, help="with --checkpoint: the block (1-based)")
     parser.add_argument("--percent", type=float, default=-1.0, help="share of utterances k-means fits on (-1: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="with --checkpoint: where the model runs (auto: cuda "
+                        "when available, else cpu)")
     args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         data = load_data_config(args.data)
         args.out.mkdir(parents=True, exist_ok=True)
-        info = make_labels(data, args.out, args.clusters, args.percent, args.checkpoint, args.layer, args.seed)
+        info = make_labels(data, args.out, args.clusters, args.percent, args.checkpoint, args.layer, args.seed,
+                           device=device)
     except (ConfigError, MissingDataError, CorruptDataError, CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

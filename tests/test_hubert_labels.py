@@ -68,7 +68,7 @@ def test_two_iterations_through_the_engine(data, tmp_path):
     hubert_run(data, str(tmp_path / "mfcc" / "pretrain.km"), tmp_path / "iter1", {"num_classes": 8})
     checkpoint = tmp_path / "iter1" / "checkpoint_last.pt"
     info = make_labels(data, tmp_path / "layer", clusters=6, checkpoint=checkpoint, layer=1)
-    assert info["label_rate"] == 50.0 and info["features"]["layer"] == 1
+    assert info["label_rate"] == 50.0 and info["features"]["layer"] == 1 and info["features"]["device"] == "cpu"
     utts = read_split(speech_root(data), data.speech, "pretrain")
     first = LabelFile(tmp_path / "layer" / "pretrain.km", len(utts.paths))[0]
     assert len(first) == (utts.sizes[0] - 400) // 320 + 1                # one label per encoder frame

@@ -240,11 +240,15 @@ def test_budget_sweep_dag_shape(tmp_path):
 
 
 def test_slurm_profile_dag(tmp_path):
-    r = snakemake(tmp_path, "-n", "results/figures/", profile="slurm", config=["preset=smoke"])
+    r = snakemake(tmp_path, "-n", "-p", "results/figures/", profile="slurm", config=["preset=smoke"])
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
     assert counts["pretrain"] == 12                       # smoke: 3 image, 5 speech, 4 text methods
     assert counts["hubert_iteration1"] == 1 and counts["hubert_labels_mfcc"] == counts["hubert_labels_layer"] == 1
+    labels = [c for c in _shell_commands(r.stdout) if "hubert-labels" in c]    # HuBERT's label jobs are SLURM jobs
+    assert len(labels) == 2 and all(c[c.index("--backend") + 1] == "slurm" for c in labels)
+    chain = "runs/hubert_chain/default/seed0"
+    assert {c[c.index("--folder") + 1] for c in labels} == {f"{chain}/labels1/slurm/%j", f"{chain}/labels2/slurm/%j"}
 
 
 # ------------------------------------------------------------------ nothing reaches a shell unquoted

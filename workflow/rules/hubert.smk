@@ -3,13 +3,24 @@
 # `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). audio/wavlm runs train on
 # the default HuBERT run's second labels (METHOD.md#baseline-wavlm). All of it lives in
 # runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow_config.py), cached: a changed cluster
-# count re-runs only the labels and runs after it. The label jobs run where Snakemake runs.
+# count re-runs only the labels and runs after it. The label jobs go through the launcher with the
+# fine-tuning jobs' resources (SLURM jobs under --profile slurm; the model's features on a GPU there).
 
 CHAIN_DIR = f"{PATHS['runs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 CHAIN_LOGS = f"{PATHS['logs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 
 
 CHAINS = wfc.label_chains(config, RUNS.values())     # chain folder -> the HuBERT run it belongs to
+
+
+LABELS_LAUNCH = wfc.launch_command(config, "finetune", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
+                                   job_file="{params.job_file:q}")
+
+
+def labels_params(iteration):
+    """The launcher's names for a chain's label job ``iteration`` (every path reaches the shell quoted)."""
+    return {"job_name": f"hubert-labels:{CHAIN_DIR}/labels{iteration}", "slurm_folder": f"{CHAIN_DIR}/labels{iteration}/slurm/%j",
+            "job_file": f"{CHAIN_DIR}/labels{iteration}/slurm_job.json"}
 
 
 def hubert_run(w):
@@ -25,11 +36,14 @@ rule hubert_labels_mfcc:
         info=f"{CHAIN_DIR}/labels1/labels.json",
     params:
         args=lambda w: shlex.join(wfc.hubert_labels_args(config, hubert_run(w), 1)),
+        **labels_params(1),
     log:
         f"{CHAIN_LOGS}/labels1.log",
-    threads: config["launcher"]["pretrain_threads"]
+    threads: training_threads("finetune")
+    resources:
+        slurm_jobs=int(ON_SLURM),
     shell:
-        "python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
+        LABELS_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
 
 
 rule hubert_iteration1:
@@ -62,8 +76,11 @@ rule hubert_labels_layer:
         info=f"{CHAIN_DIR}/labels2/labels.json",
     params:
         args=lambda w: shlex.join(wfc.hubert_labels_args(config, hubert_run(w), 2)),
+        **labels_params(2),
     log:
         f"{CHAIN_LOGS}/labels2.log",
-    threads: config["launcher"]["pretrain_threads"]
+    threads: training_threads("finetune")
+    resources:
+        slurm_jobs=int(ON_SLURM),
     shell:
-        "python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
+        LABELS_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
