@@ -214,7 +214,17 @@ def conv_channels_last(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Te
     the copies: the channels-first view of ``x`` is a channels-last tensor (a 1-D convolution runs as a
     2-D one of height 1), which the convolution reads in place and answers in the same memory format. The
     LayerNorms over channels and the GELUs between such layers (the audio CNN, the positional convolution,
-    the decoder) then work on contiguous memory, forward and backward."""
+    the decoder) then work on contiguous memory, forward and backward.
+
+    On a CPU without autograd (the speech teacher, evaluation, HuBERT's label features) the convolution
+    skips oneDNN: there oneDNN prepares a kernel for every new input shape, and speech changes its length
+    at every batch and utterance; PyTorch's own kernel computes the same (docs/BENCHMARKS.md)."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False
+        try:
+            return conv_channels_last(x, conv)
+        finally:
+            torch.backends.mkldnn.enabled = True
     if isinstance(conv, nn.Conv1d):
         y = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
                      stride=(1, conv.stride[0]), padding=(0, conv.padding[0]), groups=conv.groups)

@@ -284,20 +284,23 @@ def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> l
 def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], iteration: int) -> dict[str, Any]:
     """``cfg`` (a HuBERT or WavLM run config) reading ``run``'s labels of ``iteration``: their file, cluster
     count and rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
-    from baselines.hubert import MFCC_RATE
+    from baselines.hubert import MFCC_RATE, HubertConfig
     from d2v2.config import validate
     from d2v2.data import SpeechDataConfig
     from d2v2.method import method_config
     from d2v2.modalities.audio import receptive_field
 
+    sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
     if iteration == 1:
         rate = MFCC_RATE
     else:
         encoder = method_config(run.modality, run.method, config["preset"], cfg["method"]["overrides"]).encoder
-        sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
         rate = sample_rate / receptive_field(encoder.audio.conv_layers)[1]
+    labels = {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}
+    if sample_rate != HubertConfig.model_fields["sample_rate"].default:    # the frames' labels need the data's rate
+        labels["sample_rate"] = sample_rate
     return merge(cfg, {
-        "method": {"overrides": {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}},
+        "method": {"overrides": labels},
         "data": {"speech": {"pretrain_labels": f"{hubert_chain(config, run)}/labels{iteration}/pretrain.km"}}})
 
 

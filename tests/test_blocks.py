@@ -76,6 +76,20 @@ def test_channels_last_convolution_is_the_convolution(conv):
                                torch.autograd.grad(expected, [x, conv.weight], g), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d(1, 8, 10, stride=5, bias=False), nn.Conv2d(8, 4, 3, padding=1, groups=4)],
+                         ids=["one-channel", "2d-grouped"])
+def test_channels_last_convolution_without_autograd(conv):
+    """Without autograd (a teacher, evaluation) the convolution skips oneDNN on a CPU: the same result, and
+    oneDNN is on again afterwards."""
+    torch.manual_seed(0)
+    shape = (2, 9, 7, conv.in_channels) if isinstance(conv, nn.Conv2d) else (2, 400, conv.in_channels)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = conv_channels_last(x, conv)
+    assert torch.backends.mkldnn.enabled and y.is_contiguous()
+    torch.testing.assert_close(y, conv(x.movedim(-1, 1)).movedim(1, -1).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_padded_keys_do_not_influence_real_positions():
     torch.manual_seed(0)
     block = Block(16, 4).eval()

@@ -228,6 +228,10 @@ def test_a_wavlm_run_trains_on_the_default_hubert_runs_labels():
     assert {o.key for o in owners.values()} == {"audio/hubert/default/seed0", "audio/hubert/default/seed0-budget0.500"}
     first = wfc.hubert_iteration1_config(alone, owners["runs/hubert_chain/default/seed0"])
     assert first["method"]["name"] == "hubert" and first["method"]["overrides"]["label_rate"] == 100.0
+    # data at another sample rate: the runs align labels to frames at the data's rate, not the default 16 kHz
+    slow = resolved(preset="smoke", methods={"audio": ["wavlm"]}, data={"speech": {"sample_rate": 8000}})
+    overrides = wfc.run_config(slow, next(r for r in wfc.validate_workflow(slow) if r.method == "wavlm"))["method"]["overrides"]
+    assert overrides["sample_rate"] == 8000 and overrides["label_rate"] == 25.0
 
 
 def test_budget_sweep_dag_shape(tmp_path):
