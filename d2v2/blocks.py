@@ -25,7 +25,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import stochastic_depth
 
 __all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "relative_position_bucket",
            "RelativePositionBias", "init_bert_params", "conv_channels_last", "compile_blocks"]
@@ -118,6 +117,10 @@ class Block(nn.Module):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.drop_path = drop_path
+        self.stochastic_depth = None
+        if drop_path:           # torchvision's import takes about a second of every process: only where it is used
+            from torchvision.ops import stochastic_depth
+            self.stochastic_depth = stochastic_depth
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, attention_dropout, dropout, gated=gated_rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -125,7 +128,7 @@ class Block(nn.Module):
         self.post_mlp_dropout = nn.Dropout(post_mlp_dropout)
 
     def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
-        return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x
+        return self.stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 rel_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

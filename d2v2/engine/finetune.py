@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Subset
 from d2v2 import data as D
 from d2v2.config import ConfigError, apply_overrides, load_yaml, merge, validate
 from d2v2.atomic import atomic_write_json
-from d2v2.data.image import MixupCutmix
 from d2v2.data.speech import BLANK, LETTERS, ids_to_letters, letters_to_words
 from d2v2.data.text import load_tokenizer
 from d2v2.engine import metrics as M
@@ -328,7 +327,11 @@ def sweep_lr(cfg: FinetuneConfig, pre: Pretrained, info: dict[str, Any], splits:
     Returns ``(model, lr, valid metrics, train clock, sweep table)``.
     """
     primary, loader = info["primary_metric"], make_loader(splits["train"], cfg, cfg.batch_size, True, device)
-    mix = MixupCutmix(cfg.data.image, info["num_classes"]) if cfg.mixup else None
+    mix = None
+    if cfg.mixup:
+        from d2v2.data.image import MixupCutmix          # torchvision: only image fine-tuning needs it
+
+        mix = MixupCutmix(cfg.data.image, info["num_classes"])
     sweep, best = [], None
     for lr in cfg.lr_sweep or [cfg.optim.lr]:
         torch.manual_seed(cfg.seed)                  # same head init and data order for every LR
