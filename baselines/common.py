@@ -11,9 +11,9 @@ from torch import nn
 
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.encoder import EncoderConfig
-from d2v2.modalities.audio import NO_WEIGHT_DECAY, frame_count
+from d2v2.modalities.audio import frame_count
 
-__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked", "NO_WEIGHT_DECAY"]
+__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked"]
 
 
 
@@ -42,7 +42,7 @@ def ensure_masked(batch: dict[str, torch.Tensor], masker, needs: tuple[str, ...]
 def num_tokens(cfg: EncoderConfig, source: torch.Tensor) -> int:
     """Tokens per sample the encoder makes of ``source`` (patches, CNN frames or BPE tokens), no CLS."""
     if cfg.modality == "image":
-        return (cfg.image.img_size // cfg.image.patch_size) ** 2
+        return cfg.image.grid ** 2
     if cfg.modality == "audio":
         return int(frame_count(source.shape[-1], cfg.audio.conv_layers))
     return source.shape[-1]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import (NO_WEIGHT_DECAY, backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
+from baselines.common import (backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
                               num_tokens)
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.blocks import init_bert_params
@@ -122,9 +122,6 @@ class Data2Vec1(PretrainMethod):
         """Student and teacher both encode all T (+ CLS) tokens of every sample."""
         T = num_tokens(self.cfg.encoder, batch["source"])
         return 2 * batch["source"].shape[0] * (T + self.student.context_encoder.num_extra_tokens)
-
-    def no_weight_decay(self) -> set[str]:
-        return set(NO_WEIGHT_DECAY)
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import NO_WEIGHT_DECAY, backbone, ensure_masked, num_tokens
+from baselines.common import backbone, ensure_masked, num_tokens
 from baselines.masking import SpanMaskConfig, SpanMasker
 from baselines.wav2vec2 import frontend
 from d2v2.config import Config
@@ -151,9 +151,6 @@ class Hubert(PretrainMethod):
         B, N = batch["source"].shape
         L = int(N * self.cfg.label_rate / self.cfg.sample_rate)
         return {**batch, "labels": torch.randint(0, self.cfg.num_classes, (B, L), generator=generator)}
-
-    def no_weight_decay(self) -> set[str]:
-        return set(NO_WEIGHT_DECAY)
 
     # ---- the training step ------------------------------------------------------------------------
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class MAEConfig(Config):
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
             raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads "
                              f"{self.decoder_heads} and by 4 (sin-cos positions)")
-        grid = self.encoder.image.img_size // self.encoder.image.patch_size
+        grid = self.encoder.image.grid
         if num_kept(grid * grid, self.mask_ratio) < 1:
             raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch of {grid * grid}")
         return self
@@ -96,7 +96,7 @@ class MAE(PretrainMethod):
         super().__init__()
         self.cfg = cfg
         enc = cfg.encoder
-        self.patch_size, grid = enc.image.patch_size, enc.image.img_size // enc.image.patch_size
+        self.patch_size, grid = enc.image.patch_size, enc.image.grid
         self.student = Encoder(enc)
         Dd = cfg.decoder_dim
         self.decoder_embed = nn.Linear(enc.embed_dim, Dd)
@@ -116,7 +116,7 @@ class MAE(PretrainMethod):
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
     def masker(self) -> MAEMasker:
-        grid = self.cfg.encoder.image.img_size // self.patch_size
+        grid = self.cfg.encoder.image.grid
         return MAEMasker(grid * grid, self.cfg.mask_ratio)
 
     def encoder(self) -> Encoder:

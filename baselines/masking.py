@@ -28,7 +28,7 @@ from d2v2.config import Config
 from d2v2.encoder import EncoderConfig
 from d2v2.masking import span_mask
 from d2v2.modalities.audio import frame_count
-from d2v2.modalities.text import MASK, PAD
+from d2v2.modalities.text import MASK, PAD, SPECIALS
 
 __all__ = [
     "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
@@ -37,8 +37,8 @@ __all__ = [
     "PAD", "MASK", "NUM_SPECIAL",
 ]
 
-# Text vocabulary (docs/ARCHITECTURE.md): <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4; regular tokens after.
-NUM_SPECIAL = MASK + 1
+# Text vocabulary (d2v2.modalities.text.SPECIALS): the special tokens first, regular tokens after.
+NUM_SPECIAL = len(SPECIALS)
 
 
 def _numpy_rng(generator: torch.Generator) -> np.random.Generator:

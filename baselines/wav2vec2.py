@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import NO_WEIGHT_DECAY, backbone
+from baselines.common import backbone
 from baselines.masking import SpanMaskConfig, SpanMasker
 from d2v2.config import Config
 from d2v2.encoder import Encoder, EncoderConfig
@@ -180,9 +180,6 @@ class Wav2Vec2(PretrainMethod):
         """The student encodes every frame of every utterance (masked ones as the mask embedding)."""
         B, N = batch["source"].shape
         return B * self.masker().spans.num_frames(N)
-
-    def no_weight_decay(self) -> set[str]:
-        return set(NO_WEIGHT_DECAY)
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:

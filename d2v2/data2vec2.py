@@ -36,7 +36,7 @@ from d2v2.ema import EMATeacher, teacher_decay
 from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.masking import block_mask, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
-from d2v2.modalities.audio import NO_WEIGHT_DECAY, frame_count
+from d2v2.modalities.audio import frame_count
 from d2v2.targets import make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
@@ -97,7 +97,7 @@ class Data2Vec2Config(Config):
         if enc.embed_dim % self.decoder.groups:
             raise ValueError(f"decoder.groups {self.decoder.groups} must divide embed_dim {enc.embed_dim}")
         if enc.modality == "image":
-            length = (enc.image.img_size // enc.image.patch_size) ** 2
+            length = enc.image.grid ** 2
             if num_kept(length, self.mask_ratio) < 1:
                 raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch of {length}")
         if self.cls_loss > 0 and (enc.modality != "image" or enc.image.num_extra_tokens < 1):
@@ -180,7 +180,7 @@ class Data2Vec2(PretrainMethod):
             self.student.local_encoder.requires_grad_(False)
         grid = None
         if self.modality == "image":
-            side = cfg.encoder.image.img_size // cfg.encoder.image.patch_size
+            side = cfg.encoder.image.grid
             grid = (side, side)
         self.decoder = Decoder(cfg.decoder, cfg.encoder.embed_dim, grid)
         if self.modality == "text":
@@ -200,7 +200,7 @@ class Data2Vec2(PretrainMethod):
         return Data2Vec2Masker(
             self.modality, self.cfg.num_masks, self.cfg.mask_ratio, self.cfg.mask_width, self.cfg.mask_adjust,
             self.cfg.inverse_mask,
-            grid=enc.image.img_size // enc.image.patch_size if self.modality == "image" else None,
+            grid=enc.image.grid if self.modality == "image" else None,
             conv_layers=tuple(map(tuple, enc.audio.conv_layers)) if self.modality == "audio" else None)
 
     def encoder(self) -> Encoder:
@@ -219,10 +219,6 @@ class Data2Vec2(PretrainMethod):
         B, M = batch["source"].shape[0], self.cfg.num_masks
         extra = self.student.context_encoder.num_extra_tokens
         return B * M * (masker.num_visible(length) + extra) + B * (length + extra)
-
-    def no_weight_decay(self) -> set[str]:
-        """ALiBi scales are not decayed (METHOD.md#pretraining-recipes); biases and 1-D tensors are excluded by the engine."""
-        return set(NO_WEIGHT_DECAY)
 
     # ---- the training step ------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:

@@ -80,8 +80,11 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters excluded from weight decay beyond biases and 1-D tensors."""
-        return set()
+        """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the shared
+        encoder's, its ALiBi scales (METHOD.md#pretraining-recipes)."""
+        from d2v2.modalities.audio import NO_WEIGHT_DECAY
+
+        return set(NO_WEIGHT_DECAY)
 
 
 @dataclass(frozen=True)

@@ -75,13 +75,12 @@ from d2v2.convert import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
 from d2v2.encoder import EncoderConfig
 from d2v2.method import method_config
-from d2v2.modalities.text import EOS, MASK, PAD
+from d2v2.modalities.text import BOS, EOS, MASK, PAD
 
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
 # fairseq anneals the teacher over a count of updates; ours does at base over a budget fraction
 UPDATES_ANNEAL = {"ema_anneal_end_fraction": None}
-BOS = 0                                              # <s> (docs/ARCHITECTURE.md, fairseq order)
 
 
 # ---- importing fairseq --------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ class ImageConfig(Config):
     in_chans: int = 3
     num_extra_tokens: int = 1          # learned CLS token(s), N(0, 1) init
 
+    @property
+    def grid(self) -> int:
+        """Patches per side: the image is a ``grid`` x ``grid`` grid of patches."""
+        return self.img_size // self.patch_size
+
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
@@ -42,7 +47,7 @@ class ImageLocalEncoder(nn.Module):
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
         self.cfg = cfg
-        self.grid = cfg.img_size // cfg.patch_size
+        self.grid = cfg.grid
         self.proj = nn.Conv2d(cfg.in_chans, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid)[None], persistent=False)
 
