@@ -40,12 +40,12 @@ from pydantic import Field
 
 from d2v2.config import ConfigError, validate
 from d2v2.atomic import atomic_write, atomic_write_json
+from d2v2.engine.clock import CLOCKS
 from d2v2.engine.events import EventLogWarning, iter_events
 
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
            "collect_progress", "write_table", "main"]
 
-CLOCK_COLUMNS = ("train_time_s", "e2e_time_s", "device_hours", "train_cpu_s")
 IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_scale", "budget_fraction", "task", "init",
                     "mode")
 
@@ -177,7 +177,7 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
     row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs"}))
     # the compared time includes what made the run's inputs; inputs_<clock> keeps that part apart
     inputs = m.pretrain.inputs
-    for clock in CLOCK_COLUMNS:
+    for clock in CLOCKS:
         row[f"inputs_{clock}"] = getattr(inputs, clock) if inputs else 0.0
         if inputs and row[clock] is not None:
             row[clock] += row[f"inputs_{clock}"]
@@ -290,7 +290,7 @@ def _variant(run_dir: Path, method: str | None) -> str:
 
 def collect_progress(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """The ``progress`` table: one row per logging interval (``train_progress`` event) of every run:
-    identity, updates, the clocks of :data:`CLOCK_COLUMNS` (device-hours as the engine counts them:
+    identity, updates, the clocks of :data:`CLOCKS` (device-hours as the engine counts them:
     train-only seconds x devices / 3600) and the device count, loss, LR, gradient norm and each logged
     diagnostic as ``diag.<name>`` (e.g. ``diag.target_pos_share``)."""
     rows = []

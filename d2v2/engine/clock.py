@@ -34,11 +34,11 @@ import torch
 from d2v2.atomic import atomic_write
 from d2v2.config import ConfigError
 
-__all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable", "INPUT_CLOCKS", "input_costs"]
+__all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable", "CLOCKS", "input_costs"]
 
-# The clocks an input's cost is counted on: a pretraining run's summary.json has them, and so must any other
-# file that records what made a run's inputs (HuBERT's labels.json).
-INPUT_CLOCKS = ("train_time_s", "e2e_time_s", "train_cpu_s", "device_hours")
+# The clocks a run's time is counted on (PROTOCOL.md#timing): a pretraining run's summary.json has them, and
+# so must any other file that records what made a run's inputs (HuBERT's labels.json).
+CLOCKS = ("train_time_s", "e2e_time_s", "train_cpu_s", "device_hours")
 
 
 def synchronize(device: torch.device) -> None:
@@ -198,19 +198,19 @@ class SegmentTable:
 
 
 def input_costs(paths: list[str]) -> dict | None:
-    """The summed :data:`INPUT_CLOCKS` of the JSON files ``paths`` and the files themselves (``sources``), or
+    """The summed :data:`CLOCKS` of the JSON files ``paths`` and the files themselves (``sources``), or
     None without files. A missing file or clock is an error naming it."""
     if not paths:
         return None
-    total = dict.fromkeys(INPUT_CLOCKS, 0.0)
+    total = dict.fromkeys(CLOCKS, 0.0)
     for path in paths:
         try:
             record = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise ConfigError(f"input_costs: cannot read {path} ({err})") from None
-        missing = [c for c in INPUT_CLOCKS if not isinstance(record.get(c), (int, float))]
+        missing = [c for c in CLOCKS if not isinstance(record.get(c), (int, float))]
         if missing:
             raise ConfigError(f"input_costs: {path} has no {', '.join(missing)}")
-        for c in INPUT_CLOCKS:
+        for c in CLOCKS:
             total[c] += float(record[c])
     return {**total, "sources": list(paths)}
