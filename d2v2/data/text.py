@@ -430,16 +430,21 @@ def _prepare_raw(dcfg: DataConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ pretraining
+def _memmap_tokens(path: Path, num_tokens: int, dtype: str) -> np.memmap:
+    """The prepared token file, memory-mapped; a size other than the manifest's is an error naming it."""
+    size = path.stat().st_size
+    if size != num_tokens * np.dtype(dtype).itemsize:
+        raise CorruptDataError(f"{path}: {size} bytes, the manifest says {num_tokens} {dtype} tokens "
+                               f"({num_tokens * np.dtype(dtype).itemsize} bytes); truncated? prepare again")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+
+
 class TokenBlocks(Dataset):
     """Fixed-length blocks ``<s> + t[i*(L-1):(i+1)*(L-1)]`` over a memory-mapped token file."""
 
     def __init__(self, path: Path, num_tokens: int, dtype: str, block_len: int):
-        size = path.stat().st_size
-        if size != num_tokens * np.dtype(dtype).itemsize:
-            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {num_tokens} {dtype} tokens "
-                                   f"({num_tokens * np.dtype(dtype).itemsize} bytes); truncated? prepare again")
         self.path, self.block_len, self.dtype = path, block_len, dtype
-        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+        self.tokens = _memmap_tokens(path, num_tokens, dtype)
         self.stride = block_len - 1
         if num_tokens < self.stride:
             raise ValueError(f"{path}: {num_tokens} tokens, fewer than one block of {block_len}")
@@ -461,14 +466,19 @@ def _manifest(cfg: DataConfig) -> dict:
     return manifest
 
 
-def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
-    """Token blocks ``{"source": (block_len,) int64, "id"}`` of the ``train`` or ``valid`` stream."""
+def _stream(cfg: DataConfig, split: str) -> tuple[Path, int, str]:
+    """The prepared ``train`` or ``valid`` token file, its token count and dtype (from the manifest)."""
     if split not in ("train", "valid"):
         raise ValueError(f"text pretraining split must be 'train' or 'valid' (got {split!r})")
     _no_fairseq_dict(cfg)
     manifest = _manifest(cfg)
     path = require_path(_folder(cfg) / f"{split}.bin", "data.root", "prepare the text data again")
-    return TokenBlocks(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len)
+    return path, manifest["counts"]["tokens"][split], manifest["dtype"]
+
+
+def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """Token blocks ``{"source": (block_len,) int64, "id"}`` of the ``train`` or ``valid`` stream."""
+    return TokenBlocks(*_stream(cfg, split), cfg.text.block_len)
 
 
 # --------------------------------------------------------------------------------------- BERT's instances
@@ -493,11 +503,7 @@ class SentencePairs(Dataset):
 
     def __init__(self, path: Path, num_tokens: int, dtype: str, block_len: int, short_seq_prob: float = 0.1,
                  duplicates: int = 10, doc_lines: int = _CHUNK_LINES):
-        size = path.stat().st_size
-        if size != num_tokens * np.dtype(dtype).itemsize:
-            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {num_tokens} {dtype} tokens; "
-                                   "truncated? prepare again")
-        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+        self.tokens = _memmap_tokens(path, num_tokens, dtype)
         ends = np.flatnonzero(self.tokens == EOS)
         self.starts = np.concatenate([[0], ends[:-1] + 1])
         self.lengths = ends - self.starts
@@ -570,13 +576,7 @@ def _truncate_pair(a: np.ndarray, b: np.ndarray, width: int) -> tuple[np.ndarray
 def sentence_pairs(cfg: DataConfig, split: str = "train", short_seq_prob: float = 0.1,
                    duplicates: int = 10) -> SentencePairs:
     """BERT's instances (:class:`SentencePairs`) of the ``train`` or ``valid`` stream, ``block_len`` tokens at most."""
-    if split not in ("train", "valid"):
-        raise ValueError(f"text pretraining split must be 'train' or 'valid' (got {split!r})")
-    _no_fairseq_dict(cfg)
-    manifest = _manifest(cfg)
-    path = require_path(_folder(cfg) / f"{split}.bin", "data.root", "prepare the text data again")
-    return SentencePairs(path, manifest["counts"]["tokens"][split], manifest["dtype"], cfg.text.block_len,
-                         short_seq_prob, duplicates)
+    return SentencePairs(*_stream(cfg, split), cfg.text.block_len, short_seq_prob, duplicates)
 
 
 # --------------------------------------------------------------------------------------- labelled tasks
