@@ -27,11 +27,11 @@ from torch import nn
 from baselines.common import backbone, ensure_masked
 from baselines.masking import BertMaskConfig, WithMaskedPositions, bert_mask
 from baselines.mlm import MLM
-from d2v2.blocks import init_bert_params
+from d2v2.model.blocks import init_bert_params
 from d2v2.config import Config
-from d2v2.encoder import EncoderConfig
+from d2v2.model.encoder import EncoderConfig
 from d2v2.method import MethodOutput, register_method
-from d2v2.modalities.text import BOS, EOS, PAD
+from d2v2.model.modalities.text import BOS, EOS, PAD
 
 __all__ = ["BertConfig", "StaticBertMasker", "Bert", "PRESETS"]
 

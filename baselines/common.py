@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
-from d2v2.encoder import EncoderConfig
-from d2v2.modalities.audio import frame_count
+from d2v2.model.encoder import EncoderConfig
+from d2v2.model.modalities.audio import frame_count
 
 __all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked"]
 

@@ -34,13 +34,13 @@ from torch import nn
 from baselines.common import (backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
                               num_tokens)
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
-from d2v2.blocks import init_bert_params
+from d2v2.model.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
-from d2v2.ema import EMATeacher, teacher_decay
-from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
+from d2v2.model.ema import EMATeacher, teacher_decay
+from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
-from d2v2.targets import make_targets
+from d2v2.model.targets import make_targets
 
 __all__ = ["Data2Vec1Config", "Data2Vec1", "PRESETS"]
 
@@ -65,7 +65,7 @@ class Data2Vec1Config(Config):
     ema_decay: float = pydantic.Field(0.999, gt=0, le=1)           # tau_0
     ema_end_decay: float = pydantic.Field(0.9999, gt=0, le=1)      # tau_e
     ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n in updates
-    ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)   # tau_n in budget (d2v2.ema)
+    ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)   # tau_n in budget (d2v2.model.ema)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "Data2Vec1Config":

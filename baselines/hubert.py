@@ -32,10 +32,10 @@ from baselines.common import backbone, ensure_masked, num_tokens
 from baselines.masking import SpanMaskConfig, SpanMasker
 from baselines.wav2vec2 import frontend
 from d2v2.config import Config
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.masking import mask_indices
+from d2v2.model.encoder import Encoder, EncoderConfig
+from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
-from d2v2.modalities.audio import receptive_field
+from d2v2.model.modalities.audio import receptive_field
 
 __all__ = ["MFCC_RATE", "HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
 

@@ -35,11 +35,12 @@ from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.config import ConfigError, validate
 from d2v2.data import CorruptDataError, DataConfig, MissingDataError, speech_root
 from d2v2.data.speech import load_audio, normalise_waveform, read_split
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_checkpoint
-from d2v2.modalities.audio import receptive_field
+from d2v2.model.modalities.audio import receptive_field
 
 __all__ = ["mfcc_features", "LayerFeatures", "fit_kmeans", "nearest", "make_labels", "load_data_config", "main"]
+COMMAND_HELP = "make HuBERT's k-means labels of the speech pretraining split"   # in `python -m d2v2 --help`
 
 
 def mfcc_features(wav: np.ndarray, sample_rate: int) -> torch.Tensor:

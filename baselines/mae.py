@@ -1,7 +1,7 @@
 """MAE (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners") on the shared backbone (METHOD.md#baseline-mae).
 
     x = patch_embed(img) + sin-cos positions          (B, T, D)
-    keep a random 25% of the patches per image        (B, T_vis, D)   (d2v2.masking.random_mask)
+    keep a random 25% of the patches per image        (B, T_vis, D)   (d2v2.model.masking.random_mask)
     h = pre-LN ViT blocks on [CLS, visible] + final LN
     z = decoder_embed(h); masked slots get the learned mask token; + decoder sin-cos positions
     p = decoder_pred(LN(decoder blocks(z)))           (B, T, patch*patch*C) pixels
@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from baselines.common import backbone, ensure_masked, num_tokens
-from d2v2.blocks import Block
+from d2v2.model.blocks import Block
 from d2v2.config import Config
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.masking import keep_indices, num_kept, random_mask, scatter_tokens
+from d2v2.model.encoder import Encoder, EncoderConfig
+from d2v2.model.masking import keep_indices, num_kept, random_mask, scatter_tokens
 from d2v2.method import MethodOutput, PretrainMethod, register_method
-from d2v2.modalities.image import sincos_2d
+from d2v2.model.modalities.image import sincos_2d
 
 __all__ = ["MAEConfig", "MAE", "MAEMasker", "patchify", "PRESETS"]
 

@@ -1,5 +1,5 @@
 """Masking schemes of the baselines (METHOD.md#baseline-data2vec1, METHOD.md#baseline-mlm); MAE's random
-masking lives in :mod:`d2v2.masking`.
+masking lives in :mod:`d2v2.model.masking`.
 
 * :func:`beit_block_mask` - BEiT blockwise masking for data2vec 1.0 vision (METHOD.md#baseline-data2vec1): rectangles of at
   least ``min_block`` patches with aspect ratio in [0.3, 1/0.3], placed until ~60% of the grid is masked.
@@ -25,10 +25,10 @@ import pydantic
 import torch
 
 from d2v2.config import Config
-from d2v2.encoder import EncoderConfig
-from d2v2.masking import span_mask
-from d2v2.modalities.audio import frame_count
-from d2v2.modalities.text import MASK, PAD, SPECIALS
+from d2v2.model.encoder import EncoderConfig
+from d2v2.model.masking import span_mask
+from d2v2.model.modalities.audio import frame_count
+from d2v2.model.modalities.text import MASK, PAD, SPECIALS
 
 __all__ = [
     "beit_block_mask", "span_mask", "bert_mask", "BertMasking",
@@ -37,7 +37,7 @@ __all__ = [
     "PAD", "MASK", "NUM_SPECIAL",
 ]
 
-# Text vocabulary (d2v2.modalities.text.SPECIALS): the special tokens first, regular tokens after.
+# Text vocabulary (d2v2.model.modalities.text.SPECIALS): the special tokens first, regular tokens after.
 NUM_SPECIAL = len(SPECIALS)
 
 

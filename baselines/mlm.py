@@ -18,9 +18,9 @@ from torch import nn
 
 from baselines.common import backbone, ensure_masked
 from baselines.masking import BertMaskConfig, WithMaskedPositions, masked_positions
-from d2v2.blocks import init_bert_params
+from d2v2.model.blocks import init_bert_params
 from d2v2.config import Config
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 
 __all__ = ["MLMConfig", "MLM", "LMHead", "PRESETS"]

@@ -29,8 +29,8 @@ from torch import nn
 from baselines.common import backbone
 from baselines.masking import SpanMaskConfig, SpanMasker
 from d2v2.config import Config
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.masking import mask_indices
+from d2v2.model.encoder import Encoder, EncoderConfig
+from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 
 __all__ = ["QuantizerConfig", "Wav2Vec2Config", "GumbelQuantizer", "Wav2Vec2Masker", "Wav2Vec2", "frontend",

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from baselines.common import backbone
 from baselines.hubert import Hubert, HubertConfig, HubertMasker
 from d2v2.config import Config
-from d2v2.encoder import EncoderConfig
+from d2v2.model.encoder import EncoderConfig
 from d2v2.method import register_method
-from d2v2.modalities.audio import receptive_field
+from d2v2.model.modalities.audio import receptive_field
 
 __all__ = ["MixingConfig", "UtteranceMixer", "WavlmConfig", "WavlmMasker", "Wavlm", "PRESETS"]
 

@@ -32,7 +32,7 @@ from d2v2.engine.pretrain import run
 from d2v2.engine.runconfig import resolve_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
 from d2v2.method import build_method, method_dataset
-from d2v2.workflow_config import Run, run_config, with_preset
+from d2v2.workflow import Run, run_config, with_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -63,7 +63,7 @@ def _to(batch: dict, device: str) -> dict:
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
               device: str, dtype: str, threads: int, audio_seconds: float, compile: bool = False) -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
-    from d2v2.blocks import compile_blocks
+    from d2v2.model.blocks import compile_blocks
     from d2v2.engine.flops import count_flops, peak_flops
     from d2v2.method import build_method
 

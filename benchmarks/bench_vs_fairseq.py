@@ -49,7 +49,7 @@ from d2v2.engine.clock import synchronize                                       
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr               # noqa: E402
 from d2v2.engine.pretrain import Pretrainer                                        # noqa: E402
 from d2v2.engine.runconfig import resolve_run_config                              # noqa: E402
-from d2v2.workflow_config import Run, run_config, with_preset                     # noqa: E402
+from d2v2.workflow import Run, run_config, with_preset                     # noqa: E402
 
 MODALITIES = ("image", "audio", "text")
 # per-device batches: tiny = the workflow's tiny preset (config/presets/tiny.yaml); base = a slice of the

@@ -1,29 +1,43 @@
 """Command line: ``python -m d2v2 <command> ...`` (also installed as ``d2v2``).
 
 Each command lives in the module that owns it and exposes ``main(argv) -> int``; this file only
-dispatches, so importing the CLI stays cheap.
+dispatches, so importing the CLI stays cheap. Other packages add commands as entry points
+(``d2v2.commands``, :mod:`d2v2.plugins`): the baselines add ``hubert-labels``.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
+from d2v2.plugins import entry_points
+
 COMMANDS = {
     "prepare-data": ("d2v2.data.prepare_cli", "prepare the embedded datasets (idempotent, atomic)"),
     "pretrain": ("d2v2.engine.pretrain", "pretrain one method under a budget"),
     "finetune": ("d2v2.engine.finetune", "fine-tune a pretraining checkpoint and write metrics"),
     "evaluate": ("d2v2.engine.evaluate", "evaluate a fine-tuned checkpoint"),
-    "convert": ("d2v2.convert", "convert an official fairseq data2vec 2.0 checkpoint"),
-    "hubert-labels": ("baselines.hubert_labels", "make HuBERT's k-means labels of the speech pretraining split"),
+    "convert": ("d2v2.interop.fairseq", "convert an official fairseq data2vec 2.0 checkpoint"),
     "launch": ("d2v2.launch", "run a command locally or as a SLURM job (used by the workflow)"),
     "collect": ("d2v2.analysis.collect", "collect metrics into tidy tables"),
     "report": ("d2v2.analysis.report", "render figures and the report"),
 }
 
 
+def _commands() -> dict[str, str]:
+    """``name -> module`` of every command: this package's, then the entry points'."""
+    return {**{name: module for name, (module, _) in COMMANDS.items()}, **entry_points("d2v2.commands")}
+
+
+def _help(name: str) -> str:
+    """A command's line in the usage: an added command's module says it in ``COMMAND_HELP``."""
+    if name in COMMANDS:
+        return COMMANDS[name][1]
+    return getattr(importlib.import_module(_commands()[name]), "COMMAND_HELP", "")
+
+
 def usage() -> str:
     lines = ["usage: python -m d2v2 <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {_help(name)}" for name in _commands()]
     return "\n".join(lines)
 
 
@@ -33,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    if name not in _commands():
         print(f"unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(_commands()[name])
     return int(module.main(rest) or 0)

@@ -29,15 +29,15 @@ from typing import Any, Literal
 import pydantic
 import torch
 
-from d2v2.blocks import init_bert_params
+from d2v2.model.blocks import init_bert_params
 from d2v2.config import Config, merge
-from d2v2.decoder import Decoder, DecoderConfig
-from d2v2.ema import EMATeacher, teacher_decay
-from d2v2.encoder import Encoder, EncoderConfig, EncoderOutput
-from d2v2.masking import block_mask, mask_indices, num_kept, random_mask
+from d2v2.model.decoder import Decoder, DecoderConfig
+from d2v2.model.ema import EMATeacher, teacher_decay
+from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
+from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
-from d2v2.modalities.audio import frame_count
-from d2v2.targets import make_targets, position_share
+from d2v2.model.modalities.audio import frame_count
+from d2v2.model.targets import make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
 

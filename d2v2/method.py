@@ -1,8 +1,10 @@
 """One interface for every pretraining method, and the registry that names them.
 
 data2vec 2.0 (`d2v2.data2vec2`) and the baselines (`baselines.*`) all implement
-:class:`PretrainMethod`; the engine, the benchmarks and the workflow only ever talk to this interface,
-so a comparison measures the method, not the plumbing.
+:class:`PretrainMethod` and register themselves with :func:`register_method` when imported (the registry
+imports the modules ``pyproject.toml`` lists as entry points, :mod:`d2v2.plugins`); the engine, the
+benchmarks and the workflow only ever talk to this interface, so a comparison measures the method, not
+the plumbing.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from d2v2.config import Config, ConfigError, merge, validate
+from d2v2.plugins import entry_points
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
@@ -82,7 +85,7 @@ class PretrainMethod(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the shared
         encoder's, its ALiBi scales (METHOD.md#pretraining-recipes)."""
-        from d2v2.modalities.audio import NO_WEIGHT_DECAY
+        from d2v2.model.modalities.audio import NO_WEIGHT_DECAY
 
         return set(NO_WEIGHT_DECAY)
 
@@ -95,9 +98,6 @@ class _Entry:
 
 
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
-# Modules that register methods on import; imported lazily so `d2v2.config` users stay light.
-_PROVIDERS = ("d2v2.data2vec2", "baselines.mae", "baselines.data2vec1", "baselines.mlm", "baselines.wav2vec2",
-              "baselines.hubert", "baselines.wavlm", "baselines.bert")
 
 
 def register_method(modality: str, name: str, config_cls: type[Config],
@@ -112,12 +112,10 @@ def register_method(modality: str, name: str, config_cls: type[Config],
 
 
 def _load_providers() -> None:
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a provider not written yet must not hide the others
-            if err.name != module:
-                raise
+    """Import the modules that register methods (entry points ``d2v2.methods``, :mod:`d2v2.plugins`);
+    imported on first use so that ``d2v2.config`` users stay light."""
+    for module in entry_points("d2v2.methods").values():
+        importlib.import_module(module)
 
 
 def available_methods() -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ Each method is run next to the fairseq model it reproduces:
 
 - ``data2vec2`` (image, audio, text): fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
   with the configuration of our preset; ITS freshly initialised weights are converted with our converter
-  (``d2v2.convert``, so the converter is exercised on a state dict that fairseq itself wrote).
+  (``d2v2.interop.fairseq``, so the converter is exercised on a state dict that fairseq itself wrote).
 - ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
   (examples/data2vec/models/data2vec_text.py).
 - ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
@@ -71,11 +71,11 @@ from baselines.mlm import MLM
 from baselines.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
 from d2v2.config import merge, validate
-from d2v2.convert import convert
+from d2v2.interop.fairseq import convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
-from d2v2.encoder import EncoderConfig
+from d2v2.model.encoder import EncoderConfig
 from d2v2.method import method_config
-from d2v2.modalities.text import BOS, EOS, MASK, PAD
+from d2v2.model.modalities.text import BOS, EOS, MASK, PAD
 
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
@@ -333,7 +333,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) 
 
 # ---- the text baselines: fairseq's RoBERTa encoder under our names -----------------------------------------
 # Our post-LN Block against fairseq's TransformerEncoderLayer (normalize_before=False). fairseq projects
-# q, k and v separately; our fused qkv is their concatenation in that order (d2v2/blocks.py splits the
+# q, k and v separately; our fused qkv is their concatenation in that order (d2v2/model/blocks.py splits the
 # 3*D outputs as (3, heads, head_dim)).
 BLOCK_NAMES = {"norm1": ("self_attn_layer_norm",), "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj",
                                                                  "self_attn.v_proj"),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from baselines.mae import patchify
 from baselines.masking import MASK
 from d2v2.config import ConfigError
-from d2v2.encoder import Encoder
+from d2v2.model.encoder import Encoder
 from d2v2.method import MethodOutput, available_methods, build_method, method_config
 
 BASELINES = [("image", "mae"), ("image", "data2vec1"), ("audio", "data2vec1"), ("text", "data2vec1"),

@@ -13,7 +13,7 @@ from d2v2.config import ConfigError
 from d2v2.data.text import SentencePairs, _truncate_pair, collate
 from d2v2.engine.sampler import WithEpoch
 from d2v2.method import available_methods, build_method, method_config
-from d2v2.modalities.text import BOS, EOS, PAD, TextConfig, TextLocalEncoder
+from d2v2.model.modalities.text import BOS, EOS, PAD, TextConfig, TextLocalEncoder
 
 FIRST = 10                  # line j of the synthetic stream is made of token FIRST + j
 

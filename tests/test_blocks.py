@@ -7,7 +7,7 @@ import torch
 
 from torch import nn
 
-from d2v2.blocks import Attention, Block, alibi_bias, alibi_slopes, conv_channels_last
+from d2v2.model.blocks import Attention, Block, alibi_bias, alibi_slopes, conv_channels_last
 
 SLOPES4 = torch.tensor(alibi_slopes(4))        # m_h of 4 heads
 

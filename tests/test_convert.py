@@ -1,4 +1,4 @@
-"""fairseq data2vec 2.0 checkpoint conversion (d2v2/convert.py).
+"""fairseq data2vec 2.0 checkpoint conversion (d2v2/interop/fairseq.py).
 
 The fairseq side is described here independently of convert.py: ``fairseq_state`` walks OUR modules and
 writes each tensor under the name fairseq's module tree gives it (examples/data2vec/models/data2vec2.py:
@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from d2v2.convert import ConversionError, convert, load_fairseq, main
+from d2v2.interop.fairseq import ConversionError, convert, load_fairseq, main
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.engine.checkpoint import CheckpointError, load_checkpoint
 from d2v2.engine.finetune import _from_checkpoint
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.modalities.image import sincos_2d
+from d2v2.model.encoder import Encoder, EncoderConfig
+from d2v2.model.modalities.image import sincos_2d
 
 CNN = [(16, 10, 5), (16, 3, 2), (24, 3, 2), (24, 2, 2)]
 CNN_SPEC = "[(16, 10, 5)] + [(16, 3, 2)] + [(24, 3, 2)] + [(24,2,2)]"

@@ -7,12 +7,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from d2v2.config import ConfigError
 from d2v2.data.speech import collate_finetune
-from d2v2.encoder import Encoder
+from d2v2.model.encoder import Encoder
 from d2v2.engine import finetune as F
 from d2v2.engine.ftconfig import finetune_config
 from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache
 from d2v2.method import build_method
-from d2v2.modalities.audio import frame_count
+from d2v2.model.modalities.audio import frame_count
 
 LENGTHS = [8000, 5123, 6400, 3001, 7777, 4500]      # samples; 6400 = 20 frames exactly at stride 320
 

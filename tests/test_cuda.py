@@ -25,7 +25,7 @@ BACKEND = {"image": SDPBackend.FLASH_ATTENTION, "audio": SDPBackend.EFFICIENT_AT
 def cuda_batch(method, padded: bool = True) -> dict:
     batch = batch_for(method, batch_size=4)
     if padded and method.modality == "text":
-        from d2v2.modalities.text import PAD
+        from d2v2.model.modalities.text import PAD
         batch["source"][0, -16:] = PAD                      # one padded row: the key-padding mask is used
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 

@@ -7,11 +7,11 @@ import torch
 
 from d2v2.config import ConfigError
 from d2v2.data2vec2 import Data2Vec2
-from d2v2.decoder import Decoder, DecoderConfig
-from d2v2.masking import keep_indices
+from d2v2.model.decoder import Decoder, DecoderConfig
+from d2v2.model.masking import keep_indices
 from d2v2.method import MethodOutput, build_method, method_config
-from d2v2.modalities.audio import WAV2VEC2_CONV
-from d2v2.targets import make_targets, position_share
+from d2v2.model.modalities.audio import WAV2VEC2_CONV
+from d2v2.model.targets import make_targets, position_share
 
 MODALITIES = ["image", "audio", "text"]
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dropout": 0.0, "prenet_dropout": 0.0,

@@ -10,8 +10,8 @@ import torch
 from d2v2.config import ConfigError, validate
 from d2v2.data.speech import (LETTERS, SpeechDataConfig, SpeechFinetuneDataset, SpeechPretrainDataset,
                               collate_finetune, collate_pretrain, ids_to_letters, letters_to_ids,
-                              letters_to_words, prepare_speech, words_to_letters)
-from d2v2.data.speech_synth import _corrupt, coloured_noise, normalise_text
+                              letters_to_words, words_to_letters)
+from d2v2.data.speech_synth import _corrupt, coloured_noise, normalise_text, prepare_speech
 
 TINY = {"num_pretrain": 6, "num_train": 4, "num_valid": 2, "num_test": 4, "num_test_flite": 3}
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from d2v2.ema import EMATeacher, ema_decay
+from d2v2.model.ema import EMATeacher, ema_decay
 from d2v2.method import build_method
-from d2v2.targets import make_targets
+from d2v2.model.targets import make_targets
 
 
 def test_decay_schedule_is_linear_then_constant():

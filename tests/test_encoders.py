@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from d2v2.config import ConfigError, validate
-from d2v2.encoder import Encoder, EncoderConfig
-from d2v2.masking import block_mask, keep_indices, random_mask
-from d2v2.modalities.audio import WAV2VEC2_CONV, frame_count
-from d2v2.modalities.image import sincos_2d
+from d2v2.model.encoder import Encoder, EncoderConfig
+from d2v2.model.masking import block_mask, keep_indices, random_mask
+from d2v2.model.modalities.audio import WAV2VEC2_CONV, frame_count
+from d2v2.model.modalities.image import sincos_2d
 
 SMALL_CONV = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
 

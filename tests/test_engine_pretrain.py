@@ -17,7 +17,7 @@ from torch import nn
 
 from d2v2.config import ConfigError, merge
 from d2v2.data import DataConfig, prepare
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import encoder_state_dict, load_checkpoint
 from d2v2.engine.events import read_events
 from d2v2.engine.optim import OptimConfig, lr_at, param_groups
@@ -186,7 +186,7 @@ def test_every_schedule_is_fitted_to_the_runs_own_budget(tmp_path, data_root, ki
 
 def test_the_anneal_in_updates_stays_an_option():
     from d2v2.data2vec2 import PRESETS
-    from d2v2.ema import teacher_decay
+    from d2v2.model.ema import teacher_decay
     from d2v2.method import method_config
 
     base = method_config("image", "data2vec2", "base")

@@ -11,7 +11,7 @@ import yaml
 from d2v2.analysis.collect import load_metrics
 from d2v2.config import ConfigError
 from d2v2.data.common import MissingDataError
-from d2v2.encoder import Encoder
+from d2v2.model.encoder import Encoder
 from d2v2.engine import evaluate as E
 from d2v2.engine import finetune as F
 from d2v2.engine.checkpoint import load_checkpoint

@@ -7,7 +7,7 @@ from torchaudio.models.wav2vec2.components import LogitGenerator
 
 from d2v2.config import ConfigError
 from d2v2.method import available_methods, build_method, method_config
-from d2v2.modalities.audio import receptive_field
+from d2v2.model.modalities.audio import receptive_field
 
 
 def batch(B=3, seconds=1.0, label_rate=100, classes=20, short_by=0, seed=0):

@@ -11,7 +11,8 @@ import torchaudio
 from baselines.hubert_labels import LayerFeatures, make_labels, mfcc_features
 from d2v2.config import ConfigError, validate
 from d2v2.data import DataConfig, speech_root
-from d2v2.data.speech import LabelFile, load_audio, prepare_speech, read_split
+from d2v2.data.speech import LabelFile, load_audio, read_split
+from d2v2.data.speech_synth import prepare_speech
 from d2v2.engine.pretrain import run
 from d2v2.engine.runconfig import resolve_run_config
 

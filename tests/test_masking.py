@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from d2v2.masking import block_mask, gather_tokens, keep_indices, num_kept, random_mask, scatter_tokens
+from d2v2.model.masking import block_mask, gather_tokens, keep_indices, num_kept, random_mask, scatter_tokens
 
 
 def gen(seed=0):

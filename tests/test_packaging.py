@@ -1,11 +1,16 @@
 """The package installs as described and its two dependency lists agree."""
+import ast
+import importlib
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+
+from d2v2 import MOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +43,49 @@ def test_python_dash_m_entry_point():
     assert "pretrain" in out.stdout and "finetune" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "d2v2", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_moved_module_names_its_new_path(old):
+    with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {MOVED[old]}"):
+        importlib.import_module(old)
+    importlib.import_module(MOVED[old])   # and the new path imports
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules ``path`` imports (at any depth in the file): ``from a.b import c`` is ``a.b.c``
+    when that is a module, else ``a.b``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names}
+    return out & modules
+
+
+def test_no_upward_import_and_no_import_circle():
+    """``d2v2`` never imports ``baselines`` (the registry is filled through entry points, d2v2/plugins.py)
+    and no module imports itself through others (ARCHITECTURE.md#packages)."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in ("d2v2", "baselines") for p in (ROOT / pkg).rglob("*.py")}
+    graph = {m: _imports(p, set(files)) for m, p in files.items()}
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("d2v2")
+                    for d in deps if d.startswith("baselines"))
+    assert not upward, upward
+
+    def circle(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    return path
+                if dep not in seen and not (dep == node.rpartition(".")[0] or node.startswith(dep + ".")):
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+        return None
+
+    circles = {" -> ".join(c) for m in graph if (c := circle(m))}
+    assert not circles, sorted(circles)

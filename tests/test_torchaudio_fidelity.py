@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchaudio.models import wav2vec2_model, wavlm_model
 
-from d2v2.blocks import relative_position_bucket
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.blocks import relative_position_bucket
+from d2v2.model.encoder import Encoder, EncoderConfig
 
 CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2
 D, HEADS, DEPTH = 48, 3, 2

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2v2 import workflow_config as wfc
+from d2v2 import workflow as wfc
+from d2v2.workflow import jobs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -120,10 +121,10 @@ def test_prepare_run_keeps_a_run_with_the_same_config_and_moves_another_aside(tm
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolve_run_config(request).model_dump(mode="json")))
     (run_dir / "checkpoint_last.pt").write_text("resume me")
-    assert wfc.main(["prepare-run", str(run_dir), json.dumps(request)]) == 0     # same config: resume
+    assert jobs.main(["prepare-run", str(run_dir), json.dumps(request)]) == 0     # same config: resume
     assert (run_dir / "checkpoint_last.pt").exists() and json.loads((run_dir / "run.yaml").read_text()) == request
     changed = {**request, "budget": {"kind": "updates", "value": 7}}
-    assert wfc.main(["prepare-run", str(run_dir), json.dumps(changed)]) == 0     # other config: fresh start
+    assert jobs.main(["prepare-run", str(run_dir), json.dumps(changed)]) == 0     # other config: fresh start
     (moved,) = tmp_path.glob("run.replaced-*")
     assert (moved / "checkpoint_last.pt").exists() and not (run_dir / "checkpoint_last.pt").exists()
     assert json.loads((run_dir / "run.yaml").read_text())["budget"]["value"] == 7

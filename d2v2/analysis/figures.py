@@ -230,7 +230,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
 
 
 # Panels of the training-health figures: the loss, then the diagnostics METHOD.md#loss calls the main health
-# signals, plus data2vec 2.0's target position share (d2v2.targets.position_share).
+# signals, plus data2vec 2.0's target position share (d2v2.model.targets.position_share).
 HEALTH_PANELS = {"loss": "training loss (log scale)", "diag.target_var": "target std (per dim.)",
                  "diag.pred_var": "prediction std (per dim.)",
                  "diag.target_pos_share": "target variance explained by position"}

@@ -126,7 +126,7 @@ def prepare(modalities, cfg: DataConfig) -> dict[str, dict]:
 
             out[name] = prepare_text(cfg.root, cfg.text)
         else:
-            from d2v2.data.speech import prepare_speech
+            from d2v2.data.speech_synth import prepare_speech
 
             out[name] = prepare_speech(speech_root(cfg), cfg.speech)
     return out

@@ -4,7 +4,7 @@ Three sources give the same items, so one pipeline serves the embedded corpus an
 
 * ``synth`` (default): the synthesised corpus of :mod:`d2v2.data.speech_synth` (espeak-ng voices with
   noise; held-out espeak voices, a held-out engine (flite) and real recordings (Asterisk) as test sets;
-  DATA.md#speech), written by :func:`prepare_speech` in fairseq's manifest format;
+  DATA.md#speech), written by :func:`d2v2.data.speech_synth.prepare_speech` in fairseq's manifest format;
 * ``manifest``: fairseq manifests (``<split>.tsv``: first line the audio root, then
   ``relative_path<TAB>num_samples``; ``<split>.ltr``: letters, ``|`` ends each word; ``<split>.wrd``),
   as used for LibriSpeech / Libri-light by wav2vec 2.0 and data2vec. One extension: a relative root
@@ -40,7 +40,7 @@ from d2v2.data.common import CorruptDataError, MissingDataError, read_manifest, 
 
 __all__ = [
     "LETTERS", "BLANK", "WORD_SEP", "words_to_letters", "letters_to_words", "letters_to_ids",
-    "ids_to_letters", "SynthConfig", "SpeechDataConfig", "SPLITS", "prepare_speech", "Utterances",
+    "ids_to_letters", "SynthConfig", "SpeechDataConfig", "SPLITS", "source_path", "Utterances",
     "read_fairseq_manifest", "read_librispeech", "read_split", "load_audio", "normalise_waveform", "LabelFile",
     "SpeechPretrainDataset",
     "SpeechFinetuneDataset",
@@ -183,20 +183,6 @@ class SpeechDataConfig(Config):
         return self
 
 
-def prepare_speech(root: Path, cfg: SpeechDataConfig, workers: int | None = None) -> dict:
-    """Make the synthesised corpus under ``root`` if needed and return its manifest (a no-op when cached).
-
-    For the ``manifest`` / ``librispeech`` sources nothing is generated: the paths are checked and a small
-    manifest describing them is returned. ``"skipped"`` says whether existing files were reused.
-    """
-    if cfg.source == "synth":
-        from d2v2.data.speech_synth import build_corpus  # the generator is only needed to prepare
-
-        return build_corpus(Path(root), cfg, workers=workers)
-    key, path = _source_path(cfg)
-    return {"modality": "speech", "source": cfg.source, key: str(path), "skipped": True}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Reading: an index of utterances, from either layout
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +196,8 @@ class Utterances:
     letters: list[str] | None      # fairseq .ltr lines, or None
 
 
-def _source_path(cfg: SpeechDataConfig) -> tuple[str, Path]:
+def source_path(cfg: SpeechDataConfig) -> tuple[str, Path]:
+    """The config key and the checked path of an external speech source (``manifest`` / ``librispeech``)."""
     key = {"manifest": "manifest_dir", "librispeech": "librispeech_root"}[cfg.source]
     hint = "fairseq manifests <split>.tsv/.ltr" if cfg.source == "manifest" else "folder containing LibriSpeech/"
     return key, require_path(getattr(cfg, key), f"data.speech.{key}", hint)
@@ -281,7 +268,7 @@ def read_split(root: Path, cfg: SpeechDataConfig, split: str) -> Utterances:
             raise MissingDataError(f"speech corpus not prepared at {root}: run "
                                    "`python -m d2v2 prepare-data --modalities speech` first")
         return read_fairseq_manifest(Path(root), name)
-    _, path = _source_path(cfg)
+    _, path = source_path(cfg)
     return read_fairseq_manifest(path, name) if cfg.source == "manifest" else read_librispeech(path, name)
 
 

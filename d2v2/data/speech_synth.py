@@ -52,9 +52,9 @@ from scipy.signal import resample_poly
 from d2v2.atomic import atomic_dir, atomic_write_json
 from d2v2.data.common import (MANIFEST, MissingDataError, dpkg_version, file_record, manifest_is_current,
                               read_manifest, require_path)
-from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, words_to_letters
+from d2v2.data.speech import SPLITS, SpeechDataConfig, SynthConfig, source_path, words_to_letters
 
-__all__ = ["build_corpus", "normalise_text", "wordnet_sentences", "coloured_noise"]
+__all__ = ["prepare_speech", "build_corpus", "normalise_text", "wordnet_sentences", "coloured_noise"]
 
 FORMAT_VERSION = 3     # bump when the generator changes what it writes for a given config
 _SYNTH_SPLITS = {"pretrain": "train", "train": "train", "valid": "valid", "test": "test", "test_flite": "test"}
@@ -364,3 +364,15 @@ def build_corpus(root: Path, cfg: SpeechDataConfig, workers: int | None = None) 
                     "workers": workers, "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
     return {**manifest, "skipped": False}
+
+
+def prepare_speech(root: Path, cfg: SpeechDataConfig, workers: int | None = None) -> dict:
+    """Make the synthesised corpus under ``root`` if needed and return its manifest (a no-op when cached).
+
+    For the ``manifest`` / ``librispeech`` sources nothing is generated: the paths are checked and a small
+    manifest describing them is returned. ``"skipped"`` says whether existing files were reused.
+    """
+    if cfg.source == "synth":
+        return build_corpus(Path(root), cfg, workers=workers)
+    key, path = source_path(cfg)
+    return {"modality": "speech", "source": cfg.source, key: str(path), "skipped": True}

@@ -45,7 +45,7 @@ from d2v2.data.common import (
     read_manifest, require_path, sha256_file,
 )
 from d2v2.data.config import DataConfig, TextDataConfig
-from d2v2.modalities.text import BOS, EOS, MASK, PAD, SPECIALS, UNK
+from d2v2.model.modalities.text import BOS, EOS, MASK, PAD, SPECIALS, UNK
 
 __all__ = [
     "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK", "TASKS", "GLUE_TASKS", "TextTokenizer", "read_fairseq_dict",

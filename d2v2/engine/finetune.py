@@ -45,9 +45,9 @@ from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache, ImageClassifier
 from d2v2.engine.optim import OptimConfig, build_optimizer, param_groups, set_lr
 from d2v2.engine.provenance import provenance
 from d2v2.engine.sampler import LengthBucketedBatchSampler
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.method import build_method
-from d2v2.modalities.audio import NO_WEIGHT_DECAY
+from d2v2.model.modalities.audio import NO_WEIGHT_DECAY
 
 __all__ = ["Pretrained", "load_pretrained", "build_encoder", "build_model", "resolve_device", "make_loader", "train",
            "evaluate", "sweep_lr", "finetune", "resolve_config", "main"]
@@ -105,9 +105,9 @@ def load_pretrained(cfg: FinetuneConfig, path: str | Path | None, fmt: str = "d2
     path = Path(path)
     if fmt == "fairseq":
         try:
-            from d2v2.convert import load_fairseq
+            from d2v2.interop.fairseq import load_fairseq
         except ModuleNotFoundError as err:
-            raise CheckpointError(f"{path}: fairseq checkpoints need d2v2.convert ({err})") from None
+            raise CheckpointError(f"{path}: fairseq checkpoints need d2v2.interop.fairseq ({err})") from None
         pre = _from_checkpoint(load_fairseq(path), path)
     else:
         pre = _from_checkpoint(load_checkpoint(path), path)

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from d2v2 import data
-from d2v2.blocks import compile_blocks
+from d2v2.model.blocks import compile_blocks
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed

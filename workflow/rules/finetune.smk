@@ -2,9 +2,6 @@
 # same recipe for every method, plus (optionally) a randomly initialised encoder as the no-pretraining
 # reference. One metrics JSON per fine-tune (docs/ARCHITECTURE.md, "Run directory").
 
-METRICS = PATHS["metrics"]
-
-
 FT_LOG = f"{PATHS['logs']}/finetune/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}/f{{fraction}}"
 
 
@@ -15,8 +12,6 @@ def ft_launch_params(prefix):
 
 
 FT_WRITE_CONFIG = "printf '%s\\n' {params.ft_config:q} > {params.ft_yaml:q} && "
-FT_LAUNCH = wfc.launch_command(config, "finetune", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
-                               job_file="{params.job_file:q}")
 
 
 rule finetune:
@@ -34,7 +29,7 @@ rule finetune:
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        FT_WRITE_CONFIG + FT_LAUNCH
+        FT_WRITE_CONFIG + FINETUNE_LAUNCH
         + " python -m d2v2 finetune --config {params.ft_yaml:q} --checkpoint {params.checkpoint:q} --out {output:q}"
         " > {log:q} 2>&1"
 
@@ -56,4 +51,4 @@ rule finetune_random_init:
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        FT_WRITE_CONFIG + FT_LAUNCH + " python -m d2v2 finetune --config {params.ft_yaml:q} --out {output:q} > {log:q} 2>&1"
+        FT_WRITE_CONFIG + FINETUNE_LAUNCH + " python -m d2v2 finetune --config {params.ft_yaml:q} --out {output:q} > {log:q} 2>&1"

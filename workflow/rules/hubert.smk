@@ -2,7 +2,7 @@
 # (a pretraining run of its own, hubert.iteration1_budget x the run's budget) -> labels of its block
 # `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). audio/wavlm runs train on
 # the default HuBERT run's second labels (METHOD.md#baseline-wavlm). All of it lives in
-# runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow_config.py), cached: a changed cluster
+# runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow/), cached: a changed cluster
 # count re-runs only the labels and runs after it. The label jobs go through the launcher with the
 # fine-tuning jobs' resources (SLURM jobs under --profile slurm; the model's features on a GPU there).
 
@@ -11,10 +11,6 @@ CHAIN_LOGS = f"{PATHS['logs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 
 
 CHAINS = wfc.label_chains(config, RUNS.values())     # chain folder -> the HuBERT run it belongs to
-
-
-LABELS_LAUNCH = wfc.launch_command(config, "finetune", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
-                                   job_file="{params.job_file:q}")
 
 
 def labels_params(iteration):
@@ -43,7 +39,7 @@ rule hubert_labels_mfcc:
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        LABELS_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
+        FINETUNE_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
 
 
 rule hubert_iteration1:
@@ -83,4 +79,4 @@ rule hubert_labels_layer:
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
-        LABELS_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"
+        FINETUNE_LAUNCH + " python -m d2v2 hubert-labels {params.args} > {log:q} 2>&1"

@@ -6,41 +6,6 @@
 # it. The params hold only this run's own config: other runs' edits never re-run it. Plain shell (no
 # `run:` block): a `run:` job would re-parse the whole workflow in a new Snakemake process.
 
-# {sweep}: empty for a full run, "-budget0.250" for a budget sweep's run (d2v2/workflow_config.py)
-RUN_DIR = f"{PATHS['runs']}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}"
-
-
-def run_of(wildcards):
-    return RUNS[f"{wildcards.modality}/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}{wildcards.sweep}"]
-
-
-ON_SLURM = config["launcher"]["backend"] == "slurm"
-
-
-def training_threads(kind):
-    """Cores the rule takes on this machine: the job's threads locally; none while SLURM runs it (the
-    cluster schedules; the slurm profile caps jobs in flight with the `slurm_jobs` resource)."""
-    return 0 if ON_SLURM else config["launcher"][f"{kind}_threads"]
-
-
-wildcard_constraints:
-    modality="image|audio|text",
-    method="[A-Za-z0-9_]+",
-    variant="[^/]+",
-    seed=r"\d+",
-    sweep=r"(-budget\d\.\d{3})?",
-    fraction=r"\d\.\d{3}",
-
-
-# The command of a pretraining job, from the rule's params (the pretrain rule's and HuBERT's iteration 1).
-PRETRAIN_SHELL = (
-    "python -m d2v2.workflow_config prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
-    + wfc.launch_command(config, "pretrain", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
-                         job_file="{params.job_file:q}")
-    + " python -m d2v2 pretrain --config {params.run_config:q} --out {params.run_dir:q} >> {log:q} 2>&1"
-)
-
-
 def pretrain_inputs(w):
     """The prepared data, and a HuBERT or WavLM run's labels (its chain, rules/hubert.smk)."""
     inputs = [f"{PATHS['results']}/data/prepared_{wfc.DATA_MODALITY[w.modality]}.txt"]

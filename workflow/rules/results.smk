@@ -1,16 +1,6 @@
 # Results: the resolved config, the tidy tables (d2v2 collect) and the figures + report (d2v2 report).
 # Figures and tables carry report() annotations for `snakemake --report report.html`.
 
-RESULTS = PATHS["results"]
-
-
-def all_metrics():
-    files = [f"{METRICS}/{run.key}/f{wfc.fraction_tag(fraction)}.json" for run in RUNS.values()
-             for fraction in wfc.finetune_fractions(config, run)]
-    if config["finetune_random_init"]:
-        files += [f"{METRICS}/{m}/random_init/seed{s}.json" for m in config["modalities"] for s in config["seeds"]]
-    return files
-
 
 rule resolved_config:
     output:

@@ -1,25 +1,6 @@
-"""The workflow's run matrix and its DAG-build-time validation (used by the Snakefile).
-
-The workflow config (``config/config.yaml`` laid over ``config/presets/<preset>.yaml``, shape checked by
-``workflow/schemas/config.schema.yaml``) names modalities, methods per modality, seeds, one matched
-budget per modality, the checkpoint fractions, the fine-tuning task per modality and ablations. This
-module turns it into runs and per-run configs, and validates every one of them with the engine's own
-models (:func:`d2v2.engine.runconfig.resolve_run_config`, :func:`d2v2.engine.ftconfig.finetune_config`)
-before Snakemake schedules anything: a bad key, an impossible value or a missing data path fails the
-whole workflow at DAG-build time with a message that names the key.
-
-Ablations: ``ablations: {image: {data2vec2: {num_masks: [1, 2, 4], decoder.depth: [1, 3]}}}`` adds
-variant runs next to each method's ``default`` run. ``ablation_mode: one_at_a_time`` (default; the
-paper's ablations, METHOD.md#paper-results) varies one field at a time (variants ``num_masks=1``, ``num_masks=2``,
-..., ``decoder.depth=3``); ``grid`` runs every combination (``decoder.depth=1,num_masks=2``). Paths
-hold modality/method/variant/seed, so variants never share outputs, and each run's Snakemake params
-hold only that run's own config: editing an ablation list adds or removes only the affected jobs.
-
-Budget sweeps (the paper's protocol, PROTOCOL.md#protocols): ``budget_sweep: {image: [0.125, 0.25, 0.5, 1.0]}``
-adds, for every run of the modality, a separate run per listed fraction ``s < 1`` of the modality's budget,
-with every schedule fitted to its own budget ``s x budget`` and only its final checkpoint kept and
-fine-tuned (``.../seed0-budget0.250``); the full-budget run (``.../seed0``) is the sweep's point at 1.0 and
-still gives the anytime points (its checkpoints at ``checkpoint_fractions``).
+"""The workflow's runs and their configs: the run matrix (methods x ablation variants x seeds x budget sweep),
+each run's pretraining and fine-tuning config, and HuBERT's label chain (the package docstring has the whole
+picture).
 """
 from __future__ import annotations
 
@@ -27,23 +8,18 @@ import copy
 import itertools
 import json
 import re
-import shlex
-import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from d2v2.atomic import atomic_write_json
-from d2v2.config import ConfigError, merge
+from d2v2.config import merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "validate_workflow", "fraction_tag", "launch_command", "prepare_run_dir", "DATA_MODALITY", "active_data",
-           "LABEL_CHAIN_METHODS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
-           "hubert_iteration1_config"]
+           "fraction_tag", "budget_sweep", "DATA_MODALITY", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
+           "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
 
 DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
 
@@ -284,20 +260,20 @@ def hubert_labels_args(config: Mapping[str, Any], run: Run, iteration: int) -> l
 def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], iteration: int) -> dict[str, Any]:
     """``cfg`` (a HuBERT or WavLM run config) reading ``run``'s labels of ``iteration``: their file, cluster
     count and rate (MFCCs: 100 per second; a model's layer: its frame rate)."""
-    from baselines.hubert import MFCC_RATE, HubertConfig
     from d2v2.config import validate
     from d2v2.data import SpeechDataConfig
     from d2v2.method import method_config
-    from d2v2.modalities.audio import receptive_field
+    from d2v2.model.modalities.audio import receptive_field
 
     sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
+    method = method_config(run.modality, run.method, config["preset"], cfg["method"]["overrides"])
+    defaults = type(method).model_fields                 # HuBERT's and WavLM's: MFCC labels at 16 kHz
     if iteration == 1:
-        rate = MFCC_RATE
+        rate = defaults["label_rate"].default
     else:
-        encoder = method_config(run.modality, run.method, config["preset"], cfg["method"]["overrides"]).encoder
-        rate = sample_rate / receptive_field(encoder.audio.conv_layers)[1]
+        rate = sample_rate / receptive_field(method.encoder.audio.conv_layers)[1]
     labels = {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}
-    if sample_rate != HubertConfig.model_fields["sample_rate"].default:    # the frames' labels need the data's rate
+    if sample_rate != defaults["sample_rate"].default:    # the frames' labels need the data's rate
         labels["sample_rate"] = sample_rate
     return merge(cfg, {
         "method": {"overrides": labels},
@@ -352,190 +328,3 @@ def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> 
         "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
         "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
     })
-
-
-def _check_data(config: Mapping[str, Any], modalities) -> None:
-    """The data config is valid and the external data it points at exists (the embedded data is made by
-    prepare-data, so only its sources are checked)."""
-    from d2v2.config import validate
-    from d2v2.data import DataConfig
-    from d2v2.data.common import MissingDataError, require_path
-
-    try:
-        data = validate(DataConfig, active_data(config), where="data")
-    except ConfigError as err:
-        raise WorkflowConfigError(str(err)) from None
-    checks = []
-    if "image" in modalities:
-        if data.image.dataset == "imagenet":
-            checks.append(("data.image.imagenet_dir", data.image.imagenet_dir))
-        else:
-            checks.append(("data.image.fmnist_source", data.image.fmnist_source))
-    if "audio" in modalities:
-        if data.speech.source == "manifest":
-            checks.append(("data.speech.manifest_dir", data.speech.manifest_dir))
-        elif data.speech.source == "librispeech":
-            checks.append(("data.speech.librispeech_root", data.speech.librispeech_root))
-    if "text" in modalities and data.text.corpus == "raw":
-        checks += [("data.text.gpt2_vocab", data.text.gpt2_vocab), ("data.text.gpt2_merges", data.text.gpt2_merges)]
-        checks += [(f"data.text.train_shards[{i}]", p) for i, p in enumerate(data.text.train_shards)]
-        checks += [(f"data.text.valid_shards[{i}]", p) for i, p in enumerate(data.text.valid_shards)]
-        if data.text.glue_dir is not None:
-            checks.append(("data.text.glue_dir", data.text.glue_dir))
-    for key, path in checks:
-        try:
-            require_path(path, key)
-        except MissingDataError as err:
-            raise WorkflowConfigError(f"missing data: {err}") from None
-
-
-def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
-    """Validate everything a run needs, before any job is scheduled; return the runs.
-
-    Raises :class:`WorkflowConfigError` naming the key (``budget.audio``, ``methods.text``,
-    ``ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth: ...``, ``slurm.partition``).
-    """
-    from d2v2.engine.ftconfig import finetune_config
-    from d2v2.engine.runconfig import resolve_run_config
-
-    for modality in config["modalities"]:
-        if not config["methods"].get(modality):
-            raise WorkflowConfigError(f"methods.{modality}: no methods listed for modality '{modality}'")
-        if modality not in config["budget"]:
-            raise WorkflowConfigError(f"budget.{modality}: missing (one matched budget per modality: kind + value)")
-    for modality, per_method in config["ablations"].items():
-        for method in per_method:
-            if method not in config["methods"].get(modality, []):
-                raise WorkflowConfigError(f"ablations.{modality}.{method}: '{method}' is not in methods.{modality}")
-    if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
-        raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
-                                  "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
-    for modality in config.get("budget_sweep", {}):
-        budget_sweep(config, modality)
-    for modality, fractions in config.get("finetune_fractions", {}).items():
-        extra = sorted(set(fractions) - set(config["checkpoint_fractions"]))
-        if extra:
-            raise WorkflowConfigError(f"finetune_fractions.{modality}: {extra} not in checkpoint_fractions "
-                                      f"{list(config['checkpoint_fractions'])}")
-    _check_data(config, config["modalities"])
-    try:
-        runs = expand_runs(config)
-    except WorkflowConfigError as err:
-        raise WorkflowConfigError(f"ablations: {err}") from None
-    for run in runs:
-        try:
-            resolve_run_config(run_config(config, run))
-        except ConfigError as err:
-            if run.variant != "default":
-                where = f"ablations.{run.modality}.{run.method} variant {run.variant}"
-            elif str(err).startswith("method:"):
-                where = f"methods.{run.modality}"
-            else:
-                where = f"pretrain ({run.modality}/{run.method})"
-            raise WorkflowConfigError(f"{where}: {err}") from None
-    for owner in label_chains(config, runs).values():
-        _check_hubert(config, owner)
-    for run in {r.modality: r for r in runs}.values():
-        try:
-            finetune_config(finetune_request(config, run, 1.0))
-        except ConfigError as err:
-            raise WorkflowConfigError(f"finetune.{run.modality}: {err}") from None
-        if config["finetune_random_init"]:
-            try:
-                finetune_config(random_init_request(config, run.modality, run.seed))
-            except ConfigError as err:
-                raise WorkflowConfigError(f"finetune.{run.modality} (random init): {err}") from None
-    return runs
-
-
-def _check_hubert(config: Mapping[str, Any], run: Run) -> None:
-    """The label chain of a HuBERT run: its iteration-1 config and the layer it clusters exist."""
-    from d2v2.engine.runconfig import resolve_run_config
-    from d2v2.method import method_config
-
-    try:
-        cfg = resolve_run_config(hubert_iteration1_config(config, run))
-    except ConfigError as err:
-        raise WorkflowConfigError(f"hubert (iteration 1 of {run.key}): {err}") from None
-    depth = method_config(run.modality, HUBERT, config["preset"], cfg.method.overrides).encoder.depth
-    if config["hubert"]["layer"] > depth:
-        raise WorkflowConfigError(f"hubert.layer: {config['hubert']['layer']} but the {config['preset']} "
-                                  f"encoder has {depth} blocks")
-
-
-def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
-                   job_file: str | None = None) -> str:
-    """The ``python -m d2v2 launch ... --`` prefix of a training rule's shell command (kind: pretrain|finetune).
-
-    A Snakemake shell template: ``name``, ``folder`` and ``job_file`` are inserted as given, as shell words
-    (the rules pass quoted placeholders such as ``{params.job_file:q}``); everything taken from the config
-    is shell-quoted and has its braces escaped.
-    """
-    def lit(value: Any) -> str:
-        return str(value).replace("{", "{{").replace("}", "}}")
-
-    launcher = config["launcher"]
-    threads = launcher[f"{kind}_threads"]
-    args = [lit(sys.executable), "-m", "d2v2", "launch", "--backend", launcher["backend"], "--threads", str(threads)]
-    if launcher["backend"] == "slurm":
-        slurm = config["slurm"]
-        res = dict(slurm.get(kind, {}))
-        opts = {"partition": slurm["partition"], "account": slurm.get("account"), "qos": slurm.get("qos"),
-                "constraint": slurm.get("constraint"), "cpus_per_task": threads}
-        opts.update({k: v for k, v in res.items() if k not in ("setup", "sbatch") and v is not None})
-        args += ["--name", "{name}", "--folder", "{folder}", "--poll-s", str(launcher["poll_s"])]
-        for key, value in opts.items():
-            if value is not None:
-                args += ["--" + key.replace("_", "-"), lit(value)]
-        for line in list(slurm.get("setup", [])) + list(res.get("setup", [])):
-            args += ["--setup", lit(line)]
-        for key, value in merge(slurm.get("sbatch", {}), res.get("sbatch", {})).items():
-            args += ["--sbatch", lit(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")]
-        if job_file:
-            args += ["--job-file", "{job_file}"]
-        if kind == "pretrain":
-            args += ["--checkpointable", "--grace-s", str(launcher["grace_s"])]
-    words = {"{name}": name, "{folder}": folder, "{job_file}": job_file}
-    return " ".join(words.get(arg) or shlex.quote(arg) for arg in args) + " --"
-
-
-def prepare_run_dir(run_dir: str | Path, request: Mapping[str, Any]) -> Path | None:
-    """Make ``run_dir`` ready for ``request``: a run dir holding another config is moved aside.
-
-    The pretraining runner resumes a run dir only with the same config (and refuses otherwise). When
-    Snakemake re-runs a run because its config changed, the old run is kept as
-    ``<run_dir>.replaced-<UTC time>`` (never deleted) and the new one starts fresh. Returns the new
-    location of the old run, if one was moved.
-    """
-    from d2v2.engine.runconfig import config_differences, resolve_run_config
-
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return None
-    new = resolve_run_config(request).model_dump(mode="json")
-    if not config_differences(yaml.safe_load(saved.read_text()) or {}, new):
-        return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
-    run_dir.rename(moved)
-    return moved
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m d2v2.workflow_config prepare-run RUN_DIR REQUEST_JSON``: what the pretrain rule runs before
-    launching: move a run dir holding another config aside (:func:`prepare_run_dir`), write ``RUN_DIR/run.yaml``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] != "prepare-run":
-        print("usage: python -m d2v2.workflow_config prepare-run RUN_DIR REQUEST_JSON", file=sys.stderr)
-        return 2
-    run_dir, request = Path(args[1]), json.loads(args[2])
-    moved = prepare_run_dir(run_dir, request)
-    if moved is not None:
-        print(f"{run_dir}: its config changed; the previous run was moved to {moved}")
-    atomic_write_json(run_dir / "run.yaml", request)        # JSON is YAML
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

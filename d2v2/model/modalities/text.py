@@ -8,7 +8,7 @@ from torch import nn
 import pydantic
 
 from d2v2.config import Config
-from d2v2.modalities import ContextEncoder
+from d2v2.model.modalities import ContextEncoder
 
 __all__ = ["TextConfig", "TextLocalEncoder", "TextContextEncoder", "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK"]
 

@@ -17,13 +17,13 @@ import pydantic
 import torch
 from torch import nn
 
-from d2v2.blocks import Block, RelativePositionBias, init_bert_params
+from d2v2.model.blocks import Block, RelativePositionBias, init_bert_params
 from d2v2.config import Config
-from d2v2.masking import gather_tokens, keep_indices
-from d2v2.modalities import ContextEncoder
-from d2v2.modalities.audio import AudioConfig, AudioContextEncoder, AudioLocalEncoder
-from d2v2.modalities.image import ImageConfig, ImageContextEncoder, ImageLocalEncoder
-from d2v2.modalities.text import TextConfig, TextContextEncoder, TextLocalEncoder
+from d2v2.model.masking import gather_tokens, keep_indices
+from d2v2.model.modalities import ContextEncoder
+from d2v2.model.modalities.audio import AudioConfig, AudioContextEncoder, AudioLocalEncoder
+from d2v2.model.modalities.image import ImageConfig, ImageContextEncoder, ImageLocalEncoder
+from d2v2.model.modalities.text import TextConfig, TextContextEncoder, TextLocalEncoder
 
 __all__ = ["RelativePositionConfig", "EncoderConfig", "Encoder", "EncoderOutput", "Prepared"]
 
@@ -160,7 +160,7 @@ class Encoder(nn.Module):
         """Apply ``mask`` (True = masked) to local features and run the context encoder.
 
         ``sparse=True`` drops masked tokens (every row must mask the same number; ``keep``: the visible
-        positions, d2v2.masking.mask_indices, else found from ``mask``); ``sparse=False`` replaces them by
+        positions, d2v2.model.masking.mask_indices, else found from ``mask``); ``sparse=False`` replaces them by
         ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise).
         """
         ctx = self.context_encoder

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from d2v2.config import Config
-from d2v2.modalities import ContextEncoder
+from d2v2.model.modalities import ContextEncoder
 
 __all__ = ["ImageConfig", "ImageLocalEncoder", "ImageContextEncoder", "sincos_2d"]
 

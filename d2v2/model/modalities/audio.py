@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from d2v2.blocks import alibi_bias, alibi_slopes, conv_channels_last
+from d2v2.model.blocks import alibi_bias, alibi_slopes, conv_channels_last
 from d2v2.config import Config
-from d2v2.modalities import ContextEncoder
+from d2v2.model.modalities import ContextEncoder
 
 __all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "NO_WEIGHT_DECAY",
            "frame_count", "receptive_field"]
@@ -50,7 +50,7 @@ def receptive_field(conv_layers: list[tuple[int, int, int]]) -> tuple[int, int]:
 
 class _ConvLayer(nn.Module):
     """Conv1d (no bias, kaiming-normal) -> LayerNorm over channels (affine, fp32) -> GELU, on frames-last
-    (B, T, C) input (:func:`~d2v2.blocks.conv_channels_last`: fairseq's ``ConvFeatureExtractionModel``
+    (B, T, C) input (:func:`~d2v2.model.blocks.conv_channels_last`: fairseq's ``ConvFeatureExtractionModel``
     computes the same in (B, C, T), with a copy at every transpose)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):

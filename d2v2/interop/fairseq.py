@@ -55,7 +55,7 @@ import torch
 from d2v2.config import ConfigError, validate
 from d2v2.data.common import sha256_file
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
-from d2v2.encoder import Encoder, EncoderConfig
+from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import CheckpointError, save_checkpoint
 
 __all__ = ["ConversionError", "ConversionInfo", "read_fairseq_checkpoint", "fairseq_model_config",

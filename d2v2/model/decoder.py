@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.blocks import conv_channels_last
+from d2v2.model.blocks import conv_channels_last
 from d2v2.config import Config
-from d2v2.masking import scatter_tokens
+from d2v2.model.masking import scatter_tokens
 
 __all__ = ["DecoderConfig", "Decoder"]
 
