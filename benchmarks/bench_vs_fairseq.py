@@ -117,9 +117,9 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
 
     def ours_block(steps: int) -> None:
         for _ in range(steps):
-            before = trainer._loss_sum.clone()
+            before = trainer.stats.loss_sum.clone()
             trainer.train_step(ours_batches)
-            losses["ours"].append(trainer._loss_sum - before)
+            losses["ours"].append(trainer.stats.loss_sum - before)
 
     def fs_block(steps: int) -> None:
         for _ in range(steps):

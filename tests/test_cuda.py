@@ -79,7 +79,7 @@ def test_a_training_step_does_not_synchronise(tmp_path, modality, name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert trainer.updates == 2 and torch.isfinite(trainer._loss_sum)
+    assert trainer.updates == 2 and torch.isfinite(trainer.stats.loss_sum)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

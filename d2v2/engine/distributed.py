@@ -17,8 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main", "rank", "world_size", "barrier", "all_reduce_mean", "cleanup",
-           "local_rank"]
+__all__ = ["init_distributed", "is_main", "rank", "world_size", "barrier", "all_reduce_mean", "agree_max",
+           "cleanup", "local_rank"]
 
 
 def _slurm_multi_task() -> bool:
@@ -78,6 +78,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def agree_max(values: list[float], group) -> list[float]:
+    """The element-wise maximum of every process' ``values``: one all-reduce in ``group`` (a CPU group, so
+    that agreeing costs no device sync); ``values`` as they are when ``group`` is None (one process)."""
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
 
 
 def cleanup() -> None:

@@ -56,6 +56,7 @@ from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
 from d2v2.engine.flops import count_flops, peak_flops, utilisation
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
+from d2v2.engine.progress import IntervalStats, progress_bar
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
@@ -64,7 +65,6 @@ from d2v2.method import CollapseError, PretrainMethod, build_method, method_data
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
 EXIT_DIVERGED = 3
-NEVER = 2**62           # "no non-finite update yet"
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -187,7 +187,13 @@ class Pretrainer:
         self.last_good: str | None = None
         self.resumed_from: Path | None = None
         self._signal: int | None = None
-        self._reset_step_state()
+        # set again when the loop starts (after a resume): its events, data order, statistics, bar
+        self.events: EventLog | None = None
+        self.provenance: dict[str, Any] = {}
+        self.sampler: ResumableBatchSampler | None = None
+        self.stats = IntervalStats(self.device, self.updates, self.tokens, 0.0)
+        self.bar = None
+        self._last_saved_e2e = 0.0
 
     # ------------------------------------------------------------------ budget and progress
     @property
@@ -341,18 +347,16 @@ class Pretrainer:
     def _warn(self, message: str) -> None:
         if self.main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
-            if hasattr(self, "events"):
+            if self.events is not None:
                 with contextlib.suppress(OSError):      # a full disk must not hide the error being reported
                     self.events.log("warning", message)
 
     def check_finite(self) -> None:
         """Raise :class:`Diverged` if any update so far had a non-finite loss or gradient norm (one sync);
         every process learns of a divergence on any of them, so all stop together."""
-        if self.world > 1:
-            dist.all_reduce(self._first_bad, op=dist.ReduceOp.MIN)
-        first_bad = int(self._first_bad)
-        if first_bad < NEVER:
-            diagnostics = {k: float(v) for k, v in self._last_logs.items()}
+        first_bad = self.stats.first_non_finite(self.world)
+        if first_bad is not None:
+            diagnostics = {k: float(v) for k, v in self.stats.last_logs.items()}
             last = self.last_good or "none (no checkpoint was written)"
             raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
                            f"update: {diagnostics}; last good checkpoint: {last}")
@@ -362,43 +366,31 @@ class Pretrainer:
         self.check_finite()
         self._count_tokens()
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
-        n = self.updates - self._interval_start_updates
+        n = self.updates - self.stats.start_updates
         snapshot = self.method.log_snapshot()          # read now, once per interval (not averaged)
-        sums = torch.stack([self._loss_sum, self._gnorm_sum, *self._log_sums.values()])
-        distributed.all_reduce_mean(sums)
-        values = (sums / max(n, 1)).tolist()
-        seconds = max(train - self._interval_start_train, 1e-9)
-        tokens = self.tokens - self._interval_start_tokens
+        loss, gnorm, diagnostics = self.stats.means(self.updates)
+        seconds = max(train - self.stats.start_train_s, 1e-9)
+        tokens = self.tokens - self.stats.start_tokens
         record = {
             "updates": self.updates, "train_samples": self.samples, "epoch": self.epochs,
             "budget_fraction": self.fraction, "train_time_s": train, "e2e_time_s": e2e,
             "train_cpu_s": self.clock.train_cpu_s(sync=False),
-            "loss": values[0], "lr": self.lr, "grad_norm": values[1],
-            "diagnostics": {**dict(zip(self._log_sums, values[2:])),
-                            **{k: v / max(n, 1) for k, v in self._host_log_sums.items()},
-                            **{k: float(v) for k, v in snapshot.items()}},
+            "loss": loss, "lr": self.lr, "grad_norm": gnorm,
+            "diagnostics": {**diagnostics, **{k: float(v) for k, v in snapshot.items()}},
             "throughput": {"samples_per_s": n * self.global_batch / seconds,
                            "tokens_per_s": tokens / seconds, "updates_per_s": n / seconds},
         }
         if self.main:
             self.events.log("train_progress", record)
             self.segments.update(self.clock)
-            line = (f"update {self.updates} ({100 * self.fraction:.1f}%) loss {values[0]:.4f} "
-                    f"lr {record['lr']:.3g} gnorm {values[1]:.3g} "
+            line = (f"update {self.updates} ({100 * self.fraction:.1f}%) loss {loss:.4f} "
+                    f"lr {record['lr']:.3g} gnorm {gnorm:.3g} "
                     f"{record['throughput']['samples_per_s']:.1f} samples/s train {train:.1f}s")
             if self.bar is not None:
                 self.bar.set_postfix_str(line, refresh=False)
             else:
                 print(line, flush=True)
-        self._reset_interval()
-
-    def _reset_interval(self) -> None:
-        zero = torch.zeros((), device=self.device)
-        self._loss_sum, self._gnorm_sum = zero.clone(), zero.clone()
-        self._log_sums = {k: zero.clone() for k in self._log_sums}
-        self._host_log_sums = {k: 0.0 for k in self._host_log_sums}
-        self._interval_start_updates, self._interval_start_tokens = self.updates, self.tokens
-        self._interval_start_train = self.clock.train_time_s(sync=False)
+        self.stats.reset(self.updates, self.tokens, self.clock.train_time_s(sync=False))
 
     def write_summary(self, status: str, train: float, e2e: float) -> dict[str, Any]:
         record = self.pretrain_record(train, e2e)
@@ -436,25 +428,10 @@ class Pretrainer:
 
     def _agree(self, fraction: float, save_due: bool) -> tuple[float, bool, bool]:
         """All processes adopt the largest fraction / any stop or save request (one CPU all-reduce)."""
-        flags = [fraction, float(self._signal is not None), float(save_due)]
-        if self.control is not None:
-            t = torch.tensor(flags, dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-            flags = t.tolist()
-            if flags[1] and self._signal is None:
-                self._signal = signal.SIGTERM
+        flags = distributed.agree_max([fraction, float(self._signal is not None), float(save_due)], self.control)
+        if flags[1] and self._signal is None:       # another process was signalled: stop as if this one was
+            self._signal = signal.SIGTERM
         return flags[0], bool(flags[1]), bool(flags[2])
-
-    def _reset_step_state(self) -> None:
-        """What :meth:`train_step` accumulates on the device between host reads: loss and log sums of the
-        interval, whether any step was non-finite and the first such update (synchronised only at logging)."""
-        self._log_sums: dict[str, torch.Tensor] = {}
-        self._host_log_sums: dict[str, float] = {}
-        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._first_bad = torch.full((), NEVER, dtype=torch.long, device=self.device)   # first bad update
-        self._update_counter = torch.full((), self.updates, dtype=torch.long, device=self.device)
-        self._last_logs: dict[str, Any] = {}
-        self._reset_interval()
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -485,33 +462,19 @@ class Pretrainer:
                     raise Diverged(f"{err} (update {self.updates + 1}); last good checkpoint: "
                                    f"{self.last_good or 'none (no checkpoint was written)'}") from None
             self.scaler.scale(output.loss / accum).backward()
-            loss = output.loss.detach().float()
-            self._loss_sum += loss / accum
-            self._bad |= ~torch.isfinite(loss)
-            for key, value in output.logs.items():   # tensors summed on the device, numbers on the host
-                if torch.is_tensor(value):
-                    if key not in self._log_sums:
-                        self._log_sums[key] = torch.zeros((), device=self.device)
-                    self._log_sums[key] += value.detach().float() / accum
-                else:
-                    self._host_log_sums[key] = self._host_log_sums.get(key, 0.0) + float(value) / accum
-            self._last_logs = output.logs
+            self.stats.add_forward(output.loss, output.logs, accum)
             self._local_tokens += self.method.encoder_tokens(batch)
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         gnorm = torch.nn.utils.get_total_norm(grads)
         if self.cfg.optim.clip_grad is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.clip_grad, gnorm)
-        if not self.scaler.is_enabled():   # with fp16 an overflow is the loss scaler's business
-            self._bad |= ~torch.isfinite(gnorm)
-        self._gnorm_sum += gnorm.detach().float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         self.method.after_step(self.updates, self._teacher_fraction())
-        self._update_counter += 1
-        self._first_bad = torch.where(self._bad, torch.minimum(self._first_bad, self._update_counter), self._first_bad)
+        self.stats.add_update(gnorm, check_gnorm=not self.scaler.is_enabled())
 
     def _teacher_fraction(self) -> float:
         """The budget fraction the EMA schedule reads after an update: exact for counted budgets; on a clock,
@@ -562,9 +525,9 @@ class Pretrainer:
             self.segments.begin(job_id(), self.provenance["host"], self.clock)
         in_main_thread = threading.current_thread() is threading.main_thread()   # where Python delivers signals
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS} if in_main_thread else {}
-        self._reset_step_state()
+        self.stats = IntervalStats(self.device, self.updates, self.tokens, self.clock.train_time_s(sync=False))
         self._last_saved_e2e = self.clock.e2e_time_s(sync=False)
-        self.bar = self._progress_bar()
+        self.bar = progress_bar(self.cfg.progress, self.main, self.fraction)
         self.method.train()
         status, exit_code, batches = "success", 0, None
         try:
@@ -616,15 +579,6 @@ class Pretrainer:
     def _near_end(self) -> bool:
         """Time budgets: sync the device only when the host clock says the budget is nearly spent."""
         return self.budget_fraction(sync=False) >= 0.99
-
-    def _progress_bar(self):
-        show = self.cfg.progress
-        if show == "auto":
-            show = sys.stdout.isatty() and "SLURM_JOB_ID" not in os.environ
-        if not (show and self.main):
-            return None
-        from tqdm import tqdm
-        return tqdm(total=1000, initial=int(1000 * min(self.fraction, 1.0)), unit="‰", dynamic_ncols=True)
 
     def _remove_stale_temporaries(self) -> None:
         for leftover in remove_stale_temporaries(self.out) + remove_stale_temporaries(self.out / "checkpoints"):
