@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest",
-           "previous_path", "remove_stale_temporaries", "encoder_state_dict"]
+           "previous_path", "remove_stale_temporaries", "pretraining_checkpoint", "encoder_state_dict"]
 
 FORMAT = "d2v2-checkpoint"
 VERSION = 1
@@ -135,6 +135,21 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu") -> t
         except CheckpointError as err:
             problems.append(str(err))
     raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
+
+
+def pretraining_checkpoint(*, identity: dict[str, Any], method_config: dict[str, Any] | None, encoder: torch.nn.Module,
+                           encoder_prefix: str, model: dict[str, torch.Tensor], pretrain: dict[str, Any],
+                           budget_fraction: float | None, fraction_consumed: float, provenance: dict[str, Any] | None,
+                           **resume: Any) -> dict[str, Any]:
+    """The layout of a pretraining checkpoint, defined once (ARCHITECTURE.md, "Pretraining runner"):
+    the keys fine-tuning reads (``identity {modality, method, preset, seed}``, the method and encoder configs,
+    ``model`` with the encoder's weights under ``encoder_prefix``, the clocks in ``pretrain``, the budget
+    fraction) and ``resume``, what the runner continues from (optimiser, RNGs, data position, ...). The
+    pretraining runner writes both parts, the fairseq converter the first."""
+    return {"kind": "pretrain", "identity": identity, "method_config": method_config,
+            "encoder_config": encoder.cfg.model_dump(mode="json"), "encoder_prefix": encoder_prefix,
+            "model": model, "pretrain": pretrain, "budget_fraction": budget_fraction,
+            "fraction_consumed": fraction_consumed, "provenance": provenance, **resume}
 
 
 def encoder_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ from d2v2.model.blocks import compile_blocks
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
-from d2v2.engine.checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
+from d2v2.engine.checkpoint import load_latest, pretraining_checkpoint, remove_stale_temporaries, save_checkpoint
 from d2v2.engine.clock import RunClock, SegmentTable, input_costs, process_start_time
 from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
@@ -253,33 +253,29 @@ class Pretrainer:
         if self.world > 1:
             rng_all = [None] * self.world
             dist.all_gather_object(rng_all, rng, group=self.control)
-        m, encoder = self.cfg.method, self.method.encoder()
+        m = self.cfg.method
         epoch, batch = self.sampler.position(self.updates * self.cfg.grad_accum)
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
-        return {
-            "kind": "pretrain",
-            "identity": {"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed},
-            "method_config": self.method.cfg.model_dump(mode="json"),
-            "encoder_config": encoder.cfg.model_dump(mode="json"),
-            "encoder_prefix": self._encoder_prefix(),
-            "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "schedule": {"fraction": self.fraction, "lr": self.cfg.optim.lr_at(self.fraction)},
-            "rng": rng_all,
-            "data_position": {"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
-            "progress": {"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done,
-                         "flops_per_update": self.flops_per_update, "data_wait_s": self.data_wait_s},
-            "clock": {"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False)},
-            "pretrain": self.pretrain_record(train, e2e),
-            "budget": self.cfg.budget.model_dump(),
-            "budget_fraction": budget_fraction,
-            "fraction_consumed": self.fraction,
-            "segments": self.segments.rows,
-            "world_size": self.world,
-            "config": self.cfg.model_dump(mode="json"),
-            "provenance": self.provenance,
-        }
+        return pretraining_checkpoint(
+            identity={"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed},
+            method_config=self.method.cfg.model_dump(mode="json"), encoder=self.method.encoder(),
+            encoder_prefix=self._encoder_prefix(), model=self.method.state_dict(),
+            pretrain=self.pretrain_record(train, e2e), budget_fraction=budget_fraction,
+            fraction_consumed=self.fraction, provenance=self.provenance,
+            # what restore() reads back
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            schedule={"fraction": self.fraction, "lr": self.cfg.optim.lr_at(self.fraction)},
+            rng=rng_all,
+            data_position={"epoch": epoch, "batch": batch, "micro_batches": self.updates * self.cfg.grad_accum},
+            progress={"updates": self.updates, "tokens": self.tokens, "fractions_done": self.fractions_done,
+                      "flops_per_update": self.flops_per_update, "data_wait_s": self.data_wait_s},
+            clock={"train_time_s": train, "e2e_time_s": e2e, "train_cpu_s": self.clock.train_cpu_s(sync=False)},
+            budget=self.cfg.budget.model_dump(),
+            segments=self.segments.rows,
+            world_size=self.world,
+            config=self.cfg.model_dump(mode="json"),
+        )
 
     def save(self, path: Path, budget_fraction: float | None = None, keep_previous: bool = False) -> None:
         """Write a checkpoint (all processes join; rank 0 writes), outside the train clock."""

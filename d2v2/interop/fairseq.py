@@ -56,7 +56,7 @@ from d2v2.config import ConfigError, validate
 from d2v2.data.common import sha256_file
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.model.encoder import Encoder, EncoderConfig
-from d2v2.engine.checkpoint import CheckpointError, save_checkpoint
+from d2v2.engine.checkpoint import CheckpointError, pretraining_checkpoint, save_checkpoint
 
 __all__ = ["ConversionError", "ConversionInfo", "read_fairseq_checkpoint", "fairseq_model_config",
            "data2vec2_config", "convert", "to_checkpoint", "load_fairseq", "main"]
@@ -568,24 +568,18 @@ def to_checkpoint(model: Data2Vec2 | Encoder, info: ConversionInfo, source: str 
 
     A released model has no clocks the harness measured: they are None (``updates`` from fairseq's
     optimizer history when present), so its metrics cannot enter the time-to-target analysis."""
-    encoder = model if isinstance(model, Encoder) else model.student
     clocks = {k: None for k in ("train_time_s", "e2e_time_s", "device_hours", "device_count", "samples", "epochs",
                                 "train_cpu_s")}
-    return {
-        "kind": "pretrain",
-        "identity": {"modality": info.modality, "method": "data2vec2", "preset": None, "seed": info.seed},
-        "method_config": None if isinstance(model, Encoder) else model.cfg.model_dump(mode="json"),
-        "encoder_config": encoder.cfg.model_dump(mode="json"),
-        "encoder_prefix": "" if isinstance(model, Encoder) else "student.",
-        "model": model.state_dict(),
-        "pretrain": {**clocks, "updates": info.num_updates, "tokens": None},
-        "budget_fraction": 1.0,
-        "fraction_consumed": 1.0,
-        "provenance": None,
-        "converted_from": {"format": "fairseq", "source": source, "teacher": info.teacher,
-                           "config_path": info.config_path, "prefix": info.prefix, "dropped": info.dropped,
-                           "notes": info.notes},
-    }
+    return pretraining_checkpoint(
+        identity={"modality": info.modality, "method": "data2vec2", "preset": None, "seed": info.seed},
+        method_config=None if isinstance(model, Encoder) else model.cfg.model_dump(mode="json"),
+        encoder=model if isinstance(model, Encoder) else model.student,
+        encoder_prefix="" if isinstance(model, Encoder) else "student.", model=model.state_dict(),
+        pretrain={**clocks, "updates": info.num_updates, "tokens": None}, budget_fraction=1.0,
+        fraction_consumed=1.0, provenance=None,
+        converted_from={"format": "fairseq", "source": source, "teacher": info.teacher,
+                        "config_path": info.config_path, "prefix": info.prefix, "dropped": info.dropped,
+                        "notes": info.notes})
 
 
 def load_fairseq(path: str | Path, *, trust_pickle: bool = False, encoder_only: bool = True) -> dict[str, Any]:
