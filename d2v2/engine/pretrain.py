@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import os
 import random
-import resource
 import signal
 import sys
 import threading
@@ -54,11 +53,12 @@ from d2v2.engine.checkpoint import load_latest, pretraining_checkpoint, remove_s
 from d2v2.engine.clock import RunClock, SegmentTable, input_costs, process_start_time
 from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
-from d2v2.engine.flops import count_flops, peak_flops, utilisation
+from d2v2.engine.flops import count_flops
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
 from d2v2.engine.progress import IntervalStats, progress_bar
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
+from d2v2.engine.summary import run_summary
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
 from d2v2.method import CollapseError, PretrainMethod, build_method, method_dataset
 
@@ -122,13 +122,6 @@ def _stop_workers(batches) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)     # torch's _MultiProcessingDataLoaderIter
     if shutdown is not None:
         shutdown()
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max allocated by tensors; CPU: max resident set size of the main process."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class Pretrainer:
@@ -197,6 +190,11 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ budget and progress
     @property
+    def identity(self) -> dict[str, Any]:
+        m = self.cfg.method
+        return {"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed}
+
+    @property
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.world
 
@@ -253,11 +251,10 @@ class Pretrainer:
         if self.world > 1:
             rng_all = [None] * self.world
             dist.all_gather_object(rng_all, rng, group=self.control)
-        m = self.cfg.method
         epoch, batch = self.sampler.position(self.updates * self.cfg.grad_accum)
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
         return pretraining_checkpoint(
-            identity={"modality": m.modality, "method": m.name, "preset": m.preset, "seed": self.cfg.seed},
+            identity=self.identity,
             method_config=self.method.cfg.model_dump(mode="json"), encoder=self.method.encoder(),
             encoder_prefix=self._encoder_prefix(), model=self.method.state_dict(),
             pretrain=self.pretrain_record(train, e2e), budget_fraction=budget_fraction,
@@ -389,31 +386,10 @@ class Pretrainer:
         self.stats.reset(self.updates, self.tokens, self.clock.train_time_s(sync=False))
 
     def write_summary(self, status: str, train: float, e2e: float) -> dict[str, Any]:
-        record = self.pretrain_record(train, e2e)
-        summary = {
-            "status": status,
-            "identity": {"modality": self.cfg.method.modality, "method": self.cfg.method.name,
-                         "preset": self.cfg.method.preset, "seed": self.cfg.seed},
-            **record,
-            "budget": self.cfg.budget.model_dump(), "budget_fraction_consumed": self.fraction,
-            "throughput": {"samples_per_s": record["samples"] / max(record["train_time_s"], 1e-9),
-                           "tokens_per_s": record["tokens"] / max(record["train_time_s"], 1e-9),
-                           "clock": "train_time_s"},
-            # FLOPs counted on the first update (d2v2.engine.flops); MFU on the train-only clock
-            "compute": {**utilisation(self.flops_per_update, self.updates, record["train_time_s"],
-                                      peak_flops(self.device, self.cfg.peak_flops), self.world),
-                        "clock": "train_time_s", "compiled": self.cfg.compile, "precision": self.cfg.precision},
-            "data_wait": {"seconds": self.data_wait_s,
-                          "share_of_train_time": self.data_wait_s / max(record["train_time_s"], 1e-9)},
-            "peak_memory_bytes": _peak_memory_bytes(self.device),
-            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_max_rss_main_process",
-            "batch": {"per_device": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "processes": self.world,
-                      "effective": self.global_batch, "reference": self.cfg.reference_batch_size},
-            "checkpoints": sorted(str(p.relative_to(self.out)) for p in (self.out / "checkpoints").glob("*.pt")),
-            "segments": self.segments.rows,
-            "provenance": {**self.provenance, "slurm_job_ids": [j for j in self.segments.job_ids
-                                                                 if not j.startswith("local-")]},
-        }
+        summary = run_summary(status=status, identity=self.identity, record=self.pretrain_record(train, e2e),
+                              cfg=self.cfg, fraction_consumed=self.fraction, flops_per_update=self.flops_per_update,
+                              data_wait_s=self.data_wait_s, device=self.device, world=self.world, run_dir=self.out,
+                              segments=self.segments, provenance=self.provenance)
         if self.main:
             atomic_write_json(self.out / "summary.json", summary)
         return summary
