@@ -8,6 +8,7 @@ the plumbing.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
@@ -111,9 +112,10 @@ def register_method(modality: str, name: str, config_cls: type[Config],
     return deco
 
 
+@functools.cache
 def _load_providers() -> None:
-    """Import the modules that register methods (entry points ``d2v2.methods``, :mod:`d2v2.plugins`);
-    imported on first use so that ``d2v2.config`` users stay light."""
+    """Import the modules that register methods (entry points ``d2v2.methods``, :mod:`d2v2.plugins`), once,
+    on first use, so that ``d2v2.config`` users stay light (reading the entry points takes milliseconds)."""
     for module in entry_points("d2v2.methods").values():
         importlib.import_module(module)
 
