@@ -42,14 +42,25 @@ def job_counts(output: str) -> dict[str, int]:
 
 def resolved(**changes) -> dict:
     """The workflow config as the Snakefile resolves it (preset + schema defaults), without Snakemake."""
-    from snakemake.utils import validate
-
     config = wfc.with_preset({"preset": "tiny", **changes}, REPO / "config" / "presets")
-    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    wfc.check_schema(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
     return config
 
 
 # ------------------------------------------------------------------ run matrix (in-process)
+
+
+def test_the_schema_takes_the_values_the_engine_owns_from_the_engine():
+    """Budget kinds, clocks, modalities and launcher backends are written once, in the engine: the schema
+    file has no enum for them and check_schema refuses a bad value with the engine's list."""
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert "enum" not in schema["definitions"]["budget"]["properties"]["kind"]
+    assert "enum" not in schema["properties"]["report"]["properties"]["clock"]
+    with pytest.raises(wfc.WorkflowConfigError, match="report.clock: 'wall' is not one of .*'train_cpu_s'"):
+        resolved(report={"clock": "wall"})
+    with pytest.raises(wfc.WorkflowConfigError, match="launcher.backend: 'k8s' is not one of .*'slurm'"):
+        resolved(launcher={"backend": "k8s"})
+    assert resolved()["report"]["bootstrap"] == 2000          # and the defaults are filled in
 def test_variants_one_at_a_time_and_grid():
     fields = {"num_masks": [1, 2, 4], "decoder.depth": [1, 3]}
     names = [n for n, _ in wfc.variants(fields)]

@@ -20,7 +20,9 @@ import yaml
 
 from d2v2.config import ConfigError, validate
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "BACKENDS"]
+
+BACKENDS = ("local", "slurm")      # where a job runs: a child process, or a SLURM job through submitit
 
 # SlurmOptions fields exposed as --flags (list/dict fields get their own repeatable flags below).
 _SLURM_FLAGS = {"partition": str, "account": str, "qos": str, "constraint": str, "nodes": int,
@@ -31,7 +33,7 @@ _SLURM_FLAGS = {"partition": str, "account": str, "qos": str, "constraint": str,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m d2v2 launch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("local", "slurm"), required=True)
+    p.add_argument("--backend", choices=BACKENDS, required=True)
     p.add_argument("--threads", type=int, default=1,
                    help="math threads per task (local: the job's share of the CPU; slurm: default cpus per task)")
     p.add_argument("--name", default="d2v2", help="job name (SLURM)")

@@ -91,8 +91,8 @@ def with_preset(config: Mapping[str, Any], presets_dir: str | Path) -> dict[str,
 
 
 def schema_error(err: Exception) -> str:
-    """A one-line message naming the key, from the jsonschema error inside Snakemake's ``validate`` error."""
-    chain = [err.__cause__, err.__context__, *getattr(err, "args", ())]
+    """A one-line message naming the key, from a jsonschema error (or one inside another error)."""
+    chain = [err, err.__cause__, err.__context__, *getattr(err, "args", ())]
     cause = next((c for c in chain if hasattr(c, "absolute_path")), None)
     if cause is None:
         return str(err)

@@ -3,14 +3,61 @@ validated by the engine's own models, and the external data it points at must ex
 schedules anything; a problem raises :class:`WorkflowConfigError` naming the key."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+from pathlib import Path
+from typing import Any, Mapping, get_args
+
+import jsonschema
+import yaml
 
 from d2v2.config import ConfigError
 from d2v2.workflow.runs import (HUBERT, Run, WorkflowConfigError, active_data, budget_sweep, expand_runs,
                                 finetune_request, hubert_iteration1_config, label_chains, random_init_request,
-                                run_config)
+                                run_config, schema_error)
 
-__all__ = ["validate_workflow"]
+__all__ = ["check_schema", "validate_workflow"]
+
+
+def _model_enums() -> dict[tuple[str, ...], list[str]]:
+    """The values the engine owns, by their place in the workflow schema (written there only once)."""
+    from d2v2.engine.clock import CLOCKS
+    from d2v2.engine.runconfig import Budget, MethodSpec
+    from d2v2.launch import BACKENDS
+
+    return {("definitions", "modality"): list(get_args(MethodSpec.model_fields["modality"].annotation)),
+            ("definitions", "budget", "properties", "kind"): list(get_args(Budget.model_fields["kind"].annotation)),
+            ("properties", "launcher", "properties", "backend"): list(BACKENDS),
+            ("properties", "report", "properties", "clock"): list(CLOCKS)}
+
+
+def _filling_defaults(cls):
+    """``cls`` that also sets every absent property that has a ``default`` (the jsonschema FAQ's recipe,
+    as Snakemake's ``validate`` does)."""
+    validate_properties = cls.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, schema):
+        for name, sub in props.items():
+            if "default" in sub and isinstance(instance, dict):
+                instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, props, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": properties})
+
+
+def check_schema(config: dict[str, Any], schema_path: str | Path) -> None:
+    """Check ``config``'s shape against the workflow schema and fill its defaults in place; the enums the
+    engine's models own are added from them (:func:`_model_enums`). Raises :class:`WorkflowConfigError`
+    naming the key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    for where, values in _model_enums().items():
+        node = schema
+        for key in where:
+            node = node[key]
+        node["enum"] = values
+    error = jsonschema.exceptions.best_match(_filling_defaults(jsonschema.Draft202012Validator)(schema)
+                                             .iter_errors(config))
+    if error is not None:
+        raise WorkflowConfigError(schema_error(error))
 
 
 def _check_data(config: Mapping[str, Any], modalities) -> None:
