@@ -18,10 +18,16 @@ from d2v2.config import merge
 
 __all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "fraction_tag", "budget_sweep", "DATA_MODALITY", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
+           "fraction_tag", "budget_sweep", "data_modality", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
            "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
 
-DATA_MODALITY = {"image": "image", "audio": "speech", "text": "text"}   # method modality -> data modality
+
+def data_modality(modality: str) -> str:
+    """The data modality of a method modality (``audio`` -> ``speech``; :func:`d2v2.data.modality_name`, the
+    one table of the two names; imported here only when called, so the rules' helper processes stay light)."""
+    from d2v2.data import modality_name
+
+    return modality_name(modality)
 
 
 class WorkflowConfigError(ValueError):
@@ -297,8 +303,10 @@ def _scaled(budget: Mapping[str, Any], scale: float) -> dict[str, Any]:
 def active_data(config: Mapping[str, Any]) -> dict[str, Any]:
     """The data config without the sections of data modalities the workflow does not run: their
     paper-scale paths may be unset (``base`` with ``modalities=[image]``) and must not fail validation."""
-    used = {DATA_MODALITY[m] for m in config["modalities"]}
-    return {k: v for k, v in config["data"].items() if k not in DATA_MODALITY.values() or k in used}
+    from d2v2.data import MODALITIES
+
+    used = {data_modality(m) for m in config["modalities"]}
+    return {k: v for k, v in config["data"].items() if k not in MODALITIES or k in used}
 
 
 def data_key(config: Mapping[str, Any], data_modality: str) -> str:
