@@ -27,12 +27,13 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from d2v2.atomic import atomic_write
 from d2v2.config import ConfigError
+
+if TYPE_CHECKING:       # torch only for the annotations: collect and report read CLOCKS without importing it
+    import torch
 
 __all__ = ["synchronize", "process_start_time", "RunClock", "SegmentTable", "CLOCKS", "input_costs"]
 
@@ -44,6 +45,8 @@ CLOCKS = ("train_time_s", "e2e_time_s", "train_cpu_s", "device_hours")
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (no-op on CPU, where work is synchronous)."""
     if device.type == "cuda":
+        import torch            # already loaded by whoever made ``device``
+
         torch.cuda.synchronize(device)
 
 

@@ -7,7 +7,6 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping, get_args
 
-import jsonschema
 import yaml
 
 from d2v2.config import ConfigError
@@ -33,6 +32,8 @@ def _model_enums() -> dict[tuple[str, ...], list[str]]:
 def _filling_defaults(cls):
     """``cls`` that also sets every absent property that has a ``default`` (the jsonschema FAQ's recipe,
     as Snakemake's ``validate`` does)."""
+    from jsonschema.validators import extend
+
     validate_properties = cls.VALIDATORS["properties"]
 
     def properties(validator, props, instance, schema):
@@ -41,13 +42,15 @@ def _filling_defaults(cls):
                 instance.setdefault(name, copy.deepcopy(sub["default"]))
         yield from validate_properties(validator, props, instance, schema)
 
-    return jsonschema.validators.extend(cls, {"properties": properties})
+    return extend(cls, {"properties": properties})
 
 
 def check_schema(config: dict[str, Any], schema_path: str | Path) -> None:
     """Check ``config``'s shape against the workflow schema and fill its defaults in place; the enums the
     engine's models own are added from them (:func:`_model_enums`). Raises :class:`WorkflowConfigError`
     naming the key."""
+    import jsonschema           # only the Snakefile checks the schema, not the rules' helper processes
+
     schema = yaml.safe_load(Path(schema_path).read_text())
     for where, values in _model_enums().items():
         node = schema
