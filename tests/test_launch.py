@@ -93,3 +93,30 @@ def test_checkpoint_resubmits_the_same_immutable_command():
     with pytest.raises(AttributeError):   # frozen: a requeue can never carry changed state
         job.argv = ("other",)
     assert not hasattr(Command(argv=("true",), cwd="/"), "checkpoint")
+
+
+def test_options_json_is_read_and_flags_override_it():
+    from d2v2.launch import _slurm_options, build_parser
+
+    args = build_parser().parse_args(["--backend", "slurm", "--threads", "2", "--options-json",
+                                      '{"partition": "p", "mem_gb": 8, "setup": ["a"], "sbatch": {"x": 1}}',
+                                      "--mem-gb", "16", "--setup", "b", "--sbatch", "y=2", "--", "true"])
+    options = _slurm_options(args)
+    assert (options.partition, options.mem_gb, options.cpus_per_task) == ("p", 16, 2)
+    assert options.setup == ["a", "b"] and options.sbatch == {"x": 1, "y": 2}
+    assert main(["--backend", "slurm", "--options-json", "[1]", "--", "true"]) == 2
+
+
+def test_workflow_job_options_lay_the_kind_over_the_shared_settings():
+    slurm = {"partition": "gpu", "account": None, "setup": ["module load x"], "sbatch": {"exclusive": True},
+             "pretrain": {"gpus_per_node": 8, "setup": ["echo pre"], "sbatch": {"reservation": "r"}, "qos": None},
+             "finetune": {"mem_gb": 16}}
+    pre = SlurmOptions.for_job(slurm, "pretrain", threads=4)
+    assert (pre.gpus_per_node, pre.cpus_per_task, pre.mem_gb, pre.account) == (8, 4, 4.0, None)
+    assert pre.setup == ["module load x", "echo pre"] and pre.sbatch == {"exclusive": True, "reservation": "r"}
+    fine = SlurmOptions.for_job(slurm, "finetune", threads=1)
+    assert (fine.gpus_per_node, fine.mem_gb, fine.setup) == (0, 16, ["module load x"])
+    with pytest.raises(ConfigError, match="slurm.finetune.mem_gb"):
+        SlurmOptions.for_job({**slurm, "finetune": {"mem_gb": -1}}, "finetune", threads=1)
+    with pytest.raises(ConfigError, match="slurm.partition: required"):
+        SlurmOptions.for_job({"partition": None}, "pretrain", threads=1)

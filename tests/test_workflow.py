@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from d2v2 import workflow as wfc
+from d2v2.launch import _slurm_options, build_parser
 from d2v2.workflow import jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,11 @@ def test_the_schema_takes_the_values_the_engine_owns_from_the_engine():
     with pytest.raises(wfc.WorkflowConfigError, match="launcher.backend: 'k8s' is not one of .*'slurm'"):
         resolved(launcher={"backend": "k8s"})
     assert resolved()["report"]["bootstrap"] == 2000          # and the defaults are filled in
+    assert "properties" not in schema["definitions"]["slurm_resources"]       # SlurmOptions' fields, once
+    with pytest.raises(wfc.WorkflowConfigError, match="slurm.finetune.mem_gb: -1 is less than or equal to"):
+        resolved(slurm={"finetune": {"mem_gb": -1}})
+
+
 def test_variants_one_at_a_time_and_grid():
     fields = {"num_masks": [1, 2, 4], "decoder.depth": [1, 3]}
     names = [n for n, _ in wfc.variants(fields)]
@@ -114,10 +120,16 @@ def test_launch_command_carries_the_slurm_settings():
                       slurm={"partition": "gpu", "account": "acc", "setup": ["module load x"],
                              "pretrain": {"gpus_per_node": 8, "time_min": 100, "sbatch": {"exclusive": True}}})
     cmd = wfc.launch_command(config, "pretrain", "n", "RUN/slurm/%j", "RUN/slurm_job.json")
-    for piece in ("--backend slurm", "--partition gpu", "--account acc", "--gpus-per-node 8", "--time-min 100",
-                  "--setup 'module load x'", "--sbatch exclusive=true", "--checkpointable",
-                  "--job-file RUN/slurm_job.json"):
+    for piece in ("--backend slurm", "--checkpointable", "--job-file RUN/slurm_job.json"):
         assert piece in cmd
+    words = shlex.split(cmd.replace("{{", "{").replace("}}", "}"))    # as Snakemake formats the template
+    args = build_parser().parse_args(words[words.index("launch") + 1:])
+    options = _slurm_options(args)          # what the launcher submits: shared settings + the kind's resources
+    assert (options.partition, options.account, options.gpus_per_node, options.time_min) == ("gpu", "acc", 8, 100)
+    assert options.setup == ["module load x"] and options.sbatch == {"exclusive": True}
+    assert options.cpus_per_task == 1
+    with pytest.raises(wfc.WorkflowConfigError, match="slurm.pretrain.gpus: unknown key"):   # at DAG-build time
+        wfc.validate_workflow(resolved(launcher={"backend": "slurm"}, slurm={"partition": "p", "pretrain": {"gpus": 8}}))
     local = wfc.launch_command(resolved(), "finetune", "n", "x")
     assert "--backend local --threads 1" in local and "--partition" not in local
 

@@ -4,6 +4,9 @@
     python -m d2v2 launch --backend slurm --partition gpu --gpus-per-node 8 --time-min 4320 \\
         --checkpointable --job-file RUN/slurm_job.json --folder RUN/slurm -- python -m d2v2 pretrain ...
 
+The SLURM options are :class:`d2v2.launch.slurm.SlurmOptions`' fields, as flags or all at once as
+``--options-json`` (the workflow's rules pass ``SlurmOptions.for_job(...)`` that way).
+
 ``--backend local`` runs the command as a child process with ``--threads`` math threads
 (:mod:`d2v2.launch.local`); ``--backend slurm`` submits it through submitit and waits
 (:mod:`d2v2.launch.slurm`): ``--checkpointable`` makes it requeue on timeout/preemption, ``--job-file``
@@ -13,6 +16,7 @@ lets a restarted workflow re-attach to a job that is still running. The exit sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpointable: seconds to wait for the command to checkpoint before requeueing")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between sacct polls")
     slurm = p.add_argument_group("SLURM options (d2v2.launch.slurm.SlurmOptions)")
+    slurm.add_argument("--options-json", metavar="JSON",
+                       help="all SLURM options as one JSON object (what the workflow passes); "
+                            "the flags below override single fields")
     for field, type_ in _SLURM_FLAGS.items():
         slurm.add_argument("--" + field.replace("_", "-"), dest=field, type=type_)
     slurm.add_argument("--setup", action="append", default=[], help="a shell line run before the job (repeatable)")
@@ -57,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _slurm_options(args: argparse.Namespace):
     from d2v2.launch.slurm import SlurmOptions
 
-    data = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
+    try:
+        data = json.loads(args.options_json) if args.options_json else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--options-json: not a JSON object ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--options-json: not a JSON object (got {data!r})")
+    data.update({k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None})
     data.setdefault("cpus_per_task", args.threads)
-    data["setup"] = args.setup
-    extra = {}
+    data["setup"] = list(data.get("setup", [])) + args.setup
+    extra = dict(data.get("sbatch", {}))
     for item in args.sbatch:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pydantic
 import submitit
 
 from d2v2.atomic import atomic_write_json
-from d2v2.config import Config
+from d2v2.config import Config, ConfigError, merge, validate
 from d2v2.launch.local import thread_env
 
 __all__ = ["SlurmOptions", "Command", "CheckpointableCommand", "SlurmJobFailed", "submit_or_attach",
@@ -57,6 +57,22 @@ class SlurmOptions(Config):
     max_timeouts: int = pydantic.Field(3, ge=0)
     setup: list[str] = []
     sbatch: dict[str, Any] = {}   # extra sbatch parameters, e.g. {"exclusive": True, "reservation": "x"}
+
+    @classmethod
+    def for_job(cls, slurm: Mapping[str, Any], kind: str, threads: int) -> "SlurmOptions":
+        """The options of one ``kind`` of workflow job (``pretrain``, ``finetune``) from the workflow config's
+        ``slurm`` section: the shared settings, then ``slurm.<kind>``'s resources over them (its ``setup``
+        lines after the shared ones, its ``sbatch`` merged into theirs); ``threads`` is the default
+        ``cpus_per_task``. Raises :class:`~d2v2.config.ConfigError` naming the key."""
+        shared = {k: v for k, v in slurm.items() if k not in ("pretrain", "finetune") and v is not None}
+        resources = {k: v for k, v in (slurm.get(kind) or {}).items() if v is not None}
+        data = {"cpus_per_task": threads, **shared, **resources,
+                "setup": list(shared.get("setup", [])) + list(resources.get("setup", [])),
+                "sbatch": merge(shared.get("sbatch", {}), resources.get("sbatch", {}))}
+        if not data.get("partition"):
+            raise ConfigError("slurm.partition: required when launcher.backend is slurm "
+                              "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+        return validate(cls, data, where=f"slurm.{kind}")
 
     @property
     def tasks_per_node(self) -> int:

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 import yaml
 
 from d2v2.atomic import atomic_write_json
-from d2v2.config import merge
 
 __all__ = ["launch_command", "prepare_run_dir"]
 
@@ -32,19 +31,11 @@ def launch_command(config: Mapping[str, Any], kind: str, name: str, folder: str,
     threads = launcher[f"{kind}_threads"]
     args = [lit(sys.executable), "-m", "d2v2", "launch", "--backend", launcher["backend"], "--threads", str(threads)]
     if launcher["backend"] == "slurm":
-        slurm = config["slurm"]
-        res = dict(slurm.get(kind, {}))
-        opts = {"partition": slurm["partition"], "account": slurm.get("account"), "qos": slurm.get("qos"),
-                "constraint": slurm.get("constraint"), "cpus_per_task": threads}
-        opts.update({k: v for k, v in res.items() if k not in ("setup", "sbatch") and v is not None})
-        args += ["--name", "{name}", "--folder", "{folder}", "--poll-s", str(launcher["poll_s"])]
-        for key, value in opts.items():
-            if value is not None:
-                args += ["--" + key.replace("_", "-"), lit(value)]
-        for line in list(slurm.get("setup", [])) + list(res.get("setup", [])):
-            args += ["--setup", lit(line)]
-        for key, value in merge(slurm.get("sbatch", {}), res.get("sbatch", {})).items():
-            args += ["--sbatch", lit(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")]
+        from d2v2.launch.slurm import SlurmOptions
+
+        options = SlurmOptions.for_job(config["slurm"], kind, threads)
+        args += ["--name", "{name}", "--folder", "{folder}", "--poll-s", str(launcher["poll_s"]),
+                 "--options-json", lit(options.model_dump_json(exclude_defaults=True))]
         if job_file:
             args += ["--job-file", "{job_file}"]
         if kind == "pretrain":

@@ -29,6 +29,16 @@ def _model_enums() -> dict[tuple[str, ...], list[str]]:
             ("properties", "report", "properties", "clock"): list(CLOCKS)}
 
 
+def _slurm_resources() -> dict[str, Any]:
+    """The schema of ``slurm.pretrain``/``slurm.finetune``: :class:`~d2v2.launch.slurm.SlurmOptions`' fields
+    but the partition, without their defaults (an unset resource keeps the shared setting or the default)."""
+    from d2v2.launch.slurm import SlurmOptions
+
+    fields = SlurmOptions.model_json_schema()["properties"]
+    return {name: {k: v for k, v in prop.items() if k not in ("default", "title")}
+            for name, prop in fields.items() if name != "partition"}
+
+
 def _filling_defaults(cls):
     """``cls`` that also sets every absent property that has a ``default`` (the jsonschema FAQ's recipe,
     as Snakemake's ``validate`` does)."""
@@ -57,6 +67,7 @@ def check_schema(config: dict[str, Any], schema_path: str | Path) -> None:
         for key in where:
             node = node[key]
         node["enum"] = values
+    schema["definitions"]["slurm_resources"].update(properties=_slurm_resources(), additionalProperties=False)
     error = jsonschema.exceptions.best_match(_filling_defaults(jsonschema.Draft202012Validator)(schema)
                                              .iter_errors(config))
     if error is not None:
@@ -116,9 +127,14 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
         for method in per_method:
             if method not in config["methods"].get(modality, []):
                 raise WorkflowConfigError(f"ablations.{modality}.{method}: '{method}' is not in methods.{modality}")
-    if config["launcher"]["backend"] == "slurm" and not config["slurm"].get("partition"):
-        raise WorkflowConfigError("slurm.partition: required when launcher.backend is slurm "
-                                  "(set it in the slurm profile or with --config slurm='{partition: NAME}')")
+    if config["launcher"]["backend"] == "slurm":
+        from d2v2.launch.slurm import SlurmOptions
+
+        for kind in ("pretrain", "finetune"):     # the options each kind of job is submitted with
+            try:
+                SlurmOptions.for_job(config["slurm"], kind, config["launcher"][f"{kind}_threads"])
+            except ConfigError as err:
+                raise WorkflowConfigError(str(err)) from None
     for modality in config.get("budget_sweep", {}):
         budget_sweep(config, modality)
     for modality, fractions in config.get("finetune_fractions", {}).items():
