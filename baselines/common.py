@@ -11,7 +11,7 @@ from torch import nn
 
 from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.model.encoder import EncoderConfig
-from d2v2.model.modalities.audio import frame_count
+from d2v2.model.modalities.speech import frame_count
 
 __all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked"]
 
@@ -43,8 +43,8 @@ def num_tokens(cfg: EncoderConfig, source: torch.Tensor) -> int:
     """Tokens per sample the encoder makes of ``source`` (patches, CNN frames or BPE tokens), no CLS."""
     if cfg.modality == "image":
         return cfg.image.grid ** 2
-    if cfg.modality == "audio":
-        return int(frame_count(source.shape[-1], cfg.audio.conv_layers))
+    if cfg.modality == "speech":
+        return int(frame_count(source.shape[-1], cfg.speech.conv_layers))
     return source.shape[-1]
 
 

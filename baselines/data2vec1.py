@@ -44,7 +44,7 @@ from d2v2.model.targets import make_targets
 
 __all__ = ["Data2Vec1Config", "Data2Vec1", "PRESETS"]
 
-_MASKING_OF = {"image": "block", "audio": "span", "text": "bert"}
+_MASKING_OF = {"image": "block", "speech": "span", "text": "bert"}
 
 
 class Data2Vec1Config(Config):
@@ -92,7 +92,7 @@ class Data2Vec1(PretrainMethod):
         # The learned mask embedding (text uses the <mask> token of the corrupted input instead):
         # fairseq inits it U(0, 1) for speech and trunc-normal(0.02) for vision.
         self.mask_emb = None
-        if self.modality == "audio":
+        if self.modality == "speech":
             self.mask_emb = nn.Parameter(torch.rand(D))
         elif self.modality == "image":
             self.mask_emb = nn.Parameter(nn.init.trunc_normal_(torch.empty(D), std=0.02))
@@ -177,7 +177,7 @@ class Data2Vec1(PretrainMethod):
 _BASE = {
     "image": {"mask": {"kind": "block", "mask_ratio": 0.6}, "average_top_k_layers": 6,
               "layer_norm_target_layer": True, "loss_beta": 2.0, "ema_decay": 0.9998, "ema_end_decay": 0.9998},
-    "audio": {"mask": {"kind": "span", "mask_prob": 0.65, "span": 10}, "average_top_k_layers": 8,
+    "speech": {"mask": {"kind": "span", "mask_prob": 0.65, "span": 10}, "average_top_k_layers": 8,
               "instance_norm_target_layer": True, "loss_beta": 0.0,
               "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 30_000,
               "ema_anneal_end_fraction": 30_000 / 400_000},
@@ -188,7 +188,7 @@ _BASE = {
 }
 # tiny / smoke: the encoders of data2vec 2.0's presets, K scaled with depth (base K/12 of the blocks), and
 # data2vec 2.0's shortened EMA warm-up (a 30k-100k-step anneal would never start in a tiny run).
-_TOP_K = {"tiny": {"image": 2, "audio": 3, "text": 3}, "smoke": {"image": 1, "audio": 2, "text": 2},
+_TOP_K = {"tiny": {"image": 2, "speech": 3, "text": 3}, "smoke": {"image": 1, "speech": 2, "text": 2},
           "gpu": {"image": 6}}
 
 

@@ -35,7 +35,7 @@ from d2v2.config import Config
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
-from d2v2.model.modalities.audio import receptive_field
+from d2v2.model.modalities.speech import receptive_field
 
 __all__ = ["MFCC_RATE", "HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
 
@@ -57,7 +57,7 @@ class HubertConfig(Config):
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "HubertConfig":
-        if self.encoder.modality != "audio":
+        if self.encoder.modality != "speech":
             raise ValueError(f"HuBERT needs an audio encoder (got {self.encoder.modality})")
         if self.masked_weight == 0 and self.unmasked_weight == 0:
             raise ValueError("masked_weight and unmasked_weight are both 0: nothing to learn")
@@ -65,7 +65,7 @@ class HubertConfig(Config):
 
     def labels_per_frame(self) -> float:
         """Label frames per encoder frame (fairseq ``feat2tar_ratio``: 2 for 100 Hz labels, 1 for 50 Hz)."""
-        return self.label_rate * receptive_field(self.encoder.audio.conv_layers)[1] / self.sample_rate
+        return self.label_rate * receptive_field(self.encoder.speech.conv_layers)[1] / self.sample_rate
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class HubertMasker:
 class Hubert(PretrainMethod):
     """``student`` speech Encoder + ``mask_emb``, ``final_proj``, ``label_embs`` (C, F)."""
 
-    modality = "audio"
+    modality = "speech"
 
     def __init__(self, cfg: HubertConfig):
         super().__init__()
@@ -135,7 +135,7 @@ class Hubert(PretrainMethod):
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
     def masker(self) -> HubertMasker:
-        conv = tuple(tuple(c) for c in self.cfg.encoder.audio.conv_layers)
+        conv = tuple(tuple(c) for c in self.cfg.encoder.speech.conv_layers)
         return HubertMasker(self.cfg.mask.masker(self.cfg.encoder), self.cfg.labels_per_frame(), conv,
                             self.cfg.label_rate, self.cfg.sample_rate)
 
@@ -198,6 +198,6 @@ class Hubert(PretrainMethod):
 # feature penalty 10, CNN gradient x 0.1) with iteration 1's label set (100 MFCC clusters at 100 Hz);
 # tiny / smoke: fewer clusters and a narrower projection for their small corpus and encoder.
 _LABELS = {"base": {}, "tiny": {"num_classes": 50, "final_dim": 64}, "smoke": {"num_classes": 20, "final_dim": 32}}
-PRESETS = {name: {"encoder": backbone("audio", name), **_LABELS[name]} for name in ("base", "tiny", "smoke")}
+PRESETS = {name: {"encoder": backbone("speech", name), **_LABELS[name]} for name in ("base", "tiny", "smoke")}
 
-register_method("audio", "hubert", HubertConfig, PRESETS)(Hubert)
+register_method("speech", "hubert", HubertConfig, PRESETS)(Hubert)

@@ -37,7 +37,7 @@ from d2v2.data import CorruptDataError, DataConfig, MissingDataError, speech_roo
 from d2v2.data.speech import load_audio, normalise_waveform, read_split
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import CheckpointError, encoder_state_dict, load_checkpoint
-from d2v2.model.modalities.audio import receptive_field
+from d2v2.model.modalities.speech import receptive_field
 
 __all__ = ["mfcc_features", "LayerFeatures", "fit_kmeans", "nearest", "make_labels", "load_data_config", "main"]
 COMMAND_HELP = "make HuBERT's k-means labels of the speech pretraining split"   # in `python -m d2v2 --help`
@@ -62,12 +62,12 @@ class LayerFeatures:
         encoder.load_state_dict(encoder_state_dict(ckpt))
         if not 1 <= layer <= len(encoder.blocks):
             raise ValueError(f"--layer {layer}: the encoder of {checkpoint} has blocks 1..{len(encoder.blocks)}")
-        if encoder.cfg.modality != "audio":
+        if encoder.cfg.modality != "speech":
             raise ValueError(f"{checkpoint} is a {encoder.cfg.modality} checkpoint, not a speech one")
         encoder.blocks = encoder.blocks[:layer]              # the blocks above the layer change nothing
         self.device = torch.device(device)
         self.encoder, self.layer = encoder.to(self.device).eval(), layer
-        self.rate = sample_rate / receptive_field(encoder.cfg.audio.conv_layers)[1]
+        self.rate = sample_rate / receptive_field(encoder.cfg.speech.conv_layers)[1]
 
     @torch.inference_mode()
     def __call__(self, wav: np.ndarray) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from d2v2.config import Config
 from d2v2.model.encoder import EncoderConfig
 from d2v2.model.masking import span_mask
-from d2v2.model.modalities.audio import frame_count
+from d2v2.model.modalities.speech import frame_count
 from d2v2.model.modalities.text import MASK, PAD, SPECIALS
 
 __all__ = [
@@ -247,7 +247,7 @@ class SpanMaskConfig(Config):
     same_count: bool = True
 
     def masker(self, enc: EncoderConfig) -> SpanMasker:
-        frames = functools.partial(frame_count, conv_layers=[tuple(c) for c in enc.audio.conv_layers])
+        frames = functools.partial(frame_count, conv_layers=[tuple(c) for c in enc.speech.conv_layers])
         return SpanMasker(frames, self.mask_prob, self.span, self.same_count)
 
 

@@ -77,7 +77,7 @@ class Wav2Vec2Config(Config):
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "Wav2Vec2Config":
-        if self.encoder.modality != "audio":
+        if self.encoder.modality != "speech":
             raise ValueError(f"wav2vec 2.0 needs an audio encoder (got {self.encoder.modality})")
         return self
 
@@ -151,12 +151,12 @@ def frontend(student: Encoder, source: torch.Tensor, padding_mask: torch.Tensor 
 class Wav2Vec2(PretrainMethod):
     """``student`` speech Encoder + ``mask_emb``, ``final_proj``, ``quantizer``, ``project_q``."""
 
-    modality = "audio"
+    modality = "speech"
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.cfg = cfg
-        D, C = cfg.encoder.embed_dim, cfg.encoder.audio.conv_layers[-1][0]
+        D, C = cfg.encoder.embed_dim, cfg.encoder.speech.conv_layers[-1][0]
         self.student = Encoder(cfg.encoder)
         self.mask_emb = nn.Parameter(torch.rand(D))                # fairseq: uniform_()
         self.final_proj = nn.Linear(D, cfg.final_dim)
@@ -227,7 +227,7 @@ class Wav2Vec2(PretrainMethod):
 # tiny / smoke: the same objective with smaller codebooks and fewer distractors for their 2-4 s utterances.
 _QUANTIZER = {"base": {}, "tiny": {"entries": 64, "dim": 64}, "smoke": {"entries": 16, "dim": 32}}
 _HEAD = {"base": {}, "tiny": {"final_dim": 64, "num_negatives": 20}, "smoke": {"final_dim": 32, "num_negatives": 10}}
-PRESETS = {name: {"encoder": backbone("audio", name), "quantizer": _QUANTIZER[name], **_HEAD[name]}
+PRESETS = {name: {"encoder": backbone("speech", name), "quantizer": _QUANTIZER[name], **_HEAD[name]}
            for name in ("base", "tiny", "smoke")}
 
-register_method("audio", "wav2vec2", Wav2Vec2Config, PRESETS)(Wav2Vec2)
+register_method("speech", "wav2vec2", Wav2Vec2Config, PRESETS)(Wav2Vec2)

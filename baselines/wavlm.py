@@ -35,7 +35,7 @@ from baselines.hubert import Hubert, HubertConfig, HubertMasker
 from d2v2.config import Config
 from d2v2.model.encoder import EncoderConfig
 from d2v2.method import register_method
-from d2v2.model.modalities.audio import receptive_field
+from d2v2.model.modalities.speech import receptive_field
 
 __all__ = ["MixingConfig", "UtteranceMixer", "WavlmConfig", "WavlmMasker", "Wavlm", "PRESETS"]
 
@@ -122,9 +122,9 @@ class Wavlm(Hubert):
 # gated; utterance mixing p 0.2) on the labels of a HuBERT model's layer: 500 clusters at the CNN's frame rate
 # (50 Hz at base). The workflow sets the cluster count and rate from its label chain (hubert.clusters).
 def _preset(name: str, **labels) -> dict:
-    enc = backbone("audio", name, relative_position={"num_buckets": 320, "max_distance": 800, "gated": True})
-    enc = {**enc, "audio": {**enc["audio"], "use_alibi": False}}
-    stride = receptive_field(EncoderConfig.model_validate(enc).audio.conv_layers)[1]
+    enc = backbone("speech", name, relative_position={"num_buckets": 320, "max_distance": 800, "gated": True})
+    enc = {**enc, "speech": {**enc["speech"], "use_alibi": False}}
+    stride = receptive_field(EncoderConfig.model_validate(enc).speech.conv_layers)[1]
     return {"encoder": enc, "label_rate": HubertConfig.model_fields["sample_rate"].default / stride, **labels}
 
 
@@ -132,4 +132,4 @@ PRESETS = {"base": _preset("base", num_classes=500),
            "tiny": _preset("tiny", num_classes=100, final_dim=64),
            "smoke": _preset("smoke", num_classes=20, final_dim=32)}
 
-register_method("audio", "wavlm", WavlmConfig, PRESETS)(Wavlm)
+register_method("speech", "wavlm", WavlmConfig, PRESETS)(Wavlm)

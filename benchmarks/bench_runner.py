@@ -12,7 +12,7 @@ The run config is the workflow's for ``--preset`` (``config/presets/<preset>.yam
 data), with an updates budget. Both synchronise the device before each timestamp
 (``time.perf_counter``). Example:
 
-    python benchmarks/bench_runner.py --modality audio --threads 1 --num-workers 1
+    python benchmarks/bench_runner.py --modality speech --threads 1 --num-workers 1
 """
 from __future__ import annotations
 

@@ -32,9 +32,9 @@ import torch
 
 # samples of audio per utterance when benchmarking (the tiny data are 2-4 s; the paper crops to 20 s)
 AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per GPU as 4 utterances
-DEFAULT_BATCH = {"smoke": {"image": 16, "audio": 4, "text": 8},
-                 "tiny": {"image": 64, "audio": 16, "text": 32},          # 2x config/presets/tiny.yaml's
-                 "base": {"image": 16, "audio": 4, "text": 4}}            # per-GPU batches (METHOD.md#pretraining-recipes)
+DEFAULT_BATCH = {"smoke": {"image": 16, "speech": 4, "text": 8},
+                 "tiny": {"image": 64, "speech": 16, "text": 32},          # 2x config/presets/tiny.yaml's
+                 "base": {"image": 16, "speech": 4, "text": 4}}            # per-GPU batches (METHOD.md#pretraining-recipes)
 
 
 def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: float) -> dict:
@@ -42,7 +42,7 @@ def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: 
     if modality == "image":
         c = encoder_cfg.image
         source = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, generator=g)
-    elif modality == "audio":
+    elif modality == "speech":
         source = torch.randn(batch_size, int(audio_seconds * 16000), generator=g)
     else:
         c = encoder_cfg.text
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny"])
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all registered)")
-    parser.add_argument("--modalities", nargs="+", default=["image", "audio", "text"])
+    parser.add_argument("--modalities", nargs="+", default=["image", "speech", "text"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

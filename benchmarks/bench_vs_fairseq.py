@@ -51,10 +51,10 @@ from d2v2.engine.pretrain import Pretrainer                                     
 from d2v2.engine.runconfig import resolve_run_config                              # noqa: E402
 from d2v2.workflow import Run, run_config, with_preset                     # noqa: E402
 
-MODALITIES = ("image", "audio", "text")
+MODALITIES = ("image", "speech", "text")
 # per-device batches: tiny = the workflow's tiny preset (config/presets/tiny.yaml); base = a slice of the
 # paper's per-GPU batch that a CPU steps through in seconds (--batch-size overrides both)
-BATCH = {"tiny": {"image": 32, "audio": 8, "text": 16}, "base": {"image": 2, "audio": 2, "text": 2}}
+BATCH = {"tiny": {"image": 32, "speech": 8, "text": 16}, "base": {"image": 2, "speech": 2, "text": 2}}
 LR = 1e-4                  # a constant learning rate on both sides (the schedule is not what is measured)
 
 

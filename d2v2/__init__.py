@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 # Modules that moved when the package was split by concern: importing an old path fails with the new one.
 MOVED = {**{f"d2v2.{name}": f"d2v2.model.{name}"
             for name in ("blocks", "encoder", "decoder", "ema", "targets", "masking", "modalities")},
-         "d2v2.workflow_config": "d2v2.workflow", "d2v2.convert": "d2v2.interop.fairseq"}
+         "d2v2.workflow_config": "d2v2.workflow", "d2v2.convert": "d2v2.interop.fairseq",
+         "d2v2.model.modalities.audio": "d2v2.model.modalities.speech"}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder):

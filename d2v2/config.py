@@ -10,18 +10,62 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, TypeVar, get_args
 
 import pydantic
 import yaml
 
-__all__ = ["Config", "ConfigError", "merge", "apply_overrides", "load_yaml", "validate"]
+__all__ = ["Config", "ConfigError", "merge", "apply_overrides", "load_yaml", "validate", "Modality", "MODALITIES",
+           "RENAMED_MODALITIES", "renamed_modality", "check_modality", "upgrade_modality_names"]
 
 C = TypeVar("C", bound="Config")
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+# The paper's three modalities, one name each everywhere (config keys, run paths, data, models).
+_MODALITY_NAMES = Literal["image", "speech", "text"]
+MODALITIES: tuple[str, ...] = get_args(_MODALITY_NAMES)
+RENAMED_MODALITIES = {"audio": "speech"}     # old name -> name; "audio" was the methods' name until 2026-12-05
+
+
+def renamed_modality(name: Any) -> str | None:
+    """The message for a modality given by its old name (None if it is not one)."""
+    if name in RENAMED_MODALITIES:
+        return (f"the modality '{name}' is now called '{RENAMED_MODALITIES[name]}' (one name per modality, "
+                f"the paper's): write '{RENAMED_MODALITIES[name]}'")
+    return None
+
+
+def check_modality(name: Any) -> str:
+    """``name`` if it is a modality; a :class:`ConfigError` that names the new name for an old one."""
+    if name not in MODALITIES:
+        raise ConfigError(renamed_modality(name) or f"unknown modality {name!r} (have {', '.join(MODALITIES)})")
+    return name
+
+
+def _refuse_old_name(value: Any) -> Any:
+    if (message := renamed_modality(value)) is not None:
+        raise ValueError(message)
+    return value
+
+
+Modality = Annotated[_MODALITY_NAMES, pydantic.BeforeValidator(_refuse_old_name)]
+
+
+def upgrade_modality_names(data: Any) -> Any:
+    """A config or checkpoint written before the rename, with today's names: every ``modality: audio``
+    becomes ``speech`` and every ``audio:`` key (the encoder's modality section) ``speech:``. Applied to
+    what was *saved* (checkpoints, a run dir's ``config.yaml``), never to what a user writes now."""
+    if isinstance(data, Mapping):
+        return {RENAMED_MODALITIES.get(k, k): (RENAMED_MODALITIES.get(v, v) if k == "modality" and isinstance(v, str)
+                                              else upgrade_modality_names(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [upgrade_modality_names(v) for v in data]
+    return data
 
 
 class Config(pydantic.BaseModel):

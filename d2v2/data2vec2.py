@@ -36,7 +36,7 @@ from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
-from d2v2.model.modalities.audio import frame_count
+from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
@@ -45,7 +45,7 @@ __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESET
 # re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local
 # features (audio: CNN + projection shared); "embeddings": the student also runs the context stage and
 # the teacher holds only the blocks (text, fairseq ``ema_encoder_only``).
-TEACHER_SHARES = {"image": "nothing", "audio": "local_encoder", "text": "embeddings"}
+TEACHER_SHARES = {"image": "nothing", "speech": "local_encoder", "text": "embeddings"}
 _SHARED_MODULES = {"nothing": (), "local_encoder": ("local_encoder",),
                    "embeddings": ("local_encoder", "context_encoder")}
 
@@ -126,7 +126,7 @@ class Data2Vec2Masker:
     def token_shape(self, source: torch.Tensor) -> tuple[int, ...]:
         if self.modality == "image":
             return (self.grid, self.grid)
-        if self.modality == "audio":
+        if self.modality == "speech":
             return (int(frame_count(source.shape[-1], list(self.conv_layers))),)
         return (source.shape[-1],)
 
@@ -201,7 +201,7 @@ class Data2Vec2(PretrainMethod):
             self.modality, self.cfg.num_masks, self.cfg.mask_ratio, self.cfg.mask_width, self.cfg.mask_adjust,
             self.cfg.inverse_mask,
             grid=enc.image.grid if self.modality == "image" else None,
-            conv_layers=tuple(map(tuple, enc.audio.conv_layers)) if self.modality == "audio" else None)
+            conv_layers=tuple(map(tuple, enc.speech.conv_layers)) if self.modality == "speech" else None)
 
     def encoder(self) -> Encoder:
         return self.student
@@ -353,10 +353,10 @@ _IMAGE_BASE = {
     "min_target_var": 0.0, "min_pred_var": 0.0,
 }
 _AUDIO_BASE = {
-    "encoder": {"modality": "audio", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
+    "encoder": {"modality": "speech", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
                 "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1, "prenet_dropout": 0.1,
                 "layerdrop": 0.05, "prenet_layerdrop": 0.05,
-                "audio": {"conv_pos_width": 95, "conv_pos_depth": 5, "conv_pos_groups": 16}},
+                "speech": {"conv_pos_width": 95, "conv_pos_depth": 5, "conv_pos_groups": 16}},
     "decoder": {"dim": 384, "kernel": 7, "groups": 16, "depth": 4, "residual": True, "input_dropout": 0.1},
     "num_masks": 8, "mask_ratio": 0.5, "mask_width": 5, "mask_adjust": 0.05, "inverse_mask": False,
     "average_top_k_layers": 8, "instance_norm_target_layer": True,
@@ -390,7 +390,7 @@ _TINY = {
                           "image": {"img_size": 28, "patch_size": 4, "in_chans": 1}},
               "decoder": {"dim": 24, "groups": 4, "depth": 3},
               "num_masks": 4, "average_top_k_layers": 3},
-    "audio": {"encoder": {**_TINY_ENCODER, "audio": {"conv_layers": _TINY_CONV, "conv_pos_width": 18,
+    "speech": {"encoder": {**_TINY_ENCODER, "speech": {"conv_layers": _TINY_CONV, "conv_pos_width": 18,
                                                      "conv_pos_depth": 2, "conv_pos_groups": 4}},
               "decoder": {"dim": 24, "groups": 4, "depth": 2},
               "num_masks": 4, "average_top_k_layers": 4},
@@ -407,7 +407,7 @@ _SMOKE = {
     "image": {"encoder": {**_SMOKE_ENCODER, "image": {"patch_size": 2}},
               "decoder": {"dim": 32, "groups": 2, "depth": 1},
               "num_masks": 2, "average_top_k_layers": 2},
-    "audio": {"encoder": {**_SMOKE_ENCODER, "audio": {"conv_layers": [(16, 10, 5)] + [(16, 3, 2)] * 4
+    "speech": {"encoder": {**_SMOKE_ENCODER, "speech": {"conv_layers": [(16, 10, 5)] + [(16, 3, 2)] * 4
                                                                    + [(16, 2, 2)] * 2,
                                                       "conv_pos_width": 5, "conv_pos_depth": 1,
                                                       "conv_pos_groups": 2}},
@@ -424,7 +424,7 @@ _GPU = {"image": {"encoder": {"embed_dim": 384, "num_heads": 6,
                               "image": {"img_size": 28, "patch_size": 4, "in_chans": 1}},
                   "decoder": {"dim": 192, "groups": 8, "depth": 4},
                   "ema_decay": 0.99, "ema_end_decay": 0.9999, "ema_anneal_end_fraction": 0.5}}
-_BASE = {"image": _IMAGE_BASE, "audio": _AUDIO_BASE, "text": _TEXT_BASE}
+_BASE = {"image": _IMAGE_BASE, "speech": _AUDIO_BASE, "text": _TEXT_BASE}
 PRESETS: dict[str, dict[str, dict]] = {
     m: {"base": _BASE[m],
         "tiny": merge(merge(_BASE[m], _TINY[m]), _TINY_EMA),

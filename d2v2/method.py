@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import nn
 
-from d2v2.config import Config, ConfigError, merge, validate
+from d2v2.config import Config, ConfigError, merge, renamed_modality, validate
 from d2v2.plugins import entry_points
 
 __all__ = [
@@ -86,7 +86,7 @@ class PretrainMethod(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the shared
         encoder's, its ALiBi scales (METHOD.md#pretraining-recipes)."""
-        from d2v2.model.modalities.audio import NO_WEIGHT_DECAY
+        from d2v2.model.modalities.speech import NO_WEIGHT_DECAY
 
         return set(NO_WEIGHT_DECAY)
 
@@ -128,6 +128,8 @@ def available_methods() -> list[tuple[str, str]]:
 
 def _entry(modality: str, name: str) -> _Entry:
     _load_providers()
+    if (message := renamed_modality(modality)) is not None:
+        raise ConfigError(f"method: {message}")
     if (modality, name) not in _REGISTRY:
         options = ", ".join(f"{m}/{n}" for m, n in sorted(_REGISTRY))
         raise ConfigError(f"method: '{name}' is not available for modality '{modality}' (available: {options})")

@@ -4,7 +4,7 @@
 
 Each method is run next to the fairseq model it reproduces:
 
-- ``data2vec2`` (image, audio, text): fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
+- ``data2vec2`` (image, speech, text): fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
   with the configuration of our preset; ITS freshly initialised weights are converted with our converter
   (``d2v2.interop.fairseq``, so the converter is exercised on a state dict that fairseq itself wrote).
 - ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
@@ -12,7 +12,7 @@ Each method is run next to the fairseq model it reproduces:
 - ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
 - ``bert`` (text): ``baselines/bert.py`` against fairseq's BERT (``MaskedLMModel`` at ``bert_base``: segment
   embeddings, NSP pooler and head) and its ``legacy_masked_lm`` criterion (MLM + NSP).
-- ``wav2vec2`` (audio): ``baselines/wav2vec2.py`` against fairseq's ``Wav2Vec2Model`` and its ``wav2vec``
+- ``wav2vec2`` (speech): ``baselines/wav2vec2.py`` against fairseq's ``Wav2Vec2Model`` and its ``wav2vec``
   criterion (InfoNCE), our encoder without ALiBi (fairseq's has none).
 
 The two text baselines train fairseq's RoBERTa encoder (``TransformerEncoder``), wav2vec 2.0 its own; their
@@ -71,7 +71,7 @@ from baselines.mlm import MLM
 from baselines.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
 from d2v2.config import merge, validate
-from d2v2.interop.fairseq import convert
+from d2v2.interop.fairseq import FAIRSEQ_MODALITY, convert
 from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
 from d2v2.model.encoder import EncoderConfig
 from d2v2.method import method_config
@@ -114,8 +114,9 @@ def importable_fairseq(root: Path, into: Path) -> None:
 def fairseq_config(cfg: Data2Vec2Config) -> dict:
     """The Data2VecMultiConfig (as a plain dict) that describes ``cfg``; the converter maps it back."""
     enc, dec, m = cfg.encoder, cfg.decoder, cfg.encoder.modality
+    theirs = FAIRSEQ_MODALITY[m]          # fairseq's name of the modality (speech: AUDIO)
     mod = {
-        "type": m.upper(), "prenet_depth": enc.prenet_depth, "prenet_layerdrop": enc.prenet_layerdrop,
+        "type": theirs, "prenet_depth": enc.prenet_depth, "prenet_layerdrop": enc.prenet_layerdrop,
         "prenet_dropout": enc.prenet_dropout, "end_drop_path_rate": enc.drop_path,
         "mask_noise_std": cfg.mask_noise_std, "mask_prob": cfg.mask_ratio, "mask_length": cfg.mask_width,
         "mask_prob_adjust": cfg.mask_adjust, "inverse_mask": cfg.inverse_mask,
@@ -129,11 +130,11 @@ def fairseq_config(cfg: Data2Vec2Config) -> dict:
         mod.update(input_size=enc.image.img_size, patch_size=enc.image.patch_size, in_chans=enc.image.in_chans,
                    embed_dim=enc.embed_dim, num_extra_tokens=enc.image.num_extra_tokens,
                    init_extra_token_zero=False)
-    elif m == "audio":
-        spec = "[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in enc.audio.conv_layers) + "]"
-        mod.update(feature_encoder_spec=spec, conv_pos_width=enc.audio.conv_pos_width,
-                   conv_pos_depth=enc.audio.conv_pos_depth, conv_pos_groups=enc.audio.conv_pos_groups,
-                   use_alibi_encoder=enc.audio.use_alibi, alibi_scale=enc.audio.alibi_scale,
+    elif m == "speech":
+        spec = "[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in enc.speech.conv_layers) + "]"
+        mod.update(feature_encoder_spec=spec, conv_pos_width=enc.speech.conv_pos_width,
+                   conv_pos_depth=enc.speech.conv_pos_depth, conv_pos_groups=enc.speech.conv_pos_groups,
+                   use_alibi_encoder=enc.speech.use_alibi, alibi_scale=enc.speech.alibi_scale,
                    learned_alibi_scale=True, learned_alibi_scale_per_head=True)
     else:
         mod.update(max_source_positions=enc.text.max_positions, dropout=enc.text.dropout)
@@ -150,8 +151,8 @@ def fairseq_config(cfg: Data2Vec2Config) -> dict:
         "ema_end_decay": cfg.ema_end_decay, "ema_anneal_end_step": cfg.ema_anneal_end_step,
         "ema_encoder_only": (cfg.teacher_shares or {"text": "embeddings"}.get(m)) == "embeddings",
         "max_update": 100_000, "min_target_var": cfg.min_target_var, "min_pred_var": cfg.min_pred_var,
-        "supported_modality": m.upper(), "seed": 1, "cls_loss": cfg.cls_loss,
-        "modalities": {m: mod}}
+        "supported_modality": theirs, "seed": 1, "cls_loss": cfg.cls_loss,
+        "modalities": {theirs.lower(): mod}}
 
 
 def fairseq_dictionary(vocab_size: int):
@@ -181,7 +182,7 @@ def batch_for(enc: EncoderConfig, batch_size: int, generator: torch.Generator) -
     if enc.modality == "image":
         return torch.randn(batch_size, enc.image.in_chans, enc.image.img_size, enc.image.img_size,
                            generator=generator)
-    if enc.modality == "audio":
+    if enc.modality == "speech":
         wav = torch.randn(batch_size, 16_000, generator=generator)
         return (wav - wav.mean(1, keepdim=True)) / wav.std(1, keepdim=True)
     return torch.randint(NUM_SPECIAL, enc.text.vocab_size, (batch_size, enc.text.max_positions), generator=generator)
@@ -652,17 +653,17 @@ def speech_backbone_config(enc: EncoderConfig) -> dict:
     parts off. fairseq's encoder has no ALiBi, so the checks run ours without it; its ``pos_conv_depth`` > 1
     positional encoder is data2vec 2.0's (a depth of 1 is the wav2vec 2.0 paper's single weight-normed
     convolution, which ours does not build)."""
-    audio = enc.audio
-    if audio.use_alibi or audio.conv_pos_depth < 2 or enc.layer_norm_first or enc.prenet_depth:
+    speech = enc.speech
+    if speech.use_alibi or speech.conv_pos_depth < 2 or enc.layer_norm_first or enc.prenet_depth:
         raise SystemExit("fairseq's speech encoder needs conv_pos_depth >= 2, no ALiBi, post-LN blocks and no "
-                         f"prenet; got conv_pos_depth={audio.conv_pos_depth}, use_alibi={audio.use_alibi}, "
+                         f"prenet; got conv_pos_depth={speech.conv_pos_depth}, use_alibi={speech.use_alibi}, "
                          f"layer_norm_first={enc.layer_norm_first}, prenet_depth={enc.prenet_depth}")
     return {
-        "extractor_mode": "layer_norm", "conv_feature_layers": str(audio.conv_layers), "conv_bias": False,
+        "extractor_mode": "layer_norm", "conv_feature_layers": str(speech.conv_layers), "conv_bias": False,
         "encoder_layers": enc.depth, "encoder_embed_dim": enc.embed_dim, "encoder_attention_heads": enc.num_heads,
         "encoder_ffn_embed_dim": int(enc.embed_dim * enc.mlp_ratio), "layer_norm_first": False,
-        "pos_conv_depth": audio.conv_pos_depth, "conv_pos": audio.conv_pos_width,
-        "conv_pos_groups": audio.conv_pos_groups, "dropout": 0.0, "attention_dropout": 0.0,
+        "pos_conv_depth": speech.conv_pos_depth, "conv_pos": speech.conv_pos_width,
+        "conv_pos_groups": speech.conv_pos_groups, "dropout": 0.0, "attention_dropout": 0.0,
         "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "dropout_input": 0.0, "dropout_features": 0.0}
 
 
@@ -683,7 +684,7 @@ def wav2vec2_names(cfg: Wav2Vec2Config) -> dict[str, tuple[str, ...]]:
     names = {n: (n,) for n in ("mask_emb", "final_proj.weight", "final_proj.bias", "project_q.weight",
                                "project_q.bias", "quantizer.vars", "quantizer.weight_proj.weight",
                                "quantizer.weight_proj.bias")}
-    for i in range(len(cfg.encoder.audio.conv_layers)):
+    for i in range(len(cfg.encoder.speech.conv_layers)):
         names[f"{local}feature_extractor.{i}.conv.weight"] = (f"feature_extractor.conv_layers.{i}.0.weight",)
         names.update({f"{local}feature_extractor.{i}.norm.{p}": (f"feature_extractor.conv_layers.{i}.2.1.{p}",)
                       for p in ("weight", "bias")})
@@ -692,7 +693,7 @@ def wav2vec2_names(cfg: Wav2Vec2Config) -> dict[str, tuple[str, ...]]:
         names[f"{local}project_features.1.{p}"] = (f"post_extract_proj.{p}",)
         names[f"{context}norm.{p}"] = (f"encoder.layer_norm.{p}",)
         names.update({f"{context}relative_positional_encoder.{i}.conv.{p}": (f"encoder.pos_conv.{i}.0.{p}",)
-                      for i in range(cfg.encoder.audio.conv_pos_depth)})
+                      for i in range(cfg.encoder.speech.conv_pos_depth)})
     return {**names, **block_names(cfg.encoder.depth, "student.blocks.", "encoder.layers.")}
 
 
@@ -711,8 +712,8 @@ def wav2vec2_pair(preset: str, batch_size: int) -> Pair:
     import fairseq.criterions.wav2vec_criterion as wav2vec_criterion
     from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config as FairseqWav2Vec2Config, Wav2Vec2Model
 
-    cfg = method_config("audio", "wav2vec2", preset,
-                        merge(NO_DROPOUT, {"dropout_features": 0.0, "encoder": {"audio": {"use_alibi": False}}}))
+    cfg = method_config("speech", "wav2vec2", preset,
+                        merge(NO_DROPOUT, {"dropout_features": 0.0, "encoder": {"speech": {"use_alibi": False}}}))
     fs = Wav2Vec2Model(OmegaConf.merge(OmegaConf.structured(FairseqWav2Vec2Config), wav2vec2_config(cfg)))
     criterion = wav2vec_criterion.Wav2vecCriterion(None, infonce=True,
                                                    loss_weights=[cfg.diversity_weight, cfg.feature_penalty_weight])
@@ -773,10 +774,10 @@ def hubert_pair(preset: str, batch_size: int) -> Pair:
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
     dictionary = Dictionary()
-    for c in range(method_config("audio", "hubert", preset).num_classes):
+    for c in range(method_config("speech", "hubert", preset).num_classes):
         dictionary.add_symbol(str(c))
-    cfg = method_config("audio", "hubert", preset, merge(NO_DROPOUT, {
-        "num_classes": len(dictionary), "unmasked_weight": 0.5, "encoder": {"audio": {"use_alibi": False}}}))
+    cfg = method_config("speech", "hubert", preset, merge(NO_DROPOUT, {
+        "num_classes": len(dictionary), "unmasked_weight": 0.5, "encoder": {"speech": {"use_alibi": False}}}))
     backbone = speech_backbone_config(cfg.encoder)
     fs_cfg = OmegaConf.merge(OmegaConf.structured(fs_hubert.HubertConfig), {
         **{k: v for k, v in backbone.items() if k != "pos_conv_depth"}, "label_rate": cfg.label_rate,
@@ -837,17 +838,17 @@ def over_classes(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "bert": ("text", bert_pair),
-             "wav2vec2": ("audio", wav2vec2_pair),
-             "hubert": ("audio", hubert_pair)}
+             "wav2vec2": ("speech", wav2vec2_pair),
+             "hubert": ("speech", hubert_pair)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fairseq", type=Path, required=True, help="a fairseq checkout")
     ap.add_argument("--method", choices=["data2vec2", *BASELINES, "all"], default="all")
-    ap.add_argument("--modality", choices=["image", "audio", "text", "all"], default="all",
+    ap.add_argument("--modality", choices=["image", "speech", "text", "all"], default="all",
                     help="data2vec2's modalities; each baseline is checked in its own (data2vec1, mlm: text; "
-                         "wav2vec2: audio)")
+                         "wav2vec2: speech)")
     ap.add_argument("--preset", choices=["tiny", "smoke", "base"], default="tiny",
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -858,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     report = Report(args.atol, reference="fairseq")
     methods = ["data2vec2", *BASELINES] if args.method == "all" else [args.method]
-    modalities = ["image", "audio", "text"] if args.modality == "all" else [args.modality]
+    modalities = ["image", "speech", "text"] if args.modality == "all" else [args.modality]
     with tempfile.TemporaryDirectory() as tmp:
         importable_fairseq(args.fairseq.resolve(), Path(tmp))
         for method in methods:

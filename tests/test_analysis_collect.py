@@ -67,7 +67,7 @@ def test_rejects_duplicated_run(metrics_dir):
 
 
 def test_rejects_missing_key_naming_file_and_key(metrics_dir):
-    bad = metrics_dir / "audio-data2vec1-default-s0-f0.333.json"
+    bad = metrics_dir / "speech-data2vec1-default-s0-f0.333.json"
     _edit(bad, lambda d: d["pretrain"].pop("train_time_s"))
     with pytest.raises(CollectError, match=r"f0\.333\.json: pretrain\.train_time_s: Field required"):
         collect_evals([metrics_dir])
@@ -93,7 +93,7 @@ def test_rejects_mixed_presets_and_devices_warns_on_device_count(metrics_dir):
 
 
 def test_rejects_disagreeing_metric_direction(metrics_dir):
-    _edit(metrics_dir / "audio-data2vec1-default-s0-f0.667.json", lambda d: d.update(higher_is_better=True))
+    _edit(metrics_dir / "speech-data2vec1-default-s0-f0.667.json", lambda d: d.update(higher_is_better=True))
     with pytest.raises(CollectError, match="higher_is_better differs"):
         collect_evals([metrics_dir])
 

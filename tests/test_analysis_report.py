@@ -25,7 +25,7 @@ def rendered(tmp_path_factory):
 
 def test_figures_exist_as_png_and_svg(rendered):
     figs = rendered / "figures"
-    for name in ("curves_image_fmnist", "curves_audio_synth-words", "speedups", "paper_efficiency",
+    for name in ("curves_image_fmnist", "curves_speech_synth-words", "speedups", "paper_efficiency",
                  "ablation_image_data2vec2_num_masks", "ablation_image_data2vec2_curves", "training_image"):
         assert (figs / f"{name}.png").stat().st_size > 10_000, name
         assert (figs / f"{name}.svg").read_text().lstrip().startswith("<?xml")
@@ -49,7 +49,7 @@ def test_numbers_come_from_the_tables(rendered):
     # fixture: MAE's median final accuracy 0.72 at 60 s; data2vec 2.0 crosses it at 25 s
     assert row["target"] == pytest.approx(0.72) and row["speedup"] == pytest.approx(2.4)
     assert f"data2vec 2.0 vs MAE: {row['speedup_text']}" in md
-    audio = speedups[(speedups.modality == "audio") & (speedups.clock == "train_time_s")].iloc[0]
+    audio = speedups[(speedups.modality == "speech") & (speedups.clock == "train_time_s")].iloc[0]
     # WER (lower is better): data2vec 1.0 final 0.55 at 60 s; data2vec 2.0 crosses 0.55 at 20 + 20/3 s
     assert audio["speedup"] == pytest.approx(60 / (20 + 20 / 3))
     card = pd.read_csv(rendered / "derived" / "scorecard.csv")
@@ -122,13 +122,14 @@ def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
     md = (tmp_path / "report.md").read_text()
     summary = md.split("## Summary", 1)[1]
     first = summary.split("\n- ", 2)[1]
-    assert first.startswith("audio vs data2vec 1.0: ")            # one line per claim, in plain words
+    assert first.startswith("image vs MAE: ")                      # one line per claim, in plain words,
+    assert "\n- speech vs data2vec 1.0: " in summary                  # in the paper's order of modalities
     image = [line for line in summary.splitlines() if line.startswith("- image vs MAE: ")]
     assert len(image) == 1 and "budget sweep of 2 runs per method (0.5, 1 of the budget)" in image[0]
     card = pd.read_csv(tmp_path / "derived" / "scorecard.csv")
     assert card.set_index("data2vec 2.0 vs").loc["MAE", "protocol"] == "sweep"
     speedups = pd.read_csv(tmp_path / "derived" / "speedups.csv")
     assert set(speedups[speedups.modality == "image"].protocol) == {"sweep", "anytime"}
-    assert set(speedups[speedups.modality == "audio"].protocol) == {"anytime"}
+    assert set(speedups[speedups.modality == "speech"].protocol) == {"anytime"}
     assert (tmp_path / "figures" / "curves_image_fmnist_sweep.png").is_file()
     assert (tmp_path / "figures" / "curves_image_fmnist.png").is_file()

@@ -139,7 +139,7 @@ def test_speedup_table_uses_baseline_final_median_as_target():
     assert row["baseline_time_high"] == pytest.approx(300.0)
     assert row["relation"] == "=" and row["speedup"] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="configured targets"):
-        sp.targets(evals, {("audio", "mae"): 1.0})
+        sp.targets(evals, {("speech", "mae"): 1.0})
     assert sp.targets(evals, {("image", "mae"): 0.65}).loc[0, "target_source"] == "configured"
 
 

@@ -11,7 +11,7 @@ from d2v2.config import ConfigError
 from d2v2.model.encoder import Encoder
 from d2v2.method import MethodOutput, available_methods, build_method, method_config
 
-BASELINES = [("image", "mae"), ("image", "data2vec1"), ("audio", "data2vec1"), ("text", "data2vec1"),
+BASELINES = [("image", "mae"), ("image", "data2vec1"), ("speech", "data2vec1"), ("text", "data2vec1"),
              ("text", "mlm")]
 
 
@@ -19,7 +19,7 @@ def make_batch(modality: str, batch_size: int = 4, seed: int = 0) -> dict[str, t
     g = torch.Generator().manual_seed(seed)
     if modality == "image":
         source = torch.randn(batch_size, 1, 28, 28, generator=g)
-    elif modality == "audio":
+    elif modality == "speech":
         source = torch.randn(batch_size, 16000, generator=g)                 # 1 s at 16 kHz
     else:
         source = torch.randint(5, 8192, (batch_size, 64), generator=g)
@@ -137,7 +137,7 @@ def test_data2vec1_head_init_follows_fairseq():
     torch.manual_seed(0)
     text = [m for m in build_method("text", "data2vec1", "tiny").head.modules() if isinstance(m, torch.nn.Linear)]
     assert all(abs(m.weight.std().item() - 0.02) < 0.004 and not m.bias.any() for m in text)
-    audio = build_method("audio", "data2vec1", "tiny").head
+    audio = build_method("speech", "data2vec1", "tiny").head
     assert audio.bias.any() and audio.weight.std().item() > 0.05          # 1/sqrt(3*48) = 0.083
 
 
@@ -168,10 +168,10 @@ def test_data2vec1_image_student_sees_all_patches_with_mask_embedding():
     assert torch.allclose(xa[:, 1:][rows, cols], expected[cols], atol=1e-6)
 
 
-def test_data2vec1_audio_mask_embedding_replaces_masked_frames():
+def test_data2vec1_speech_mask_embedding_replaces_masked_frames():
     torch.manual_seed(0)
-    method = build_method("audio", "data2vec1", "smoke")
-    batch = masked(method, make_batch("audio"))
+    method = build_method("speech", "data2vec1", "smoke")
+    batch = masked(method, make_batch("speech"))
     seen = []
     method.student.context_encoder.relative_positional_encoder.register_forward_pre_hook(
         lambda m, args: seen.append(args[0].detach()))          # frames-last (B, T, D)
@@ -199,7 +199,7 @@ def test_data2vec1_text_student_sees_corrupted_teacher_original_and_loss_on_mask
 
 
 def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
-    method = build_method("audio", "data2vec1", "smoke")
+    method = build_method("speech", "data2vec1", "smoke")
     teacher = method.teacher.model
     assert teacher.local_encoder is None and teacher.context_encoder is None
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -260,10 +260,10 @@ NO_DROPOUT = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dr
 
 @pytest.mark.parametrize("modality,name,overrides,steps,factor", [
     ("image", "mae", {}, 40, 2.0), ("image", "data2vec1", {}, 40, 5.0),
-    ("audio", "data2vec1", {**FROZEN_TEACHER, **NO_DROPOUT}, 60, 2.5),
+    ("speech", "data2vec1", {**FROZEN_TEACHER, **NO_DROPOUT}, 60, 2.5),
     ("text", "data2vec1", FROZEN_TEACHER, 40, 5.0), ("text", "mlm", {}, 40, 5.0),
-    ("audio", "hubert", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0),
-    ("audio", "wavlm", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0), ("text", "bert", {}, 40, 5.0)])
+    ("speech", "hubert", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0),
+    ("speech", "wavlm", {"num_classes": 20, **NO_DROPOUT}, 40, 2.0), ("text", "bert", {}, 40, 5.0)])
 def test_loss_falls_on_one_batch(modality, name, overrides, steps, factor):
     torch.manual_seed(0)
     method = build_method(modality, name, "smoke", overrides)

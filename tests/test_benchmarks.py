@@ -35,7 +35,7 @@ def test_the_dry_run_measures_every_modality_with_equal_losses(tmp_path):
     r = bench("--dry-run", "--json", str(tmp_path / "rows.json"), env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [row["modality"] for row in rows] == ["image", "audio", "text"]
+    assert [row["modality"] for row in rows] == ["image", "speech", "text"]
     for row in rows:
         assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 3
         assert row["loss_max_rel_diff"] < 1e-5, row

@@ -169,7 +169,7 @@ def test_the_alibi_slopes_travel_with_the_model_and_stay_out_of_checkpoints():
     synchronising copy on a GPU), and absent from state dicts (checkpoints and fairseq conversion unchanged)."""
     from d2v2.method import build_method
 
-    method = build_method("audio", "data2vec2", "smoke")
+    method = build_method("speech", "data2vec2", "smoke")
     ctx = method.student.context_encoder
     assert torch.equal(ctx.alibi_slopes, torch.tensor(alibi_slopes(ctx.num_heads)))
     assert not any(k.endswith("alibi_slopes") for k in method.state_dict())

@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def train_sizes() -> np.ndarray:
     """Lengths in samples of the real tiny-recipe training utterances (300, 2-4 s)."""
-    return read_fairseq_manifest(_data("audio") / "speech", "train").sizes
+    return read_fairseq_manifest(_data("speech") / "speech", "train").sizes
 
 
 def _epoch(sampler: LengthBucketedBatchSampler, epoch: int) -> list[list[int]]:
@@ -78,14 +78,14 @@ def test_option_is_speech_only():
     with pytest.raises(ConfigError, match="bucket_by_length"):
         finetune_config({"modality": "image", "preset": "smoke", "bucket_by_length": True})
     for preset in ("base", "tiny"):
-        assert finetune_config({"modality": "audio", "preset": preset}).bucket_by_length
+        assert finetune_config({"modality": "speech", "preset": preset}).bucket_by_length
 
 
 def test_evaluation_batches_in_length_order():
-    root = _data("audio")
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "eval_max_samples": 40,
+    root = _data("speech")
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "eval_max_samples": 40,
                            "data": {"root": str(root), "num_workers": 0}})
-    valid = D.finetune_datasets("audio", cfg.data, "ctc")["valid"]
+    valid = D.finetune_datasets("speech", cfg.data, "ctc")["valid"]
     loader = F.make_loader(valid, cfg, 16, False, CPU)
     chosen = loader.dataset.indices                                         # the fixed evaluation subset
     order = [chosen[i] for b in loader.batch_sampler for i in b]
@@ -114,16 +114,16 @@ class _Utterances(Dataset):
 def test_training_reshuffles_each_epoch_reproducibly():
     """``train`` sets the sampler's epoch: 5 updates over 8 utterances in batches of 4 = 3 epochs, each
     reading all 8, in an order that differs by epoch and repeats run to run."""
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "budget": {"value": 5}, "freeze_updates": 0,
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "budget": {"value": 5}, "freeze_updates": 0,
                            "data": {"num_workers": 0}})
-    info = D.task_info("audio", "ctc")
+    info = D.task_info("speech", "ctc")
     reads = []
     for _ in range(2):
         torch.manual_seed(0)
         data = _Utterances([3000, 7000, 3200, 6800, 4000, 5000, 3100, 6900])
         loader = F.make_loader(data, cfg, 4, True, CPU)
         assert isinstance(loader.batch_sampler, LengthBucketedBatchSampler)
-        model = F.build_model(cfg, info, build_method("audio", "data2vec2", "smoke").encoder())
+        model = F.build_model(cfg, info, build_method("speech", "data2vec2", "smoke").encoder())
         F.train(model, cfg, 1e-3, loader, CPU, log=lambda *_: None)
         assert loader.batch_sampler.epoch == 2
         reads.append(data.read)
@@ -135,8 +135,8 @@ def test_training_reshuffles_each_epoch_reproducibly():
 
 
 def test_smoke_finetune_with_bucketing(tmp_path):
-    root = _data("audio")
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "init": "random", "eval_max_samples": 8,
+    root = _data("speech")
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "init": "random", "eval_max_samples": 8,
                            "arch": {"method": "data2vec2", "preset": "smoke"}, "primary_metric": "cer",
                            "data": {"root": str(root), "num_workers": 0}})
     assert cfg.bucket_by_length

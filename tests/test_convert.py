@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v2.interop.fairseq import ConversionError, convert, load_fairseq, main
+from d2v2.interop.fairseq import FAIRSEQ_MODALITY, ConversionError, convert, load_fairseq, main
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.engine.checkpoint import CheckpointError, load_checkpoint
 from d2v2.engine.finetune import _from_checkpoint
@@ -38,10 +38,10 @@ OURS = {
               "average_top_k_layers": 2, "instance_norm_target_layer": True, "layer_norm_targets": True,
               "cls_loss": 0.01, "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 500,
               "teacher_shares": "nothing", "min_target_var": 0.0, "min_pred_var": 0.0},
-    "audio": {"encoder": {"modality": "audio", "embed_dim": 64, "num_heads": 4, "depth": 2, "prenet_depth": 1,
+    "speech": {"encoder": {"modality": "speech", "embed_dim": 64, "num_heads": 4, "depth": 2, "prenet_depth": 1,
                           "norm_eps": 1e-5, "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1,
                           "prenet_dropout": 0.1, "layerdrop": 0.05, "prenet_layerdrop": 0.05,
-                          "audio": {"conv_layers": CNN, "conv_pos_width": 12, "conv_pos_depth": 2,
+                          "speech": {"conv_layers": CNN, "conv_pos_width": 12, "conv_pos_depth": 2,
                                     "conv_pos_groups": 4}},
               "decoder": {"dim": 32, "kernel": 5, "groups": 4, "depth": 3, "residual": True, "input_dropout": 0.1},
               "num_masks": 2, "mask_ratio": 0.5, "mask_width": 3, "mask_adjust": 0.05, "inverse_mask": False,
@@ -78,8 +78,8 @@ def fairseq_cfg(modality: str) -> dict:
         i = e["image"]
         mod.update(input_size=i["img_size"], patch_size=i["patch_size"], in_chans=i["in_chans"],
                    num_extra_tokens=i["num_extra_tokens"], embed_dim=e["embed_dim"], init_extra_token_zero=False)
-    elif modality == "audio":
-        a = e["audio"]
+    elif modality == "speech":
+        a = e["speech"]
         mod.update(feature_encoder_spec=CNN_SPEC, extractor_mode="layer_norm", conv_pos_width=a["conv_pos_width"],
                    conv_pos_depth=a["conv_pos_depth"], conv_pos_groups=a["conv_pos_groups"],
                    use_alibi_encoder=True, learned_alibi_scale=True, learned_alibi_scale_per_head=True,
@@ -99,9 +99,9 @@ def fairseq_cfg(modality: str) -> dict:
              "ema_decay": o["ema_decay"], "ema_end_decay": o["ema_end_decay"],
              "ema_anneal_end_step": o["ema_anneal_end_step"], "ema_encoder_only": modality == "text",
              "min_target_var": o.get("min_target_var", 0.1), "min_pred_var": o.get("min_pred_var", 0.01),
-             "supported_modality": modality.upper(), "cls_loss": o.get("cls_loss", 0.0), "recon_loss": 0.0,
+             "supported_modality": FAIRSEQ_MODALITY[modality], "cls_loss": o.get("cls_loss", 0.0), "recon_loss": 0.0,
              "d2v_loss": 1.0, "shared_decoder": None,
-             "modalities": {m: (mod if m == modality else {}) for m in ("audio", "image", "text")}}
+             "modalities": {FAIRSEQ_MODALITY[m].lower(): (mod if m == modality else {}) for m in ("speech", "image", "text")}}
     return {"common": {"seed": 7}, "model": model, "optimization": {"max_update": 1000}}
 
 
@@ -114,7 +114,7 @@ def _block(prefix: str, blk) -> dict:
 
 def fairseq_encoder_state(enc: Encoder, shared: tuple[str, ...] = ()) -> dict:
     """One Data2VecMultiModel's encoder tensors under fairseq names (``shared``: parts an EMA copy lacks)."""
-    cfg, M = enc.cfg, f"modality_encoders.{enc.cfg.modality.upper()}."
+    cfg, M = enc.cfg, f"modality_encoders.{FAIRSEQ_MODALITY[enc.cfg.modality]}."
     out = {}
     for i, blk in enumerate(enc.blocks[cfg.prenet_depth:]):
         out.update(_block(f"blocks.{i}.", blk))
@@ -129,7 +129,7 @@ def fairseq_encoder_state(enc: Encoder, shared: tuple[str, ...] = ()) -> dict:
         out[f"{M}fixed_positional_encoder.positions"] = sincos_2d(cfg.embed_dim, loc.grid)[None].clone()
         out[f"{M}extra_tokens"] = ctx.extra_tokens
         out.update({f"{M}local_encoder.proj.weight": loc.proj.weight, f"{M}local_encoder.proj.bias": loc.proj.bias})
-    elif cfg.modality == "audio":
+    elif cfg.modality == "speech":
         out[f"{M}alibi_scale"] = ctx.alibi_scale
         for k, layer in enumerate(ctx.relative_positional_encoder):      # index 0 is TransposeLast
             out[f"{M}relative_positional_encoder.{k + 1}.0.weight"] = layer.conv.weight
@@ -152,7 +152,7 @@ def fairseq_encoder_state(enc: Encoder, shared: tuple[str, ...] = ()) -> dict:
 
 def fairseq_checkpoint(model: Data2Vec2, with_ema: bool = True) -> dict:
     m = model.cfg.encoder.modality
-    M = f"modality_encoders.{m.upper()}."
+    M = f"modality_encoders.{FAIRSEQ_MODALITY[m]}."
     state = fairseq_encoder_state(model.student)
     for k, layer in enumerate(model.decoder.blocks):
         state[f"{M}decoder.blocks.{k}.0.weight"] = layer.conv.weight
@@ -166,7 +166,7 @@ def fairseq_checkpoint(model: Data2Vec2, with_ema: bool = True) -> dict:
             for i, blk in enumerate(teacher.blocks[model.cfg.encoder.prenet_depth:]):
                 ema.update(_block(f"{i}.", blk))
         else:
-            ema = fairseq_encoder_state(teacher, shared=("local_encoder",) if m == "audio" else ())
+            ema = fairseq_encoder_state(teacher, shared=("local_encoder",) if m == "speech" else ())
         state["_ema"] = {k: v.detach().clone().float() for k, v in ema.items()}
     state = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
     return {"cfg": fairseq_cfg(m), "model": state, "optimizer_history": [{"num_updates": 1234}]}
@@ -179,7 +179,7 @@ def make_model(modality: str, seed: int = 0) -> Data2Vec2:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-        if modality == "audio":
+        if modality == "speech":
             model.student.context_encoder.alibi_scale.uniform_(0.5, 1.5)
             model.teacher.model.context_encoder.alibi_scale.uniform_(0.5, 1.5)
     return model.eval()
@@ -189,14 +189,14 @@ def inputs(modality: str):
     g = torch.Generator().manual_seed(1)
     if modality == "image":
         return torch.randn(2, 3, 32, 32, generator=g), None
-    if modality == "audio":
+    if modality == "speech":
         return torch.randn(2, 1200, generator=g), None
     src = torch.randint(5, 101, (2, 12), generator=g)
     src[1, -3:] = 1                                                  # padding
     return src, None
 
 
-@pytest.mark.parametrize("modality", ["image", "audio", "text"])
+@pytest.mark.parametrize("modality", ["image", "speech", "text"])
 def test_round_trip_is_exact(modality):
     ours = make_model(modality)
     converted, info = convert(fairseq_checkpoint(ours))
@@ -287,7 +287,7 @@ def test_omegaconf_config_loads_without_the_flag(tmp_path):
 
 
 def test_missing_wrong_shape_and_unmapped_keys_are_named():
-    good = fairseq_checkpoint(make_model("audio"))
+    good = fairseq_checkpoint(make_model("speech"))
     bad = copy.deepcopy(good)
     del bad["model"]["blocks.1.mlp.fc2.bias"]
     with pytest.raises(ConversionError, match=r"missing keys: model\.blocks\.1\.mlp\.fc2\.bias"):
@@ -304,7 +304,7 @@ def test_missing_wrong_shape_and_unmapped_keys_are_named():
 
 
 def test_legacy_and_shared_alibi_scales_are_reshaped():
-    ours = make_model("audio")
+    ours = make_model("speech")
     ckpt = fairseq_checkpoint(ours)
     key = "modality_encoders.AUDIO.alibi_scale"
     scale = ckpt["model"][key]
@@ -326,7 +326,7 @@ def test_without_ema_the_teacher_is_the_student():
 
 def test_finetuned_checkpoint_loads_encoder_only():
     """wav2vec_ctc-style: encoder under ``w2v_encoder.w2v_model.``, config in ``w2v_args``, no decoder/_ema."""
-    ours = make_model("audio")
+    ours = make_model("speech")
     fs = fairseq_checkpoint(ours, with_ema=False)
     inner = fs["cfg"]["model"]
     inner["modalities"]["audio"]["decoder"] = None
@@ -336,14 +336,14 @@ def test_finetuned_checkpoint_loads_encoder_only():
     ckpt = {"cfg": {"model": {"_name": "wav2vec_ctc", "w2v_args": {"model": inner}}}, "model": state}
     with pytest.raises(ConversionError, match="encoder_only"):
         convert(ckpt)                                             # decoder config is None
-    inner["modalities"]["audio"]["decoder"] = fairseq_cfg("audio")["model"]["modalities"]["audio"]["decoder"]
+    inner["modalities"]["audio"]["decoder"] = fairseq_cfg("speech")["model"]["modalities"]["audio"]["decoder"]
     with pytest.raises(ConversionError, match=r"missing keys \(no decoder.*--encoder-only"):
         convert(ckpt)                                             # decoder config kept, weights removed
     inner["modalities"]["audio"]["decoder"] = None
     encoder, info = convert(ckpt, encoder_only=True)
     assert info.prefix == "w2v_encoder.w2v_model." and info.config_path == "cfg.model.w2v_args.model"
     assert "model.w2v_encoder.proj.weight" in info.dropped
-    source, _ = inputs("audio")
+    source, _ = inputs("speech")
     assert torch.equal(encoder.eval()(source).x, ours.student(source).x)
 
 

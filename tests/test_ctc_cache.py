@@ -12,7 +12,7 @@ from d2v2.engine import finetune as F
 from d2v2.engine.ftconfig import finetune_config
 from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache
 from d2v2.method import build_method
-from d2v2.model.modalities.audio import frame_count
+from d2v2.model.modalities.speech import frame_count
 
 LENGTHS = [8000, 5123, 6400, 3001, 7777, 4500]      # samples; 6400 = 20 frames exactly at stride 320
 
@@ -21,7 +21,7 @@ def _encoder() -> Encoder:
     """A smoke encoder whose CNN LayerNorms are not at their init (weight 1, bias 0), like a pretrained
     one: at init the CNN maps silence to exactly 0, which would hide a wrong padding frame."""
     torch.manual_seed(0)
-    encoder = Encoder(build_method("audio", "data2vec2", "smoke").encoder().cfg)
+    encoder = Encoder(build_method("speech", "data2vec2", "smoke").encoder().cfg)
     with torch.no_grad():
         for layer in encoder.local_encoder.feature_extractor:
             layer.norm.weight.normal_(1.0, 0.2)
@@ -103,7 +103,7 @@ def test_cached_forward_and_loss_equal_uncached():
 
 
 def _train(model: CTCRecognizer, batch_size: int = 2, epochs: int = 2, **overrides):
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "freeze_updates": 0, "seed": 0,
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "freeze_updates": 0, "seed": 0,
                            "budget": {"kind": "epochs", "value": epochs}, **overrides})
     loader = DataLoader(_Utterances(LENGTHS), batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator(), collate_fn=collate_finetune)

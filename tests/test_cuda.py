@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 # The kernel each modality's attention must be able to run on: images have neither bias nor padding
 # (FlashAttention); speech adds ALiBi (a learned bias) and text pads its batches (memory-efficient kernel).
-BACKEND = {"image": SDPBackend.FLASH_ATTENTION, "audio": SDPBackend.EFFICIENT_ATTENTION,
+BACKEND = {"image": SDPBackend.FLASH_ATTENTION, "speech": SDPBackend.EFFICIENT_ATTENTION,
            "text": SDPBackend.EFFICIENT_ATTENTION}
 
 

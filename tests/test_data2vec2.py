@@ -10,10 +10,10 @@ from d2v2.data2vec2 import Data2Vec2
 from d2v2.model.decoder import Decoder, DecoderConfig
 from d2v2.model.masking import keep_indices
 from d2v2.method import MethodOutput, build_method, method_config
-from d2v2.model.modalities.audio import WAV2VEC2_CONV
+from d2v2.model.modalities.speech import WAV2VEC2_CONV
 from d2v2.model.targets import make_targets, position_share
 
-MODALITIES = ["image", "audio", "text"]
+MODALITIES = ["image", "speech", "text"]
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dropout": 0.0, "prenet_dropout": 0.0,
               "layerdrop": 0.0, "prenet_layerdrop": 0.0}
 
@@ -21,7 +21,7 @@ NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "post_mlp_dropout": 0.0,
 def batch_for(modality, B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     source = {"image": lambda: torch.randn(B, 1, 28, 28, generator=g),
-              "audio": lambda: torch.randn(B, 12000, generator=g),
+              "speech": lambda: torch.randn(B, 12000, generator=g),
               "text": lambda: torch.randint(5, 8192, (B, 48), generator=g)}[modality]()
     return {"source": source, "id": torch.arange(B)}
 
@@ -67,7 +67,7 @@ def test_student_sees_visible_tokens_teacher_runs_once_per_sample(modality):
     method.teacher.model.blocks[0].register_forward_hook(lambda m, a, o: teacher_inputs.append(a[0].shape))
     method(batch)
     E = method.student.context_encoder.num_extra_tokens
-    visible = T - int(T * method.cfg.mask_ratio) if modality == "audio" else int(T * (1 - method.cfg.mask_ratio))
+    visible = T - int(T * method.cfg.mask_ratio) if modality == "speech" else int(T * (1 - method.cfg.mask_ratio))
     assert visible == method.masker().num_visible(T)
     assert student_inputs == [(B * M, visible + E, method.cfg.encoder.embed_dim)]
     assert teacher_inputs == [(B, T + E, method.cfg.encoder.embed_dim)]
@@ -119,7 +119,7 @@ def test_decoder_shapes_residuals_and_noise():
     assert (diff[:2, :2] > 0).all() and (diff[2:] == 0).all() and (diff[:, 2:] == 0).all()
 
 
-@pytest.mark.parametrize("modality,ratio", [("image", 0.5), ("audio", 0.5), ("text", 0.42)])
+@pytest.mark.parametrize("modality,ratio", [("image", 0.5), ("speech", 0.5), ("text", 0.42)])
 def test_tiny_model_overfits_one_batch(modality, ratio):
     overrides = {"encoder": dict(NO_DROPOUT), "decoder": {"input_dropout": 0.0, "depth": 3},
                  "ema_decay": 1.0, "ema_end_decay": 1.0, "mask_ratio": ratio}
@@ -187,8 +187,8 @@ def test_bf16_autocast_forward_backward(modality):
     assert all(torch.isfinite(p.grad).all() for p in method.student.parameters() if p.grad is not None)
 
 
-def test_audio_masker_counts_frames_from_samples():
-    method = build("audio", {"encoder": {"audio": {"conv_layers": WAV2VEC2_CONV}}, "num_masks": 8})
+def test_speech_masker_counts_frames_from_samples():
+    method = build("speech", {"encoder": {"speech": {"conv_layers": WAV2VEC2_CONV}}, "num_masks": 8})
     batch = method.masker()({"source": torch.zeros(2, 32000)}, torch.Generator().manual_seed(0))
     assert batch["mask"].shape == (16, 99)                               # T = floor((N-400)/320)+1
     assert (batch["mask"].sum(1) == int(99 * 0.5)).all()                 # fairseq: int(T*R) masked
@@ -223,7 +223,7 @@ def test_base_presets_follow_the_paper():
     assert (img.num_masks, img.mask_ratio, img.mask_width, img.mask_adjust) == (16, 0.8, 3, 0.07)
     assert (img.encoder.prenet_depth, img.encoder.depth, img.average_top_k_layers) == (2, 10, 10)
     assert img.layer_norm_targets and img.cls_loss == 0.01
-    audio = method_config("audio", "data2vec2", "base")
+    audio = method_config("speech", "data2vec2", "base")
     assert (audio.num_masks, audio.mask_ratio, audio.decoder.dim, audio.decoder.kernel) == (8, 0.5, 384, 7)
     text = method_config("text", "data2vec2", "base")
     assert (text.mask_ratio, text.ema_end_decay, text.loss_scale, text.decoder.head_layers) == (0.42, 1.0, 1.0, 2)
@@ -258,7 +258,7 @@ def test_initialisation_follows_fairseq():
     torch.manual_seed(0)
     text = build_method("text", "data2vec2", "tiny")
     assert all(_is_bert_init(m) for m in text.decoder.proj.modules() if isinstance(m, torch.nn.Linear))
-    for modality in ("image", "audio"):
+    for modality in ("image", "speech"):
         proj = build_method(modality, "data2vec2", "tiny").decoder.proj
         assert not _is_bert_init(proj) and proj.bias.any()
     patch = build_method("image", "data2vec2", "tiny").student.local_encoder.proj

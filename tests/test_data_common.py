@@ -158,8 +158,8 @@ def test_unknown_modality_and_task(prepared):
         task_info("video", "x")
     with pytest.raises(ValueError, match="unknown text task 'sst3'"):
         finetune_datasets("text", prepared, "sst3")
-    assert task_info("audio", "ctc")["primary_metric"] == "wer"
-    assert task_info("audio", "ctc")["higher_is_better"] is False
+    assert task_info("speech", "ctc")["primary_metric"] == "wer"
+    assert task_info("speech", "ctc")["higher_is_better"] is False
 
 
 def test_prepare_is_idempotent(prepared, capsys):
@@ -182,9 +182,9 @@ def test_speech_dispatch(tmp_path):
     """The API serves the speech module's corpus (a tiny synthesised one) like the other modalities."""
     synth = {"num_pretrain": 4, "num_train": 2, "num_valid": 1, "num_test": 1, "num_test_flite": 1, "asterisk": False}
     cfg = DataConfig(root=str(tmp_path), speech={"synth": synth, "min_sample_size": 0})
-    assert not prepare(["audio"], cfg)["speech"]["skipped"] and prepare(["speech"], cfg)["speech"]["skipped"]
-    dataset = pretrain_dataset("audio", cfg)
-    batch = pretrain_collater("audio", cfg, None, seed=0)([dataset[i] for i in range(4)])
+    assert not prepare(["speech"], cfg)["speech"]["skipped"] and prepare(["speech"], cfg)["speech"]["skipped"]
+    dataset = pretrain_dataset("speech", cfg)
+    batch = pretrain_collater("speech", cfg, None, seed=0)([dataset[i] for i in range(4)])
     assert len(dataset) == 4 and batch["source"].dtype == torch.float32
     assert batch["source"].shape[1] == min(len(dataset[i]["source"]) for i in range(4))   # cropped to shortest
     splits = finetune_datasets("speech", cfg, "ctc")

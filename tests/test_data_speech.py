@@ -218,7 +218,7 @@ def test_labels_follow_the_audio_through_both_crops(corpus, tmp_path):
                                "pretrain")
     torch.manual_seed(0)
     batch = collate_pretrain([ds[i] for i in range(4)])
-    out = build_method("audio", "hubert", "smoke").masker()(batch, torch.Generator().manual_seed(0))
+    out = build_method("speech", "hubert", "smoke").masker()(batch, torch.Generator().manual_seed(0))
     T = out["mask"].shape[1]
     assert out["frame_labels"].shape == (4, T)
     for b in range(4):
@@ -245,7 +245,7 @@ def test_bad_label_files_are_named(corpus, tmp_path):
         SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": str(bad)}), "pretrain")[0]
     km = clock_labels(tmp_path / "pretrain.km", sizes)        # 100 per second, read as 50 per second
     ds = SpeechPretrainDataset(root, cfg.model_copy(update={"pretrain_labels": km}), "pretrain")
-    masker = build_method("audio", "hubert", "smoke", {"label_rate": 50}).masker()
+    masker = build_method("speech", "hubert", "smoke", {"label_rate": 50}).masker()
     with pytest.raises(ValueError, match="labels made at another rate"):
         masker(collate_pretrain([ds[0], ds[1]]), torch.Generator().manual_seed(0))
 

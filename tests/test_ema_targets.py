@@ -73,7 +73,7 @@ def test_targets_equal_direct_computation():
 
 
 @pytest.mark.parametrize("modality,has_local,has_context", [
-    ("image", True, True), ("audio", False, True), ("text", False, False)])
+    ("image", True, True), ("speech", False, True), ("text", False, False)])
 def test_teacher_holds_what_the_spec_says(modality, has_local, has_context):
     method = build_method(modality, "data2vec2", "smoke")
     teacher = method.teacher.model

@@ -5,7 +5,7 @@ import torch
 from d2v2.config import ConfigError, validate
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.model.masking import block_mask, keep_indices, random_mask
-from d2v2.model.modalities.audio import WAV2VEC2_CONV, frame_count
+from d2v2.model.modalities.speech import WAV2VEC2_CONV, frame_count
 from d2v2.model.modalities.image import sincos_2d
 
 SMALL_CONV = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
@@ -13,7 +13,7 @@ SMALL_CONV = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
 
 def make(modality, **kw):
     extra = {"image": {"image": {"img_size": 28, "patch_size": 2, "in_chans": 1}},
-             "audio": {"audio": {"conv_layers": SMALL_CONV, "conv_pos_width": 6, "conv_pos_depth": 2,
+             "speech": {"speech": {"conv_layers": SMALL_CONV, "conv_pos_width": 6, "conv_pos_depth": 2,
                                  "conv_pos_groups": 4}},
              "text": {"text": {"vocab_size": 50, "max_positions": 40}}}[modality]
     cfg = dict(modality=modality, embed_dim=16, num_heads=4, depth=2, prenet_depth=1, **extra)
@@ -25,11 +25,11 @@ def make(modality, **kw):
 def source(modality, B=2):
     g = torch.Generator().manual_seed(1)
     return {"image": lambda: torch.randn(B, 1, 28, 28, generator=g),
-            "audio": lambda: torch.randn(B, 8000, generator=g),
+            "speech": lambda: torch.randn(B, 8000, generator=g),
             "text": lambda: torch.randint(5, 50, (B, 24), generator=g)}[modality]()
 
 
-@pytest.mark.parametrize("modality,T,E", [("image", 196, 1), ("audio", 24, 0), ("text", 24, 0)])
+@pytest.mark.parametrize("modality,T,E", [("image", 196, 1), ("speech", 24, 0), ("text", 24, 0)])
 def test_shapes_dense_and_sparse(modality, T, E):
     enc = make(modality)
     x, pm = enc.local_features(source(modality))
@@ -45,7 +45,7 @@ def test_shapes_dense_and_sparse(modality, T, E):
     assert enc.contextualize(x, mask, layer_results="none").layer_results == []
 
 
-@pytest.mark.parametrize("modality", ["image", "audio", "text"])
+@pytest.mark.parametrize("modality", ["image", "speech", "text"])
 def test_sparse_student_never_sees_masked_tokens(modality):
     """Changing the features at masked positions must not change the sparse output (for audio this
     also checks that the conv positional encoder sees masked frames as zeros)."""
@@ -89,9 +89,9 @@ def test_image_positions_are_mae_sincos_added_before_masking():
     assert enc.context_encoder.extra_tokens.shape == (1, 1, 16)
 
 
-def test_audio_frame_count_matches_the_cnn_and_padding():
+def test_speech_frame_count_matches_the_cnn_and_padding():
     assert frame_count(16000, WAV2VEC2_CONV) == 49 and frame_count(320000, WAV2VEC2_CONV) == 999
-    enc = make("audio")
+    enc = make("speech")
     for n in (3000, 8000, 8321):
         assert enc.local_features(torch.randn(1, n))[0].shape[1] == frame_count(n, SMALL_CONV)
     pad = torch.zeros(2, 8000, dtype=torch.bool)
@@ -101,8 +101,8 @@ def test_audio_frame_count_matches_the_cnn_and_padding():
     assert int((~fpm[1]).sum()) == frame_count(4000, SMALL_CONV)
 
 
-def test_audio_alibi_uses_original_distances_after_masking():
-    enc = make("audio")
+def test_speech_alibi_uses_original_distances_after_masking():
+    enc = make("speech")
     ctx = enc.context_encoder
     with torch.no_grad():
         ctx.alibi_scale.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]).view(1, 1, 4, 1, 1))
@@ -118,8 +118,8 @@ def test_audio_alibi_uses_original_distances_after_masking():
 def test_relative_position_bias_is_off_by_default_and_uses_original_offsets_after_masking():
     """WavLM's option (METHOD.md#gated-relative-position-bias): no parameter exists without it; with it the
     bias of the kept tokens is the full sequence's at their original offsets, and the blocks gate it."""
-    assert not [n for n, _ in make("audio").named_parameters() if n.startswith("relative_position.") or ".gate" in n]
-    enc = make("audio", relative_position={"num_buckets": 8, "max_distance": 12})
+    assert not [n for n, _ in make("speech").named_parameters() if n.startswith("relative_position.") or ".gate" in n]
+    enc = make("speech", relative_position={"num_buckets": 8, "max_distance": 12})
     assert {n for n, _ in enc.named_parameters() if ".gate" in n} == {
         f"blocks.{i}.attn.{p}" for i in range(3) for p in ("gate.weight", "gate.bias", "gate_scale")}
     mask = block_mask(2, (24,), 0.5, 5, 0.05, False, torch.Generator().manual_seed(0))
@@ -132,7 +132,7 @@ def test_relative_position_bias_is_off_by_default_and_uses_original_offsets_afte
         torch.testing.assert_close(sparse[b], full[0][:, keep[b]][:, :, keep[b]])
     assert torch.equal(full[0, :, 3, 10], full[0, :, 5, 12])                   # a function of the offset j - i
     with pytest.raises(ConfigError, match="max_distance 2 must exceed num_buckets / 4"):
-        validate(EncoderConfig, {"modality": "audio", "relative_position": {"num_buckets": 32, "max_distance": 2}})
+        validate(EncoderConfig, {"modality": "speech", "relative_position": {"num_buckets": 32, "max_distance": 2}})
 
 
 def test_text_positions_follow_fairseq_padding_convention():
@@ -167,7 +167,7 @@ def test_pre_ln_option_has_final_norm_and_no_context_norm():
     out = enc(source("image"))
     torch.testing.assert_close(out.x.mean(-1), torch.zeros(2, 197), atol=1e-5, rtol=0)
     assert make("text", prenet_depth=0).context_encoder.norm is None
-    assert make("audio").context_encoder.norm is not None
+    assert make("speech").context_encoder.norm is not None
 
 
 def test_config_errors_name_the_problem():
@@ -175,8 +175,8 @@ def test_config_errors_name_the_problem():
         validate(EncoderConfig, {"modality": "image", "embed_dm": 3}, where="encoder")
     with pytest.raises(ConfigError, match="not divisible by num_heads"):
         validate(EncoderConfig, {"modality": "image", "embed_dim": 10, "num_heads": 3})
-    with pytest.raises(ConfigError, match="'audio' settings given for a text encoder"):
-        validate(EncoderConfig, {"modality": "text", "audio": {}})
+    with pytest.raises(ConfigError, match="'speech' settings given for a text encoder"):
+        validate(EncoderConfig, {"modality": "text", "speech": {}})
     with pytest.raises(ConfigError, match="modality"):
         validate(EncoderConfig, {"modality": "video"})
     enc = make("image")

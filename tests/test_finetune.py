@@ -39,12 +39,12 @@ def _data(modality: str) -> Path:
     ({"modality": "image", "lr_swep": [1e-3]}, "lr_swep"),
     ({"modality": "image", "optim": {"lr": -1}}, "optim.lr"),
     ({"modality": "image", "budget": {"kind": "hours"}}, "budget.kind"),
-    ({"modality": "audio", "mask": {"prob": 1.5}}, "mask.prob"),
+    ({"modality": "speech", "mask": {"prob": 1.5}}, "mask.prob"),
     ({"modality": "text", "mixup": True}, "mixup"),
     ({"modality": "video"}, "modality"),
     ({"modality": "image", "preset": "huge"}, "preset"),
     ({"modality": "image", "task": "cifar10"}, "task"),
-    ({"modality": "audio", "primary_metric": "accuracy"}, "primary_metric"),
+    ({"modality": "speech", "primary_metric": "accuracy"}, "primary_metric"),
 ])
 def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -61,7 +61,7 @@ def test_cli_rejects_bad_config_before_any_compute(tmp_path, capsys):
 
 
 def test_presets_resolve_for_every_modality():
-    for modality in ("image", "audio", "text"):
+    for modality in ("image", "speech", "text"):
         for preset in ("base", "tiny", "smoke"):
             cfg = finetune_config({"modality": modality, "preset": preset})
             assert cfg.optim.lr > 0 and cfg.task
@@ -69,8 +69,8 @@ def test_presets_resolve_for_every_modality():
     assert (base.layer_decay, base.drop_path, base.label_smoothing, base.optim.lr) == (0.65, 0.1, 0.1, 1e-3)
     assert finetune_config({"modality": "text", "preset": "base"}).lr_sweep == [1e-5, 2e-5, 4e-5, 6e-5]
     # speech is scored on WER at paper scale, on CER in tiny (where every WER is ~1)
-    assert finetune_config({"modality": "audio", "preset": "base"}).primary_metric is None
-    assert finetune_config({"modality": "audio", "preset": "tiny"}).primary_metric == "cer"
+    assert finetune_config({"modality": "speech", "preset": "base"}).primary_metric is None
+    assert finetune_config({"modality": "speech", "preset": "tiny"}).primary_metric == "cer"
 
 
 # ---- layer-wise LR decay (METHOD.md#fine-tuning-images) -----------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_identity_must_agree_with_checkpoint(image_checkpoint, tmp_path):
                            "data": {"root": str(root)}})
     with pytest.raises(ConfigError, match="identity.budget_fraction"):
         F.finetune(cfg, image_checkpoint)
-    cfg = finetune_config({"modality": "audio", "preset": "smoke"})
+    cfg = finetune_config({"modality": "speech", "preset": "smoke"})
     with pytest.raises(ConfigError, match="modality"):
         F.finetune(cfg, image_checkpoint)
 
@@ -211,7 +211,7 @@ def test_linear_probe_trains_only_the_head():
 def test_ctc_freezes_cnn_always_and_transformer_first():
     from d2v2.engine.heads import CTCRecognizer
 
-    encoder = Encoder(build_method("audio", "data2vec2", "smoke").encoder().cfg)
+    encoder = Encoder(build_method("speech", "data2vec2", "smoke").encoder().cfg)
     model = CTCRecognizer(encoder, encoder.cfg.embed_dim, 29, encoder.local_encoder.feature_extractor,
                           mask_prob=0.3, mask_length=2)
     wave = torch.randn(2, 8000)
@@ -219,11 +219,11 @@ def test_ctc_freezes_cnn_always_and_transformer_first():
              "target": torch.randint(2, 29, (2, 5)), "target_lengths": torch.tensor([5, 4]),
              "transcript": ["A", "B"]}
     loader = torch.utils.data.DataLoader([batch], batch_size=None, generator=torch.Generator())
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "freeze_updates": 2, "budget": {"value": 2}})
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "freeze_updates": 2, "budget": {"value": 2}})
     before = _snapshot(model)
     F.train(model, cfg, 1e-2, loader, torch.device("cpu"), log=lambda *_: None)
     assert _changed(before, model) == {"proj.weight", "proj.bias"}          # only the head while frozen
-    cfg = finetune_config({"modality": "audio", "preset": "smoke", "freeze_updates": 0, "budget": {"value": 2}})
+    cfg = finetune_config({"modality": "speech", "preset": "smoke", "freeze_updates": 0, "budget": {"value": 2}})
     before = _snapshot(model)
     F.train(model, cfg, 1e-2, loader, torch.device("cpu"), log=lambda *_: None)
     changed = _changed(before, model)
@@ -290,14 +290,14 @@ def test_ctc_learns_letters():
     stays on CTC's all-blank plateau, CER 1.0.)"""
     from d2v2 import data as D
 
-    root = _data("audio")
+    root = _data("speech")
     torch.manual_seed(0)
-    cfg = finetune_config({"modality": "audio", "preset": "tiny", "freeze_updates": 0, "budget": {"value": 300},
+    cfg = finetune_config({"modality": "speech", "preset": "tiny", "freeze_updates": 0, "budget": {"value": 300},
                            "mask": {"prob": 0.0}, "data": {"root": str(root), "num_workers": 0}})
-    info = D.task_info("audio", "ctc")
-    train = D.finetune_datasets("audio", cfg.data, "ctc")["train"]
-    batch = D.finetune_collater("audio", cfg.data, "ctc")([train[i] for i in range(4)])
-    model = F.build_model(cfg, info, Encoder(build_method("audio", "data2vec2", "smoke").encoder().cfg))
+    info = D.task_info("speech", "ctc")
+    train = D.finetune_datasets("speech", cfg.data, "ctc")["train"]
+    batch = D.finetune_collater("speech", cfg.data, "ctc")([train[i] for i in range(4)])
+    model = F.build_model(cfg, info, Encoder(build_method("speech", "data2vec2", "smoke").encoder().cfg))
     loader = torch.utils.data.DataLoader([batch], batch_size=None, generator=torch.Generator())
     assert F.evaluate(model, cfg, info, [batch], torch.device("cpu"))["cer"] >= 0.9     # untrained
     F.train(model, cfg, 3e-3, loader, torch.device("cpu"), log=lambda *_: None)

@@ -55,7 +55,7 @@ def test_mfcc_labels_cover_every_utterance_and_repeat_for_a_seed(data, tmp_path)
 
 def hubert_run(data: DataConfig, labels: str, out, overrides: dict, input_costs: list[str] = ()) -> None:
     cfg = resolve_run_config({"input_costs": list(input_costs),
-        "method": {"modality": "audio", "name": "hubert", "preset": "smoke", "overrides": overrides},
+        "method": {"modality": "speech", "name": "hubert", "preset": "smoke", "overrides": overrides},
         "data": {**data.model_dump(), "speech": {**data.speech.model_dump(), "pretrain_labels": labels,
                                                 "min_sample_size": 16_000, "max_sample_size": 32_000}},
         "optim": {"lr": 1e-3, "warmup_fraction": 0.5}, "batch_size": 2, "budget": {"kind": "updates", "value": 2},

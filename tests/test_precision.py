@@ -14,7 +14,7 @@ def batch_for(method, batch_size: int = 4, seed: int = 0) -> dict[str, torch.Ten
     cfg, g = method.encoder().cfg, torch.Generator().manual_seed(seed)
     if cfg.modality == "image":
         source = torch.randn(batch_size, cfg.image.in_chans, cfg.image.img_size, cfg.image.img_size, generator=g)
-    elif cfg.modality == "audio":
+    elif cfg.modality == "speech":
         source = torch.randn(batch_size, 16000, generator=g)
     else:
         source = torch.randint(5, cfg.text.vocab_size, (batch_size, 64), generator=g)

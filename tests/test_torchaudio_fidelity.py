@@ -38,8 +38,8 @@ def pair(wavlm: bool = False):
             for layer in theirs.encoder.transformer.layers:
                 layer.attention.gru_rel_pos_const.uniform_(0.5, 1.5)
     relative = {"relative_position": {"num_buckets": BUCKETS, "max_distance": MAX_DISTANCE}} if wavlm else {}
-    ours = Encoder(EncoderConfig(modality="audio", embed_dim=D, num_heads=HEADS, depth=DEPTH, **relative,
-                                 audio={"conv_layers": CONV, "conv_pos_depth": 0, "use_alibi": False})).eval()
+    ours = Encoder(EncoderConfig(modality="speech", embed_dim=D, num_heads=HEADS, depth=DEPTH, **relative,
+                                 speech={"conv_layers": CONV, "conv_pos_depth": 0, "use_alibi": False})).eval()
     return theirs, ours
 
 

@@ -17,20 +17,20 @@ def batch(B=3, seconds=1.0, seed=0):
 
 @pytest.mark.parametrize("preset", ["base", "tiny", "smoke"])
 def test_builds_at_every_preset(preset):
-    assert ("audio", "wav2vec2") in available_methods()
-    cfg = method_config("audio", "wav2vec2", preset)
-    assert cfg.encoder == method_config("audio", "data2vec2", preset).encoder      # one backbone
+    assert ("speech", "wav2vec2") in available_methods()
+    cfg = method_config("speech", "wav2vec2", preset)
+    assert cfg.encoder == method_config("speech", "data2vec2", preset).encoder      # one backbone
     if preset == "base":                                   # the released base config
         q = cfg.quantizer
         assert (q.groups, q.entries, q.dim, cfg.final_dim, cfg.num_negatives) == (2, 320, 256, 256, 100)
         assert (cfg.logit_temp, cfg.diversity_weight, cfg.feature_penalty_weight, cfg.feature_grad_mult) == \
             (0.1, 0.1, 10.0, 0.1)
     with pytest.raises(ConfigError, match="quantizer.dim"):
-        method_config("audio", "wav2vec2", preset, {"quantizer": {"groups": 3, "dim": 64}})
+        method_config("speech", "wav2vec2", preset, {"quantizer": {"groups": 3, "dim": 64}})
 
 
 def test_distractors_are_other_masked_frames_of_the_same_utterance():
-    method = build_method("audio", "wav2vec2", "smoke")
+    method = build_method("speech", "wav2vec2", "smoke")
     out = method.masker()(batch(B=4, seconds=2.0), torch.Generator().manual_seed(1))
     mask, masked, negatives = out["mask"], out["masked"], out["negatives"]
     B, T_m = masked.shape
@@ -66,7 +66,7 @@ def test_quantiser_perplexity_and_temperature_schedule():
 
 def test_a_training_step_lowers_the_loss_and_follows_the_temperature():
     torch.manual_seed(0)
-    method = build_method("audio", "wav2vec2", "smoke").train()
+    method = build_method("speech", "wav2vec2", "smoke").train()
     b = method.masker()(batch(B=4, seconds=1.0), torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
     losses = []
@@ -90,7 +90,7 @@ def test_the_feature_extractor_gets_a_tenth_of_the_gradient():
     grads = {}
     for mult in (1.0, 0.1):
         torch.manual_seed(0)
-        method = build_method("audio", "wav2vec2", "smoke", {"feature_grad_mult": mult,
+        method = build_method("speech", "wav2vec2", "smoke", {"feature_grad_mult": mult,
                                                              "feature_penalty_weight": 0.0}).eval()
         b = b or method.masker()(batch(B=2), torch.Generator().manual_seed(0))
         method(b).loss.backward()

@@ -19,13 +19,13 @@ def batch(B=3, N=16000, classes=20, seed=0):
 
 @pytest.mark.parametrize("preset", ["base", "tiny", "smoke"])
 def test_builds_at_every_preset(preset):
-    assert ("audio", "wavlm") in available_methods()
-    cfg, hubert = method_config("audio", "wavlm", preset), method_config("audio", "hubert", preset)
+    assert ("speech", "wavlm") in available_methods()
+    cfg, hubert = method_config("speech", "wavlm", preset), method_config("speech", "hubert", preset)
     ours, theirs = cfg.encoder.model_dump(), hubert.encoder.model_dump()
     # data2vec 2.0's speech encoder with WavLM's gated relative position bias in place of ALiBi
     assert ours.pop("relative_position") == {"num_buckets": 320, "max_distance": 800, "gated": True}
     assert theirs.pop("relative_position") is None
-    assert not ours["audio"].pop("use_alibi") and theirs["audio"].pop("use_alibi")
+    assert not ours["speech"].pop("use_alibi") and theirs["speech"].pop("use_alibi")
     assert ours == theirs
     assert cfg.labels_per_frame() == 1.0                        # labels of a model's layer, at its frame rate
     assert (cfg.mixing.prob, cfg.mixing.max_fraction, cfg.mixing.energy_ratio_db) == (0.2, 0.5, (-5.0, 5.0))
@@ -36,16 +36,16 @@ def test_builds_at_every_preset(preset):
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="relative_position"):
-        method_config("audio", "wavlm", "smoke", {"encoder": {"relative_position": None}})
+        method_config("speech", "wavlm", "smoke", {"encoder": {"relative_position": None}})
     with pytest.raises(ConfigError, match="energy_ratio_db"):
-        method_config("audio", "wavlm", "smoke", {"mixing": {"energy_ratio_db": [5, -5]}})
+        method_config("speech", "wavlm", "smoke", {"mixing": {"energy_ratio_db": [5, -5]}})
     with pytest.raises(ConfigError, match="prob"):
-        method_config("audio", "wavlm", "smoke", {"mixing": {"prob": 1.5}})
+        method_config("speech", "wavlm", "smoke", {"mixing": {"prob": 1.5}})
 
 
 def test_mixing_keeps_hubert_masks_and_labels_and_travels_to_workers():
-    method = build_method("audio", "wavlm", "smoke", {"num_classes": 20, "mixing": {"prob": 1.0}})
-    hubert = build_method("audio", "hubert", "smoke", {"num_classes": 20, "label_rate": method.cfg.label_rate})
+    method = build_method("speech", "wavlm", "smoke", {"num_classes": 20, "mixing": {"prob": 1.0}})
+    hubert = build_method("speech", "hubert", "smoke", {"num_classes": 20, "label_rate": method.cfg.label_rate})
     b = batch()
     ours = method.masker()(b, torch.Generator().manual_seed(1))
     plain = hubert.masker()(b, torch.Generator().manual_seed(1))

@@ -159,12 +159,12 @@ def test_tiny_dag_shape(tmp_path):
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
     assert counts.pop("prepare_data", 0) <= 3
-    # 8 runs (image 3 methods, audio 2, text 3); image and text fine-tune 3 checkpoint fractions, speech
+    # 8 runs (image 3 methods, speech 2, text 3); image and text fine-tune 3 checkpoint fractions, speech
     # only the final one (finetune_fractions); random-init references per modality
     assert counts == {"pretrain": 8, "finetune": 3 * 3 + 2 * 1 + 3 * 3, "finetune_random_init": 3,
                       "resolved_config": 1, "collect": 1, "report": 1, "all": 1}
-    assert "metrics/audio/data2vec2/default/seed0/f1.000.json" in r.stdout
-    assert "metrics/audio/data2vec2/default/seed0/f0.500.json" not in r.stdout
+    assert "metrics/speech/data2vec2/default/seed0/f1.000.json" in r.stdout
+    assert "metrics/speech/data2vec2/default/seed0/f0.500.json" not in r.stdout
 
 
 def test_ablation_dag_shape_and_readable_paths(tmp_path):
@@ -204,9 +204,9 @@ def test_a_budget_sweep_is_one_run_per_budget_with_its_own_schedule():
 def test_a_hubert_run_brings_its_label_chain():
     """MFCC labels -> iteration 1 (its own config: the first label set, 0.625 x the budget, its final
     checkpoint kept) -> labels of its block `layer` -> the compared run, which reads them."""
-    config = resolved(preset="smoke", budget_sweep={"audio": [0.5, 1.0]})
+    config = resolved(preset="smoke", budget_sweep={"speech": [0.5, 1.0]})
     runs = [r for r in wfc.validate_workflow(config) if r.method == "hubert"]
-    assert [r.key for r in runs] == ["audio/hubert/default/seed0", "audio/hubert/default/seed0-budget0.500"]
+    assert [r.key for r in runs] == ["speech/hubert/default/seed0", "speech/hubert/default/seed0-budget0.500"]
     chain = "runs/hubert_chain/default/seed0-budget0.500"
     assert wfc.hubert_chain(config, runs[1]) == chain
     compared, first = wfc.run_config(config, runs[1]), wfc.hubert_iteration1_config(config, runs[1])
@@ -236,8 +236,8 @@ def test_smoke_runs_every_registered_method():
 def test_a_wavlm_run_trains_on_the_default_hubert_runs_labels():
     """WavLM reads the second labels of the default HuBERT run of its seed and budget, whether HuBERT is
     compared too (one chain for both, whatever HuBERT's ablations) or not (the chain is made for WavLM)."""
-    both = resolved(preset="smoke", methods={"audio": ["hubert", "wavlm"]},
-                    ablations={"audio": {"hubert": {"unmasked_weight": [0.5]}}})
+    both = resolved(preset="smoke", methods={"speech": ["hubert", "wavlm"]},
+                    ablations={"speech": {"hubert": {"unmasked_weight": [0.5]}}})
     runs = wfc.validate_workflow(both)
     wavlm = next(r for r in runs if r.method == "wavlm")
     chains = wfc.label_chains(both, runs)
@@ -246,14 +246,14 @@ def test_a_wavlm_run_trains_on_the_default_hubert_runs_labels():
     cfg = wfc.run_config(both, wavlm)
     assert cfg["data"]["speech"]["pretrain_labels"] == "runs/hubert_chain/default/seed0/labels2/pretrain.km"
     assert cfg["method"]["overrides"] == {"num_classes": 8, "label_rate": 50.0} and len(cfg["input_costs"]) == 3
-    alone = resolved(preset="smoke", methods={"audio": ["wavlm"]}, budget_sweep={"audio": [0.5, 1.0]})
+    alone = resolved(preset="smoke", methods={"speech": ["wavlm"]}, budget_sweep={"speech": [0.5, 1.0]})
     runs = wfc.validate_workflow(alone)
     owners = wfc.label_chains(alone, runs)
-    assert {o.key for o in owners.values()} == {"audio/hubert/default/seed0", "audio/hubert/default/seed0-budget0.500"}
+    assert {o.key for o in owners.values()} == {"speech/hubert/default/seed0", "speech/hubert/default/seed0-budget0.500"}
     first = wfc.hubert_iteration1_config(alone, owners["runs/hubert_chain/default/seed0"])
     assert first["method"]["name"] == "hubert" and first["method"]["overrides"]["label_rate"] == 100.0
     # data at another sample rate: the runs align labels to frames at the data's rate, not the default 16 kHz
-    slow = resolved(preset="smoke", methods={"audio": ["wavlm"]}, data={"speech": {"sample_rate": 8000}})
+    slow = resolved(preset="smoke", methods={"speech": ["wavlm"]}, data={"speech": {"sample_rate": 8000}})
     overrides = wfc.run_config(slow, next(r for r in wfc.validate_workflow(slow) if r.method == "wavlm"))["method"]["overrides"]
     assert overrides["sample_rate"] == 8000 and overrides["label_rate"] == 25.0
 
@@ -330,7 +330,7 @@ BAD_CONFIGS = [
     (["budget={image: {kind: hours, value: 60}}"], "budget.image.kind: 'hours' is not one of"),
     (["budget={text: {kind: updates, value: -5}}"], "budget.text.value: -5 is less than or equal to the minimum"),
     (["preset=huge"], "preset: 'huge' unknown"),
-    (["methods={audio: [mae]}"], "methods.audio: method: 'mae' is not available for modality 'audio'"),
+    (["methods={speech: [mae]}"], "methods.speech: method: 'mae' is not available for modality 'speech'"),
     (["ablations={image: {data2vec2: {decoder.depth: [0, 2]}}}"],
      "ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth"),
     (["ablations={image: {data2vec2: {num_maskz: [2]}}}"], "num_maskz: unknown key"),
@@ -343,11 +343,11 @@ BAD_CONFIGS = [
      "missing data: data.image.imagenet_dir: not found: /nonexistent/imagenet"),
     (["launcher={backend: slurm}"], "slurm.partition: required when launcher.backend is slurm"),
     (["slurm={pretrain: {gpus: 8}}"], "slurm.pretrain.gpus: unknown key"),
-    (["finetune_fractions={audio: [0.75]}"], "finetune_fractions.audio: [0.75] not in checkpoint_fractions"),
+    (["finetune_fractions={speech: [0.75]}"], "finetune_fractions.speech: [0.75] not in checkpoint_fractions"),
     (["budget_sweep={image: []}"], "budget_sweep.image: expected a non-empty list"),
     (["budget_sweep={image: [0.5, 0.25]}"], "budget_sweep.image: [0.5, 0.25] is not sorted"),
     (["budget_sweep={text: [0.25, 0.25]}"], "budget_sweep.text: repeated values"),
-    (["budget_sweep={audio: [-0.5, 1]}"], "budget_sweep.audio: [-0.5] not in (0, 1]"),
+    (["budget_sweep={speech: [-0.5, 1]}"], "budget_sweep.speech: [-0.5] not in (0, 1]"),
 ]
 
 
@@ -398,9 +398,9 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert (chain / "iteration1" / "DONE").exists()
     for labels, rate in (("labels1", 100.0), ("labels2", 50.0)):
         assert json.loads((chain / labels / "labels.json").read_text())["label_rate"] == rate
-    hubert = json.loads((tmp_path / "runs/audio/hubert/default/seed0/summary.json").read_text())
+    hubert = json.loads((tmp_path / "runs/speech/hubert/default/seed0/summary.json").read_text())
     assert hubert["inputs"]["train_time_s"] > 0 and len(hubert["inputs"]["sources"]) == 3
-    wavlm = json.loads((tmp_path / "runs/audio/wavlm/default/seed0/summary.json").read_text())
+    wavlm = json.loads((tmp_path / "runs/speech/wavlm/default/seed0/summary.json").read_text())
     assert wavlm["inputs"] == hubert["inputs"]                # WavLM trains on the same chain's labels
     report_md = (results / "report.md").read_text()
     assert "Input costs" in report_md and "time includes its inputs" in report_md

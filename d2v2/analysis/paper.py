@@ -24,7 +24,7 @@ METHOD_NAMES = {"data2vec2": "data2vec 2.0", "data2vec1": "data2vec 1.0", "mae":
 
 # Scale and hardware behind the efficiency figure (METHOD.md#pretraining-recipes; GPU type not stated in the paper).
 PAPER_SCALE = {"image": "ViT-B, ImageNet-1k; GPU count and type not stated",
-               "audio": "Base, LibriSpeech 960 h; 16 GPUs (type not stated)",
+               "speech": "Base, LibriSpeech 960 h; 16 GPUs (type not stated)",
                "text": "Base, Books + Wikipedia; 16 GPUs (type not stated)"}
 
 

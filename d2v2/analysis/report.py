@@ -330,8 +330,8 @@ def _caveats(evals: pd.DataFrame, notes: list[str], clock: str, implied: pd.Data
         ("Baselines: wav2vec 2.0 (the paper's speech claim) runs on the shared speech backbone, cross-checked step "
          "by step against fairseq's." if "wav2vec2" in set(evals["method"]) else
          "Baselines: the paper's speech claim is against wav2vec 2.0, which this configuration does not run (add "
-         "wav2vec2 to methods.audio)") + " The paper's efficiency figure implies " + ", ".join(
-            f"{r.speedup_text} vs {_name(r.baseline)}" for r in implied[implied.modality == "audio"].itertuples())
+         "wav2vec2 to methods.speech)") + " The paper's efficiency figure implies " + ", ".join(
+            f"{r.speedup_text} vs {_name(r.baseline)}" for r in implied[implied.modality == "speech"].itertuples())
         + " for speech.",
         "The paper's efficiency-figure points are read off a plot (about ±0.5 h, ±0.1 points); the implied "
         "speedups carry that error.",

@@ -1,7 +1,6 @@
 """The data API every other module uses (docs/ARCHITECTURE.md, "Batches").
 
-One function per question, dispatching on the modality (``image``, ``speech`` (alias ``audio``,
-the method modality), ``text``) to :mod:`d2v2.data.image`, :mod:`d2v2.data.speech`, :mod:`d2v2.data.text`:
+One function per question, dispatching on the modality (``image``, ``speech``, ``text``) to :mod:`d2v2.data.image`, :mod:`d2v2.data.speech`, :mod:`d2v2.data.text`:
 
 - :func:`pretrain_dataset` / :func:`pretrain_collater`: unlabelled items ``{"source", "id"}`` and the
   collater that batches them and draws the method's masks (:class:`~d2v2.data.common.MaskingCollater`);
@@ -20,31 +19,22 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from d2v2.config import MODALITIES, check_modality
 from d2v2.data.common import MaskingCollater, MissingDataError, CorruptDataError, loader_kwargs
 from d2v2.data.config import DataConfig, ImageDataConfig, SpeechDataConfig, TextDataConfig
 
 __all__ = [
-    "DataConfig", "ImageDataConfig", "SpeechDataConfig", "TextDataConfig", "MODALITIES", "modality_name",
+    "DataConfig", "ImageDataConfig", "SpeechDataConfig", "TextDataConfig", "MODALITIES",
     "pretrain_dataset", "pretrain_collater", "finetune_datasets", "finetune_collater", "task_info",
     "loader_kwargs", "prepare", "speech_root", "MissingDataError", "CorruptDataError",
 ]
 
-MODALITIES = ("image", "speech", "text")
-_ALIASES = {"audio": "speech"}
 SPEECH_TASKS = ("ctc",)
 _SPEECH_SPLITS = ("pretrain", "train", "valid", "test")
 
 
-def modality_name(modality: str) -> str:
-    """The data modality for a method or data modality name (``audio`` -> ``speech``)."""
-    name = _ALIASES.get(modality, modality)
-    if name not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r} (have {', '.join(MODALITIES)}; 'audio' = 'speech')")
-    return name
-
-
 def _module(modality: str) -> ModuleType:
-    return importlib.import_module(f"d2v2.data.{modality_name(modality)}")
+    return importlib.import_module(f"d2v2.data.{check_modality(modality)}")
 
 
 def speech_root(cfg: DataConfig) -> Path:
@@ -54,7 +44,7 @@ def speech_root(cfg: DataConfig) -> Path:
 
 def pretrain_dataset(modality: str, cfg: DataConfig, split: str = "train") -> Dataset:
     """Unlabelled items ``{"source", "id"}`` of ``split`` (``train`` or ``valid``)."""
-    if modality_name(modality) == "speech":
+    if modality == "speech":
         from d2v2.data.speech import SpeechPretrainDataset
 
         return SpeechPretrainDataset(speech_root(cfg), cfg.speech, "pretrain" if split == "train" else split)
@@ -62,7 +52,7 @@ def pretrain_dataset(modality: str, cfg: DataConfig, split: str = "train") -> Da
 
 
 def _pretrain_collate(modality: str) -> Callable[[list[dict]], dict]:
-    if modality_name(modality) == "speech":
+    if modality == "speech":
         from d2v2.data.speech import collate_pretrain
 
         return collate_pretrain      # crops to the shortest utterance of the batch
@@ -76,7 +66,7 @@ def pretrain_collater(modality: str, cfg: DataConfig, masker, seed: int) -> Mask
 
 def finetune_datasets(modality: str, cfg: DataConfig, task: str) -> dict[str, Dataset]:
     """``{"train", "valid", "test", (extra test sets)}`` labelled datasets of ``task``."""
-    if modality_name(modality) == "speech":
+    if modality == "speech":
         from d2v2.data.speech import SPLITS, SpeechFinetuneDataset
 
         task_info(modality, task)
@@ -91,7 +81,7 @@ def finetune_datasets(modality: str, cfg: DataConfig, task: str) -> dict[str, Da
 
 def finetune_collater(modality: str, cfg: DataConfig, task: str) -> Callable[[list[dict]], dict]:
     """Collater of fine-tuning items (padding + ``padding_mask`` where lengths differ)."""
-    if modality_name(modality) == "speech":
+    if modality == "speech":
         from d2v2.data.speech import collate_finetune
 
         return collate_finetune
@@ -101,7 +91,7 @@ def finetune_collater(modality: str, cfg: DataConfig, task: str) -> Callable[[li
 def task_info(modality: str, task: str) -> dict:
     """``{"task", "num_classes" (1 for regression), "regression", "metrics", "primary_metric",
     "higher_is_better"}``; metric names are those of :mod:`d2v2.engine.metrics`."""
-    if modality_name(modality) == "speech":
+    if modality == "speech":
         if task not in SPEECH_TASKS:
             raise ValueError(f"unknown speech task {task!r} (have {', '.join(SPEECH_TASKS)})")
         from d2v2.data.speech import LETTERS
@@ -116,7 +106,7 @@ def prepare(modalities, cfg: DataConfig) -> dict[str, dict]:
     ``"skipped": True`` when the existing files already matched and nothing was done)."""
     out = {}
     for modality in modalities:
-        name = modality_name(modality)
+        name = check_modality(modality)
         if name == "image":
             from d2v2.data.image import prepare_image
 

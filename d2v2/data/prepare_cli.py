@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from d2v2.config import ConfigError, apply_overrides, load_yaml, validate
-from d2v2.data import MODALITIES, DataConfig, modality_name, prepare
+from d2v2.config import ConfigError, apply_overrides, check_modality, load_yaml, validate
+from d2v2.data import MODALITIES, DataConfig, prepare
 from d2v2.data.common import CorruptDataError, MissingDataError
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [m for m in args.modalities if "=" in m] + args.overrides
     try:
         cfg = build_config(args.config, args.root, overrides)
-        modalities = [modality_name(m) for m in args.modalities if "=" not in m]
+        modalities = [check_modality(m) for m in args.modalities if "=" not in m]
     except (ConfigError, ValueError) as err:
         print(f"prepare-data: {err}", file=sys.stderr)
         return 2

@@ -22,11 +22,22 @@ from typing import Any
 
 import torch
 
+from d2v2.config import upgrade_modality_names
+
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest",
            "previous_path", "remove_stale_temporaries", "pretraining_checkpoint", "encoder_state_dict"]
 
 FORMAT = "d2v2-checkpoint"
-VERSION = 1
+VERSION = 2
+
+
+def _speech_was_audio(obj: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the speech modality was called ``audio`` in the identity and the configs (the
+    provenance keeps what was recorded, e.g. a converted fairseq config)."""
+    return {k: (v if k == "provenance" else upgrade_modality_names(v)) for k, v in obj.items()}
+
+
+_UPGRADES = {1: _speech_was_audio}     # version -> what makes a checkpoint of that version the next one
 
 
 class CheckpointError(RuntimeError):
@@ -116,6 +127,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {err}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a d2v2 checkpoint (no format '{FORMAT}')")
+    while obj.get("version") in _UPGRADES:       # an older checkpoint, read with today's names
+        obj = {**_UPGRADES[obj["version"]](obj), "version": obj["version"] + 1}
     if obj.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {obj.get('version')}; "
                               f"this code reads version {VERSION}")

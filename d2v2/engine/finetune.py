@@ -47,7 +47,7 @@ from d2v2.engine.provenance import provenance
 from d2v2.engine.sampler import LengthBucketedBatchSampler
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.method import build_method
-from d2v2.model.modalities.audio import NO_WEIGHT_DECAY
+from d2v2.model.modalities.speech import NO_WEIGHT_DECAY
 
 __all__ = ["Pretrained", "load_pretrained", "build_encoder", "build_model", "resolve_device", "make_loader", "train",
            "evaluate", "sweep_lr", "finetune", "resolve_config", "main"]
@@ -267,14 +267,14 @@ def evaluate(model: nn.Module, cfg: FinetuneConfig, info: dict[str, Any], loader
         batch = _to(batch, device)
         with _autocast(cfg, device):
             out = model(batch)
-        if cfg.modality == "audio":
+        if cfg.modality == "speech":
             logits, frames = out
             preds += [letters_to_words(ids_to_letters(ids)) for ids in M.ctc_greedy_decode(logits, frames, blank=LETTERS.index(BLANK))]
             labels += batch["transcript"]
         else:
             preds.append((out if info["regression"] else out.argmax(-1)).float().cpu())
             labels.append(batch["label"].float().cpu())
-    if cfg.modality != "audio":
+    if cfg.modality != "speech":
         preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
     return M.compute(info["metrics"], preds, labels)
 

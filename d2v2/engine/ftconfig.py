@@ -28,14 +28,13 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
 
-from d2v2.config import Config, ConfigError, merge, validate
+from d2v2.config import Config, ConfigError, Modality, merge, validate
 from d2v2.data import DataConfig, task_info
 from d2v2.engine.optim import OptimConfig
 
 __all__ = ["BudgetConfig", "SpeechMaskConfig", "IdentityConfig", "ArchConfig", "FinetuneConfig",
            "PRESETS", "finetune_config"]
 
-Modality = Literal["image", "audio", "text"]
 
 
 class BudgetConfig(Config):
@@ -137,9 +136,9 @@ class FinetuneConfig(Config):
             raise ValueError(f"lr_sweep: learning rates must be > 0 (got {self.lr_sweep})")
         if self.mixup and self.modality != "image":
             raise ValueError("mixup: MixUp/CutMix apply to images only")
-        if self.cache_frozen_features and self.modality != "audio":
+        if self.cache_frozen_features and self.modality != "speech":
             raise ValueError("cache_frozen_features: only speech fine-tuning has a frozen feature extractor")
-        if self.bucket_by_length and self.modality != "audio":
+        if self.bucket_by_length and self.modality != "speech":
             raise ValueError("bucket_by_length: only speech fine-tuning datasets have item lengths")
         try:
             metrics = task_info(self.modality, self.task)["metrics"]
@@ -189,7 +188,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "label_smoothing": 0.0, "mixup": False,
         },
     },
-    "audio": {
+    "speech": {
         # METHOD.md#fine-tuning-speech, vox_10h: Adam (0.9, 0.98) eps 1e-8, lr 1e-4, tri-stage 10/40/50 to 0.05x, 20k updates,
         # 10k frozen, mask 0.75 x 10, channel mask 0.25 x 64, layerdrop 0.1, dropouts 0.
         "base": {

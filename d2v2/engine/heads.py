@@ -24,7 +24,7 @@ from torch import nn
 
 from d2v2.data.speech import BLANK, LETTERS
 from d2v2.model.masking import span_mask
-from d2v2.model.modalities.audio import AudioLocalEncoder, frame_count, receptive_field
+from d2v2.model.modalities.speech import SpeechLocalEncoder, frame_count, receptive_field
 
 __all__ = ["ImageClassifier", "CTCRecognizer", "FrozenFeatureCache", "SentenceClassifier"]
 
@@ -97,7 +97,7 @@ class FrozenFeatureCache:
 
     Exact, not an approximation. The CNN has no padding and normalises each frame over its channels
     ("layer_norm" mode), so frame t depends only on samples ``[t * stride, t * stride + size)``
-    (:func:`~d2v2.model.modalities.audio.receptive_field`), and fine-tuning batches whole utterances padded with
+    (:func:`~d2v2.model.modalities.speech.receptive_field`), and fine-tuning batches whole utterances padded with
     zeros (``collate_finetune``). In a padded batch, an utterance of n samples therefore has the frames of
     the utterance followed by zeros for its first ``ceil(n / stride)`` frames (stored per utterance: its
     valid frames plus the one or two that reach past its end), and after them frames that see only zeros,
@@ -109,7 +109,7 @@ class FrozenFeatureCache:
     the paper: 100 kB per second, 3.7 GB for the 10 h labelled split).
     """
 
-    def __init__(self, local_encoder: AudioLocalEncoder):
+    def __init__(self, local_encoder: SpeechLocalEncoder):
         self.local_encoder = local_encoder
         self.size, self.stride = receptive_field(local_encoder.cfg.conv_layers)
         self.frames: dict[int, tuple[int, torch.Tensor]] = {}    # id -> (samples, (ceil(n / stride), C))

@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from d2v2.config import Config, ConfigError, apply_overrides, load_yaml, validate
+from d2v2.config import Config, ConfigError, Modality, apply_overrides, load_yaml, upgrade_modality_names, validate
 from d2v2.data.config import DataConfig
 from d2v2.engine.optim import OptimConfig
 from d2v2.method import method_config
@@ -27,7 +27,7 @@ __all__ = ["MethodSpec", "Budget", "CheckpointConfig", "PretrainRunConfig", "loa
 class MethodSpec(Config):
     """Which method to pretrain: registry key, preset and field overrides (d2v2.method)."""
 
-    modality: Literal["image", "audio", "text"]
+    modality: Modality
     name: str
     preset: str = "tiny"
     overrides: dict[str, Any] = {}
@@ -130,9 +130,12 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> PretrainRunC
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring :data:`EXECUTION_KEYS`. A key one
-    side lacks equals an empty value (``None``, ``[]``, ``{}``) on the other: a field added later with an
-    empty default does not make an older run directory another run."""
+    """Dotted keys whose values differ between a saved config (``old``) and a new one, ignoring
+    :data:`EXECUTION_KEYS`. A key one side lacks equals an empty value (``None``, ``[]``, ``{}``) on the
+    other: a field added later with an empty default does not make an older run directory another run;
+    nor does a modality's old name (:func:`~d2v2.config.upgrade_modality_names`)."""
+    if not prefix:
+        old = upgrade_modality_names(old)
     keys = sorted(set(old) | set(new))
     out = []
     for key in keys:

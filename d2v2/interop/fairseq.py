@@ -58,10 +58,11 @@ from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import CheckpointError, pretraining_checkpoint, save_checkpoint
 
-__all__ = ["ConversionError", "ConversionInfo", "read_fairseq_checkpoint", "fairseq_model_config",
+__all__ = ["ConversionError", "ConversionInfo", "MODALITIES", "FAIRSEQ_MODALITY", "read_fairseq_checkpoint", "fairseq_model_config",
            "data2vec2_config", "convert", "to_checkpoint", "load_fairseq", "main"]
 
-MODALITIES = {"IMAGE": "image", "AUDIO": "audio", "TEXT": "text"}
+MODALITIES = {"IMAGE": "image", "AUDIO": "speech", "TEXT": "text"}    # fairseq's Modality -> ours
+FAIRSEQ_MODALITY = {ours: theirs for theirs, ours in MODALITIES.items()}   # config key: its lower case
 BLOCK_PARAMS = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
                 for p in ("weight", "bias")]
 
@@ -256,14 +257,15 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
     """Map Data2VecMultiConfig fields onto our config (the Data2Vec2Config, or only the EncoderConfig
     when ``encoder_only``); returns it and notes about approximations."""
     modality = _modality(cfg, state)
-    if not isinstance(cfg["modalities"].get(modality), dict):
-        raise ConversionError(f"config has no modalities.{modality} section")
-    mod = dict(cfg["modalities"][modality])
-    where = f"modalities.{modality}."
+    key = FAIRSEQ_MODALITY[modality].lower()
+    if not isinstance(cfg["modalities"].get(key), dict):
+        raise ConversionError(f"config has no modalities.{key} section")
+    mod = dict(cfg["modalities"][key])
+    where = f"modalities.{key}."
     notes: list[str] = []
     _require(cfg, "", layer_norm_first=False, norm_affine=True, loss_beta=0, recon_loss=0, d2v_loss=1,
              batch_norm_target_layer=False, shared_decoder=None)
-    if modality != "audio":
+    if modality != "speech":
         _require(mod, where, use_alibi_encoder=False)
     _require(mod, where, learned_alibi=False, learned_alibi_scale_per_layer=False,
              transformer_decoder=False, fixed_positions=True, extractor_mode="layer_norm",
@@ -290,21 +292,21 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
         "prenet_dropout": mod.get("prenet_dropout", 0.0) if prenet or modality != "text" else 0.0,
         "drop_path": drop_path,
         "layerdrop": cfg.get("layerdrop", 0.0), "prenet_layerdrop": mod.get("prenet_layerdrop", 0.0)}
-    P = f"{prefix}modality_encoders.{modality.upper()}."
+    P = f"{prefix}modality_encoders.{FAIRSEQ_MODALITY[modality]}."
     if modality == "image":
         if mod.get("embed_dim", cfg["embed_dim"]) != cfg["embed_dim"]:
             raise ConversionError(f"{where}embed_dim {mod['embed_dim']} != embed_dim {cfg['embed_dim']} "
                                   "(patch embedding followed by a Linear) is not supported")
         enc["image"] = {"img_size": mod.get("input_size", 224), "patch_size": mod.get("patch_size", 16),
                         "in_chans": mod.get("in_chans", 3), "num_extra_tokens": mod.get("num_extra_tokens", 0)}
-    elif modality == "audio":
-        enc["audio"] = {"conv_layers": _conv_spec(mod.get("feature_encoder_spec", "[(512, 10, 5)] + "
+    elif modality == "speech":
+        enc["speech"] = {"conv_layers": _conv_spec(mod.get("feature_encoder_spec", "[(512, 10, 5)] + "
                                                            "[(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")),
                         "conv_pos_width": mod.get("conv_pos_width", 95), "conv_pos_depth": mod.get("conv_pos_depth", 5),
                         "conv_pos_groups": mod.get("conv_pos_groups", 16),
                         "use_alibi": bool(mod.get("use_alibi_encoder", False)),
                         "alibi_scale": mod.get("alibi_scale", 1.0)}
-        if enc["audio"]["use_alibi"] and not mod.get("learned_alibi_scale", False):
+        if enc["speech"]["use_alibi"] and not mod.get("learned_alibi_scale", False):
             notes.append("alibi_scale is frozen in fairseq (learned_alibi_scale: false) but a parameter here")
     else:
         emb = state.get(P + "local_encoder.embed_tokens.weight")
@@ -356,7 +358,7 @@ def data2vec2_config(cfg: dict[str, Any], state: Mapping[str, Any], prefix: str 
 # ----------------------------------------------------------------------------------------------------
 def _encoder_pairs(cfg: EncoderConfig) -> list[tuple[str, str]]:
     """(our Encoder key, fairseq key relative to Data2VecMultiModel) for every encoder tensor."""
-    P, pairs = f"modality_encoders.{cfg.modality.upper()}.", []
+    P, pairs = f"modality_encoders.{FAIRSEQ_MODALITY[cfg.modality]}.", []
     for j in range(cfg.prenet_depth):
         pairs += [(f"blocks.{j}.{p}", f"{P}context_encoder.blocks.{j}.{p}") for p in BLOCK_PARAMS]
     for i in range(cfg.depth):
@@ -366,8 +368,8 @@ def _encoder_pairs(cfg: EncoderConfig) -> list[tuple[str, str]]:
         pairs += [(f"local_encoder.proj.{p}", f"{P}local_encoder.proj.{p}") for p in wb]
         if cfg.image.num_extra_tokens:
             pairs.append(("context_encoder.extra_tokens", f"{P}extra_tokens"))
-    elif cfg.modality == "audio":
-        for i in range(len(cfg.audio.conv_layers)):       # wav2vec 2.0 CNN: (conv, dropout, (T, LN, T), GELU)
+    elif cfg.modality == "speech":
+        for i in range(len(cfg.speech.conv_layers)):       # wav2vec 2.0 CNN: (conv, dropout, (T, LN, T), GELU)
             ours, theirs = f"local_encoder.feature_extractor.{i}", f"{P}local_encoder.conv_layers.{i}"
             pairs.append((f"{ours}.conv.weight", f"{theirs}.0.weight"))
             pairs += [(f"{ours}.norm.{p}", f"{theirs}.2.1.{p}") for p in wb]
@@ -375,8 +377,8 @@ def _encoder_pairs(cfg: EncoderConfig) -> list[tuple[str, str]]:
                   for k in (0, 1) for p in wb]
         pairs += [(f"context_encoder.relative_positional_encoder.{k}.conv.{p}",   # index 0: TransposeLast
                    f"{P}relative_positional_encoder.{k + 1}.0.{p}")
-                  for k in range(cfg.audio.conv_pos_depth) for p in wb]
-        if cfg.audio.use_alibi:
+                  for k in range(cfg.speech.conv_pos_depth) for p in wb]
+        if cfg.speech.use_alibi:
             pairs.append(("context_encoder.alibi_scale", f"{P}alibi_scale"))
     else:
         pairs += [(f"local_encoder.{n}.weight", f"{P}local_encoder.{n}.weight")
@@ -448,7 +450,7 @@ def convert(source: str | Path | Mapping[str, Any], *, trust_pickle: bool = Fals
     cfg, notes = data2vec2_config(mcfg, state, prefix, encoder_only)
     enc_cfg = cfg if encoder_only else cfg.encoder
     modality = enc_cfg.modality
-    P = f"{prefix}modality_encoders.{modality.upper()}."
+    P = f"{prefix}modality_encoders.{FAIRSEQ_MODALITY[modality]}."
     info = ConversionInfo(modality, where, prefix, "none", notes=notes, seed=_seed(ckpt),
                           num_updates=_num_updates(ckpt))
 
@@ -514,7 +516,7 @@ def _teacher(model: Data2Vec2, cfg: Data2Vec2Config, enc_pairs, ema, new, ours,
                 continue
             theirs = theirs[len("blocks."):]
         new[k] = loader.take(k, theirs, ours[k])
-    pos = f"modality_encoders.{cfg.encoder.modality.upper()}.fixed_positional_encoder.positions"
+    pos = f"modality_encoders.{FAIRSEQ_MODALITY[cfg.encoder.modality]}.fixed_positional_encoder.positions"
     if pos in ema:
         _check_positions(ema, pos[: -len("fixed_positional_encoder.positions")], model.teacher.model, loader, info)
     return [loader]

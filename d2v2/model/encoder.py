@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from d2v2.model.blocks import Block, RelativePositionBias, init_bert_params
-from d2v2.config import Config
+from d2v2.config import Config, Modality
 from d2v2.model.masking import gather_tokens, keep_indices
 from d2v2.model.modalities import ContextEncoder
-from d2v2.model.modalities.audio import AudioConfig, AudioContextEncoder, AudioLocalEncoder
+from d2v2.model.modalities.speech import SpeechConfig, SpeechContextEncoder, SpeechLocalEncoder
 from d2v2.model.modalities.image import ImageConfig, ImageContextEncoder, ImageLocalEncoder
 from d2v2.model.modalities.text import TextConfig, TextContextEncoder, TextLocalEncoder
 
@@ -55,7 +55,7 @@ class EncoderConfig(Config):
     and adds a final LayerNorm (MAE); post-LN blocks have no final LN (METHOD.md#transformer-block).
     """
 
-    modality: Literal["image", "audio", "text"]
+    modality: Modality
     embed_dim: int = pydantic.Field(768, ge=1)
     num_heads: int = pydantic.Field(12, ge=1)
     depth: int = pydantic.Field(12, ge=0)
@@ -73,7 +73,7 @@ class EncoderConfig(Config):
     prenet_layerdrop: float = pydantic.Field(0.0, ge=0, lt=1)
     relative_position: RelativePositionConfig | None = None
     image: ImageConfig | None = None
-    audio: AudioConfig | None = None
+    speech: SpeechConfig | None = None
     text: TextConfig | None = None
 
     @pydantic.model_validator(mode="after")
@@ -82,11 +82,11 @@ class EncoderConfig(Config):
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.depth + self.prenet_depth < 1:
             raise ValueError("the encoder needs at least one block (depth + prenet_depth >= 1)")
-        for other in {"image", "audio", "text"} - {self.modality}:
+        for other in {"image", "speech", "text"} - {self.modality}:
             if getattr(self, other) is not None:
                 raise ValueError(f"'{other}' settings given for a {self.modality} encoder")
         if getattr(self, self.modality) is None:       # default sub-config for this modality
-            defaults = {"image": ImageConfig, "audio": AudioConfig, "text": TextConfig}[self.modality]()
+            defaults = {"image": ImageConfig, "speech": SpeechConfig, "text": TextConfig}[self.modality]()
             object.__setattr__(self, self.modality, defaults)
         return self
 
@@ -127,9 +127,9 @@ class Encoder(nn.Module):
         if m == "image":
             self.local_encoder = ImageLocalEncoder(cfg.image, D)
             self.context_encoder: ContextEncoder | None = ImageContextEncoder(cfg.image, D, **ctx)
-        elif m == "audio":
-            self.local_encoder = AudioLocalEncoder(cfg.audio, D)
-            self.context_encoder = AudioContextEncoder(cfg.audio, D, cfg.num_heads, **ctx)
+        elif m == "speech":
+            self.local_encoder = SpeechLocalEncoder(cfg.speech, D)
+            self.context_encoder = SpeechContextEncoder(cfg.speech, D, cfg.num_heads, **ctx)
         else:
             self.local_encoder = TextLocalEncoder(cfg.text, D, cfg.norm_eps)
             self.context_encoder = TextContextEncoder(cfg.text, D, **ctx)

@@ -14,20 +14,12 @@ from typing import Any, Mapping
 
 import yaml
 
-from d2v2.config import merge
+from d2v2.config import MODALITIES, merge
 
-__all__ = ["WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
+__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "fraction_tag", "budget_sweep", "data_modality", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
+           "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
            "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
-
-
-def data_modality(modality: str) -> str:
-    """The data modality of a method modality (``audio`` -> ``speech``; :func:`d2v2.data.modality_name`, the
-    one table of the two names; imported here only when called, so the rules' helper processes stay light)."""
-    from d2v2.data import modality_name
-
-    return modality_name(modality)
 
 
 class WorkflowConfigError(ValueError):
@@ -269,7 +261,7 @@ def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], ite
     from d2v2.config import validate
     from d2v2.data import SpeechDataConfig
     from d2v2.method import method_config
-    from d2v2.model.modalities.audio import receptive_field
+    from d2v2.model.modalities.speech import receptive_field
 
     sample_rate = validate(SpeechDataConfig, cfg["data"].get("speech", {}), where="data.speech").sample_rate
     method = method_config(run.modality, run.method, config["preset"], cfg["method"]["overrides"])
@@ -277,7 +269,7 @@ def _hubert_labels(config: Mapping[str, Any], run: Run, cfg: dict[str, Any], ite
     if iteration == 1:
         rate = defaults["label_rate"].default
     else:
-        rate = sample_rate / receptive_field(method.encoder.audio.conv_layers)[1]
+        rate = sample_rate / receptive_field(method.encoder.speech.conv_layers)[1]
     labels = {"num_classes": config["hubert"]["clusters"][iteration - 1], "label_rate": rate}
     if sample_rate != defaults["sample_rate"].default:    # the frames' labels need the data's rate
         labels["sample_rate"] = sample_rate
@@ -301,18 +293,15 @@ def _scaled(budget: Mapping[str, Any], scale: float) -> dict[str, Any]:
 
 
 def active_data(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The data config without the sections of data modalities the workflow does not run: their
+    """The data config without the sections of modalities the workflow does not run: their
     paper-scale paths may be unset (``base`` with ``modalities=[image]``) and must not fail validation."""
-    from d2v2.data import MODALITIES
-
-    used = {data_modality(m) for m in config["modalities"]}
-    return {k: v for k, v in config["data"].items() if k not in MODALITIES or k in used}
+    return {k: v for k, v in config["data"].items() if k not in MODALITIES or k in config["modalities"]}
 
 
-def data_key(config: Mapping[str, Any], data_modality: str) -> str:
-    """The part of the data config that one data modality's preparation depends on (its params)."""
+def data_key(config: Mapping[str, Any], modality: str) -> str:
+    """The part of the data config that one modality's data preparation depends on (its params)."""
     data = config["data"]
-    return json.dumps({"root": data.get("root", "data"), data_modality: data.get(data_modality, {})}, sort_keys=True)
+    return json.dumps({"root": data.get("root", "data"), modality: data.get(modality, {})}, sort_keys=True)
 
 
 def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:

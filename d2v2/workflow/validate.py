@@ -9,7 +9,7 @@ from typing import Any, Mapping, get_args
 
 import yaml
 
-from d2v2.config import ConfigError
+from d2v2.config import RENAMED_MODALITIES, ConfigError, renamed_modality
 from d2v2.workflow.runs import (HUBERT, Run, WorkflowConfigError, active_data, budget_sweep, expand_runs,
                                 finetune_request, hubert_iteration1_config, label_chains, random_init_request,
                                 run_config, schema_error)
@@ -19,11 +19,12 @@ __all__ = ["check_schema", "validate_workflow"]
 
 def _model_enums() -> dict[tuple[str, ...], list[str]]:
     """The values the engine owns, by their place in the workflow schema (written there only once)."""
+    from d2v2.config import MODALITIES
     from d2v2.engine.clock import CLOCKS
-    from d2v2.engine.runconfig import Budget, MethodSpec
+    from d2v2.engine.runconfig import Budget
     from d2v2.launch import BACKENDS
 
-    return {("definitions", "modality"): list(get_args(MethodSpec.model_fields["modality"].annotation)),
+    return {("definitions", "modality"): list(MODALITIES),
             ("definitions", "budget", "properties", "kind"): list(get_args(Budget.model_fields["kind"].annotation)),
             ("properties", "launcher", "properties", "backend"): list(BACKENDS),
             ("properties", "report", "properties", "clock"): list(CLOCKS)}
@@ -55,12 +56,29 @@ def _filling_defaults(cls):
     return extend(cls, {"properties": properties})
 
 
+def _refuse_old_modality_names(node: Any, where: str = "") -> None:
+    """A modality written by its old name (``methods.audio``, ``modalities: [audio]``) stops the workflow with
+    the new name, instead of an unknown-key error or, worse, a second set of runs."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            dotted = f"{where}.{key}" if where else str(key)
+            if (message := renamed_modality(key)) is not None:
+                raise WorkflowConfigError(f"{dotted}: {message} (runs made under the old name are in "
+                                          f"runs/{key}/: move them to runs/{RENAMED_MODALITIES[key]}/ to keep them)")
+            _refuse_old_modality_names(value, dotted)
+    elif isinstance(node, list) and where == "modalities":
+        for i, value in enumerate(node):
+            if (message := renamed_modality(value)) is not None:
+                raise WorkflowConfigError(f"modalities[{i}]: {message}")
+
+
 def check_schema(config: dict[str, Any], schema_path: str | Path) -> None:
     """Check ``config``'s shape against the workflow schema and fill its defaults in place; the enums the
     engine's models own are added from them (:func:`_model_enums`). Raises :class:`WorkflowConfigError`
     naming the key."""
     import jsonschema           # only the Snakefile checks the schema, not the rules' helper processes
 
+    _refuse_old_modality_names(config)
     schema = yaml.safe_load(Path(schema_path).read_text())
     for where, values in _model_enums().items():
         node = schema
@@ -91,7 +109,7 @@ def _check_data(config: Mapping[str, Any], modalities) -> None:
             checks.append(("data.image.imagenet_dir", data.image.imagenet_dir))
         else:
             checks.append(("data.image.fmnist_source", data.image.fmnist_source))
-    if "audio" in modalities:
+    if "speech" in modalities:
         if data.speech.source == "manifest":
             checks.append(("data.speech.manifest_dir", data.speech.manifest_dir))
         elif data.speech.source == "librispeech":
@@ -112,7 +130,7 @@ def _check_data(config: Mapping[str, Any], modalities) -> None:
 def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
     """Validate everything a run needs, before any job is scheduled; return the runs.
 
-    Raises :class:`WorkflowConfigError` naming the key (``budget.audio``, ``methods.text``,
+    Raises :class:`WorkflowConfigError` naming the key (``budget.speech``, ``methods.text``,
     ``ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth: ...``, ``slurm.partition``).
     """
     from d2v2.engine.ftconfig import finetune_config

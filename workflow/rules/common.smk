@@ -22,7 +22,7 @@ def training_threads(kind):
 
 
 wildcard_constraints:
-    modality="image|audio|text",
+    modality="|".join(wfc.MODALITIES),
     method="[A-Za-z0-9_]+",
     variant="[^/]+",
     seed=r"\d+",

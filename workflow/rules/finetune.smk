@@ -39,7 +39,7 @@ RANDOM_LOG = f"{PATHS['logs']}/finetune/{{modality}}/random_init/seed{{seed}}"
 
 rule finetune_random_init:
     input:
-        lambda w: f"{PATHS['results']}/data/prepared_{wfc.data_modality(w.modality)}.txt",
+        lambda w: f"{PATHS['results']}/data/prepared_{w.modality}.txt",
     output:
         f"{METRICS}/{{modality}}/random_init/seed{{seed}}.json",
     params:

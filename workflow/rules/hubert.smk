@@ -1,6 +1,6 @@
-# HuBERT's label chain (METHOD.md#baseline-hubert), for every audio/hubert run: MFCC labels -> iteration 1
+# HuBERT's label chain (METHOD.md#baseline-hubert), for every speech/hubert run: MFCC labels -> iteration 1
 # (a pretraining run of its own, hubert.iteration1_budget x the run's budget) -> labels of its block
-# `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). audio/wavlm runs train on
+# `hubert.layer` -> the compared run (iteration 2, made by the pretrain rule). speech/wavlm runs train on
 # the default HuBERT run's second labels (METHOD.md#baseline-wavlm). All of it lives in
 # runs/hubert_chain/<variant>/seed<seed>[-budget<s>]/ (d2v2/workflow/), cached: a changed cluster
 # count re-runs only the labels and runs after it. The label jobs go through the launcher with the

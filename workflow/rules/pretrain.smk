@@ -8,7 +8,7 @@
 
 def pretrain_inputs(w):
     """The prepared data, and a HuBERT or WavLM run's labels (its chain, rules/hubert.smk)."""
-    inputs = [f"{PATHS['results']}/data/prepared_{wfc.data_modality(w.modality)}.txt"]
+    inputs = [f"{PATHS['results']}/data/prepared_{w.modality}.txt"]
     if w.method in wfc.LABEL_CHAIN_METHODS:
         chain = wfc.hubert_chain(config, run_of(w))
         inputs += [f"{chain}/labels2/pretrain.km"] + [f"{chain}/{step}" for step in wfc.HUBERT_INPUT_COSTS]

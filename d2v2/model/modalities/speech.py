@@ -11,7 +11,7 @@ from d2v2.model.blocks import alibi_bias, alibi_slopes, conv_channels_last
 from d2v2.config import Config
 from d2v2.model.modalities import ContextEncoder
 
-__all__ = ["AudioConfig", "AudioLocalEncoder", "AudioContextEncoder", "WAV2VEC2_CONV", "NO_WEIGHT_DECAY",
+__all__ = ["SpeechConfig", "SpeechLocalEncoder", "SpeechContextEncoder", "WAV2VEC2_CONV", "NO_WEIGHT_DECAY",
            "frame_count", "receptive_field"]
 
 # Parameter names (last component) never weight-decayed beyond biases and 1-D tensors: the ALiBi scales
@@ -22,7 +22,7 @@ NO_WEIGHT_DECAY = frozenset({"alibi_scale"})
 WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
 
-class AudioConfig(Config):
+class SpeechConfig(Config):
     conv_layers: list[tuple[int, int, int]] = WAV2VEC2_CONV
     conv_pos_width: int = 95           # total width; each of the conv_pos_depth layers has kernel
     conv_pos_depth: int = Field(5, ge=0)   #   max(3, conv_pos_width // conv_pos_depth); 0: none
@@ -66,11 +66,11 @@ class _ConvLayer(nn.Module):
         return F.gelu(x)
 
 
-class AudioLocalEncoder(nn.Module):
+class SpeechLocalEncoder(nn.Module):
     """``feature_extractor`` (CNN) -> ``project_features`` (LN(C) -> Linear(C, D)); the frame padding
     mask is derived from the sample padding mask through :func:`frame_count`."""
 
-    def __init__(self, cfg: AudioConfig, dim: int):
+    def __init__(self, cfg: SpeechConfig, dim: int):
         super().__init__()
         self.cfg = cfg
         channels = [1] + [c for c, _, _ in cfg.conv_layers]
@@ -119,13 +119,13 @@ class _PosConv(nn.Module):
         return F.gelu(self.norm(y))
 
 
-class AudioContextEncoder(ContextEncoder):
+class SpeechContextEncoder(ContextEncoder):
     """``relative_positional_encoder`` (conv_pos_depth conv layers) added to the features; on the sparse
     path it sees the full sequence with masked frames zeroed and is gathered at visible frames
     (METHOD.md#sparse-encoding). ALiBi bias ``-alibi_scale_h * m_h * |i - j|`` over ORIGINAL positions, one
     learned ``alibi_scale`` per head (clamped >= 0) shared by all layers."""
 
-    def __init__(self, cfg: AudioConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
+    def __init__(self, cfg: SpeechConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
                  dropout: float):
         super().__init__(dim, norm, norm_eps, dropout)
         if cfg.conv_pos_depth and dim % cfg.conv_pos_groups:
