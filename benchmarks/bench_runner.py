@@ -8,7 +8,7 @@
   workers), the LR schedule, logging, budget checks; its train-only clock from ``events.jsonl`` over
   the updates after the warm-up (checkpoint writing is outside that clock).
 
-The run config is the workflow's for ``--preset`` (``config/presets/<preset>.yaml``: batch size, optimiser,
+The run config is the workflow's for ``--preset`` (``d2v2/presets/<preset>.yaml``: batch size, optimiser,
 data), with an updates budget. Both synchronise the device before each timestamp
 (``time.perf_counter``). Example:
 
@@ -33,8 +33,6 @@ from d2v2.engine.runconfig import resolve_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
 from d2v2.method import build_method, method_dataset
 from d2v2.workflow import Run, run_config, with_preset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
@@ -86,7 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modality", default="image")
     p.add_argument("--method", default="data2vec2")
-    p.add_argument("--preset", default="tiny", help="workflow preset: config/presets/<preset>.yaml")
+    p.add_argument("--preset", default="tiny", help="workflow preset: d2v2/presets/<preset>.yaml")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--updates", type=int, default=40, help="timed updates (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5)
@@ -99,7 +97,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    workflow = with_preset({"preset": args.preset}, ROOT / "config" / "presets")
+    workflow = with_preset({"preset": args.preset})
     request = run_config(workflow, Run(args.modality, args.method, "default", 0))
     request["data"] = {**request["data"], "root": args.data_root, "num_workers": args.num_workers}
     if args.batch_size:

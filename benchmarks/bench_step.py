@@ -33,7 +33,7 @@ import torch
 # samples of audio per utterance when benchmarking (the tiny data are 2-4 s; the paper crops to 20 s)
 AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per GPU as 4 utterances
 DEFAULT_BATCH = {"smoke": {"image": 16, "speech": 4, "text": 8},
-                 "tiny": {"image": 64, "speech": 16, "text": 32},          # 2x config/presets/tiny.yaml's
+                 "tiny": {"image": 64, "speech": 16, "text": 32},          # 2x d2v2/presets/tiny.yaml's
                  "base": {"image": 16, "speech": 4, "text": 4}}            # per-GPU batches (METHOD.md#pretraining-recipes)
 
 

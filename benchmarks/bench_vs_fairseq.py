@@ -52,7 +52,7 @@ from d2v2.engine.runconfig import resolve_run_config                            
 from d2v2.workflow import Run, run_config, with_preset                     # noqa: E402
 
 MODALITIES = ("image", "speech", "text")
-# per-device batches: tiny = the workflow's tiny preset (config/presets/tiny.yaml); base = a slice of the
+# per-device batches: tiny = the workflow's tiny preset (d2v2/presets/tiny.yaml); base = a slice of the
 # paper's per-GPU batch that a CPU steps through in seconds (--batch-size overrides both)
 BATCH = {"tiny": {"image": 32, "speech": 8, "text": 16}, "base": {"image": 2, "speech": 2, "text": 2}}
 LR = 1e-4                  # a constant learning rate on both sides (the schedule is not what is measured)
@@ -61,7 +61,7 @@ LR = 1e-4                  # a constant learning rate on both sides (the schedul
 def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: Path) -> Pretrainer:
     """A Pretrainer with the workflow preset's optimiser, dropout off, and no dataset of its own (the
     benchmark feeds its batches to ``train_step``)."""
-    workflow = with_preset({"preset": preset}, ROOT / "config" / "presets")
+    workflow = with_preset({"preset": preset})
     request = run_config(workflow, Run(modality, "data2vec2", "default", 0))
     overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
     request["method"]["overrides"] = merge(request["method"]["overrides"], overrides)

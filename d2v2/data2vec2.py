@@ -416,7 +416,7 @@ _SMOKE = {
              "num_masks": 2, "average_top_k_layers": 2},
 }
 # gpu (images only): a ViT-S width (384, 6 heads, 2 + 10 blocks like ViT-B's data2vec 2.0) on Fashion-MNIST's
-# 7x7 grid of 4x4 patches, for one GPU and the embedded data (config/presets/gpu.yaml). The paper's masking,
+# 7x7 grid of 4x4 patches, for one GPU and the embedded data (d2v2/presets/gpu.yaml). The paper's masking,
 # M = 16 and targets; the decoder at half the width. A run gets a few thousand updates, so the teacher follows
 # tiny's calibrated schedule (tau 0.99 -> 0.9999 over half the run): with the paper's 0.9998 -> 0.99999 it stays
 # a random post-LN network whose top layers barely depend on the input (docs/BENCHMARKS.md#the-gpu-path).

@@ -43,7 +43,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 def resolved(**changes) -> dict:
     """The workflow config as the Snakefile resolves it (preset + schema defaults), without Snakemake."""
-    config = wfc.with_preset({"preset": "tiny", **changes}, REPO / "config" / "presets")
+    config = wfc.with_preset({"preset": "tiny", **changes})
     wfc.check_schema(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
     return config
 

@@ -1,17 +1,16 @@
-"""The fine-tuning config (`FinetuneConfig`) and its presets per modality (METHOD.md#fine-tuning).
+"""The fine-tuning config (`FinetuneConfig`), resolved over a preset's recipe (METHOD.md#fine-tuning).
 
 Fine-tuning is the same for every pretraining method: it only sees the Encoder of a checkpoint. A config
-is resolved as ``PRESETS[modality][preset]`` with the user's YAML and ``key=value`` overrides on top,
-then validated (unknown keys, wrong types and impossible values name the dotted key), all before any
-data or model is touched. :func:`finetune_config` does exactly that and is what the workflow calls at
+is resolved as the preset's recipe (``finetune`` in ``d2v2/presets/<preset>.yaml``: ``common`` with the
+modality's section over it) with the user's YAML and ``key=value`` overrides on top, then validated
+(unknown keys, wrong types and impossible values name the dotted key), all before any data or model is
+touched. :func:`finetune_config` does exactly that and is what the workflow calls at
 DAG-build time.
 
-Presets: ``base`` is the paper's recipe (ImageNet ViT-B: METHOD.md#fine-tuning-images; the ``vox_10h``
-CTC recipe: METHOD.md#fine-tuning-speech; GLUE: METHOD.md#fine-tuning-text); ``tiny`` is sized for the
-embedded data on a 2-core CPU (a few hundred updates, evaluation on fixed subsets of at most
-``eval_max_samples`` per split; how each was sized: docs/TINY_SCALE.md, "Calibrating the tiny
-recipes"); ``smoke`` only checks that everything runs.
-Deviations, all written down here:
+Recipes: ``base`` is the paper's (ImageNet ViT-B: METHOD.md#fine-tuning-images; the ``vox_10h`` CTC
+recipe: METHOD.md#fine-tuning-speech; GLUE: METHOD.md#fine-tuning-text); ``tiny`` is sized for the
+embedded data on a 2-core CPU; ``smoke`` only checks that everything runs. Deviations from the paper,
+all written down here:
 
 * fine-tuning runs on one device (no DDP); batches are counted in samples (fairseq's speech recipe
   counts ``max_tokens`` over 4 GPUs x 5 accumulation steps; ``batch_size`` 512 utterances approximates
@@ -28,12 +27,13 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
 
-from d2v2.config import Config, ConfigError, Modality, merge, validate
+from d2v2.config import Config, ConfigError, Modality, check_modality, merge, validate
 from d2v2.data import DataConfig, task_info
 from d2v2.engine.optim import OptimConfig
+from d2v2.presets import finetune_recipe
 
 __all__ = ["BudgetConfig", "SpeechMaskConfig", "IdentityConfig", "ArchConfig", "FinetuneConfig",
-           "PRESETS", "finetune_config"]
+           "finetune_config"]
 
 
 
@@ -150,109 +150,12 @@ class FinetuneConfig(Config):
         return self
 
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "image": {
-        # METHOD.md#fine-tuning-images, ViT-B: 250,200 updates at batch 512, warmup 16k, cosine to 1e-6, LD 0.65, DP 0.1.
-        "base": {
-            "task": "imagenet", "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
-                                          "warmup_fraction": 16000 / 250200, "final_lr": 1e-6,
-                                          "schedule": "cosine", "clip_grad": None},
-            "budget": {"kind": "updates", "value": 250200}, "batch_size": 512,
-            "layer_decay": 0.65, "drop_path": 0.1, "dropout": 0.0, "activation_dropout": 0.0,
-            "label_smoothing": 0.1, "mixup": True,
-        },
-        # Short on purpose: a long fine-tune from random init catches up with a pretrained one, and the
-        # tiny run must show what pretraining bought.
-        "tiny": {
-            "task": "fmnist", "optim": {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
-                                        "warmup_fraction": 0.1, "final_lr": 1e-6,
-                                        "schedule": "cosine", "clip_grad": None},
-            "budget": {"kind": "updates", "value": 400}, "batch_size": 32, "eval_max_samples": 1000,
-            # a ~13-epoch run on 1,000 labels: the paper's 100-epoch regularisers only slow it down
-            "layer_decay": 0.75, "drop_path": 0.0, "dropout": 0.0, "activation_dropout": 0.0,
-            "label_smoothing": 0.0, "mixup": False,
-        },
-        "smoke": {
-            "task": "fmnist", "optim": {"lr": 1e-3, "warmup_fraction": 0.1}, "budget": {"value": 4},
-            "batch_size": 8, "eval_batch_size": 64, "layer_decay": 0.75,
-        },
-        # gpu: tiny's recipe (1,000 labels) for the ViT-S-width encoder, at a third of its LR (a wider model)
-        # and a larger batch; uncalibrated until a GPU run calibrates it (docs/BENCHMARKS.md#the-gpu-path).
-        "gpu": {
-            "task": "fmnist", "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.05,
-                                        "warmup_fraction": 0.1, "final_lr": 1e-6,
-                                        "schedule": "cosine", "clip_grad": None},
-            "budget": {"kind": "updates", "value": 400}, "batch_size": 64, "eval_batch_size": 1000,
-            "eval_max_samples": 10000,
-            "layer_decay": 0.75, "drop_path": 0.0, "dropout": 0.0, "activation_dropout": 0.0,
-            "label_smoothing": 0.0, "mixup": False,
-        },
-    },
-    "speech": {
-        # METHOD.md#fine-tuning-speech, vox_10h: Adam (0.9, 0.98) eps 1e-8, lr 1e-4, tri-stage 10/40/50 to 0.05x, 20k updates,
-        # 10k frozen, mask 0.75 x 10, channel mask 0.25 x 64, layerdrop 0.1, dropouts 0.
-        "base": {
-            "task": "ctc",
-            "optim": {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
-                      "warmup_fraction": 0.1, "hold_fraction": 0.4, "final_lr": 5e-6, "init_lr_scale": 0.01,
-                      "clip_grad": None},
-            "budget": {"kind": "updates", "value": 20000}, "batch_size": 512,
-            "freeze_updates": 10000, "dropout": 0.0, "activation_dropout": 0.1, "layerdrop": 0.1,
-            "final_dropout": 0.0, "bucket_by_length": True,
-            "mask": {"prob": 0.75, "length": 10, "noise_std": 0.01, "channel_prob": 0.25, "channel_length": 64},
-        },
-        # CTC leaves its all-blank plateau only after several hundred updates, so this is the longest tiny
-        # fine-tune and the Transformer is not frozen at its start. Caching the frozen CNN's output and
-        # length-bucketed batches make it faster with identical results (docs/TINY_SCALE.md). It is
-        # scored on CER: WER stays around 1 from every start at this scale, CER separates the starts.
-        "tiny": {
-            "task": "ctc", "primary_metric": "cer",
-            "optim": {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0, "schedule": "tristage",
-                      "warmup_fraction": 0.1, "hold_fraction": 0.4, "final_lr": 1e-4, "init_lr_scale": 0.01,
-                      "clip_grad": None},
-            "budget": {"kind": "updates", "value": 1000}, "batch_size": 16, "eval_max_samples": 100,
-            "eval_batch_size": 16,
-            "freeze_updates": 0, "dropout": 0.0, "layerdrop": 0.0, "log_every": 100,
-            "mask": {"prob": 0.1, "length": 5, "noise_std": 0.01, "channel_prob": 0.0, "channel_length": 8},
-            "cache_frozen_features": True, "bucket_by_length": True,
-        },
-        "smoke": {
-            "task": "ctc", "optim": {"lr": 1e-3, "schedule": "tristage", "warmup_fraction": 0.1, "final_lr": 5e-5},
-            "budget": {"value": 4}, "batch_size": 4, "eval_batch_size": 16, "freeze_updates": 2,
-            "cache_frozen_features": True, "bucket_by_length": True,
-            "mask": {"prob": 0.3, "length": 2, "channel_prob": 0.0},
-        },
-    },
-    "text": {
-        # METHOD.md#fine-tuning-text (SST-2): AdamW (0.9, 0.98) eps 1e-6 wd 0.1, linear decay after 6% warmup, 10 epochs,
-        # batch 32, LR swept over {1e-5, 2e-5, 4e-5, 6e-5}.
-        "base": {
-            "task": "sst2", "optim": {"lr": 2e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
-                                      "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
-                                      "clip_grad": None},
-            "budget": {"kind": "epochs", "value": 10}, "batch_size": 32,
-            "lr_sweep": [1e-5, 2e-5, 4e-5, 6e-5], "pooler_dropout": 0.0,
-        },
-        "tiny": {
-            "task": "movie", "optim": {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1,
-                                       "schedule": "linear", "warmup_fraction": 0.06, "final_lr": 0.0,
-                                      "clip_grad": None},
-            "budget": {"kind": "updates", "value": 250}, "batch_size": 32,
-            "pooler_dropout": 0.0,
-        },
-        "smoke": {
-            "task": "movie", "optim": {"lr": 1e-4, "schedule": "linear", "warmup_fraction": 0.1},
-            "budget": {"value": 4}, "batch_size": 8, "eval_batch_size": 64,
-        },
-    },
-}
-
-
 def finetune_config(data: Mapping[str, Any]) -> FinetuneConfig:
-    """Resolve ``data`` (YAML + overrides, with ``modality`` and optionally ``preset``) over its preset."""
+    """Resolve ``data`` (YAML + overrides, with ``modality`` and optionally ``preset``) over the preset's
+    fine-tuning recipe (:func:`d2v2.presets.finetune_recipe`)."""
     modality, preset = data.get("modality"), data.get("preset", "tiny")
-    if modality not in PRESETS:
-        raise ConfigError(f"modality: must be one of {sorted(PRESETS)} (got {modality!r})")
-    if preset not in PRESETS[modality]:
-        raise ConfigError(f"preset: '{preset}' unknown for {modality} fine-tuning (have {sorted(PRESETS[modality])})")
-    return validate(FinetuneConfig, merge(PRESETS[modality][preset], data))
+    try:
+        check_modality(modality)
+    except ConfigError as err:
+        raise ConfigError(f"modality: {err}") from None
+    return validate(FinetuneConfig, merge(finetune_recipe(preset, modality), data))

@@ -2,7 +2,7 @@
 and per-run configs, HuBERT's label chain), :mod:`.validate` (DAG-build-time checks), :mod:`.jobs` (the
 rules' launch commands and run dirs).
 
-The workflow config (``config/config.yaml`` laid over ``config/presets/<preset>.yaml``, shape checked by
+The workflow config (``config/config.yaml`` laid over ``d2v2/presets/<preset>.yaml``, shape checked by
 ``workflow/schemas/config.schema.yaml``) names modalities, methods per modality, seeds, one matched
 budget per modality, the checkpoint fractions, the fine-tuning task per modality and ablations. This
 package turns it into runs and per-run configs, and validates every one of them with the engine's own

@@ -9,10 +9,8 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from d2v2.config import MODALITIES, merge
 
@@ -76,15 +74,17 @@ def coerce_scalars(value: Any) -> Any:
     return value
 
 
-def with_preset(config: Mapping[str, Any], presets_dir: str | Path) -> dict[str, Any]:
-    """``config`` (scalars coerced, see :func:`coerce_scalars`) laid over ``presets_dir/<preset>.yaml``."""
+def with_preset(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (scalars coerced, see :func:`coerce_scalars`) laid over its preset
+    (``d2v2/presets/<preset>.yaml``, :mod:`d2v2.presets`)."""
+    from d2v2.config import ConfigError
+    from d2v2.presets import load_preset
+
     config = coerce_scalars(config)
-    name = config.get("preset", "tiny")
-    path = Path(presets_dir) / f"{name}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in Path(presets_dir).glob("*.yaml"))
-        raise WorkflowConfigError(f"preset: '{name}' unknown (have {', '.join(have)})")
-    preset = yaml.safe_load(path.read_text()) or {}
+    try:
+        preset = load_preset(config.get("preset", "tiny"))
+    except ConfigError as err:
+        raise WorkflowConfigError(str(err)) from None
     return merge(preset, config)
 
 

@@ -1,0 +1,46 @@
+"""The presets: one YAML file per preset (``<name>.yaml`` beside this module), each the whole recipe of
+that scale for every modality: the run matrix and matched budgets, the pretraining recipe (``pretrain``:
+batch size, optimiser, per-method changes) and the fine-tuning recipe (``finetune``: task, optimiser,
+budget, regularisers). The workflow lays ``config/config.yaml`` over the file; ``python -m d2v2 finetune``
+starts from its ``finetune`` section. ``base`` is the paper's (METHOD.md#pretraining-recipes,
+METHOD.md#fine-tuning), ``tiny`` the embedded data on a 2-core CPU, ``gpu`` one GPU, ``smoke`` CI."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from d2v2.config import ConfigError, merge
+
+__all__ = ["PRESETS_DIR", "available_presets", "load_preset", "finetune_recipe"]
+
+PRESETS_DIR = Path(__file__).resolve().parent
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+@functools.cache
+def _read(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset: '{name}' unknown (have {', '.join(available_presets())})")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset ``name`` as a fresh dict (the caller may change it)."""
+    return merge(_read(name), {})
+
+
+def finetune_recipe(name: str, modality: str) -> dict[str, Any]:
+    """Preset ``name``'s fine-tuning recipe for ``modality``: its ``finetune.common`` with
+    ``finetune.<modality>`` over it."""
+    finetune = _read(name).get("finetune", {})
+    if modality not in finetune:
+        have = sorted(set(finetune) - {"common"})
+        raise ConfigError(f"preset: '{name}' has no fine-tuning recipe for {modality} (have {', '.join(have)})")
+    return merge(finetune.get("common", {}), finetune[modality])
