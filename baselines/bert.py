@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import backbone, ensure_masked
+from baselines.common import ensure_masked
 from baselines.masking import BertMaskConfig, WithMaskedPositions, bert_mask
 from baselines.mlm import MLM
 from d2v2.model.blocks import init_bert_params
@@ -33,7 +33,7 @@ from d2v2.model.encoder import EncoderConfig
 from d2v2.method import MethodOutput, register_method
 from d2v2.model.modalities.text import BOS, EOS, PAD
 
-__all__ = ["BertConfig", "StaticBertMasker", "Bert", "PRESETS"]
+__all__ = ["BertConfig", "StaticBertMasker", "Bert"]
 
 
 class BertConfig(Config):
@@ -124,11 +124,5 @@ class Bert(MLM):
         return MethodOutput(mlm.loss + self.cfg.nsp_weight * loss_nsp, mlm.sample_size, logs)
 
 
-# ---- presets: data2vec 2.0's text encoders with BERT's two segment embeddings ---------------------------
-def _preset(name: str) -> dict:
-    enc = backbone("text", name)
-    return {"encoder": {**enc, "text": {**enc.get("text", {}), "num_segments": 2}}}
-
-
-PRESETS = {name: _preset(name) for name in ("base", "tiny", "smoke")}
-register_method("text", "bert", BertConfig, PRESETS)(Bert)
+# The settings per preset (data2vec 2.0's text encoders with two segment embeddings) are in d2v2/presets/<preset>.yaml.
+register_method("text", "bert", BertConfig)(Bert)

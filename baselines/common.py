@@ -1,31 +1,17 @@
-"""What the baselines share: the data2vec 2.0 encoder presets (one backbone for every method, so a
-comparison measures the method), token counting, and small diagnostics."""
+"""What the baselines share: token counting and small diagnostics. (The one backbone every method trains at
+a preset, so that a comparison measures the method, is the preset's ``encoders`` section, d2v2/presets/.)"""
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
 from d2v2.model.encoder import EncoderConfig
 from d2v2.model.modalities.speech import frame_count
 
-__all__ = ["backbone", "d2v2_setting", "num_tokens", "feature_std", "eval_mode", "ensure_masked"]
-
-
-
-def backbone(modality: str, preset: str, **changes) -> dict:
-    """The encoder section of data2vec 2.0's ``preset`` for ``modality`` (plus ``changes``), so every
-    baseline trains exactly the encoder data2vec 2.0 trains at that preset."""
-    return {**copy.deepcopy(D2V2_PRESETS[modality][preset]["encoder"]), **changes}
-
-
-def d2v2_setting(modality: str, preset: str, key: str):
-    """A top-level value of data2vec 2.0's preset (e.g. the tiny runs' shortened EMA schedule)."""
-    return D2V2_PRESETS[modality][preset][key]
+__all__ = ["num_tokens", "feature_std", "eval_mode", "ensure_masked"]
 
 
 def ensure_masked(batch: dict[str, torch.Tensor], masker, needs: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

@@ -31,18 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import (backbone, d2v2_setting, ensure_masked, eval_mode, feature_std,
-                              num_tokens)
+from baselines.common import ensure_masked, eval_mode, feature_std, num_tokens
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.model.blocks import init_bert_params
-from d2v2.config import Config
-from d2v2.data2vec2 import PRESETS as D2V2_PRESETS
+from d2v2.config import MODALITIES, Config
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
 from d2v2.model.targets import make_targets
 
-__all__ = ["Data2Vec1Config", "Data2Vec1", "PRESETS"]
+__all__ = ["Data2Vec1Config", "Data2Vec1"]
 
 _MASKING_OF = {"image": "block", "speech": "span", "text": "bert"}
 
@@ -173,38 +171,6 @@ class Data2Vec1(PretrainMethod):
                             layer_norm_targets=c.layer_norm_targets)
 
 
-# ---- presets ----------------------------------------------------------------------------------------
-_BASE = {
-    "image": {"mask": {"kind": "block", "mask_ratio": 0.6}, "average_top_k_layers": 6,
-              "layer_norm_target_layer": True, "loss_beta": 2.0, "ema_decay": 0.9998, "ema_end_decay": 0.9998},
-    "speech": {"mask": {"kind": "span", "mask_prob": 0.65, "span": 10}, "average_top_k_layers": 8,
-              "instance_norm_target_layer": True, "loss_beta": 0.0,
-              "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 30_000,
-              "ema_anneal_end_fraction": 30_000 / 400_000},
-    "text": {"mask": {"kind": "bert"}, "average_top_k_layers": 10, "layer_norm_target_layer": True,
-             "head_layers": 2, "loss_beta": 4.0, "loss_scale": 1.0,
-             "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 100_000,
-             "ema_anneal_end_fraction": 100_000 / 1_000_000},
-}
-# tiny / smoke: the encoders of data2vec 2.0's presets, K scaled with depth (base K/12 of the blocks), and
-# data2vec 2.0's shortened EMA warm-up (a 30k-100k-step anneal would never start in a tiny run).
-_TOP_K = {"tiny": {"image": 2, "speech": 3, "text": 3}, "smoke": {"image": 1, "speech": 2, "text": 2},
-          "gpu": {"image": 6}}
-
-
-def _preset(modality: str, name: str) -> dict:
-    preset = {**_BASE[modality], "encoder": backbone(modality, name)}
-    if name != "base":
-        preset.update(average_top_k_layers=_TOP_K[name][modality],
-                      ema_decay=d2v2_setting(modality, name, "ema_decay"),
-                      ema_anneal_end_step=d2v2_setting(modality, name, "ema_anneal_end_step"),
-                      ema_anneal_end_fraction=d2v2_setting(modality, name, "ema_anneal_end_fraction"))
-    if name == "gpu":     # data2vec 2.0's whole short-run teacher schedule (data2vec 1.0's image tau is constant)
-        preset.update(ema_end_decay=d2v2_setting(modality, name, "ema_end_decay"))
-    return preset
-
-
-PRESETS = {m: {name: _preset(m, name) for name in ("base", "tiny", "smoke", "gpu") if name in D2V2_PRESETS[m]}
-           for m in _BASE}
-for _modality in PRESETS:
-    register_method(_modality, "data2vec1", Data2Vec1Config, PRESETS[_modality])(Data2Vec1)
+# The settings per preset are in d2v2/presets/<preset>.yaml.
+for _modality in MODALITIES:
+    register_method(_modality, "data2vec1", Data2Vec1Config)(Data2Vec1)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import backbone, ensure_masked, num_tokens
+from baselines.common import ensure_masked, num_tokens
 from baselines.masking import SpanMaskConfig, SpanMasker
 from baselines.wav2vec2 import frontend
 from d2v2.config import Config
@@ -37,7 +37,7 @@ from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 from d2v2.model.modalities.speech import receptive_field
 
-__all__ = ["MFCC_RATE", "HubertConfig", "HubertMasker", "Hubert", "PRESETS"]
+__all__ = ["MFCC_RATE", "HubertConfig", "HubertMasker", "Hubert"]
 
 MFCC_RATE = 100.0      # iteration 1's labels per second: kaldi MFCC frames, 25 ms windows every 10 ms
 
@@ -193,11 +193,5 @@ class Hubert(PretrainMethod):
         return MethodOutput(loss, sample_size, logs)
 
 
-# ---- presets: data2vec 2.0's speech encoders --------------------------------------------------------
-# base: the released HuBERT base config (final_dim 256, tau 0.1, mask p 0.8 / 10 frames, masked frames only,
-# feature penalty 10, CNN gradient x 0.1) with iteration 1's label set (100 MFCC clusters at 100 Hz);
-# tiny / smoke: fewer clusters and a narrower projection for their small corpus and encoder.
-_LABELS = {"base": {}, "tiny": {"num_classes": 50, "final_dim": 64}, "smoke": {"num_classes": 20, "final_dim": 32}}
-PRESETS = {name: {"encoder": backbone("speech", name), **_LABELS[name]} for name in ("base", "tiny", "smoke")}
-
-register_method("speech", "hubert", HubertConfig, PRESETS)(Hubert)
+# The settings per preset (data2vec 2.0's speech encoders) are in d2v2/presets/<preset>.yaml.
+register_method("speech", "hubert", HubertConfig)(Hubert)

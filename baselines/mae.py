@@ -19,7 +19,7 @@ import pydantic
 import torch
 from torch import nn
 
-from baselines.common import backbone, ensure_masked, num_tokens
+from baselines.common import ensure_masked, num_tokens
 from d2v2.model.blocks import Block
 from d2v2.config import Config
 from d2v2.model.encoder import Encoder, EncoderConfig
@@ -27,7 +27,7 @@ from d2v2.model.masking import keep_indices, num_kept, random_mask, scatter_toke
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 from d2v2.model.modalities.image import sincos_2d
 
-__all__ = ["MAEConfig", "MAE", "MAEMasker", "patchify", "PRESETS"]
+__all__ = ["MAEConfig", "MAE", "MAEMasker", "patchify"]
 
 
 class MAEConfig(Config):
@@ -160,14 +160,5 @@ class MAE(PretrainMethod):
         return self.decoder_pred(self.decoder_norm(z))[:, num_extra:]
 
 
-# ---- presets: data2vec 2.0's image encoders made pre-LN ---------------------------------------------
-# MAE's decoder is 2/3 of ViT-B's width (512 / 768) and 8 blocks; gpu keeps 2/3 of its width (256 / 384) at half
-# the depth; tiny / smoke keep it narrower than the encoder (32 / 48, 16 / 32) with half the encoder's depth.
-_DECODER = {"base": {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16},
-            "gpu": {"decoder_dim": 256, "decoder_depth": 4, "decoder_heads": 8},
-            "tiny": {"decoder_dim": 32, "decoder_depth": 2, "decoder_heads": 4},
-            "smoke": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}}
-PRESETS = {name: {"encoder": backbone("image", name, layer_norm_first=True), "mask_ratio": 0.75, **dec}
-           for name, dec in _DECODER.items()}
-
-register_method("image", "mae", MAEConfig, PRESETS)(MAE)
+# The settings per preset (data2vec 2.0's image encoders made pre-LN) are in d2v2/presets/<preset>.yaml.
+register_method("image", "mae", MAEConfig)(MAE)

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import backbone, ensure_masked
+from baselines.common import ensure_masked
 from baselines.masking import BertMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.model.blocks import init_bert_params
 from d2v2.config import Config
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 
-__all__ = ["MLMConfig", "MLM", "LMHead", "PRESETS"]
+__all__ = ["MLMConfig", "MLM", "LMHead"]
 
 
 class MLMConfig(Config):
@@ -92,5 +92,5 @@ class MLM(PretrainMethod):
         return self.masked_lm(self.student(batch["source"], batch.get("padding_mask")).x, batch)
 
 
-PRESETS = {name: {"encoder": backbone("text", name), "mask": {"kind": "bert"}} for name in ("base", "tiny", "smoke")}
-register_method("text", "mlm", MLMConfig, PRESETS)(MLM)
+# The settings per preset (data2vec 2.0's text encoders) are in d2v2/presets/<preset>.yaml.
+register_method("text", "mlm", MLMConfig)(MLM)

@@ -26,15 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import backbone
 from baselines.masking import SpanMaskConfig, SpanMasker
 from d2v2.config import Config
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
 
-__all__ = ["QuantizerConfig", "Wav2Vec2Config", "GumbelQuantizer", "Wav2Vec2Masker", "Wav2Vec2", "frontend",
-           "PRESETS"]
+__all__ = ["QuantizerConfig", "Wav2Vec2Config", "GumbelQuantizer", "Wav2Vec2Masker", "Wav2Vec2", "frontend"]
 
 
 class QuantizerConfig(Config):
@@ -222,12 +220,5 @@ class Wav2Vec2(PretrainMethod):
         return MethodOutput(loss, sample_size, logs)
 
 
-# ---- presets: data2vec 2.0's speech encoders --------------------------------------------------------
-# base: the released wav2vec 2.0 base config (G=2 x V=320, F=256, K=100, kappa=0.1, temperature 2 -> 0.5);
-# tiny / smoke: the same objective with smaller codebooks and fewer distractors for their 2-4 s utterances.
-_QUANTIZER = {"base": {}, "tiny": {"entries": 64, "dim": 64}, "smoke": {"entries": 16, "dim": 32}}
-_HEAD = {"base": {}, "tiny": {"final_dim": 64, "num_negatives": 20}, "smoke": {"final_dim": 32, "num_negatives": 10}}
-PRESETS = {name: {"encoder": backbone("speech", name), "quantizer": _QUANTIZER[name], **_HEAD[name]}
-           for name in ("base", "tiny", "smoke")}
-
-register_method("speech", "wav2vec2", Wav2Vec2Config, PRESETS)(Wav2Vec2)
+# The settings per preset (data2vec 2.0's speech encoders) are in d2v2/presets/<preset>.yaml.
+register_method("speech", "wav2vec2", Wav2Vec2Config)(Wav2Vec2)

@@ -30,14 +30,11 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from baselines.common import backbone
 from baselines.hubert import Hubert, HubertConfig, HubertMasker
 from d2v2.config import Config
-from d2v2.model.encoder import EncoderConfig
 from d2v2.method import register_method
-from d2v2.model.modalities.speech import receptive_field
 
-__all__ = ["MixingConfig", "UtteranceMixer", "WavlmConfig", "WavlmMasker", "Wavlm", "PRESETS"]
+__all__ = ["MixingConfig", "UtteranceMixer", "WavlmConfig", "WavlmMasker", "Wavlm"]
 
 
 class MixingConfig(Config):
@@ -117,19 +114,6 @@ class Wavlm(Hubert):
         return WavlmMasker(super().masker(), UtteranceMixer(m.prob, m.max_fraction, tuple(m.energy_ratio_db)))
 
 
-# ---- presets: data2vec 2.0's speech encoders with WavLM's positional scheme ----------------------------
-# base: WavLM Base (HuBERT Base's model and loss; relative position bias of 320 buckets up to 800 frames,
-# gated; utterance mixing p 0.2) on the labels of a HuBERT model's layer: 500 clusters at the CNN's frame rate
-# (50 Hz at base). The workflow sets the cluster count and rate from its label chain (hubert.clusters).
-def _preset(name: str, **labels) -> dict:
-    enc = backbone("speech", name, relative_position={"num_buckets": 320, "max_distance": 800, "gated": True})
-    enc = {**enc, "speech": {**enc["speech"], "use_alibi": False}}
-    stride = receptive_field(EncoderConfig.model_validate(enc).speech.conv_layers)[1]
-    return {"encoder": enc, "label_rate": HubertConfig.model_fields["sample_rate"].default / stride, **labels}
-
-
-PRESETS = {"base": _preset("base", num_classes=500),
-           "tiny": _preset("tiny", num_classes=100, final_dim=64),
-           "smoke": _preset("smoke", num_classes=20, final_dim=32)}
-
-register_method("speech", "wavlm", WavlmConfig, PRESETS)(Wavlm)
+# The settings per preset (data2vec 2.0's speech encoders with WavLM's positional scheme) are in
+# d2v2/presets/<preset>.yaml.
+register_method("speech", "wavlm", WavlmConfig)(Wavlm)

@@ -30,7 +30,7 @@ import pydantic
 import torch
 
 from d2v2.model.blocks import init_bert_params
-from d2v2.config import Config, merge
+from d2v2.config import MODALITIES, Config
 from d2v2.model.decoder import Decoder, DecoderConfig
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
@@ -39,7 +39,7 @@ from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_me
 from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import make_targets, position_share
 
-__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details", "PRESETS"]
+__all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details"]
 
 # Which student parts the teacher uses instead of EMA copies (METHOD.md#teacher). "nothing": the teacher
 # re-embeds the input itself (image); "local_encoder": it consumes the student's pre-mask local
@@ -341,96 +341,6 @@ class Data2Vec2(PretrainMethod):
         return self._teacher_output(source, padding_mask, x, pm)
 
 
-# ---- presets --------------------------------------------------------------------------------------
-_IMAGE_BASE = {
-    "encoder": {"modality": "image", "embed_dim": 768, "num_heads": 12, "prenet_depth": 2, "depth": 10,
-                "norm_eps": 1e-6, "image": {"img_size": 224, "patch_size": 16, "in_chans": 3}},
-    "decoder": {"dim": 768, "kernel": 3, "groups": 16, "depth": 6, "residual": True, "input_dropout": 0.0},
-    "num_masks": 16, "mask_ratio": 0.8, "mask_width": 3, "mask_adjust": 0.07, "inverse_mask": True,
-    "average_top_k_layers": 10, "instance_norm_target_layer": True, "layer_norm_targets": True,
-    "cls_loss": 0.01, "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100_000,
-    "ema_anneal_end_fraction": 100_000 / 375_300,
-    "min_target_var": 0.0, "min_pred_var": 0.0,
-}
-_AUDIO_BASE = {
-    "encoder": {"modality": "speech", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
-                "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1, "prenet_dropout": 0.1,
-                "layerdrop": 0.05, "prenet_layerdrop": 0.05,
-                "speech": {"conv_pos_width": 95, "conv_pos_depth": 5, "conv_pos_groups": 16}},
-    "decoder": {"dim": 384, "kernel": 7, "groups": 16, "depth": 4, "residual": True, "input_dropout": 0.1},
-    "num_masks": 8, "mask_ratio": 0.5, "mask_width": 5, "mask_adjust": 0.05, "inverse_mask": False,
-    "average_top_k_layers": 8, "instance_norm_target_layer": True,
-    "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_end_step": 75_000,
-    "ema_anneal_end_fraction": 75_000 / 400_000,
-}
-_TEXT_BASE = {
-    "encoder": {"modality": "text", "embed_dim": 768, "num_heads": 12, "depth": 12, "norm_eps": 1e-5,
-                "dropout": 0.1, "attention_dropout": 0.1, "post_mlp_dropout": 0.1,
-                "text": {"vocab_size": 50265, "max_positions": 512, "dropout": 0.1}},
-    "decoder": {"dim": 768, "kernel": 9, "groups": 1, "depth": 5, "residual": False, "input_dropout": 0.1,
-                "head_layers": 2},
-    "num_masks": 8, "mask_ratio": 0.42, "mask_width": 1, "mask_adjust": 0.0, "inverse_mask": False,
-    "average_top_k_layers": 12, "instance_norm_target_layer": True, "loss_scale": 1.0,
-    "ema_decay": 0.9999, "ema_end_decay": 1.0, "ema_anneal_end_step": 100_000,
-    "ema_anneal_end_fraction": 100_000 / 1_000_000,
-}
-
-# tiny: Fashion-MNIST 1x28x28 with 4x4 patches (a 7x7 grid; inverse block masking keeps 9 of 49),
-# ~2-4 s of 16 kHz speech through a narrow CNN with the same strides (20 ms frames), 128-token BPE
-# blocks with an 8192 vocabulary. The EMA schedule is shortened to the few hundred updates of a tiny run
-# (an unscaled 100k-step anneal would leave the teacher frozen). 4x4 patches cost a quarter of 2x2
-# patches (the 14x14 grid of ViT-B/16 at 224 px) per image, so a 60-s budget buys ~4x the pretraining
-# samples and the fine-tune can run long enough to tell pretrained from random (docs/TINY_SCALE.md,
-# "Calibrating the tiny recipes").
-# ``smoke`` keeps 2x2 patches, so CI exercises the paper's 14x14 grid.
-_TINY_ENCODER = {"embed_dim": 48, "num_heads": 3, "depth": 4, "mlp_ratio": 4.0}
-_TINY_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2
-_TINY = {
-    "image": {"encoder": {**_TINY_ENCODER, "prenet_depth": 1, "depth": 3,
-                          "image": {"img_size": 28, "patch_size": 4, "in_chans": 1}},
-              "decoder": {"dim": 24, "groups": 4, "depth": 3},
-              "num_masks": 4, "average_top_k_layers": 3},
-    "speech": {"encoder": {**_TINY_ENCODER, "speech": {"conv_layers": _TINY_CONV, "conv_pos_width": 18,
-                                                     "conv_pos_depth": 2, "conv_pos_groups": 4}},
-              "decoder": {"dim": 24, "groups": 4, "depth": 2},
-              "num_masks": 4, "average_top_k_layers": 4},
-    "text": {"encoder": {**_TINY_ENCODER, "text": {"vocab_size": 8192, "max_positions": 128}},
-             "decoder": {"dim": 24, "depth": 2},
-             "num_masks": 4, "average_top_k_layers": 4,
-             "ema_end_decay": 0.9999},            # the paper's tau_e = 1 would freeze a short run's teacher
-}
-# tiny and smoke keep an anneal in updates (1,000: about 80% of a 60-CPU-second image run), the count the tiny
-# recipes were calibrated with (docs/TINY_SCALE.md); a budget sweep on tiny sets ema_anneal_end_fraction.
-_TINY_EMA = {"ema_decay": 0.99, "ema_anneal_end_step": 1000, "ema_anneal_end_fraction": None}
-_SMOKE_ENCODER = {"embed_dim": 32, "num_heads": 2, "depth": 2, "prenet_depth": 0}
-_SMOKE = {
-    "image": {"encoder": {**_SMOKE_ENCODER, "image": {"patch_size": 2}},
-              "decoder": {"dim": 32, "groups": 2, "depth": 1},
-              "num_masks": 2, "average_top_k_layers": 2},
-    "speech": {"encoder": {**_SMOKE_ENCODER, "speech": {"conv_layers": [(16, 10, 5)] + [(16, 3, 2)] * 4
-                                                                   + [(16, 2, 2)] * 2,
-                                                      "conv_pos_width": 5, "conv_pos_depth": 1,
-                                                      "conv_pos_groups": 2}},
-              "decoder": {"dim": 32, "groups": 2, "depth": 1}, "num_masks": 2, "average_top_k_layers": 2},
-    "text": {"encoder": {**_SMOKE_ENCODER}, "decoder": {"dim": 32, "depth": 1},
-             "num_masks": 2, "average_top_k_layers": 2},
-}
-# gpu (images only): a ViT-S width (384, 6 heads, 2 + 10 blocks like ViT-B's data2vec 2.0) on Fashion-MNIST's
-# 7x7 grid of 4x4 patches, for one GPU and the embedded data (d2v2/presets/gpu.yaml). The paper's masking,
-# M = 16 and targets; the decoder at half the width. A run gets a few thousand updates, so the teacher follows
-# tiny's calibrated schedule (tau 0.99 -> 0.9999 over half the run): with the paper's 0.9998 -> 0.99999 it stays
-# a random post-LN network whose top layers barely depend on the input (docs/BENCHMARKS.md#the-gpu-path).
-_GPU = {"image": {"encoder": {"embed_dim": 384, "num_heads": 6,
-                              "image": {"img_size": 28, "patch_size": 4, "in_chans": 1}},
-                  "decoder": {"dim": 192, "groups": 8, "depth": 4},
-                  "ema_decay": 0.99, "ema_end_decay": 0.9999, "ema_anneal_end_fraction": 0.5}}
-_BASE = {"image": _IMAGE_BASE, "speech": _AUDIO_BASE, "text": _TEXT_BASE}
-PRESETS: dict[str, dict[str, dict]] = {
-    m: {"base": _BASE[m],
-        "tiny": merge(merge(_BASE[m], _TINY[m]), _TINY_EMA),
-        "smoke": merge(merge(merge(_BASE[m], _TINY[m]), _TINY_EMA), _SMOKE[m]),
-        **({"gpu": merge(_BASE[m], _GPU[m])} if m in _GPU else {})}
-    for m in _BASE
-}
-for _modality in PRESETS:
-    register_method(_modality, "data2vec2", Data2Vec2Config, PRESETS[_modality])(Data2Vec2)
+# The settings per preset (the paper's Base, tiny, smoke, gpu) are in d2v2/presets/<preset>.yaml.
+for _modality in MODALITIES:
+    register_method(_modality, "data2vec2", Data2Vec2Config)(Data2Vec2)

@@ -18,6 +18,7 @@ from torch import nn
 
 from d2v2.config import Config, ConfigError, merge, renamed_modality, validate
 from d2v2.plugins import entry_points
+from d2v2.presets import available_presets, method_settings
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
@@ -84,17 +85,15 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the shared
-        encoder's, its ALiBi scales (METHOD.md#pretraining-recipes)."""
-        from d2v2.model.modalities.speech import NO_WEIGHT_DECAY
-
-        return set(NO_WEIGHT_DECAY)
+        """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the
+        encoder's (:meth:`~d2v2.model.encoder.Encoder.no_weight_decay`)."""
+        return self.encoder().no_weight_decay()
 
 
 @dataclass(frozen=True)
 class _Entry:
     config_cls: type[Config]
-    presets: Mapping[str, Mapping[str, Any]]
+    presets: Mapping[str, Mapping[str, Any]]       # a method of another package: its own settings per preset
     builder: Callable[[Config], PretrainMethod]
 
 
@@ -102,11 +101,13 @@ _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 
 def register_method(modality: str, name: str, config_cls: type[Config],
-                    presets: Mapping[str, Mapping[str, Any]]):
-    """Decorator registering ``builder(cfg) -> PretrainMethod`` under ``(modality, name)``."""
+                    presets: Mapping[str, Mapping[str, Any]] | None = None):
+    """Decorator registering ``builder(cfg) -> PretrainMethod`` under ``(modality, name)``. The method's
+    settings per preset are in the preset files (``method_settings`` in ``d2v2/presets/<preset>.yaml``); a
+    method of another package, which those files do not name, may bring its own (``presets``)."""
 
     def deco(builder: Callable[[Config], PretrainMethod]):
-        _REGISTRY[(modality, name)] = _Entry(config_cls, presets, builder)
+        _REGISTRY[(modality, name)] = _Entry(config_cls, presets or {}, builder)
         return builder
 
     return deco
@@ -138,11 +139,17 @@ def _entry(modality: str, name: str) -> _Entry:
 
 def method_config(modality: str, name: str, preset: str = "tiny",
                   overrides: Mapping[str, Any] | None = None) -> Config:
-    """The validated config of a method: preset values, then ``overrides`` on top."""
+    """The validated config of a method: its settings in ``preset`` (:func:`d2v2.presets.method_settings`),
+    then ``overrides`` on top."""
     entry = _entry(modality, name)
-    if preset not in entry.presets:
-        raise ConfigError(f"preset: '{preset}' unknown for {modality}/{name} (have {sorted(entry.presets)})")
-    return validate(entry.config_cls, merge(entry.presets[preset], overrides), where="method")
+    settings = method_settings(preset, modality, name)
+    if settings is None:
+        settings = entry.presets.get(preset)
+    if settings is None:
+        have = [p for p in available_presets() if method_settings(p, modality, name) is not None] + list(entry.presets)
+        raise ConfigError(f"preset: '{preset}' has no settings for {modality}/{name} (presets with them: "
+                          f"{', '.join(sorted(have)) or 'none'})")
+    return validate(entry.config_cls, merge(settings, overrides), where="method")
 
 
 def build_method(modality: str, name: str, preset: str = "tiny",

@@ -70,9 +70,9 @@ from baselines.masking import NUM_SPECIAL
 from baselines.mlm import MLM
 from baselines.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
-from d2v2.config import merge, validate
+from d2v2.config import merge
 from d2v2.interop.fairseq import FAIRSEQ_MODALITY, convert
-from d2v2.data2vec2 import PRESETS, Data2Vec2, Data2Vec2Config
+from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.model.encoder import EncoderConfig
 from d2v2.method import method_config
 from d2v2.model.modalities.text import BOS, EOS, MASK, PAD
@@ -305,7 +305,7 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
 def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) -> Pair:
     overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
     overrides = merge(overrides, UPDATES_ANNEAL)
-    cfg = validate(Data2Vec2Config, merge(PRESETS[modality][preset], overrides), where=f"{modality}/{preset}")
+    cfg = method_config(modality, "data2vec2", preset, overrides)
     cfg_dict = fairseq_config(cfg)
     fs = build_fairseq(cfg_dict, cfg.encoder.text.vocab_size if modality == "text" else None)
     fs.train()

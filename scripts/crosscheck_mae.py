@@ -49,9 +49,10 @@ import torch
 from torch import nn
 
 import baselines.mae as ours_mae
-from baselines.mae import MAE, MAEConfig, PRESETS
+from baselines.mae import MAE, MAEConfig
 from crosscheck_common import NO_DROPOUT, Report, restore_numpy_float
-from d2v2.config import merge, validate
+from d2v2.method import method_config
+from d2v2.presets import available_presets
 
 # official parameter name prefix -> ours; names not listed (the decoder's) are the same on both sides
 RENAMES = {"patch_embed.proj.": "student.local_encoder.proj.", "cls_token": "student.context_encoder.extra_tokens",
@@ -190,7 +191,7 @@ def ours_step(model: MAE, images: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def crosscheck(model_class, preset: str, batch_size: int, report: Report, seed: int = 0) -> None:
-    cfg = validate(MAEConfig, merge(PRESETS[preset], NO_DROPOUT), where=f"image/mae {preset}")
+    cfg = method_config("image", "mae", preset, NO_DROPOUT)
     torch.manual_seed(seed)
     official = build_official(model_class, cfg).train()
     ours = MAE(cfg).train()
@@ -233,7 +234,7 @@ def crosscheck(model_class, preset: str, batch_size: int, report: Report, seed: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mae", type=Path, required=True, help="a checkout of facebookresearch/mae")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+    ap.add_argument("--preset", choices=available_presets(), default="tiny",
                     help="base: ViT-B/16 with MAE's 8 x 512 decoder (about 15 s on 2 CPU cores at batch 2)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--atol", type=float, default=1e-5, help="relative to max(1, the largest |value|)")

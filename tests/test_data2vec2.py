@@ -195,6 +195,20 @@ def test_speech_masker_counts_frames_from_samples():
     assert "alibi_scale" in next(iter(method.no_weight_decay()))
 
 
+@pytest.mark.parametrize("modality,name", [("speech", "data2vec2"), ("speech", "wav2vec2"), ("image", "data2vec2"),
+                                           ("text", "data2vec2")])
+def test_only_the_alibi_scales_of_the_speech_encoder_escape_weight_decay(modality, name):
+    """The no-decay rule is the encoder's (its context encoder's), so every method on it and fine-tuning share it."""
+    from d2v2.engine.optim import param_groups
+
+    method = build_method(modality, name, "smoke")
+    assert method.no_weight_decay() == ({"alibi_scale"} if modality == "speech" else set())
+    decay = {id(p) for g in param_groups(method, 0.05, method.no_weight_decay()) if g["weight_decay"] for p in g["params"]}
+    scales = [p for n, p in method.named_parameters() if n.endswith("alibi_scale") and p.requires_grad]
+    assert len(scales) == (modality == "speech") and not any(id(p) in decay for p in scales)
+    assert any(id(p) in decay for n, p in method.named_parameters() if p.ndim > 1)
+
+
 def test_collapse_guard_and_mask_shape_errors():
     method = build("image", {"min_target_var": 100.0, "collapse_check_after": 0})
     method.after_step(1, fraction=0.0)

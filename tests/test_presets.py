@@ -36,3 +36,35 @@ def test_a_recipe_is_read_from_the_file_and_a_missing_one_is_named():
         finetune_config({"modality": "speech", "preset": "gpu"})
     with pytest.raises(ConfigError, match="modality: unknown modality 'video'"):
         finetune_config({"modality": "video"})
+
+
+def test_a_method_config_is_the_presets_encoder_with_the_methods_settings_over_it():
+    from d2v2.method import method_config
+
+    tiny = load_preset("tiny")
+    mae = method_config("image", "mae", "tiny")
+    assert mae.encoder.embed_dim == tiny["encoders"]["image"]["embed_dim"] and mae.encoder.layer_norm_first
+    assert mae.decoder_dim == tiny["method_settings"]["image"]["mae"]["decoder_dim"]
+    assert method_config("image", "mae", "tiny", {"decoder_dim": 16}).decoder_dim == 16
+    with pytest.raises(ConfigError, match="preset: 'gpu' has no settings for speech/hubert \\(presets with them: "
+                                          "base, smoke, tiny\\)"):
+        method_config("speech", "hubert", "gpu")
+
+
+def test_a_method_of_another_package_brings_its_own_settings():
+    from d2v2.method import _REGISTRY, method_config, register_method
+    from baselines.mlm import MLM, MLMConfig
+
+    register_method("text", "mlm_plugin", MLMConfig, {"tiny": {"encoder": {"modality": "text", "depth": 1}}})(MLM)
+    try:
+        assert method_config("text", "mlm_plugin", "tiny").encoder.depth == 1
+        with pytest.raises(ConfigError, match="presets with them: tiny"):
+            method_config("text", "mlm_plugin", "base")
+    finally:
+        del _REGISTRY[("text", "mlm_plugin")]
+
+
+def test_the_workflow_config_cannot_set_the_models():
+    with pytest.raises(wfc.WorkflowConfigError, match="method_settings: the models are the preset's .*method.overrides"):
+        wfc.with_preset({"method_settings": {"image": {"mae": {"decoder_dim": 8}}}})
+    assert "encoders" not in wfc.with_preset({"preset": "tiny"})

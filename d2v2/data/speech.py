@@ -15,7 +15,7 @@ Three sources give the same items, so one pipeline serves the embedded corpus an
   (``train-clean-100+train-clean-360+train-other-500`` is LS-960). Every file header is read once to
   get its length (minutes for LS-960): at that scale fairseq manifests, which store lengths, load faster.
 
-Input pipeline (METHOD.md#audio-encoder): raw mono waveform, normalised per utterance to zero mean and unit variance
+Input pipeline (METHOD.md#speech-encoder): raw mono waveform, normalised per utterance to zero mean and unit variance
 (``normalize``, required by data2vec 2.0 checkpoints, METHOD.md#fine-tuning-speech); pretraining drops utterances shorter than
 ``min_sample_size`` and randomly crops to ``max_sample_size``; the pretraining batch is cropped to its
 shortest utterance (no padding, METHOD.md#equal-mask-counts). Fine-tuning keeps whole utterances and pads.
@@ -155,7 +155,7 @@ class SynthConfig(Config):
 
 
 class SpeechDataConfig(Config):
-    """Where speech comes from and how it is read (METHOD.md#audio-encoder, METHOD.md#fine-tuning-speech; module docstring)."""
+    """Where speech comes from and how it is read (METHOD.md#speech-encoder, METHOD.md#fine-tuning-speech; module docstring)."""
 
     source: Literal["synth", "manifest", "librispeech"] = "synth"
     manifest_dir: str | None = None        # source=manifest: folder with <split>.tsv/.ltr (fairseq)

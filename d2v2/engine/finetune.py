@@ -47,7 +47,6 @@ from d2v2.engine.provenance import provenance
 from d2v2.engine.sampler import LengthBucketedBatchSampler
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.method import build_method
-from d2v2.model.modalities.speech import NO_WEIGHT_DECAY
 
 __all__ = ["Pretrained", "load_pretrained", "build_encoder", "build_model", "resolve_device", "make_loader", "train",
            "evaluate", "sweep_lr", "finetune", "resolve_config", "main"]
@@ -156,7 +155,7 @@ def build_model(cfg: FinetuneConfig, info: dict[str, Any], encoder: nn.Module) -
 def _optimizer(model: nn.Module, cfg: FinetuneConfig, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW groups: no weight decay on biases, 1-D tensors and ALiBi scales (METHOD.md#pretraining-recipes); with layer
     decay, block i of N gets LD^(N+1-i) and everything else (patch-embed, CLS, norms, head) 1 (METHOD.md#fine-tuning-images)."""
-    encoder, no_decay = model.encoder, NO_WEIGHT_DECAY
+    encoder, no_decay = model.encoder, model.encoder.no_weight_decay()
     if cfg.layer_decay >= 1.0:
         groups = param_groups(model, optim.weight_decay, no_decay)
     else:

@@ -228,6 +228,11 @@ class Encoder(nn.Module):
         """Blocks + 1: the exponent base of layer-wise LR decay."""
         return len(self.blocks) + 1
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (last component) never weight-decayed beyond biases and 1-D tensors: the context
+        encoder's (speech: the ALiBi scales; METHOD.md#pretraining-recipes)."""
+        return set(self.context_encoder.no_weight_decay)
+
     def layer_id(self, name: str) -> int:
         """Layer index of a parameter for layer-wise LR decay (METHOD.md#fine-tuning-images): ``blocks.{i}`` -> i + 1;
         everything else (patch-embed, CLS, context LN, and a head outside the encoder) -> ``num_layers``,

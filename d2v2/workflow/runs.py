@@ -78,14 +78,19 @@ def with_preset(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` (scalars coerced, see :func:`coerce_scalars`) laid over its preset
     (``d2v2/presets/<preset>.yaml``, :mod:`d2v2.presets`)."""
     from d2v2.config import ConfigError
-    from d2v2.presets import load_preset
+    from d2v2.presets import MODEL_KEYS, load_preset
 
     config = coerce_scalars(config)
+    for key in MODEL_KEYS:
+        if key in config:
+            raise WorkflowConfigError(
+                f"{key}: the models are the preset's (d2v2/presets/<preset>.yaml); change a method's settings for "
+                f"the workflow with pretrain.per_method.<modality>.<method>.method.overrides or ablations")
     try:
         preset = load_preset(config.get("preset", "tiny"))
     except ConfigError as err:
         raise WorkflowConfigError(str(err)) from None
-    return merge(preset, config)
+    return merge({k: v for k, v in preset.items() if k not in MODEL_KEYS}, config)
 
 
 def schema_error(err: Exception) -> str:

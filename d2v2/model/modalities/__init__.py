@@ -19,6 +19,9 @@ class ContextEncoder(nn.Module):
     """Context LN -> dropout applied to the (masked) token sequence, plus modality hooks."""
 
     num_extra_tokens: int = 0
+    # parameter names (last component) never weight-decayed beyond biases and 1-D tensors, by every method's
+    # pretraining and by fine-tuning (Encoder.no_weight_decay)
+    no_weight_decay: frozenset[str] = frozenset()
 
     def __init__(self, dim: int, norm: bool, norm_eps: float, dropout: float):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Speech modality (METHOD.md#audio-encoder): wav2vec 2.0 CNN feature extractor ("layer_norm" mode),
+"""Speech modality (METHOD.md#speech-encoder): wav2vec 2.0 CNN feature extractor ("layer_norm" mode),
 LN + Linear projection, a convolutional relative positional encoder and learned-scale ALiBi."""
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ from d2v2.model.blocks import alibi_bias, alibi_slopes, conv_channels_last
 from d2v2.config import Config
 from d2v2.model.modalities import ContextEncoder
 
-__all__ = ["SpeechConfig", "SpeechLocalEncoder", "SpeechContextEncoder", "WAV2VEC2_CONV", "NO_WEIGHT_DECAY",
-           "frame_count", "receptive_field"]
-
-# Parameter names (last component) never weight-decayed beyond biases and 1-D tensors: the ALiBi scales
-# (METHOD.md#pretraining-recipes), 5-D tensors. Every method and the fine-tuning use this one set.
-NO_WEIGHT_DECAY = frozenset({"alibi_scale"})
+__all__ = ["SpeechConfig", "SpeechLocalEncoder", "SpeechContextEncoder", "WAV2VEC2_CONV", "frame_count",
+           "receptive_field"]
 
 # (channels, kernel, stride) per CNN layer: total stride 320 (20 ms at 16 kHz), receptive field 400.
 WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -124,6 +120,8 @@ class SpeechContextEncoder(ContextEncoder):
     path it sees the full sequence with masked frames zeroed and is gathered at visible frames
     (METHOD.md#sparse-encoding). ALiBi bias ``-alibi_scale_h * m_h * |i - j|`` over ORIGINAL positions, one
     learned ``alibi_scale`` per head (clamped >= 0) shared by all layers."""
+
+    no_weight_decay = frozenset({"alibi_scale"})     # the ALiBi scales, 5-D tensors (METHOD.md#pretraining-recipes)
 
     def __init__(self, cfg: SpeechConfig, dim: int, num_heads: int, norm: bool, norm_eps: float,
                  dropout: float):
