@@ -12,6 +12,9 @@ rule prepare_data:
     log:
         f"{PATHS['logs']}/prepare_data/{{modality}}.log",
     threads: 2
+    # before any training job (above any two other jobs' priorities together): it takes both cores, so once
+    # training jobs hold one it waits while the other core idles (docs/TINY_SCALE.md: 115 s of one idle core)
+    priority: 1000
     shell:
         "printf '%s' {params.data:q} > {params.config_file:q} && "
         "python -m d2v2 prepare-data --modalities {wildcards.modality:q} "

@@ -48,6 +48,8 @@ rule finetune_random_init:
     log:
         f"{RANDOM_LOG}.log",
     threads: training_threads("finetune")
+    # it needs no pretraining, and speech's (~2 min in tiny) would otherwise often run last, beside an idle core
+    priority: 50
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
