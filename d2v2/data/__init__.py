@@ -1,6 +1,7 @@
 """The data API every other module uses (docs/ARCHITECTURE.md, "Batches").
 
-One function per question, dispatching on the modality (``image``, ``speech``, ``text``) to :mod:`d2v2.data.image`, :mod:`d2v2.data.speech`, :mod:`d2v2.data.text`:
+One function per question, dispatching on the modality (``image``, ``speech``, ``text``) to
+:mod:`d2v2.data.image`, :mod:`d2v2.data.speech`, :mod:`d2v2.data.text`:
 
 - :func:`pretrain_dataset` / :func:`pretrain_collater`: unlabelled items ``{"source", "id"}`` and the
   collater that batches them and draws the method's masks (:class:`~d2v2.data.common.MaskingCollater`);

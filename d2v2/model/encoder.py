@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from d2v2.model.blocks import Block, RelativePositionBias, init_bert_params
-from d2v2.config import Config, Modality
+from d2v2.config import MODALITIES, Config, Modality
 from d2v2.model.masking import gather_tokens, keep_indices
 from d2v2.model.modalities import ContextEncoder
 from d2v2.model.modalities.speech import SpeechConfig, SpeechContextEncoder, SpeechLocalEncoder
@@ -82,7 +82,7 @@ class EncoderConfig(Config):
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.depth + self.prenet_depth < 1:
             raise ValueError("the encoder needs at least one block (depth + prenet_depth >= 1)")
-        for other in {"image", "speech", "text"} - {self.modality}:
+        for other in set(MODALITIES) - {self.modality}:
             if getattr(self, other) is not None:
                 raise ValueError(f"'{other}' settings given for a {self.modality} encoder")
         if getattr(self, self.modality) is None:       # default sub-config for this modality

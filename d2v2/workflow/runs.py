@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 
-from d2v2.config import MODALITIES, merge
+from d2v2.config import MODALITIES, ConfigError, merge
+from d2v2.presets import MODEL_KEYS, load_preset
 
 __all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
            "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
@@ -77,9 +78,6 @@ def coerce_scalars(value: Any) -> Any:
 def with_preset(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` (scalars coerced, see :func:`coerce_scalars`) laid over its preset
     (``d2v2/presets/<preset>.yaml``, :mod:`d2v2.presets`)."""
-    from d2v2.config import ConfigError
-    from d2v2.presets import MODEL_KEYS, load_preset
-
     config = coerce_scalars(config)
     for key in MODEL_KEYS:
         if key in config:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, get_args
 
 import yaml
 
-from d2v2.config import RENAMED_MODALITIES, ConfigError, renamed_modality
+from d2v2.config import MODALITIES, RENAMED_MODALITIES, ConfigError, renamed_modality
 from d2v2.workflow.runs import (HUBERT, Run, WorkflowConfigError, active_data, budget_sweep, expand_runs,
                                 finetune_request, hubert_iteration1_config, label_chains, random_init_request,
                                 run_config, schema_error)
@@ -19,7 +19,6 @@ __all__ = ["check_schema", "validate_workflow"]
 
 def _model_enums() -> dict[tuple[str, ...], list[str]]:
     """The values the engine owns, by their place in the workflow schema (written there only once)."""
-    from d2v2.config import MODALITIES
     from d2v2.engine.clock import CLOCKS
     from d2v2.engine.runconfig import Budget
     from d2v2.launch import BACKENDS
