@@ -28,6 +28,7 @@ from torch import nn
 
 from baselines.masking import SpanMaskConfig, SpanMasker
 from d2v2.config import Config
+from d2v2.model.blocks import Dropout
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.model.masking import mask_indices
 from d2v2.method import MethodOutput, PretrainMethod, register_method
@@ -160,7 +161,7 @@ class Wav2Vec2(PretrainMethod):
         self.final_proj = nn.Linear(D, cfg.final_dim)
         self.quantizer = GumbelQuantizer(C, cfg.quantizer)
         self.project_q = nn.Linear(cfg.quantizer.dim, cfg.final_dim)
-        self.feature_dropout = nn.Dropout(cfg.dropout_features)
+        self.feature_dropout = Dropout(cfg.dropout_features)
         self.temperature = cfg.quantizer.temperature(0.0)
 
     # ---- PretrainMethod interface -----------------------------------------------------------------

@@ -41,8 +41,8 @@ def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
     torch.manual_seed(cfg.seed)
     m = cfg.method
     method = build_method(m.modality, m.name, m.preset, m.overrides).to(device).train()
-    optimizer = build_optimizer(param_groups(method, cfg.optim.weight_decay, method.no_weight_decay()), cfg.optim,
-                                fused=device.type == "cuda")                # as the runner builds it
+    optimizer = build_optimizer(param_groups(method, cfg.optim.weight_decay, method.no_weight_decay()),
+                                cfg.optim)                                  # as the runner builds it
     dataset = WithEpoch(method_dataset(m.modality, m.name, m.preset, m.overrides, cfg.data), cfg.seed)
     collate = data.pretrain_collater(m.modality, cfg.data, method.masker(), cfg.seed)
     sampler = iter(ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed))

@@ -72,7 +72,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     method = build_method(modality, method_name, preset).to(device)
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda") or None)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
     raw = method.stand_in_inputs(synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds),

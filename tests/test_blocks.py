@@ -7,7 +7,7 @@ import torch
 
 from torch import nn
 
-from d2v2.model.blocks import Attention, Block, alibi_bias, alibi_slopes, conv_channels_last
+from d2v2.model.blocks import Attention, Block, Dropout, alibi_bias, alibi_slopes, conv_channels_last, dropout
 
 SLOPES4 = torch.tensor(alibi_slopes(4))        # m_h of 4 heads
 
@@ -134,6 +134,41 @@ def test_dropouts_and_drop_path_only_in_training():
     torch.testing.assert_close(block(x)[0], block(x)[0])
     block.train()
     assert not torch.allclose(block(x)[0], block(x)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales(p):
+    torch.manual_seed(0)
+    x = torch.randn(400_000, requires_grad=True)
+    y = dropout(x, p)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / x.numel())   # 4 sigma
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    torch.testing.assert_close(grad, kept.float() / (1 - p))
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+    module = Dropout(p).eval()
+    assert module(x) is x and module.train()(x).eq(0).any()
+
+
+def test_attention_dropout_on_the_written_out_path_drops_probabilities():
+    """With attention dropout the CPU path writes attention out: in training each query's output is a
+    dropped-out (rescaled) mix of values, in evaluation SDPA's exact result, padding excluded either way."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4, attention_dropout=0.5)
+    x = torch.randn(2, 7, 16)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    torch.testing.assert_close(attn.eval()(x, None, pad), manual_attention(attn, x, None, pad), atol=1e-5, rtol=1e-5)
+    attn.train()
+    a, b = attn(x, None, pad), attn(x, None, pad)
+    assert not torch.allclose(a, b)
+    x2 = x.clone()
+    x2[1, 5:] = 100.0                                  # padded keys never reach a real query
+    torch.manual_seed(1)
+    out = attn(x, None, pad)
+    torch.manual_seed(1)
+    torch.testing.assert_close(attn(x2, None, pad)[:, :5], out[:, :5])
 
 
 def test_alibi_slopes_follow_the_spec():

@@ -184,3 +184,25 @@ def test_config_errors_name_the_problem():
         enc.local_features(torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match="mask shape"):
         enc.contextualize(torch.randn(2, 196, 16), torch.zeros(2, 100, dtype=torch.bool))
+
+
+def test_key_padding_folded_into_the_shared_bias_changes_nothing():
+    """The speech encoder folds the key padding into the ALiBi bias once for all blocks; each block masking
+    the padded keys itself gives the same outputs and the same gradient for the learned ALiBi scale."""
+    enc = make("speech")
+    with torch.no_grad():
+        enc.context_encoder.alibi_scale.copy_(torch.tensor([0.5, 1.0, 2.0, 0.3]).view(1, 1, 4, 1, 1))
+    pad = torch.zeros(2, 8000, dtype=torch.bool)
+    pad[1, 4000:] = True
+    x, fpm = enc.local_features(source("speech"), pad)
+    p = enc.prepare(x, None, fpm, sparse=False)
+    assert p.bias.requires_grad and fpm[1].any()
+    folded = enc.run_blocks(p, layer_results="none").x
+    per_block = p.x
+    for block in enc.blocks:
+        per_block, _ = block(per_block, p.bias, p.padding_mask)
+    torch.testing.assert_close(folded, per_block)
+    scale = enc.context_encoder.alibi_scale
+    (g_folded,) = torch.autograd.grad(folded.square().sum(), [scale], retain_graph=True)
+    (g_per_block,) = torch.autograd.grad(per_block.square().sum(), [scale])
+    torch.testing.assert_close(g_folded, g_per_block)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v2.data.speech import BLANK, LETTERS
+from d2v2.model.blocks import Dropout
 from d2v2.model.masking import span_mask
 from d2v2.model.modalities.speech import SpeechLocalEncoder, frame_count, receptive_field
 
@@ -72,7 +73,7 @@ class SentenceClassifier(_Head):
     def __init__(self, encoder: nn.Module, dim: int, num_outputs: int, pooler_dropout: float = 0.0,
                  linear_probe: bool = False):
         super().__init__(encoder, freeze_encoder=linear_probe)
-        self.dropout = nn.Dropout(pooler_dropout)
+        self.dropout = Dropout(pooler_dropout)
         # PyTorch's default Linear init, as fairseq's RobertaClassificationHead: the head is built after
         # init_bert_params ran (weight std 1/sqrt(3 dim): 0.021 at dim 768, like N(0, 0.02); 0.083 at 48)
         self.dense = nn.Linear(dim, dim)
@@ -179,7 +180,7 @@ class CTCRecognizer(_Head):
         self.channel_prob, self.channel_length = channel_prob, channel_length
         self.transformer_frozen = False
         self.feature_cache: FrozenFeatureCache | None = None
-        self.dropout = nn.Dropout(final_dropout)
+        self.dropout = Dropout(final_dropout)
         self.proj = nn.Linear(dim, vocab_size)
         nn.init.xavier_uniform_(self.proj.weight)       # fairseq wav2vec2_asr Linear()
         nn.init.zeros_(self.proj.bias)

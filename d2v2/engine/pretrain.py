@@ -166,7 +166,7 @@ class Pretrainer:
                 find_unused_parameters=find_unused)
         self.optimizer = build_optimizer(
             param_groups(self.method, cfg.optim.weight_decay, no_weight_decay=self.method.no_weight_decay()),
-            cfg.optim, fused=self.device.type == "cuda")
+            cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)

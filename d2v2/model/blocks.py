@@ -1,5 +1,5 @@
-"""The Transformer block shared by every method (METHOD.md#transformer-block), plus ALiBi slopes, BERT init
-and channels-last convolutions (:func:`conv_channels_last`).
+"""The Transformer block shared by every method (METHOD.md#transformer-block), plus ALiBi slopes, BERT init,
+channels-last convolutions (:func:`conv_channels_last`) and the dropout every model uses (:class:`Dropout`).
 
 data2vec 2.0 uses *post-LN* blocks (fairseq ``AltBlock`` with ``layer_norm_first=False``)::
 
@@ -26,8 +26,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "relative_position_bucket",
+__all__ = ["dropout", "Dropout", "Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "relative_position_bucket",
            "RelativePositionBias", "init_bert_params", "conv_channels_last", "compile_blocks"]
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout``: each element kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``.
+
+    On a CPU in fp32 the keep-mask is drawn as ``uniform >= p`` instead of ``F.dropout``'s Bernoulli
+    sampler, which takes about twice as long there; the distribution is the same, the random stream
+    another (docs/BENCHMARKS.md#dropout-on-a-cpu). Elsewhere, ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 class Attention(nn.Module):
@@ -48,7 +68,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.attention_dropout = attention_dropout
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = Dropout(dropout)
         if gated:              # WavLM's gru_rel_pos_linear and gru_rel_pos_const
             self.gate = nn.Linear(dim // num_heads, 8)
             self.gate_scale = nn.Parameter(torch.ones(1, num_heads, 1, 1))
@@ -78,11 +98,15 @@ class Attention(nn.Module):
         elif padding_mask is not None:
             attn_mask = ~padding_mask[:, None, None, :]          # bool: True = attend
         dropout_p = self.attention_dropout if self.training else 0.0
-        if attn_mask is not None and attn_mask.requires_grad and q.device.type == "cpu":
-            # A learned bias (ALiBi's scale) sends SDPA on a CPU to its slow generic path; written out, as
-            # fairseq's AltAttention computes it, the step is faster (docs/BENCHMARKS.md#ours-against-fairseq).
-            attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn_mask).softmax(-1)
-            x = F.dropout(attn, dropout_p, self.training) @ v
+        if q.device.type == "cpu" and (dropout_p > 0 or attn_mask is not None and attn_mask.requires_grad):
+            # Attention dropout or a learned bias (ALiBi's scale) sends SDPA on a CPU to its slow generic
+            # path; written out, as fairseq's AltAttention computes it, the step is faster
+            # (docs/BENCHMARKS.md#ours-against-fairseq, #dropout-on-a-cpu).
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                logits = logits + attn_mask if attn_mask.is_floating_point() else \
+                    logits.masked_fill(~attn_mask, float("-inf"))
+            x = dropout(logits.softmax(-1), dropout_p, self.training) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
@@ -96,7 +120,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(activation_dropout)
+        self.drop = Dropout(activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -125,7 +149,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, attention_dropout, dropout, gated=gated_rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_dropout)
-        self.post_mlp_dropout = nn.Dropout(post_mlp_dropout)
+        self.post_mlp_dropout = Dropout(post_mlp_dropout)
 
     def _drop_path(self, x: torch.Tensor) -> torch.Tensor:
         return self.stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.model.blocks import conv_channels_last
+from d2v2.model.blocks import Dropout, conv_channels_last
 from d2v2.config import Config
 from d2v2.model.masking import scatter_tokens
 
@@ -63,7 +63,7 @@ class Decoder(nn.Module):
             raise ValueError(f"decoder groups {cfg.groups} must divide embed_dim {embed_dim}")
         self.cfg, self.grid = cfg, grid
         ndim = 2 if grid is not None else 1
-        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.input_dropout = Dropout(cfg.input_dropout)
         self.blocks = nn.ModuleList([
             _DecoderLayer(embed_dim if i == 0 else cfg.dim, cfg.dim, cfg.kernel, cfg.groups, ndim)
             for i in range(cfg.depth)])

@@ -199,10 +199,14 @@ class Encoder(nn.Module):
         targets), block output (``end_of_block_targets``), or nothing (saves memory); extra tokens are
         removed from the kept results. Layer-drop only in training mode."""
         x, results = p.x, []
+        bias, padding_mask = p.bias, p.padding_mask
+        if bias is not None and padding_mask is not None and p.rel_bias is None:
+            # the key padding folded into the bias every block shares, once (not once per block, forward and backward)
+            bias, padding_mask = bias.masked_fill(padding_mask[:, None, None, :], float("-inf")), None
         for block, drop in zip(self.blocks, self.layerdrop):
             if self.training and drop > 0 and torch.rand(()) < drop:
                 continue
-            x, ffn = block(x, p.bias, p.padding_mask, p.rel_bias)
+            x, ffn = block(x, bias, padding_mask, p.rel_bias)
             if layer_results != "none":
                 results.append((ffn if layer_results == "ffn" else x)[:, p.num_extra_tokens:])
         if self.norm is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from d2v2.model.blocks import Dropout
+
 __all__ = ["ContextEncoder"]
 
 
@@ -26,7 +28,7 @@ class ContextEncoder(nn.Module):
     def __init__(self, dim: int, norm: bool, norm_eps: float, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def add_positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Add positional information to the full (B, T, D) sequence before masked tokens are dropped;

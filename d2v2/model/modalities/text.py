@@ -8,6 +8,7 @@ from torch import nn
 import pydantic
 
 from d2v2.config import Config
+from d2v2.model.blocks import Dropout
 from d2v2.model.modalities import ContextEncoder
 
 __all__ = ["TextConfig", "TextLocalEncoder", "TextContextEncoder", "SPECIALS", "BOS", "PAD", "EOS", "UNK", "MASK"]
@@ -42,7 +43,7 @@ class TextLocalEncoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_idx + 1, dim, padding_idx=cfg.pad_idx)
         self.embed_segments = nn.Embedding(cfg.num_segments, dim) if cfg.num_segments else None
         self.layernorm_embedding = nn.LayerNorm(dim, eps=norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
         if source.dim() != 2 or source.dtype not in (torch.int64, torch.int32):
