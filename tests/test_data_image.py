@@ -35,6 +35,22 @@ def test_pretrain_items(cfg):
     assert torch.equal(valid[1]["source"], valid[1]["source"])           # ... but not the held-out images
 
 
+def test_items_are_torchvisions_images_with_the_same_augmentation(cfg):
+    """The items skip torchvision's PIL round trip, nothing else: with the same random state each item is
+    what torchvision's FashionMNIST image through ToImage and the same transforms gives."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    ds = pretrain_dataset("image", cfg)
+    reference = datasets.FashionMNIST(str(ROOT / "fashion_mnist"), train=True, download=False,
+                                      transform=v2.Compose([v2.ToImage(), *ds.base.transform.transforms]))
+    for i in (0, 1, 59999):
+        torch.manual_seed(i)
+        ours = ds[i]["source"]
+        torch.manual_seed(i)
+        assert type(ours) is torch.Tensor and torch.equal(ours, reference[i][0])
+
+
 def test_mean_std_constants_match_the_training_set(cfg):
     raw = ROOT / "fashion_mnist" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
     counts = np.bincount(np.frombuffer(raw.read_bytes(), dtype=np.uint8, offset=16), minlength=256)
