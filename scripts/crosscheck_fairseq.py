@@ -302,8 +302,9 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
 
 
 # ---- data2vec 2.0 ------------------------------------------------------------------------------------------
-def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report) -> Pair:
-    overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
+def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, dropout: bool = False) -> Pair:
+    """``dropout``: keep the preset's dropouts and mask noise (for timing; the sides then draw different masks)."""
+    overrides = {} if dropout else merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
     overrides = merge(overrides, UPDATES_ANNEAL)
     cfg = method_config(modality, "data2vec2", preset, overrides)
     cfg_dict = fairseq_config(cfg)

@@ -40,3 +40,13 @@ def test_the_dry_run_measures_every_modality_with_equal_losses(tmp_path):
         assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 3
         assert row["loss_max_rel_diff"] < 1e-5, row
     assert "| image | tiny | 1 |" in r.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
+def test_with_dropout_both_sides_train_with_the_recipes_dropout_and_only_times_are_compared(tmp_path):
+    r = bench("--dry-run", "--dropout", "--modalities", "text", "--json", str(tmp_path / "rows.json"),
+              env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["dropout"] is True and row["loss_max_rel_diff"] is None and row["ours_s"] > 0
+    assert "- (dropout on)" in r.stdout

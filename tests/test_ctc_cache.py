@@ -155,7 +155,7 @@ def test_cache_rejects_what_it_cannot_serve():
         short = _batch([3, 1])
         cache(short["source"], short["padding_mask"], torch.tensor([0, 1]))
     noisy = batch["source"].masked_fill(batch["padding_mask"], 0.5)
-    with pytest.raises(ValueError, match="zero-padded"):
-        cache(noisy, batch["padding_mask"], batch["id"])
+    with pytest.raises(ValueError, match="zero-padded"):           # checked on the batches that fill the cache
+        FrozenFeatureCache(local)(noisy, batch["padding_mask"], batch["id"])
     with pytest.raises(ConfigError, match="cache_frozen_features"):
         finetune_config({"modality": "image", "cache_frozen_features": True})

@@ -125,15 +125,13 @@ class FrozenFeatureCache:
     def __call__(self, source: torch.Tensor, padding_mask: torch.Tensor | None,
                  ids: torch.Tensor) -> torch.Tensor:
         """The CNN output ``(B, T, C)`` of the zero-padded batch ``source (B, N)``."""
-        if padding_mask is None:
-            lengths = [source.shape[1]] * source.shape[0]
-        else:
-            if source.masked_select(padding_mask).any():
-                raise ValueError("FrozenFeatureCache needs zero-padded waveforms (collate_finetune pads with 0)")
-            lengths = (~padding_mask).sum(1).tolist()
+        lengths = [source.shape[1]] * source.shape[0] if padding_mask is None else (~padding_mask).sum(1).tolist()
         ids = ids.tolist()
         missing = {i: b for b, i in enumerate(ids) if i not in self.frames}     # first sight (each id once)
         if missing:
+            # checked with the batches the cache is filled from (the first epoch's), not at every step
+            if padding_mask is not None and source.masked_select(padding_mask).any():
+                raise ValueError("FrozenFeatureCache needs zero-padded waveforms (collate_finetune pads with 0)")
             self._compute(source, list(missing.values()), [lengths[b] for b in missing.values()], list(missing))
         frames = frame_count(source.shape[1], self.local_encoder.cfg.conv_layers)
         out = self.zero_frame.expand(len(ids), frames, -1).clone()

@@ -308,11 +308,12 @@ def data_key(config: Mapping[str, Any], modality: str) -> str:
 
 
 def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:
-    """The fine-tuning config (FinetuneConfig fields) of ``run``'s checkpoint at ``fraction``."""
+    """The fine-tuning config (FinetuneConfig fields) of ``run``'s checkpoint at ``fraction``; the recipe's
+    ``data`` settings (``finetune.common.data``, ``finetune.<modality>.data``) over the workflow's ``data``."""
     ft = config["finetune"]
     cfg = merge(ft.get("common", {}), ft.get(run.modality, {}))
     return merge(cfg, {
-        "modality": run.modality, "preset": config["preset"], "data": active_data(config),
+        "modality": run.modality, "preset": config["preset"], "data": merge(active_data(config), cfg.get("data", {})),
         "identity": {"variant": run.variant, "params": dict(run.params), "seed": run.seed,
                      "budget_fraction": fraction, **({"budget_scale": run.budget_scale} if run.sweep else {})},
     })
@@ -324,7 +325,8 @@ def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> 
     ft = config["finetune"]
     cfg = merge(ft.get("common", {}), ft.get(modality, {}))
     return merge(cfg, {
-        "modality": modality, "preset": config["preset"], "data": active_data(config), "seed": seed,
+        "modality": modality, "preset": config["preset"], "data": merge(active_data(config), cfg.get("data", {})),
+        "seed": seed,
         "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
         "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
     })
