@@ -35,7 +35,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
     On a CPU in fp32 the keep-mask is drawn as ``uniform >= p`` instead of ``F.dropout``'s Bernoulli
     sampler, which takes about twice as long there; the distribution is the same, the random stream
-    another (docs/BENCHMARKS.md#dropout-on-a-cpu). Elsewhere, ``F.dropout``."""
+    another (docs/BENCHMARKS.md#dropout-attention-and-the-optimiser-on-a-cpu). Elsewhere, ``F.dropout``."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0.0 < p < 1.0:
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         if q.device.type == "cpu" and (dropout_p > 0 or attn_mask is not None and attn_mask.requires_grad):
             # Attention dropout or a learned bias (ALiBi's scale) sends SDPA on a CPU to its slow generic
             # path; written out, as fairseq's AltAttention computes it, the step is faster
-            # (docs/BENCHMARKS.md#ours-against-fairseq, #dropout-on-a-cpu).
+            # (docs/BENCHMARKS.md#ours-against-fairseq, #dropout-attention-and-the-optimiser-on-a-cpu).
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             if attn_mask is not None:
                 logits = logits + attn_mask if attn_mask.is_floating_point() else \
