@@ -20,7 +20,7 @@ from d2v2.data import DataConfig, prepare
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.engine.checkpoint import encoder_state_dict, load_checkpoint
 from d2v2.engine.events import read_events
-from d2v2.engine.optim import OptimConfig, lr_at, param_groups
+from d2v2.engine.optim import OptimConfig, build_optimizer, lr_at, param_groups
 from d2v2.engine.pretrain import EXIT_DIVERGED, main, run
 from d2v2.engine.runconfig import resolve_run_config
 
@@ -63,6 +63,30 @@ def test_param_groups_exclude_biases_1d_and_named_params_from_decay():
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
     assert decay == {"proj.weight", "cls_token"}
     assert sum(len(g["params"]) for g in groups) == 6
+
+
+def test_the_fused_optimiser_is_adamw_on_a_cpu_too():
+    """build_optimizer uses PyTorch's fused AdamW everywhere; on a CPU it takes the per-parameter loop's
+    steps to float rounding (decoupled weight decay by group included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    twin = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    twin.load_state_dict(model.state_dict())
+    start = model[0].weight.detach().clone()
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(param_groups(model, cfg.weight_decay), cfg)
+    loop = torch.optim.AdamW(param_groups(twin, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=False)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(32, 8)
+    for _ in range(20):
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(model[0].weight, start)                  # it did train
 
 
 def test_param_groups_layer_decay_scales():
