@@ -28,6 +28,22 @@ def test_the_workflow_and_the_finetune_command_resolve_the_same_recipe(preset):
         assert finetune_config(by_hand) == finetune_config(request), run.key
 
 
+def test_fine_tuning_jobs_take_the_recipes_data_settings_over_the_workflows():
+    """tiny fine-tunes without a loader worker (finetune.common.data) while its pretraining runs keep one
+    (data.num_workers); a user's finetune.<modality>.data wins over both."""
+    config = wfc.with_preset({"preset": "tiny", "data": {"root": "data"}})
+    wfc.check_schema(config, "workflow/schemas/config.schema.yaml")
+    run = next(r for r in wfc.expand_runs(config) if r.modality == "text")
+    assert wfc.run_config(config, run)["data"]["num_workers"] == 1
+    assert wfc.finetune_request(config, run, 1.0)["data"]["num_workers"] == 0
+    assert wfc.random_init_request(config, "text", 0)["data"]["num_workers"] == 0
+    assert wfc.finetune_request(config, run, 1.0)["data"]["root"] == "data"       # the rest still the workflow's
+    mine = wfc.with_preset({"preset": "tiny", "data": {"root": "data"},
+                            "finetune": {"text": {"data": {"num_workers": 2}}}})
+    wfc.check_schema(mine, "workflow/schemas/config.schema.yaml")
+    assert wfc.finetune_request(mine, run, 1.0)["data"]["num_workers"] == 2
+
+
 def test_a_recipe_is_read_from_the_file_and_a_missing_one_is_named():
     assert finetune_config({"modality": "speech", "preset": "tiny"}).budget.value == \
         load_preset("tiny")["finetune"]["speech"]["budget"]["value"] == 1000
