@@ -17,8 +17,9 @@ Both start from the same weights (fairseq's initialisation through our converter
 and masks (random inputs of the preset's shape, masks drawn by our masker), with dropout, drop-path and
 the decoder's mask noise off on both sides, so their losses must agree step by step (reported as the
 largest relative difference). ``--dropout`` keeps the preset's dropouts and mask noise on both sides, as
-pretraining runs them: each side then draws its own random masks, so only the times are compared. The sides run in interleaved blocks of ``--steps`` steps, alternating which
-goes first, so load changes on a shared machine hit both alike; each block's time is measured with
+pretraining runs them: each side then draws its own random masks, so only the times are compared. The
+sides run in interleaved blocks of ``--steps`` steps, alternating which goes first, so load changes on a
+shared machine hit both alike; each block's time is measured with
 ``time.perf_counter`` after a device synchronisation. Ratio = fairseq time / our time (> 1: ours is faster),
 as the median over blocks and from the fastest block of each side. The load average before and after
 each configuration is printed with it.

@@ -125,8 +125,8 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
 
 class _FashionMNIST(datasets.FashionMNIST):
     """torchvision's FashionMNIST handing the transform each image as the (1, 28, 28) uint8 tensor it
-    stores, not as a PIL image: the transforms work on tensors, so the round trip through PIL (a third of
-    an augmented item's time) only cost time; the pixels are the same."""
+    stores, not as a PIL image: the transforms work on tensors, so the round trip through PIL took a third
+    of an augmented item's time and changed no pixel."""
 
     @property
     def raw_folder(self) -> str:            # torchvision derives it from the class name
