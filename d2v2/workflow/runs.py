@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from d2v2.config import MODALITIES, ConfigError, merge
 from d2v2.presets import MODEL_KEYS, load_preset
 
-__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs", "run_config",
-           "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
+__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs",
+           "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
            "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
            "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
 
@@ -307,13 +307,18 @@ def data_key(config: Mapping[str, Any], modality: str) -> str:
     return json.dumps({"root": data.get("root", "data"), modality: data.get(modality, {})}, sort_keys=True)
 
 
-def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:
-    """The fine-tuning config (FinetuneConfig fields) of ``run``'s checkpoint at ``fraction``; the recipe's
-    ``data`` settings (``finetune.common.data``, ``finetune.<modality>.data``) over the workflow's ``data``."""
+def _finetune_recipe(config: Mapping[str, Any], modality: str) -> dict[str, Any]:
+    """``finetune.common`` with ``finetune.<modality>`` over it, for ``modality`` of the preset; its ``data``
+    settings over the workflow's ``data``."""
     ft = config["finetune"]
-    cfg = merge(ft.get("common", {}), ft.get(run.modality, {}))
-    return merge(cfg, {
-        "modality": run.modality, "preset": config["preset"], "data": merge(active_data(config), cfg.get("data", {})),
+    cfg = merge(ft.get("common", {}), ft.get(modality, {}))
+    return merge(cfg, {"modality": modality, "preset": config["preset"],
+                       "data": merge(active_data(config), cfg.get("data", {}))})
+
+
+def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> dict[str, Any]:
+    """The fine-tuning config (FinetuneConfig fields) of ``run``'s checkpoint at ``fraction``."""
+    return merge(_finetune_recipe(config, run.modality), {
         "identity": {"variant": run.variant, "params": dict(run.params), "seed": run.seed,
                      "budget_fraction": fraction, **({"budget_scale": run.budget_scale} if run.sweep else {})},
     })
@@ -322,11 +327,7 @@ def finetune_request(config: Mapping[str, Any], run: Run, fraction: float) -> di
 def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> dict[str, Any]:
     """Fine-tuning of a randomly initialised encoder (data2vec 2.0's architecture): the no-pretraining
     reference every method should beat."""
-    ft = config["finetune"]
-    cfg = merge(ft.get("common", {}), ft.get(modality, {}))
-    return merge(cfg, {
-        "modality": modality, "preset": config["preset"], "data": merge(active_data(config), cfg.get("data", {})),
-        "seed": seed,
-        "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
+    return merge(_finetune_recipe(config, modality), {
+        "seed": seed, "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
         "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
     })
