@@ -165,6 +165,22 @@ def test_tiny_dag_shape(tmp_path):
                       "resolved_config": 1, "collect": 1, "report": 1, "all": 1}
     assert "metrics/speech/data2vec2/default/seed0/f1.000.json" in r.stdout
     assert "metrics/speech/data2vec2/default/seed0/f0.500.json" not in r.stdout
+    # longest chain first: every pretraining run before any fine-tune, speech's long CTC fine-tunes first
+    priority = {}
+    for block in r.stdout.split("rule ")[1:]:
+        modality = re.search(r"modality=(\w+)", block)
+        if modality:
+            level = re.search(r"^\s+priority: (\d+)", block, re.M)
+            key = (block.split(":", 1)[0], modality.group(1))
+            priority.setdefault(key, set()).add(int(level.group(1)) if level else 0)
+    assert all(len(levels) == 1 for levels in priority.values()), priority
+    level = {key: levels.pop() for key, levels in priority.items()}
+    assert min(level[("pretrain", m)] for m in ("image", "speech", "text")) > max(
+        level[(rule, m)] for rule in ("finetune", "finetune_random_init") for m in ("image", "speech", "text"))
+    assert level[("finetune", "speech")] > level[("finetune", "image")] > level[("finetune", "text")]
+    assert level[("finetune_random_init", "speech")] == level[("finetune", "speech")]
+    assert level[("pretrain", "speech")] > level[("pretrain", "image")] > level[("pretrain", "text")]
+    assert min(level[("prepare_data", m)] for m in ("image", "speech", "text")) > 2 * level[("pretrain", "speech")]
 
 
 def test_ablation_dag_shape_and_readable_paths(tmp_path):
@@ -199,6 +215,18 @@ def test_a_budget_sweep_is_one_run_per_budget_with_its_own_schedule():
     updates = resolved(preset="smoke", budget_sweep={"image": [0.5]})
     half = next(r for r in wfc.validate_workflow(updates) if r.budget_scale == 0.5)
     assert wfc.run_config(updates, half)["budget"] == {"kind": "updates", "value": 3}
+
+
+def test_job_priorities_put_the_longest_chain_first():
+    """HuBERT's label chains, then pretraining, then fine-tuning; within each, the modalities by the length of
+    their fine-tunes (update counts; an epochs budget after them)."""
+    config = resolved()
+    assert [wfc.job_priority(config, m, "finetune") for m in ("text", "image", "speech")] == [1, 2, 3]
+    assert wfc.job_priority(config, "speech", "pretrain") == 13 and wfc.job_priority(config, "speech", "label_chain") == 23
+    epochs = resolved(finetune={"speech": {"budget": {"kind": "epochs", "value": 50}}})
+    assert wfc.job_priority(epochs, "speech", "finetune") == 1 and wfc.job_priority(epochs, "text", "finetune") == 2
+    with pytest.raises(ValueError, match="stage 'collect'"):
+        wfc.job_priority(config, "image", "collect")
 
 
 def test_a_hubert_run_brings_its_label_chain():

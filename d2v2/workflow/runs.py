@@ -18,7 +18,8 @@ from d2v2.presets import MODEL_KEYS, load_preset
 __all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs",
            "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
            "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
-           "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config"]
+           "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config",
+           "job_priority", "PRIORITY_STAGES"]
 
 
 class WorkflowConfigError(ValueError):
@@ -331,3 +332,28 @@ def random_init_request(config: Mapping[str, Any], modality: str, seed: int) -> 
         "seed": seed, "init": "random", "arch": {"method": "data2vec2", "preset": config["preset"]},
         "identity": {"variant": "default", "seed": seed, "budget_fraction": 0.0},
     })
+
+
+PRIORITY_STAGES = ("finetune", "pretrain", "label_chain")
+
+
+def job_priority(config: Mapping[str, Any], modality: str, stage: str) -> int:
+    """Snakemake priority of a training job (when jobs wait for cores, the highest runs first; results never
+    depend on it). On a few cores the DAG ends when its longest chain of jobs does, so jobs go by the work
+    still behind them (docs/ARCHITECTURE.md, "Workflow and launchers"): HuBERT's label chains, then
+    every pretraining run, then the fine-tunes; within each stage, modalities with longer fine-tunes first
+    (the recipe's update count; an ``epochs`` budget counts as none, after the others). Values stay far
+    below ``prepare_data``'s 1000, which must outrank any two jobs together (Snakemake sums them).
+    """
+    if stage not in PRIORITY_STAGES:
+        raise ValueError(f"job_priority: stage '{stage}' is not one of {PRIORITY_STAGES}")
+
+    from d2v2.engine.ftconfig import BudgetConfig
+
+    def updates(m: str) -> float:
+        budget = BudgetConfig.model_validate(_finetune_recipe(config, m).get("budget", {}))   # with its defaults
+        return budget.value if budget.kind == "updates" else 0.0
+
+    order = sorted(config["modalities"], key=updates)           # shortest fine-tunes first: rank 1
+    rank = order.index(modality) + 1 if modality in order else 0
+    return 10 * PRIORITY_STAGES.index(stage) + rank

@@ -26,6 +26,7 @@ rule finetune:
     log:
         f"{FT_LOG}.log",
     threads: training_threads("finetune")
+    priority: lambda w: wfc.job_priority(config, w.modality, "finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
@@ -48,8 +49,7 @@ rule finetune_random_init:
     log:
         f"{RANDOM_LOG}.log",
     threads: training_threads("finetune")
-    # it needs no pretraining, and speech's (~2 min in tiny) would otherwise often run last, beside an idle core
-    priority: 50
+    priority: lambda w: wfc.job_priority(config, w.modality, "finetune")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:

@@ -11,6 +11,7 @@ CHAIN_LOGS = f"{PATHS['logs']}/hubert_chain/{{variant}}/seed{{seed}}{{sweep}}"
 
 
 CHAINS = wfc.label_chains(config, RUNS.values())     # chain folder -> the HuBERT run it belongs to
+CHAIN_PRIORITY = wfc.job_priority(config, "speech", "label_chain")
 
 
 def labels_params(iteration):
@@ -36,6 +37,7 @@ rule hubert_labels_mfcc:
     log:
         f"{CHAIN_LOGS}/labels1.log",
     threads: training_threads("finetune")
+    priority: CHAIN_PRIORITY
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
@@ -58,6 +60,7 @@ rule hubert_iteration1:
     log:
         f"{CHAIN_LOGS}/iteration1.log",
     threads: training_threads("pretrain")
+    priority: CHAIN_PRIORITY
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
@@ -76,6 +79,7 @@ rule hubert_labels_layer:
     log:
         f"{CHAIN_LOGS}/labels2.log",
     threads: training_threads("finetune")
+    priority: CHAIN_PRIORITY
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:

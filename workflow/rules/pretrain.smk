@@ -31,6 +31,7 @@ rule pretrain:
     log:
         f"{PATHS['logs']}/pretrain/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}.log",
     threads: training_threads("pretrain")
+    priority: lambda w: wfc.job_priority(config, w.modality, "pretrain")
     resources:
         slurm_jobs=int(ON_SLURM),
     shell:
