@@ -7,7 +7,10 @@ import torch
 
 from torch import nn
 
-from d2v2.model.blocks import Attention, Block, Dropout, alibi_bias, alibi_slopes, conv_channels_last, dropout
+import torch.nn.functional as F
+
+from d2v2.model.blocks import (Attention, Block, Dropout, alibi_bias, alibi_slopes, conv_channels_last, dropout,
+                               written_out_attention)
 
 SLOPES4 = torch.tensor(alibi_slopes(4))        # m_h of 4 heads
 
@@ -58,6 +61,24 @@ def test_a_learned_bias_gets_the_same_outputs_and_gradients_on_either_attention_
     reference = manual_attention(attn, x, alibi_bias(torch.arange(7)[None], SLOPES4) * scale, pad)
     (expected,) = torch.autograd.grad(reference.square().sum(), [scale])
     torch.testing.assert_close(grad_scale, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_written_out_attention_is_sdpa_for_every_kind_of_mask():
+    """No mask, a bool key-padding mask (B, 1, 1, T), an additive bias shared over the batch (1, H, T, T) or per
+    item (B, H, T, T): SDPA's outputs and gradients (q, k, v and the bias)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 8, requires_grad=True) for _ in range(3))
+    pad = torch.zeros(3, 1, 1, 7, dtype=torch.bool)
+    pad[1, ..., 5:] = True
+    for mask in (None, ~pad, torch.randn(1, 4, 7, 7, requires_grad=True),
+                 torch.randn(3, 4, 7, 7).masked_fill(pad, float("-inf")).requires_grad_()):
+        inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+        ours = written_out_attention(q, k, v, mask, 0.0)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)
+        grads = [torch.autograd.grad(out.square().sum(), inputs) for out in (ours, sdpa)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d(6, 8, 3, stride=2), nn.Conv1d(1, 8, 10, stride=5, bias=False),

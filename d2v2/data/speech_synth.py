@@ -47,7 +47,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from d2v2.atomic import atomic_dir, atomic_write_json
 from d2v2.data.common import (MANIFEST, MissingDataError, dpkg_version, file_record, manifest_is_current,
@@ -151,6 +150,8 @@ def _flite(text: str, voice: str, stretch: float, workdir: Path) -> tuple[np.nda
 
 
 def _resample(wav: np.ndarray, sr: int, target: int) -> np.ndarray:
+    from scipy.signal import resample_poly     # a second of every prepare-data call's imports: only when synthesising
+
     g = math.gcd(sr, target)
     return wav if sr == target else resample_poly(wav, target // g, sr // g).astype(np.float32)
 

@@ -25,7 +25,7 @@ from torch import nn
 from d2v2.data.speech import BLANK, LETTERS
 from d2v2.model.blocks import Dropout
 from d2v2.model.masking import span_mask
-from d2v2.model.modalities.speech import SpeechLocalEncoder, frame_count, receptive_field
+from d2v2.model.modalities.speech import SpeechLocalEncoder, frame_count, receptive_field, valid_samples
 
 __all__ = ["ImageClassifier", "CTCRecognizer", "FrozenFeatureCache", "SentenceClassifier"]
 
@@ -125,7 +125,7 @@ class FrozenFeatureCache:
     def __call__(self, source: torch.Tensor, padding_mask: torch.Tensor | None,
                  ids: torch.Tensor) -> torch.Tensor:
         """The CNN output ``(B, T, C)`` of the zero-padded batch ``source (B, N)``."""
-        lengths = [source.shape[1]] * source.shape[0] if padding_mask is None else (~padding_mask).sum(1).tolist()
+        lengths = [source.shape[1]] * source.shape[0] if padding_mask is None else valid_samples(padding_mask).tolist()
         ids = ids.tolist()
         missing = {i: b for b, i in enumerate(ids) if i not in self.frames}     # first sight (each id once)
         if missing:

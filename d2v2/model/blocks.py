@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["dropout", "Dropout", "Attention", "Mlp", "Block", "alibi_slopes", "alibi_bias", "relative_position_bucket",
-           "RelativePositionBias", "init_bert_params", "conv_channels_last", "compile_blocks"]
+__all__ = ["dropout", "Dropout", "Attention", "written_out_attention", "Mlp", "Block", "alibi_slopes",
+           "alibi_bias", "relative_position_bucket", "RelativePositionBias", "init_bert_params", "conv_channels_last",
+           "compile_blocks"]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -102,14 +103,29 @@ class Attention(nn.Module):
             # Attention dropout or a learned bias (ALiBi's scale) sends SDPA on a CPU to its slow generic
             # path; written out, as fairseq's AltAttention computes it, the step is faster
             # (docs/BENCHMARKS.md#ours-against-fairseq, #dropout-attention-and-the-optimiser-on-a-cpu).
-            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                logits = logits + attn_mask if attn_mask.is_floating_point() else \
-                    logits.masked_fill(~attn_mask, float("-inf"))
-            x = dropout(logits.softmax(-1), dropout_p, self.training) @ v
+            x = written_out_attention(q, k, v, attn_mask, dropout_p)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                          dropout_p: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as matrix products: ``softmax(q k^T / sqrt(d) + mask)`` with
+    :func:`dropout`, times ``v``; q, k, v (B, H, T, d), ``attn_mask`` additive or bool (True = attend),
+    broadcastable to (B, H, T, T). The mask enters the product itself (``baddbmm``'s input), not as another
+    pass over the (B, H, T, T) logits forward and backward (docs/BENCHMARKS.md, "Attention written out")."""
+    B, H, T, d = q.shape
+    q, k, v = (t.reshape(B * H, -1, d) for t in (q, k, v))
+    if attn_mask is None:
+        logits = torch.bmm(q * d ** -0.5, k.transpose(1, 2))
+    else:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = q.new_zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
+        rows, cols = attn_mask.shape[-2:]
+        bias = attn_mask.expand(B, H, rows, cols).reshape(B * H, rows, cols)
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=d ** -0.5)
+    return torch.bmm(dropout(logits.softmax(-1), dropout_p), v).view(B, H, T, d)
 
 
 class Mlp(nn.Module):
