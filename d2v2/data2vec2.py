@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import pydantic
 import torch
+import torch.nn.functional as F
 
 from d2v2.model.blocks import init_bert_params
 from d2v2.config import MODALITIES, Config
@@ -166,7 +167,7 @@ def _mean_std(x: torch.Tensor) -> torch.Tensor:
     """sqrt(unbiased variance over rows + 1e-6), averaged over columns: ``torch.sqrt(x.var(0) + 1e-6).mean()``
     in two passes (``var(0)`` reduces across a strided axis, slow on a CPU: docs/BENCHMARKS.md#ours-against-fairseq)."""
     centred = x - x.mean(0)
-    return torch.sqrt(centred.square().sum(0) / (x.shape[0] - 1) + 1e-6).mean()
+    return torch.sqrt(centred.square_().sum(0) / (x.shape[0] - 1) + 1e-6).mean()     # squared in place: one pass less
 
 
 class Data2Vec2(PretrainMethod):
@@ -256,7 +257,7 @@ class Data2Vec2(PretrainMethod):
         clone = torch.arange(B * M, device=x.device)[:, None]
         pred_m, y_m = pred[clone, masked].flatten(0, 1).float(), y[clone // M, masked].flatten(0, 1)
         sample_size = masked.numel()
-        loss = (pred_m - y_m).pow(2).sum() * self.loss_scale
+        loss = F.mse_loss(pred_m, y_m, reduction="sum") * self.loss_scale     # one fused pass, forward and backward
         details = Details(mask, pred_m, y_m)
         if self.cfg.cls_loss > 0:
             cls_pred, cls_target = out.x[:, 0].float(), y.mean(1).repeat_interleave(M, 0)
