@@ -4,10 +4,8 @@ import math
 
 import pytest
 import torch
-
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from d2v2.model.blocks import (Attention, Block, Dropout, alibi_bias, alibi_slopes, conv_channels_last, dropout,
                                written_out_attention)

@@ -102,13 +102,12 @@ class SpeechLocalEncoder(nn.Module):
         """CNN frames (B, T, C) -> ``(project_features(frames) (B, T, D), frame padding mask (B, T) | None)``;
         ``padding_mask`` is the waveform's (B, N), True = pad."""
         x = self.project_features(features)
-        samples = None if padding_mask is None else valid_samples(padding_mask)
-        if samples is not None and bool((samples < padding_mask.shape[1]).any()):
-            lengths = frame_count(samples, self.cfg.conv_layers)
-            padding_mask = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
-        else:
-            padding_mask = None
-        return x, padding_mask
+        if padding_mask is not None:
+            samples = valid_samples(padding_mask)
+            if (samples < padding_mask.shape[1]).any():
+                lengths = frame_count(samples, self.cfg.conv_layers)
+                return x, torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
+        return x, None
 
 
 class _PosConv(nn.Module):
