@@ -35,7 +35,7 @@ from d2v2.config import MODALITIES, Config
 from d2v2.model.decoder import Decoder, DecoderConfig
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
-from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
+from d2v2.model.masking import block_mask, gather_tokens, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
 from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import make_targets, position_share
@@ -253,9 +253,10 @@ class Data2Vec2(PretrainMethod):
         noise = self.cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
         pred = self.decoder(out.x[:, E:], keep, T, noise)                         # (B*M, T, D)
 
-        # the masked positions row by row (row-major, as mask.nonzero() orders them)
-        clone = torch.arange(B * M, device=x.device)[:, None]
-        pred_m, y_m = pred[clone, masked].flatten(0, 1).float(), y[clone // M, masked].flatten(0, 1)
+        # the masked positions row by row (row-major, as mask.nonzero() orders them); the prediction by
+        # gather, whose backward is a scatter-add (an indexing's is the slower accumulating index_put)
+        sample = torch.arange(B * M, device=x.device)[:, None] // M
+        pred_m, y_m = gather_tokens(pred, masked).flatten(0, 1).float(), y[sample, masked].flatten(0, 1)
         sample_size = masked.numel()
         loss = F.mse_loss(pred_m, y_m, reduction="sum") * self.loss_scale     # one fused pass, forward and backward
         details = Details(mask, pred_m, y_m)
