@@ -31,7 +31,7 @@ import submitit
 
 from d2v2.atomic import atomic_write_json
 from d2v2.config import Config, ConfigError, merge, validate
-from d2v2.launch.local import thread_env
+from d2v2.launch.local import job_env
 
 __all__ = ["SlurmOptions", "Command", "CheckpointableCommand", "SlurmJobFailed", "submit_or_attach",
            "run_slurm", "ACTIVE_STATES"]
@@ -116,7 +116,7 @@ class Command:
         global _child
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # one DDP rank per task: torchrun-style env
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        _child = subprocess.Popen(list(self.argv), cwd=self.cwd, env=thread_env(self.threads))
+        _child = subprocess.Popen(list(self.argv), cwd=self.cwd, env=job_env(self.threads))
         while (code := _child.poll()) is None:  # poll, never wait(): checkpoint() polls from a signal handler
             time.sleep(0.5)
         if code != 0:
