@@ -22,7 +22,9 @@ sides run in interleaved blocks of ``--steps`` steps, alternating which goes fir
 shared machine hit both alike; each block's time is measured with
 ``time.perf_counter`` after a device synchronisation. Ratio = fairseq time / our time (> 1: ours is faster),
 as the median over blocks and from the fastest block of each side. The load average before and after
-each configuration is printed with it.
+each configuration is printed with it, and the allocator settings both sides ran under (glibc's defaults
+in a plain ``python`` process; ``python -m d2v2 launch --threads N -- python benchmarks/bench_vs_fairseq.py
+...`` runs it with the training jobs' settings, docs/BENCHMARKS.md#allocator).
 
 Without a checkout (no ``--fairseq`` and no ``D2V2_FAIRSEQ`` in the environment) it prints why it skipped
 and exits 0. fairseq's import-time dependencies: ``pip install omegaconf hydra-core bitarray sacrebleu
@@ -51,6 +53,7 @@ from d2v2.engine.clock import synchronize                                       
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr               # noqa: E402
 from d2v2.engine.pretrain import Pretrainer                                        # noqa: E402
 from d2v2.engine.runconfig import resolve_run_config                              # noqa: E402
+from d2v2.launch.local import ALLOCATOR_ENV                                        # noqa: E402
 from d2v2.workflow import Run, run_config, with_preset                     # noqa: E402
 
 MODALITIES = ("image", "speech", "text")
@@ -58,6 +61,14 @@ MODALITIES = ("image", "speech", "text")
 # paper's per-GPU batch that a CPU steps through in seconds (--batch-size overrides both)
 BATCH = {"tiny": {"image": 32, "speech": 8, "text": 16}, "base": {"image": 2, "speech": 2, "text": 2}}
 LR = 1e-4                  # a constant learning rate on both sides (the schedule is not what is measured)
+
+
+def allocator() -> str:
+    """The malloc settings of this process, which both sides share (docs/BENCHMARKS.md#allocator)."""
+    given = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+    if not given:
+        return "glibc defaults"
+    return "the launcher's" if given == ALLOCATOR_ENV else ", ".join(f"{k}={v}" for k, v in given.items())
 
 
 def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: Path, dropout: bool) -> Pretrainer:
@@ -154,6 +165,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
         "loss_max_rel_diff": None if args.dropout else
         float(((ours_loss - fs_loss).abs() / fs_loss.abs().clamp_min(1e-12)).max()),
         "loss_steps": len(ours_loss), "load_before": load_before, "load_after": os.getloadavg()[0],
+        "allocator": allocator(),
     }
 
 
@@ -200,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(modality, preset, threads, args, Path(tmp)))
                     print(json.dumps(rows[-1]), flush=True)
     print(f"\nfairseq time / our time per training step, {args.device}, "
-          f"{args.repeats} interleaved blocks of {args.steps} steps (wall clock, device synchronised):\n")
+          f"{args.repeats} interleaved blocks of {args.steps} steps (wall clock, device synchronised; "
+          f"allocator: {allocator()}):\n")
     print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -32,21 +32,26 @@ def test_a_path_that_is_not_a_checkout_is_named(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
 def test_the_dry_run_measures_every_modality_with_equal_losses(tmp_path):
-    r = bench("--dry-run", "--json", str(tmp_path / "rows.json"), env=dict(os.environ))
+    """Through the launcher, as its docstring says: the rows record the training jobs' allocator settings."""
+    r = subprocess.run([sys.executable, "-m", "d2v2", "launch", "--backend", "local", "--threads", "1", "--",
+                        sys.executable, str(BENCH), "--dry-run", "--json", str(tmp_path / "rows.json")],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [row["modality"] for row in rows] == ["image", "speech", "text"]
     for row in rows:
         assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 3
         assert row["loss_max_rel_diff"] < 1e-5, row
-    assert "| image | tiny | 1 |" in r.stdout
+        assert row["allocator"] == "the launcher's", row
+    assert "| image | tiny | 1 |" in r.stdout and "allocator: the launcher's" in r.stdout
 
 
 @pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
 def test_with_dropout_both_sides_train_with_the_recipes_dropout_and_only_times_are_compared(tmp_path):
     r = bench("--dry-run", "--dropout", "--modalities", "text", "--json", str(tmp_path / "rows.json"),
-              env=dict(os.environ))
+              env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["dropout"] is True and row["loss_max_rel_diff"] is None and row["ours_s"] > 0
+    assert row["allocator"] == "glibc defaults"      # a plain process
     assert "- (dropout on)" in r.stdout
