@@ -2,8 +2,9 @@
 
 Snakemake runs several jobs at once on a few cores; each job gets exactly its rule's ``threads`` (the
 OpenMP/MKL pools torch sizes itself from), so concurrent runs share the CPU fairly and timings are
-comparable. glibc's allocator is told to keep freed memory (:data:`ALLOCATOR_ENV`). SIGTERM/SIGINT/SIGUSR2 are forwarded, so stopping Snakemake lets a pretraining run write
-``checkpoint_last`` and exit cleanly (it resumes on the next launch).
+comparable; glibc's allocator is told to keep freed memory (:data:`ALLOCATOR_ENV`). SIGTERM/SIGINT/SIGUSR2
+are forwarded, so stopping Snakemake lets a pretraining run write ``checkpoint_last`` and exit cleanly (it
+resumes on the next launch).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 # glibc malloc: serve every block below 1 GiB from the heap and keep up to 4 GiB of freed memory there.
 # By default a CPU step's large tensors are mapped fresh and returned each step, and the kernel's page
-# faults on that memory cost up to a tenth of a training process's CPU time, which a CPU-seconds budget
-# counts (docs/BENCHMARKS.md#allocator). Other allocators ignore these; a value already set wins.
+# faults on that memory are system time of the training process, which a CPU-seconds budget counts
+# (docs/BENCHMARKS.md#allocator). Other allocators ignore these; a value already set wins.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
