@@ -90,6 +90,11 @@ def test_rejects_mixed_presets_and_devices_warns_on_device_count(metrics_dir):
     _edit(bad, lambda d: d["provenance"].update(device_name="Fixture CPU", device_count=2))
     _, notes = collect_evals([metrics_dir])
     assert any("different device counts" in n for n in notes)
+    assert not any("allocator" in n for n in notes)
+    _edit(bad, lambda d: d["provenance"].update(allocator={"MALLOC_TRIM_THRESHOLD_": None}))
+    evals, notes = collect_evals([metrics_dir])
+    assert any("image: runs pretrained under different allocator settings" in n for n in notes)
+    assert '{"MALLOC_TRIM_THRESHOLD_": null}' in set(evals["allocator"])
 
 
 def test_rejects_disagreeing_metric_direction(metrics_dir):

@@ -1,6 +1,7 @@
 """The launchers without a cluster: local runs (threads, exit codes, signals) and SLURM option handling."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import platform
@@ -49,6 +50,18 @@ def test_local_forwards_sigterm_so_the_command_can_checkpoint(tmp_path):
 def test_job_env_rejects_zero_threads():
     with pytest.raises(ValueError, match="threads"):
         job_env(0)
+
+
+def test_a_launched_run_records_its_allocator_settings():
+    code = "import json; from d2v2.engine.provenance import provenance; print(json.dumps(provenance()['allocator']))"
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+
+    def recorded(launch: list[str]) -> dict:
+        return json.loads(subprocess.run(launch + [sys.executable, "-c", code], env=env, capture_output=True,
+                                         text=True, check=True).stdout)
+
+    assert recorded(LAUNCH + ["--backend", "local", "--threads", "1", "--"]) == ALLOCATOR_ENV
+    assert recorded([]) == dict.fromkeys(ALLOCATOR_ENV)
 
 
 def test_job_env_sets_the_allocator_unless_set():

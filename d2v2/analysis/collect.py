@@ -107,6 +107,7 @@ class Provenance(_Model):
     host: str
     slurm_job_ids: list[str] = []
     preset: str | None
+    allocator: dict[str, str | None] = {}       # malloc settings (docs/BENCHMARKS.md#allocator); {}: not recorded
 
 
 class MetricsFile(_Model):
@@ -188,6 +189,7 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
                versions=json.dumps(prov.versions, sort_keys=True), device=prov.device,
                device_name=prov.device_name or prov.device, prov_device_count=prov.device_count,
                host=prov.host, slurm_job_ids=",".join(prov.slurm_job_ids), preset=prov.preset,
+               allocator=json.dumps(prov.allocator, sort_keys=True),
                ft_git_commit=ft.git_commit, ft_device_name=ft.device_name or ft.device, ft_host=ft.host,
                ft_slurm_job_ids=",".join(ft.slurm_job_ids), source=str(source))
     return row
@@ -218,6 +220,10 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
         if g["prov_device_count"].nunique() > 1:
             notes.append(f"{modality}: runs used different device counts "
                          f"({sorted(g['prov_device_count'].unique().tolist())}); compare them on device_hours")
+        if g["allocator"].nunique() > 1:
+            notes.append(f"{modality}: runs pretrained under different allocator settings "
+                         f"({sorted(g['allocator'].unique().tolist())}); on a CPU the same budget buys "
+                         "different training under them (docs/BENCHMARKS.md#allocator)")
     if evals["git_commit"].nunique(dropna=False) > 1:
         notes.append(f"results come from {evals['git_commit'].nunique(dropna=False)} git commits")
     dirty = int((evals["git_dirty"] != False).sum())  # noqa: E712  (None = unknown counts as dirty)

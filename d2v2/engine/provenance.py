@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from d2v2.launch.local import ALLOCATOR_ENV
+
 __all__ = ["provenance", "job_id", "device_name"]
 
 _PACKAGES = ("torch", "torchvision", "torchaudio", "numpy", "pydantic", "snakemake", "submitit", "d2v2-harness")
@@ -73,6 +75,8 @@ def provenance(preset: str | None = None, device: torch.device | str | None = No
         "device_count": device_count,
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # None: the allocator's default; a CPU-seconds budget buys more training under the launcher's settings
+        "allocator": {name: os.environ.get(name) for name in ALLOCATOR_ENV},
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "slurm_job_ids": [job_id()] if "SLURM_JOB_ID" in os.environ else [],
