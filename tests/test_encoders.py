@@ -5,7 +5,7 @@ import torch
 from d2v2.config import ConfigError, validate
 from d2v2.model.encoder import Encoder, EncoderConfig
 from d2v2.model.masking import block_mask, keep_indices, random_mask
-from d2v2.model.modalities.speech import WAV2VEC2_CONV, frame_count
+from d2v2.model.modalities.speech import CPU_LENGTH_MULTIPLE, WAV2VEC2_CONV, frame_count
 from d2v2.model.modalities.image import sincos_2d
 
 SMALL_CONV = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
@@ -99,6 +99,27 @@ def test_speech_frame_count_matches_the_cnn_and_padding():
     _, fpm = enc.local_features(torch.randn(2, 8000), pad)
     assert fpm.shape == (2, 24) and not fpm[0].any()
     assert int((~fpm[1]).sum()) == frame_count(4000, SMALL_CONV)
+
+
+def test_speech_cnn_on_a_padded_length_gives_the_frames_of_the_waveform_itself():
+    """On a CPU the CNN runs on waveforms padded to CPU_LENGTH_MULTIPLE samples and cuts its frames back:
+    outputs and weight gradients are those of the unpadded waveform."""
+    enc = make("speech").local_encoder
+
+    def frames_and_grads(run, wave, out_grad):
+        enc.zero_grad()
+        frames = run(wave)
+        (frames * out_grad).sum().backward()
+        return frames.detach(), [p.grad.clone() for p in enc.feature_extractor.parameters()]
+
+    for n in (3000, CPU_LENGTH_MULTIPLE, CPU_LENGTH_MULTIPLE + 321):
+        wave = torch.randn(2, n)
+        out_grad = torch.randn(2, frame_count(n, SMALL_CONV), SMALL_CONV[-1][0])
+        padded, padded_grads = frames_and_grads(enc.cnn, wave, out_grad)
+        plain, plain_grads = frames_and_grads(lambda w: enc.feature_extractor(w[:, :, None]), wave, out_grad)
+        torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+        for a, b in zip(padded_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_speech_alibi_uses_original_distances_after_masking():

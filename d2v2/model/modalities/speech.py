@@ -16,6 +16,10 @@ __all__ = ["SpeechConfig", "SpeechLocalEncoder", "SpeechContextEncoder", "WAV2VE
 
 # (channels, kernel, stride) per CNN layer: total stride 320 (20 ms at 16 kHz), receptive field 400.
 WAV2VEC2_CONV: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+# On a CPU the CNN runs on waveforms zero-padded to a multiple of this many samples (0.5 s at 16 kHz) and its
+# frames are cut back: oneDNN builds its convolution kernels anew for every input length, and pretraining
+# crops give nearly every batch a new one (docs/BENCHMARKS.md#speech-cnn-lengths).
+CPU_LENGTH_MULTIPLE = 8000
 
 
 class SpeechConfig(Config):
@@ -93,10 +97,13 @@ class SpeechLocalEncoder(nn.Module):
         if source.dim() != 2 or not source.is_floating_point():
             raise ValueError(f"audio encoder expects a float waveform (B, N), got {tuple(source.shape)} "
                              f"{source.dtype}")
-        receptive = frame_count(source.shape[1], self.cfg.conv_layers)
-        if receptive < 1:
+        frames = frame_count(source.shape[1], self.cfg.conv_layers)
+        if frames < 1:
             raise ValueError(f"waveform of {source.shape[1]} samples is shorter than the CNN's receptive field")
-        return self.feature_extractor(source[:, :, None])
+        if source.device.type == "cpu" and source.shape[1] % CPU_LENGTH_MULTIPLE:
+            # the same frames: each sees only its own samples and is normalised over channels alone
+            source = F.pad(source, (0, CPU_LENGTH_MULTIPLE - source.shape[1] % CPU_LENGTH_MULTIPLE))
+        return self.feature_extractor(source[:, :, None])[:, :frames]
 
     def project(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """CNN frames (B, T, C) -> ``(project_features(frames) (B, T, D), frame padding mask (B, T) | None)``;
