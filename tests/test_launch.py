@@ -20,6 +20,12 @@ from d2v2.launch.slurm import CheckpointableCommand, Command, SlurmOptions
 LAUNCH = [sys.executable, "-m", "d2v2", "launch"]
 
 
+def _run_without_allocator_env(command: list[str]) -> str:
+    """stdout of ``command`` run from this environment minus the launcher's allocator variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+
+
 def test_local_fixes_thread_count():
     out = subprocess.run(LAUNCH + ["--backend", "local", "--threads", "1", "--", sys.executable, "-c",
                                    "import os, torch; print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"],
@@ -54,11 +60,9 @@ def test_job_env_rejects_zero_threads():
 
 def test_a_launched_run_records_its_allocator_settings():
     code = "import json; from d2v2.engine.provenance import provenance; print(json.dumps(provenance()['allocator']))"
-    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
 
     def recorded(launch: list[str]) -> dict:
-        return json.loads(subprocess.run(launch + [sys.executable, "-c", code], env=env, capture_output=True,
-                                         text=True, check=True).stdout)
+        return json.loads(_run_without_allocator_env(launch + [sys.executable, "-c", code]))
 
     assert recorded(LAUNCH + ["--backend", "local", "--threads", "1", "--"]) == ALLOCATOR_ENV
     assert recorded([]) == dict.fromkeys(ALLOCATOR_ENV)
@@ -90,9 +94,7 @@ def test_launched_steps_reuse_freed_memory():
     """Under the launcher the steps run on memory already mapped; with glibc's defaults their temporaries
     are mapped afresh and the kernel zero-fills every page on first touch (a page fault each)."""
     def page_faults(launch: list[str]) -> int:
-        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-        return int(subprocess.run(launch + [sys.executable, "-c", _STEPS], env=env, capture_output=True,
-                                  text=True, check=True).stdout)
+        return int(_run_without_allocator_env(launch + [sys.executable, "-c", _STEPS]))
 
     default = page_faults([])
     launched = page_faults(LAUNCH + ["--backend", "local", "--threads", "1", "--"])
