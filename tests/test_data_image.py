@@ -10,7 +10,7 @@ from PIL import Image
 
 from d2v2.data import DataConfig, finetune_collater, finetune_datasets, pretrain_dataset, prepare, task_info
 from d2v2.data.common import CorruptDataError, MissingDataError
-from d2v2.data.image import FMNIST_MEAN, FMNIST_STD, MixupCutmix, class_balanced_split
+from d2v2.data.image import FMNIST_MEAN, FMNIST_STD, MixupCutmix, class_balanced_split, random_resized_crop_box
 
 ROOT = Path(__file__).resolve().parents[1] / "data"
 
@@ -36,19 +36,41 @@ def test_pretrain_items(cfg):
 
 
 def test_items_are_torchvisions_images_with_the_same_augmentation(cfg):
-    """The items skip torchvision's PIL round trip, nothing else: with the same random state each item is
-    what torchvision's FashionMNIST image through ToImage and the same transforms gives."""
+    """Our reader and augmentation skip torchvision, nothing else: with the same random state each item is
+    what torchvision's FashionMNIST image through ToImage and torchvision's own transforms gives, and
+    importing the image data does not import torchvision (a second of every job's start)."""
+    import subprocess
+    import sys
+
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    ds = pretrain_dataset("image", cfg)
-    reference = datasets.FashionMNIST(str(ROOT / "fashion_mnist"), train=True, download=False,
-                                      transform=v2.Compose([v2.ToImage(), *ds.base.transform.transforms]))
-    for i in (0, 1, 59999):
-        torch.manual_seed(i)
-        ours = ds[i]["source"]
-        torch.manual_seed(i)
-        assert type(ours) is torch.Tensor and torch.equal(ours, reference[i][0])
+    code = "import sys, d2v2.data.image; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(FMNIST_MEAN, FMNIST_STD)]
+    augment = [v2.RandomResizedCrop(28, scale=cfg.image.fmnist_crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+    root = str(ROOT / "fashion_mnist")
+    for split, transforms in (("train", augment + normalise), ("valid", normalise)):
+        ds = pretrain_dataset("image", cfg, split)
+        reference = datasets.FashionMNIST(root, train=split == "train", download=False,
+                                          transform=v2.Compose([v2.ToImage(), *transforms]))
+        for i in range(0, 2000, 7):
+            torch.manual_seed(i)
+            ours = ds[i]["source"]
+            torch.manual_seed(i)
+            assert type(ours) is torch.Tensor and torch.equal(ours, reference[i][0]), (split, i)
+
+
+def test_crop_box_falls_back_to_torchvisions_central_crop():
+    """Where no try fits (a scale above the image), the box is torchvision's central crop at an allowed ratio."""
+    from torchvision.transforms import v2
+
+    for height, width in ((28, 28), (20, 40), (40, 20)):
+        torch.manual_seed(0)
+        ours = random_resized_crop_box(height, width, (2.0, 3.0))
+        torch.manual_seed(0)
+        assert ours == tuple(v2.RandomResizedCrop(8, scale=(2.0, 3.0)).make_params([torch.zeros(1, height, width)])[k]
+                             for k in ("top", "left", "height", "width"))
 
 
 def test_mean_std_constants_match_the_training_set(cfg):

@@ -1,8 +1,8 @@
 """Image data: Fashion-MNIST (embedded, tiny) and ImageNet-1k in ImageFolder layout (paper scale).
 
-Fashion-MNIST (DATA.md#images) is read by ``torchvision.datasets.FashionMNIST`` (``download=False``)
-from the IDX files that :func:`prepare_image` decompresses out of the Debian package into
-``<root>/fashion_mnist/FashionMNIST/raw/``. 28x28 with patch size 2 is the same 14x14 grid as ViT-B/16
+Fashion-MNIST (DATA.md#images) is read from the IDX files that :func:`prepare_image` decompresses out of
+the Debian package into ``<root>/fashion_mnist/FashionMNIST/raw/`` (torchvision's layout), as uint8 tensors,
+without torchvision: its import is a second of every job's start, and only ImageNet needs it. 28x28 with patch size 2 is the same 14x14 grid as ViT-B/16
 at 224 px, so inverse block masking applies unchanged.
 
 - Pretraining: the 60k training images without labels. Light augmentation (our choice for 28 px,
@@ -19,15 +19,15 @@ METHOD.md#fine-tuning-images for fine-tuning) and :class:`MixupCutmix` as the fi
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision import datasets
-from torchvision.transforms import v2
 
 from d2v2.atomic import atomic_dir, atomic_write_json
 from d2v2.data.common import (
@@ -39,7 +39,7 @@ from d2v2.data.config import DataConfig, ImageDataConfig
 __all__ = [
     "FMNIST_MEAN", "FMNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "FMNIST_FILES", "prepare_image",
     "pretrain_dataset", "finetune_datasets", "collate", "finetune_collater", "task_info",
-    "class_balanced_split", "MixupCutmix", "ImageItems",
+    "class_balanced_split", "MixupCutmix", "ImageItems", "FashionMNIST", "FmnistTransform", "random_resized_crop_box",
 ]
 
 # Pixel mean/std of the 60k Fashion-MNIST training images in [0, 1] (checked by the tests).
@@ -59,7 +59,7 @@ FORMAT_VERSION = 2           # bump when the prepared files change for the same 
 
 
 def _raw_dir(folder: Path) -> Path:
-    """Where torchvision's ``FashionMNIST(folder)`` reads the IDX files."""
+    """Where the IDX files are (torchvision's ``FashionMNIST(folder)`` layout)."""
     return folder / "FashionMNIST" / "raw"
 
 
@@ -123,31 +123,35 @@ def prepare_image(root: str | Path, cfg: ImageDataConfig) -> dict:
     return {**manifest, "skipped": False}
 
 
-class _FashionMNIST(datasets.FashionMNIST):
-    """torchvision's FashionMNIST handing the transform each image as the (1, 28, 28) uint8 tensor it
-    stores, not as a PIL image: the transforms work on tensors, so the round trip through PIL took a third
-    of an augmented item's time and changed no pixel."""
+class FashionMNIST(Dataset):
+    """Fashion-MNIST's training (60k) or test (10k) set from the prepared IDX files: ``(image, label)`` with the
+    image a (1, 28, 28) uint8 tensor through ``transform``; ``data`` (N, 28, 28) uint8, ``targets`` (N,) int64,
+    as torchvision's ``FashionMNIST`` has them."""
 
-    @property
-    def raw_folder(self) -> str:            # torchvision derives it from the class name
-        return str(_raw_dir(Path(self.root)))
+    def __init__(self, root: Path, train: bool, transform=None):
+        raw = _raw_dir(root / _FMNIST_DIR)
+        images, labels = [name for name in FMNIST_FILES if name.startswith("train" if train else "t10k")]
+        self.train, self.transform = train, transform
+        self.data = torch.from_numpy(self._read(raw, images))
+        self.targets = torch.from_numpy(self._read(raw, labels).astype(np.int64))
+
+    @staticmethod
+    def _read(raw: Path, name: str) -> np.ndarray:
+        path = require_path(raw / name, "data.root", "run `python -m d2v2 prepare-data --modalities image`")
+        data = path.read_bytes()
+        if len(data) != _idx_bytes(name):
+            raise CorruptDataError(f"{path}: {len(data)} bytes, expected {_idx_bytes(name)} (truncated?); "
+                                   f"delete {raw.parents[1]} and prepare again")
+        _check_idx(data, name, path)
+        _, shape = FMNIST_FILES[name]
+        return np.frombuffer(data, np.uint8, offset=4 * (1 + len(shape))).reshape(shape).copy()
+
+    def __len__(self) -> int:
+        return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.data[index][None]
         return (image if self.transform is None else self.transform(image)), int(self.targets[index])
-
-
-def _fashion_mnist(root: Path, train: bool, transform) -> datasets.FashionMNIST:
-    raw = _raw_dir(root / _FMNIST_DIR)
-    for name in FMNIST_FILES:
-        if name.startswith("train" if train else "t10k"):
-            path = require_path(raw / name, "data.root",
-                                "run `python -m d2v2 prepare-data --modalities image`")
-            expected = _idx_bytes(name)
-            if path.stat().st_size != expected:
-                raise CorruptDataError(f"{path}: {path.stat().st_size} bytes, expected {expected} (truncated?); "
-                                       f"delete {root / _FMNIST_DIR} and prepare again")
-    return _FashionMNIST(str(root / _FMNIST_DIR), train=train, transform=transform, download=False)
 
 
 def class_balanced_split(labels: np.ndarray, labels_per_class: int, valid_per_class: int,
@@ -186,20 +190,67 @@ class ImageItems(Dataset):
 
 def _normalise(mean, std) -> list:
     """uint8 image tensor -> float in [0, 1] -> (x - mean) / std."""
+    from torchvision.transforms import v2
+
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def fmnist_transform(cfg: ImageDataConfig, train: bool) -> v2.Compose:
-    """Pretraining / fine-tuning augmentation for 28x28 (see module docstring) of a (1, 28, 28) uint8
-    tensor; eval: normalise only. Cropping the uint8 tensor rather than a PIL image is ~1.4x faster for
-    such small images."""
-    aug = [v2.RandomResizedCrop(28, scale=cfg.fmnist_crop_scale, antialias=True),
-           v2.RandomHorizontalFlip()] if train else []
-    return v2.Compose([*aug, *_normalise(FMNIST_MEAN, FMNIST_STD)])
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))     # RandomResizedCrop's default aspect ratios
 
 
-def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop`` box ``(top, left, h, w)`` for an image of ``height x width``: the same
+    draws from the default generator in the same order (10 tries at an area in ``scale`` and an aspect ratio
+    in (3/4, 4/3), then the central crop)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(*_LOG_RATIO)).item()
+        w, h = round(math.sqrt(target_area * aspect_ratio)), round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    ratio = width / height
+    w, h = ((width, round(width / 0.75)) if ratio < 0.75 else (round(height * 4 / 3), height) if ratio > 4 / 3
+            else (width, height))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class FmnistTransform:
+    """Fashion-MNIST's pretraining / fine-tuning augmentation (module docstring) of a (C, H, W) uint8 tensor,
+    or, with ``crop_scale=None`` (evaluation), the normalisation alone.
+
+    The same as torchvision's ``v2.Compose([RandomResizedCrop(H, crop_scale, antialias=True),
+    RandomHorizontalFlip(), ToDtype(float32, scale=True), Normalize(FMNIST_MEAN, FMNIST_STD)])``, draw for
+    draw and kernel for kernel (tested equal), without its per-call dispatch, which at 28x28 costs more than
+    the resampling: 2.2x faster per image (docs/BENCHMARKS.md#fashion-mnist-augmentation)."""
+
+    def __init__(self, crop_scale: tuple[float, float] | None):
+        self.crop_scale = crop_scale
+        self.mean, self.std = torch.tensor(FMNIST_MEAN).view(-1, 1, 1), torch.tensor(FMNIST_STD).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.crop_scale is not None:
+            height, width = image.shape[-2:]
+            top, left, h, w = random_resized_crop_box(height, width, self.crop_scale)
+            if (h, w) != (height, width):
+                image = F.interpolate(image[None, :, top:top + h, left:left + w], size=(height, width),
+                                      mode="bilinear", antialias=True, align_corners=False)[0]
+            if torch.rand(1) < 0.5:
+                image = image.flip(-1)
+        return image.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
+
+
+def fmnist_transform(cfg: ImageDataConfig, train: bool) -> FmnistTransform:
+    """Pretraining / fine-tuning augmentation for 28x28 (see module docstring); eval: normalise only."""
+    return FmnistTransform(cfg.fmnist_crop_scale if train else None)
+
+
+def imagenet_transform(cfg: ImageDataConfig, kind: str):
     """``pretrain`` (METHOD.md#image-encoder), ``finetune`` and ``eval`` (METHOD.md#fine-tuning-images) transforms."""
+    from torchvision.transforms import v2
+
     bicubic = v2.InterpolationMode.BICUBIC
     if kind == "pretrain":
         return v2.Compose([v2.RandomResizedCrop(cfg.input_size, scale=cfg.crop_scale, interpolation=bicubic,
@@ -215,7 +266,9 @@ def imagenet_transform(cfg: ImageDataConfig, kind: str) -> v2.Compose:
                        v2.CenterCrop(cfg.input_size), v2.ToImage(), *_normalise(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _imagenet_folder(cfg: ImageDataConfig, split: str, transform) -> datasets.ImageFolder:
+def _imagenet_folder(cfg: ImageDataConfig, split: str, transform):
+    from torchvision import datasets
+
     base = require_path(cfg.imagenet_dir, "data.image.imagenet_dir", "ImageNet-1k in ImageFolder layout")
     path = require_path(base / split, "data.image.imagenet_dir", f"needs {split}/<class>/*.JPEG")
     return datasets.ImageFolder(str(path), transform=transform)
@@ -228,7 +281,7 @@ def pretrain_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     if split not in ("train", "valid"):
         raise ValueError(f"image pretraining split must be 'train' or 'valid' (got {split!r})")
     if icfg.dataset == "fmnist":
-        return ImageItems(_fashion_mnist(Path(cfg.root), train, fmnist_transform(icfg, train=train)))
+        return ImageItems(FashionMNIST(Path(cfg.root), train, fmnist_transform(icfg, train=train)))
     return ImageItems(_imagenet_folder(icfg, "train" if train else "val",
                                        imagenet_transform(icfg, "pretrain" if train else "eval")))
 
@@ -241,19 +294,19 @@ def finetune_datasets(cfg: DataConfig, task: str) -> dict[str, Dataset]:
     icfg, root = cfg.image, Path(cfg.root)
     if (match := _FMNIST_TASK.match(task)) and icfg.dataset == "fmnist":
         per_class = int(match.group(1) or icfg.labels_per_class)
-        train_aug = _fashion_mnist(root, True, fmnist_transform(icfg, train=True))
-        train_eval = _fashion_mnist(root, True, fmnist_transform(icfg, train=False))
+        train_aug = FashionMNIST(root, True, fmnist_transform(icfg, train=True))
+        train_eval = FashionMNIST(root, True, fmnist_transform(icfg, train=False))
         labelled, valid = class_balanced_split(train_aug.targets.numpy(), per_class, icfg.valid_per_class,
                                               icfg.split_seed)
         return {"train": ImageItems(train_aug, labelled, labelled=True),
                 "valid": ImageItems(train_eval, valid, labelled=True),
-                "test": ImageItems(_fashion_mnist(root, False, fmnist_transform(icfg, train=False)), labelled=True)}
+                "test": ImageItems(FashionMNIST(root, False, fmnist_transform(icfg, train=False)), labelled=True)}
     if task == "imagenet" and icfg.dataset == "imagenet":
         train = _imagenet_folder(icfg, "train", imagenet_transform(icfg, "finetune"))
         test = ImageItems(_imagenet_folder(icfg, "val", imagenet_transform(icfg, "eval")), labelled=True)
         if icfg.imagenet_holdout_per_class == 0:   # the paper selects and reports on val
             return {"train": ImageItems(train, labelled=True), "valid": test, "test": test}
-        holdout_eval = datasets.ImageFolder(train.root, transform=imagenet_transform(icfg, "eval"))
+        holdout_eval = type(train)(train.root, transform=imagenet_transform(icfg, "eval"))
         labelled, valid = class_balanced_split(np.asarray(train.targets), 0, icfg.imagenet_holdout_per_class,
                                               icfg.split_seed)
         rest = np.setdiff1d(np.arange(len(train)), valid)
@@ -293,6 +346,8 @@ class MixupCutmix:
     """
 
     def __init__(self, cfg: ImageDataConfig, num_classes: int):
+        from torchvision.transforms import v2
+
         choices, probs = [], []
         if cfg.mixup_alpha > 0:
             choices.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
