@@ -159,3 +159,44 @@ def test_cache_rejects_what_it_cannot_serve():
         FrozenFeatureCache(local)(noisy, batch["padding_mask"], batch["id"])
     with pytest.raises(ConfigError, match="cache_frozen_features"):
         finetune_config({"modality": "image", "cache_frozen_features": True})
+
+
+def test_finetuning_reads_each_cached_utterance_once(tmp_path, monkeypatch):
+    """Loading in the training process, an utterance whose frozen features are cached is not read again:
+    its source is zeros of its length (SpeechFinetuneDataset.cached_ids), each file is read once, the dataset
+    forgets the cache after training, and the trained weights equal training without the cache."""
+    import numpy as np
+    import soundfile as sf
+
+    import d2v2.data.speech as speech
+    from d2v2.data.speech import SpeechDataConfig, SpeechFinetuneDataset, words_to_letters
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train.tsv").write_text(f"{tmp_path}\n" + "".join(f"{i}.wav\t{n}\n" for i, n in enumerate(LENGTHS)))
+    for i, n in enumerate(LENGTHS):
+        sf.write(tmp_path / f"{i}.wav", 0.1 * rng.standard_normal(n), 16000, subtype="FLOAT")
+    words = ["A BC", "DE F", "G H", "IJ K", "L MN", "O P"]
+    (tmp_path / "train.ltr").write_text("".join(words_to_letters(w) + "\n" for w in words))
+    reads, load_audio = [], speech.load_audio
+    monkeypatch.setattr(speech, "load_audio", lambda path, *args: reads.append(path) or load_audio(path, *args))
+
+    def train(cache: bool):
+        data = SpeechFinetuneDataset(None, SpeechDataConfig(source="manifest", manifest_dir=str(tmp_path)), "train")
+        loader = DataLoader(data, batch_size=2, shuffle=True, drop_last=True, generator=torch.Generator(),
+                            collate_fn=collate_finetune)
+        cfg = finetune_config({"modality": "speech", "preset": "smoke", "freeze_updates": 0, "seed": 0,
+                               "budget": {"kind": "epochs", "value": 3}, "cache_frozen_features": cache})
+        model = _model(mask_prob=0.3, mask_length=2)
+        torch.manual_seed(0)
+        F.train(model, cfg, 1e-3, loader, torch.device("cpu"), log=lambda *_: None)
+        return model, data
+
+    cached, data = train(cache=True)
+    assert sorted(map(str, reads)) == sorted(str(tmp_path / f"{i}.wav") for i in range(len(LENGTHS)))   # once each
+    assert data.cached_ids == () and torch.equal(data[0]["source"], data[0]["source"]) and data[0]["source"].any()
+    reads.clear()
+    plain, _ = train(cache=False)
+    assert len(reads) == 3 * len(LENGTHS)
+    a, b = cached.state_dict(), plain.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

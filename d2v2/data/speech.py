@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Container, Literal, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -382,10 +382,14 @@ class SpeechFinetuneDataset(_SpeechDataset):
         super().__init__(root, cfg, split)
         if self.utts.letters is None:
             raise MissingDataError(f"speech split '{split}' has no transcripts (no .ltr / .wrd next to its .tsv)")
+        # ids whose frozen CNN features the model being trained holds (engine.finetune.train sets it): such an
+        # utterance is needed only for its length, so its source is zeros and its file is not read
+        self.cached_ids: Container[int] = ()
 
     def __getitem__(self, i: int) -> dict:
         j = self.index[i]
-        return {"source": torch.from_numpy(self._wave(i)), "id": i,
+        source = torch.zeros(int(self.utts.sizes[j])) if i in self.cached_ids else torch.from_numpy(self._wave(i))
+        return {"source": source, "id": i,
                 "target": torch.tensor(letters_to_ids(self.utts.letters[j]), dtype=torch.long),
                 "transcript": self.utts.words[j]}
 

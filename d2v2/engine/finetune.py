@@ -215,39 +215,47 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
     caching = isinstance(model, CTCRecognizer) and cfg.cache_frozen_features
     if caching:
         model.feature_cache = FrozenFeatureCache(model.encoder.local_encoder)
+    # loading in this process, the dataset reads only the utterances the cache lacks (a worker has a copy)
+    skip_reads = caching and loader.num_workers == 0 and hasattr(loader.dataset, "cached_ids")
+    if skip_reads:
+        loader.dataset.cached_ids = model.feature_cache.frames
     model.train()
     synchronize(device)
     start, step, epoch, running = time.perf_counter(), 0, 0, torch.zeros((), device=device)
-    while step < total:
-        if isinstance(loader.batch_sampler, LengthBucketedBatchSampler):
-            loader.batch_sampler.set_epoch(epoch)
-        else:
-            loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # a fresh, reproducible order
-        for batch in loader:
-            if step >= total:
-                break
-            batch = _to(batch, device)
-            if mix is not None:
-                batch = mix(batch)
-            set_lr(optimizer, optim.lr_at(step / total))
-            if isinstance(model, CTCRecognizer):
-                model.set_transformer_frozen(step < cfg.freeze_updates)
-            loss = _loss(model, cfg, batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-            optimizer.step()
-            running += loss.detach()
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                n = step % cfg.log_every or cfg.log_every
-                loss_value = float(running) / n           # the only host sync, at log intervals
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"fine-tuning diverged: loss {loss_value} at update {step}")
-                log(f"update {step}/{total} lr {optim.lr_at(step / total):.3g} loss {loss_value:.4f}")
-                running.zero_()
-        epoch += 1
+    try:
+        while step < total:
+            if isinstance(loader.batch_sampler, LengthBucketedBatchSampler):
+                loader.batch_sampler.set_epoch(epoch)
+            else:
+                loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # a fresh, reproducible order
+            for batch in loader:
+                if step >= total:
+                    break
+                batch = _to(batch, device)
+                if mix is not None:
+                    batch = mix(batch)
+                set_lr(optimizer, optim.lr_at(step / total))
+                if isinstance(model, CTCRecognizer):
+                    model.set_transformer_frozen(step < cfg.freeze_updates)
+                loss = _loss(model, cfg, batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if optim.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+                optimizer.step()
+                running += loss.detach()
+                step += 1
+                if step % cfg.log_every == 0 or step == total:
+                    n = step % cfg.log_every or cfg.log_every
+                    loss_value = float(running) / n           # the only host sync, at log intervals
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"fine-tuning diverged: loss {loss_value} at update {step}")
+                    log(f"update {step}/{total} lr {optim.lr_at(step / total):.3g} loss {loss_value:.4f}")
+                    running.zero_()
+            epoch += 1
+    finally:
+        if skip_reads:
+            loader.dataset.cached_ids = ()
     synchronize(device)
     if caching:
         cache, model.feature_cache = model.feature_cache, None      # the cache serves this loader only
