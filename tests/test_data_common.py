@@ -12,7 +12,8 @@ from d2v2.config import ConfigError
 from d2v2.data import (DataConfig, MaskingCollater, finetune_collater, finetune_datasets, loader_kwargs,
                        prepare, pretrain_collater, pretrain_dataset, task_info)
 from d2v2.atomic import atomic_dir, atomic_write, atomic_write_json
-from d2v2.data.common import MissingDataError, file_record, manifest_is_current, require_path, stable_seed
+from d2v2.data.common import (MissingDataError, OneStorageCollater, file_record, manifest_is_current, one_storage,
+                               require_path, stable_seed)
 from d2v2.data.prepare_cli import build_config, main as prepare_main
 
 ROOT = Path(__file__).resolve().parents[1] / "data"
@@ -124,6 +125,32 @@ def test_loader_kwargs():
     auto = loader_kwargs(DataConfig(), "cpu")
     assert 0 <= auto["num_workers"] <= 10
     DataLoader(range(4), **auto)   # accepted by DataLoader as is
+
+
+def test_worker_batches_come_in_one_storage_and_equal_in_process_batches():
+    """A worker's batch: every tensor a view of one storage, values, dtypes and shapes unchanged (also
+    zero-size and non-contiguous ones), other values kept; through a real worker process the batches equal
+    those collated in the training process."""
+    batch = {"source": torch.randn(3, 5).t(), "mask": torch.rand(4, 7) > 0.5, "id": torch.arange(3),
+             "empty": torch.zeros(2, 0, dtype=torch.int64), "flag": torch.tensor(True), "transcript": ["a", "b"]}
+    packed = one_storage(batch)
+    assert list(packed) == list(batch) and packed["transcript"] is batch["transcript"]
+    tensors = [v for v in packed.values() if isinstance(v, torch.Tensor)]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            assert packed[key].dtype == value.dtype and torch.equal(packed[key], value), key
+
+    def collate(items):
+        return {"x": torch.stack([torch.full((3,), float(i)) for i in items]), "id": torch.tensor(items),
+                "mask": torch.tensor(items) % 2 == 0, "names": [str(i) for i in items]}
+
+    in_process = DataLoader(range(8), batch_size=4, **loader_kwargs(DataConfig(num_workers=0), "cpu", collate))
+    worker = DataLoader(range(8), batch_size=4, **loader_kwargs(DataConfig(num_workers=1), "cpu", collate))
+    assert isinstance(worker.collate_fn, OneStorageCollater) and in_process.collate_fn is collate
+    for a, b in zip(in_process, worker, strict=True):
+        assert a["names"] == b["names"] and all(torch.equal(a[k], b[k]) for k in ("x", "id", "mask"))
+        assert len({b[k].untyped_storage().data_ptr() for k in ("x", "id", "mask")}) == 1
 
 
 def test_loader_workers_shared_by_the_processes_of_a_node(monkeypatch):

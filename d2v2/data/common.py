@@ -129,6 +129,37 @@ class MaskingCollater:
         return self.masker(batch, generator)
 
 
+def one_storage(batch: dict) -> dict:
+    """``batch`` with its tensors copied into one byte storage, each a view of its own aligned slice.
+
+    A loader worker hands each tensor storage to the training process through its own shared-memory
+    segment, whose handle exchange and mapping the training process pays on every batch (about 0.2 ms per
+    tensor on a CPU, counted by a CPU-seconds budget): one storage makes it one segment
+    (docs/BENCHMARKS.md#loader-hand-over). The other values are kept as they are."""
+    layout, size = {}, 0
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            layout[key] = size
+            size += -(-value.numel() * value.element_size() // 64) * 64
+    buffer = torch.empty(size, dtype=torch.uint8)
+    packed = dict(batch)
+    for key, start in layout.items():
+        value = batch[key]
+        view = buffer[start:start + value.numel() * value.element_size()].view(value.dtype).view(value.shape)
+        packed[key] = view.copy_(value)
+    return packed
+
+
+class OneStorageCollater:
+    """``collate`` whose batches are :func:`one_storage`'d: the collater of a loader with workers."""
+
+    def __init__(self, collate: Callable[[list], dict]):
+        self.collate = collate
+
+    def __call__(self, items: list) -> dict:
+        return one_storage(self.collate(items))
+
+
 def _single_thread_worker(_: int) -> None:
     """Data workers do per-sample work; one intra-op thread each avoids oversubscribing the CPU."""
     torch.set_num_threads(1)
@@ -143,13 +174,14 @@ def _cpus_per_process() -> int:
     return max(1, cpus // max(1, int(match.group()) if match else 1))
 
 
-def loader_kwargs(cfg, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """``DataLoader`` keyword arguments for ``cfg`` (a ``DataConfig``) on ``device``.
+def loader_kwargs(cfg, device: str | torch.device = "cpu", collate_fn: Callable | None = None) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments for ``cfg`` (a ``DataConfig``) on ``device`` (and ``collate_fn``).
 
     Workers: ``cfg.num_workers`` or, if unset, the CPUs of this process minus one for the training
     loop (at least 1 when there are 2+ CPUs, so masks and augmentation overlap the step; at most 10,
     fairseq/MAE's usual per-GPU count). Pinned memory on CUDA. Persistent workers and a prefetch depth
-    only when there are workers (PyTorch rejects them otherwise).
+    only when there are workers (PyTorch rejects them otherwise); workers' batches come in one storage
+    (:class:`OneStorageCollater`).
     """
     device = torch.device(device)
     cpus = _cpus_per_process()
@@ -161,4 +193,6 @@ def loader_kwargs(cfg, device: str | torch.device = "cpu") -> dict[str, Any]:
     if workers > 0:
         kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
                       worker_init_fn=_single_thread_worker)
+    if collate_fn is not None:
+        kwargs["collate_fn"] = OneStorageCollater(collate_fn) if workers > 0 else collate_fn
     return kwargs

@@ -304,7 +304,7 @@ def make_loader(dataset, cfg: FinetuneConfig, batch_size: int, train: bool, devi
     split sorted by length (the metrics do not depend on the order); otherwise training batches are random
     and evaluation is in dataset order.
     """
-    kwargs = {**D.loader_kwargs(cfg.data, device), "collate_fn": D.finetune_collater(cfg.modality, cfg.data, cfg.task)}
+    kwargs = D.loader_kwargs(cfg.data, device, D.finetune_collater(cfg.modality, cfg.data, cfg.task))
     if not train and cfg.eval_max_samples is not None and len(dataset) > cfg.eval_max_samples:
         subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:cfg.eval_max_samples]
         dataset = Subset(dataset, subset.sort().values.tolist())

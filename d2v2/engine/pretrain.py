@@ -458,12 +458,12 @@ class Pretrainer:
         m = self.cfg.method
         self.sampler = ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.rank,
                                              self.world, start=self.updates * self.cfg.grad_accum)
-        kwargs = data.loader_kwargs(self.cfg.data, self.device)
+        collater = data.pretrain_collater(m.modality, self.cfg.data, self.method.masker(), self.cfg.seed)
+        kwargs = data.loader_kwargs(self.cfg.data, self.device, collater)
         if kwargs.get("num_workers", 0) > 0:
             kwargs["worker_init_fn"] = _ignore_signals_in_worker(kwargs.get("worker_init_fn"))
-        collater = data.pretrain_collater(m.modality, self.cfg.data, self.method.masker(), self.cfg.seed)
         # its own generator: creating the loader must not draw from the training RNG (bit-exact resume)
-        return DataLoader(WithEpoch(self.dataset, self.cfg.seed), batch_sampler=self.sampler, collate_fn=collater,
+        return DataLoader(WithEpoch(self.dataset, self.cfg.seed), batch_sampler=self.sampler,
                           generator=torch.Generator().manual_seed(self.cfg.seed), **kwargs)
 
     def _start_events(self) -> None:
