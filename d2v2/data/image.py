@@ -2,8 +2,8 @@
 
 Fashion-MNIST (DATA.md#images) is read from the IDX files that :func:`prepare_image` decompresses out of
 the Debian package into ``<root>/fashion_mnist/FashionMNIST/raw/`` (torchvision's layout), as uint8 tensors,
-without torchvision: its import is a second of every job's start, and only ImageNet needs it. 28x28 with patch size 2 is the same 14x14 grid as ViT-B/16
-at 224 px, so inverse block masking applies unchanged.
+without torchvision: its import is a second of every job's start, and only ImageNet needs it. 28x28 with
+patch size 2 is the same 14x14 grid as ViT-B/16 at 224 px, so inverse block masking applies unchanged.
 
 - Pretraining: the 60k training images without labels. Light augmentation (our choice for 28 px,
   where the paper's scale (0.2, 1) crop would destroy most of a garment): random-resized-crop back to
@@ -18,6 +18,7 @@ METHOD.md#fine-tuning-images for fine-tuning) and :class:`MixupCutmix` as the fi
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import re
@@ -145,6 +146,12 @@ class FashionMNIST(Dataset):
         _check_idx(data, name, path)
         _, shape = FMNIST_FILES[name]
         return np.frombuffer(data, np.uint8, offset=4 * (1 + len(shape))).reshape(shape).copy()
+
+    def with_transform(self, transform) -> FashionMNIST:
+        """The same images and labels, not read again, through another ``transform``."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def __len__(self) -> int:
         return len(self.data)
@@ -295,7 +302,7 @@ def finetune_datasets(cfg: DataConfig, task: str) -> dict[str, Dataset]:
     if (match := _FMNIST_TASK.match(task)) and icfg.dataset == "fmnist":
         per_class = int(match.group(1) or icfg.labels_per_class)
         train_aug = FashionMNIST(root, True, fmnist_transform(icfg, train=True))
-        train_eval = FashionMNIST(root, True, fmnist_transform(icfg, train=False))
+        train_eval = train_aug.with_transform(fmnist_transform(icfg, train=False))
         labelled, valid = class_balanced_split(train_aug.targets.numpy(), per_class, icfg.valid_per_class,
                                               icfg.split_seed)
         return {"train": ImageItems(train_aug, labelled, labelled=True),
