@@ -90,7 +90,10 @@ class Attention(nn.Module):
         if rel_bias is not None:
             rel_bias = self.gated(x, rel_bias) if self.gate is not None else rel_bias
             bias = rel_bias if bias is None else bias + rel_bias
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # q, k, v as (B, H, T, D/H) views of one (B, T, 3, H, D/H) output: their gradients are stacked straight
+        # back into that layout (one copy; split off dim 0 they took a stack and a clone)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         attn_mask = None
         if bias is not None:
             attn_mask = bias.to(q.dtype)
