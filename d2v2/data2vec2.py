@@ -2,8 +2,8 @@
 
     z = local_encoder(x)                             (B, T, D)    once per sample
     y = targets(EMA teacher on the unmasked z)       (B, T, D)    once per sample, no grad
-    z' = repeat_interleave(z, M); M independent masks with the same masked count per row
-    h = student blocks on the VISIBLE tokens of z'   (B*M, T_vis (+CLS), D)
+    z' = M clones of z (repeat_interleave order); M independent masks with the same masked count per row
+    h = student blocks on the VISIBLE tokens of z'   (B*M, T_vis (+CLS), D), gathered from z itself
     p = conv decoder(h scattered back + N(0, sigma) noise at masked positions)
     loss = sum over masked positions of ||p - y||^2 * s / #masked   (+ CLS term for images)
 
@@ -246,9 +246,7 @@ class Data2Vec2(PretrainMethod):
 
         y = self._targets(source, batch.get("padding_mask"), x, padding_mask)     # (B, T, D) fp32
 
-        student_pm = None if padding_mask is None else padding_mask.repeat_interleave(M, 0)
-        out = self.student.contextualize(x.repeat_interleave(M, 0), mask, student_pm, keep=keep,
-                                         layer_results="none")
+        out = self.student.contextualize(x, mask, padding_mask, keep=keep, clones=M, layer_results="none")
         E = out.num_extra_tokens
         noise = self.cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
         pred = self.decoder(out.x[:, E:], keep, T, noise)                         # (B*M, T, D)

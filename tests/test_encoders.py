@@ -227,3 +227,35 @@ def test_key_padding_folded_into_the_shared_bias_changes_nothing():
     (g_folded,) = torch.autograd.grad(folded.square().sum(), [scale], retain_graph=True)
     (g_per_block,) = torch.autograd.grad(per_block.square().sum(), [scale])
     torch.testing.assert_close(g_folded, g_per_block)
+
+
+@pytest.mark.parametrize("modality", ["image", "speech", "text"])
+def test_clones_gathered_from_one_copy_equal_the_repeated_input(modality):
+    """data2vec 2.0's M masks: gathering each clone's visible tokens from one copy of the sample gives the
+    outputs and the input gradient of encoding ``repeat_interleave(x, M)`` (padding and CLS included)."""
+    enc = make(modality).train()
+    raw = source(modality, B=3)
+    pad = None
+    if modality == "speech":
+        pad = torch.zeros(3, 8000, dtype=torch.bool)
+        pad[1, 5000:] = True
+    x, fpm = enc.local_features(raw, pad)
+    M, T = 4, x.shape[1]
+    mask = random_mask(3 * M, T, 0.5, torch.Generator().manual_seed(0))
+    x = x.detach().requires_grad_(True)
+    outs, grads = [], []
+    for clones in (1, M):
+        torch.manual_seed(0)                          # the same dropout draws on both sides
+        inp, pm = (x, fpm) if clones > 1 else (x.repeat_interleave(M, 0),
+                                               None if fpm is None else fpm.repeat_interleave(M, 0))
+        out = enc.contextualize(inp, mask, pm, clones=clones, layer_results="none")
+        (g,) = torch.autograd.grad(out.x.square().sum(), [x])
+        outs.append(out.x)
+        grads.append(g)
+    assert outs[1].shape == (3 * M, T - int(mask[0].sum()) + enc.context_encoder.num_extra_tokens, 16)
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    with pytest.raises(ValueError, match="clones"):
+        enc.contextualize(x, mask, sparse=False, fill=torch.zeros(16), clones=M)
+    with pytest.raises(ValueError, match="x 4 clones"):
+        enc.contextualize(x, mask[:M], clones=M)

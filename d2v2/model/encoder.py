@@ -155,21 +155,32 @@ class Encoder(nn.Module):
         return self.local_encoder(source, padding_mask)
 
     def prepare(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
-                fill: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Prepared:
+                padding_mask: torch.Tensor | None = None, *, sparse: bool = True, fill: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, clones: int = 1) -> Prepared:
         """Apply ``mask`` (True = masked) to local features and run the context encoder.
 
         ``sparse=True`` drops masked tokens (every row must mask the same number; ``keep``: the visible
         positions, d2v2.model.masking.mask_indices, else found from ``mask``); ``sparse=False`` replaces them by
-        ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise).
+        ``fill`` (broadcastable to x: a (D,) embedding or (B, T, D) noise). ``clones`` (sparse only): ``mask``
+        has a row for each of ``clones`` copies of every sample, in ``repeat_interleave`` order (data2vec 2.0's
+        M masks); the visible tokens are gathered from the one copy in ``x``, so that the input is never
+        repeated and its gradient sums over the clones in the gather's backward (speech's positional
+        convolution sees each clone's mask: there ``x`` is repeated first).
         """
         ctx = self.context_encoder
         if ctx is None:
             raise RuntimeError("this encoder has no context encoder (a teacher sharing the student's)")
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device)[None]
-        if mask is not None and mask.shape != (B, T):
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {T} tokens of {B} samples")
+        if clones != 1 and (mask is None or not sparse or clones < 1):
+            raise ValueError(f"clones={clones} needs a positive count and a sparse mask")
+        if mask is not None and mask.shape != (B * clones, T):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {T} tokens of {B} samples"
+                             + (f" x {clones} clones" if clones > 1 else ""))
+        if clones > 1 and ctx.positions_see_mask:
+            x = x.repeat_interleave(clones, 0)
+            padding_mask = None if padding_mask is None else padding_mask.repeat_interleave(clones, 0)
+            B, clones = B * clones, 1
         if mask is not None and not sparse:
             if fill is None:
                 raise ValueError("sparse=False needs a fill value for masked positions")
@@ -177,9 +188,11 @@ class Encoder(nn.Module):
         x = ctx.add_positions(x, mask if sparse else None)
         if mask is not None and sparse:
             positions = keep_indices(mask) if keep is None else keep.to(x.device, non_blocking=True)
-            x = gather_tokens(x, positions)
+            per_sample = positions.reshape(B, -1)               # each sample's clones side by side
+            B *= clones
+            x = gather_tokens(x, per_sample).view(B, -1, x.shape[-1])
             if padding_mask is not None:
-                padding_mask = padding_mask.gather(1, positions)
+                padding_mask = padding_mask.gather(1, per_sample).view(B, -1)
         bias = ctx.attention_bias(positions)
         rel_bias = None if self.relative_position is None else self.relative_position(positions)
         extra = ctx.extra_tokens_for(B)
@@ -215,11 +228,11 @@ class Encoder(nn.Module):
 
     def contextualize(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                       padding_mask: torch.Tensor | None = None, *, sparse: bool = True,
-                      fill: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                      fill: torch.Tensor | None = None, keep: torch.Tensor | None = None, clones: int = 1,
                       layer_results: Literal["ffn", "block", "none"] = "ffn") -> EncoderOutput:
         """:meth:`prepare` then :meth:`run_blocks`."""
-        return self.run_blocks(self.prepare(x, mask, padding_mask, sparse=sparse, fill=fill, keep=keep),
-                               layer_results)
+        return self.run_blocks(self.prepare(x, mask, padding_mask, sparse=sparse, fill=fill, keep=keep,
+                                            clones=clones), layer_results)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> EncoderOutput:
         """Unmasked feature extraction (fine-tuning, evaluation)."""

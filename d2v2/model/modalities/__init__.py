@@ -36,6 +36,11 @@ class ContextEncoder(nn.Module):
         already in the local features)."""
         return x
 
+    @property
+    def positions_see_mask(self) -> bool:
+        """Whether :meth:`add_positions` reads the mask (then each masked clone of a sample needs its own copy)."""
+        return False
+
     def attention_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Additive attention bias for tokens at original ``positions`` (B or 1, T'); default none."""
         return None

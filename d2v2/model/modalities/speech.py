@@ -153,6 +153,10 @@ class SpeechContextEncoder(ContextEncoder):
         else:
             self.alibi_scale = None
 
+    @property
+    def positions_see_mask(self) -> bool:
+        return len(self.relative_positional_encoder) > 0
+
     def add_positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if not len(self.relative_positional_encoder):
             return x
