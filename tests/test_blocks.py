@@ -155,16 +155,28 @@ def test_dropouts_and_drop_path_only_in_training():
     assert not torch.allclose(block(x)[0], block(x)[0])
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1e-4])
 def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales(p):
+    """The CPU mask: p rounded to a multiple of 2^-16, kept elements scaled by one over the rounded keep
+    probability (mean exactly 1); independent of the shape's divisibility by four; seeded by torch's RNG."""
     torch.manual_seed(0)
-    x = torch.randn(400_000, requires_grad=True)
+    x = torch.randn(400_001, requires_grad=True)
+    state = torch.get_rng_state()
     y = dropout(x, p)
     kept = y != 0
-    assert abs(kept.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / x.numel())   # 4 sigma
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    keep_p = 1 - round(p * 65536) / 65536
+    assert abs(keep_p - (1 - p)) <= 2**-17
+    assert abs(kept.float().mean().item() - keep_p) < 4 * math.sqrt(keep_p * (1 - keep_p) / x.numel())   # 4 sigma
+    torch.testing.assert_close(y[kept], x[kept] / keep_p)
     (grad,) = torch.autograd.grad(y.sum(), [x])
-    torch.testing.assert_close(grad, kept.float() / (1 - p))
+    torch.testing.assert_close(grad, kept.float() / keep_p)
+    halves = kept.view(-1)[:400_000].view(4, -1).float().mean(1)      # no position is favoured
+    assert (halves - keep_p).abs().max() < 4 * 2 * math.sqrt(keep_p * (1 - keep_p) / 100_000)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(dropout(x, p), y, rtol=0, atol=0)
+    m = dropout(torch.ones(3, 5, 7), p)                                 # any shape, values 0 or 1 / keep_p
+    assert m.shape == (3, 5, 7)
+    assert torch.isin(m, torch.tensor([0.0, 1 / keep_p], dtype=torch.float32)).all()
     assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
     module = Dropout(p).eval()
     assert module(x) is x and module.train()(x).eq(0).any()
