@@ -182,6 +182,17 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_root)
     assert summary["e2e_time_s"] > float(rows[0]["e2e_time_s"]) >= at_kill["clock"]["e2e_time_s"]
 
 
+def test_a_finished_run_saves_its_last_state_once(tmp_path, data_root):
+    """A periodic save due at the last update is the final save: the same state is not written twice, and
+    checkpoint_last.prev.pt keeps the one before it."""
+    changes = dict(budget={"kind": "updates", "value": 6}, checkpoint={"fractions": [1.0], "last_every_s": 1e-6})
+    assert run(run_config(data_root, **changes), tmp_path) == 0
+    saved = [e["value"]["updates"] for e in read_events(tmp_path / "events.jsonl", "checkpoint")
+             if e["value"]["path"] == "checkpoint_last.pt"]
+    assert saved == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(previous_path(tmp_path / "checkpoint_last.pt"))["progress"]["updates"] == 5
+
+
 def test_truncated_checkpoint_last_is_reported_and_the_previous_one_used(tmp_path, data_root, signal_after_update, capsys):
     """Interrupt a run, truncate its checkpoint_last: the resume names the bad file, continues from
     checkpoint_last.prev.pt and still ends with the uninterrupted run's weights."""

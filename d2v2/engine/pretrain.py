@@ -523,7 +523,7 @@ class Pretrainer:
                 if stop:
                     status, exit_code = "interrupted", 128 + int(self._signal)
                     break
-                if save_due:
+                if save_due and self.fraction < 1.0:          # at the end, the final save below is this one
                     self.save_last()
             self.clock.stop_train()
             self.save_last()
