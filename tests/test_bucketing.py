@@ -1,6 +1,6 @@
 """Length-bucketed fine-tuning batches (sampler.LengthBucketedBatchSampler, ``bucket_by_length``): every
-utterance once per epoch in full batches, much less padding than random batches on the real speech lengths,
-reproducible per seed and reshuffled per epoch; evaluation in length order; fine-tuning still runs."""
+utterance once per epoch in full batches, much less padding than random batches on the real speech and text
+lengths, reproducible per seed and reshuffled per epoch; evaluation in length order; fine-tuning still runs."""
 import numpy as np
 import pytest
 import torch
@@ -74,18 +74,36 @@ def test_reproducible_per_seed_and_reshuffled_per_epoch(train_sizes):
         LengthBucketedBatchSampler(train_sizes[:10], 16, seed=0)
 
 
-def test_option_is_speech_only():
+def test_option_where_items_have_lengths():
+    """Speech buckets in every preset (fairseq's recipe), text in tiny only (fairseq's text batches are
+    random), images have no lengths."""
     with pytest.raises(ConfigError, match="bucket_by_length"):
         finetune_config({"modality": "image", "preset": "smoke", "bucket_by_length": True})
     for preset in ("base", "tiny"):
         assert finetune_config({"modality": "speech", "preset": preset}).bucket_by_length
+    assert finetune_config({"modality": "text", "preset": "tiny"}).bucket_by_length
+    assert not finetune_config({"modality": "text", "preset": "base"}).bucket_by_length
 
 
-def test_evaluation_batches_in_length_order():
-    root = _data("speech")
-    cfg = finetune_config({"modality": "speech", "preset": "smoke", "eval_max_samples": 40,
+def test_text_batches_less_padding():
+    """The tiny text task's real sentences (33 tokens on average): random batches of 32 pad to about twice
+    that, bucketed ones hardly at all."""
+    cfg = finetune_config({"modality": "text", "preset": "tiny", "data": {"root": str(_data("text"))}})
+    sizes = D.finetune_datasets("text", cfg.data, cfg.task)["train"].sizes
+    assert sizes.dtype == np.int64 and 20 < sizes.mean() < 50
+    sampler = LengthBucketedBatchSampler(sizes, cfg.batch_size, seed=0)
+    perm = np.random.default_rng(0).permutation(len(sizes))
+    random = [perm[i:i + cfg.batch_size] for i in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size)]
+    assert _padding(random, sizes) > 0.5
+    assert _padding(_epoch(sampler, 0), sizes) < 0.1 * _padding(random, sizes)
+
+
+@pytest.mark.parametrize("modality, task", [("speech", "ctc"), ("text", "movie")])
+def test_evaluation_batches_in_length_order(modality, task):
+    root = _data(modality)
+    cfg = finetune_config({"modality": modality, "preset": "smoke", "eval_max_samples": 40, "bucket_by_length": True,
                            "data": {"root": str(root), "num_workers": 0}})
-    valid = D.finetune_datasets("speech", cfg.data, "ctc")["valid"]
+    valid = D.finetune_datasets(modality, cfg.data, task)["valid"]
     loader = F.make_loader(valid, cfg, 16, False, CPU)
     chosen = loader.dataset.indices                                         # the fixed evaluation subset
     order = [chosen[i] for b in loader.batch_sampler for i in b]
@@ -132,6 +150,15 @@ def test_training_reshuffles_each_epoch_reproducibly():
     assert all(sorted(e) == list(range(8)) for e in epochs[:2]) and epochs[0] != epochs[1]
     batches = [sorted(reads[0][k:k + 4]) for k in range(0, 16, 4)]
     assert all(b in ([0, 2, 4, 6], [1, 3, 5, 7]) for b in batches)          # short with short, long with long
+
+
+def test_smoke_text_finetune_with_bucketing():
+    cfg = finetune_config({"modality": "text", "preset": "smoke", "init": "random", "bucket_by_length": True,
+                           "arch": {"method": "data2vec2", "preset": "smoke"},
+                           "data": {"root": str(_data("text")), "num_workers": 0}})
+    record = F.finetune(cfg, None, log=lambda *_: None)
+    assert record["finetune"]["updates"] == 4 and record["finetune"]["config"]["bucket_by_length"] is True
+    assert 0 <= record["metrics"]["test_accuracy"] <= 1
 
 
 def test_smoke_finetune_with_bucketing(tmp_path):

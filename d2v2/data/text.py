@@ -625,6 +625,7 @@ class SentenceTask(Dataset):
         columns = list(zip(*sentences))
         encoded = [tokenizer.encode_batch(list(col)) for col in columns]
         self.sources = [_join(parts, max_len) for parts in zip(*encoded)]
+        self.sizes = np.array([len(s) for s in self.sources], dtype=np.int64)   # tokens per item (bucketing)
         self.labels = labels
 
     def __len__(self) -> int:

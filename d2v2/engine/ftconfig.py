@@ -118,7 +118,8 @@ class FinetuneConfig(Config):
     cache_frozen_features: bool = False
     # fairseq's speech fine-tuning batches utterances of similar length (length-ordered, batch order shuffled
     # every epoch: sampler.LengthBucketedBatchSampler), still counted in samples here; evaluation splits are
-    # batched in length order. False: random batches padded to their longest utterance, evaluation in order.
+    # batched in length order. Text may do the same (fairseq's sentence-prediction batches are random; the
+    # tiny preset buckets them). False: random batches padded to their longest item, evaluation in order.
     bucket_by_length: bool = False
     # Text
     pooler_dropout: float = Field(0.0, ge=0, lt=1)   # RoBERTa classification head dropout
@@ -138,8 +139,8 @@ class FinetuneConfig(Config):
             raise ValueError("mixup: MixUp/CutMix apply to images only")
         if self.cache_frozen_features and self.modality != "speech":
             raise ValueError("cache_frozen_features: only speech fine-tuning has a frozen feature extractor")
-        if self.bucket_by_length and self.modality != "speech":
-            raise ValueError("bucket_by_length: only speech fine-tuning datasets have item lengths")
+        if self.bucket_by_length and self.modality == "image":
+            raise ValueError("bucket_by_length: images have no lengths (speech and text do)")
         try:
             metrics = task_info(self.modality, self.task)["metrics"]
         except ValueError as err:
