@@ -244,6 +244,14 @@ def test_clones_gathered_from_one_copy_equal_the_repeated_input(modality):
     mask = random_mask(3 * M, T, 0.5, torch.Generator().manual_seed(0))
     x = x.detach().requires_grad_(True)
     outs, grads = [], []
+    ctx, seen = enc.context_encoder, []
+    add_positions = ctx.add_positions
+
+    def record(x, mask):                              # add_positions gets a mask only row for row with x
+        seen.append(None if mask is None else mask.shape[0] == x.shape[0])
+        return add_positions(x, mask)
+
+    ctx.add_positions = record
     for clones in (1, M):
         torch.manual_seed(0)                          # the same dropout draws on both sides
         inp, pm = (x, fpm) if clones > 1 else (x.repeat_interleave(M, 0),
@@ -252,6 +260,7 @@ def test_clones_gathered_from_one_copy_equal_the_repeated_input(modality):
         (g,) = torch.autograd.grad(out.x.square().sum(), [x])
         outs.append(out.x)
         grads.append(g)
+    assert seen == [True, True if ctx.positions_see_mask else None]
     assert outs[1].shape == (3 * M, T - int(mask[0].sum()) + enc.context_encoder.num_extra_tokens, 16)
     torch.testing.assert_close(outs[1], outs[0])
     torch.testing.assert_close(grads[1], grads[0])

@@ -185,7 +185,8 @@ class Encoder(nn.Module):
             if fill is None:
                 raise ValueError("sparse=False needs a fill value for masked positions")
             x = torch.where(mask[..., None], fill.to(x.dtype), x)
-        x = ctx.add_positions(x, mask if sparse else None)
+        # the mask goes with x row for row: with clones, only where x was repeated (positions that see the mask)
+        x = ctx.add_positions(x, mask if sparse and clones == 1 else None)
         if mask is not None and sparse:
             positions = keep_indices(mask) if keep is None else keep.to(x.device, non_blocking=True)
             per_sample = positions.reshape(B, -1)               # each sample's clones side by side
