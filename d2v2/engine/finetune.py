@@ -299,7 +299,7 @@ def make_loader(dataset, cfg: FinetuneConfig, batch_size: int, train: bool, devi
     """Training loader (shuffled, re-seeded each epoch by :func:`train`) or evaluation loader (limited to
     ``cfg.eval_max_samples`` drawn once with a fixed seed).
 
-    With ``cfg.bucket_by_length`` (speech) training batches hold utterances of similar length
+    With ``cfg.bucket_by_length`` (speech, tiny text) training batches hold items of similar length
     (:class:`~d2v2.engine.sampler.LengthBucketedBatchSampler`) and evaluation batches are cut from the
     split sorted by length (the metrics do not depend on the order); otherwise training batches are random
     and evaluation is in dataset order.
