@@ -6,6 +6,7 @@ dispatches, so importing the CLI stays cheap. Other packages add commands as ent
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -41,7 +42,21 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _import_for_the_process(module: str):
+    """Import a command's module as the program does: the commands bring torch and its companions, about
+    250,000 long-lived objects and no garbage, so the cyclic collector sits out the import and those objects
+    are frozen after it; its later passes, and the one at exit, skip them (docs/BENCHMARKS.md#process-start).
+    Only for the program itself (``argv`` from the command line): a frozen object is never collected."""
+    gc.disable()
+    try:
+        return importlib.import_module(module)
+    finally:
+        gc.enable()
+        gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage())
@@ -52,5 +67,5 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(module)
+    module = _import_for_the_process(module) if program else importlib.import_module(module)
     return int(module.main(rest) or 0)

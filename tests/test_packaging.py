@@ -45,6 +45,20 @@ def test_python_dash_m_entry_point():
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
+@pytest.mark.parametrize("program", [True, False])
+def test_the_program_freezes_what_its_command_imported(program):
+    """``python -m d2v2 <command>`` imports the command with the cyclic collector off and freezes what the
+    import left, so that the collector's passes skip it (docs/BENCHMARKS.md#process-start); ``main(argv)``
+    called from other code (tests, scripts) leaves the collector alone."""
+    call = "cli.main()" if program else "cli.main(['finetune', '--help'])"
+    probe = ("import gc, sys\nfrom d2v2 import cli\nsys.argv = ['d2v2', 'finetune', '--help']\n"
+             f"try:\n    {call}\nexcept SystemExit:\n    pass\nprint(gc.isenabled(), gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    out = out.splitlines()[-1].split()                                   # after the command's --help
+    assert out[0] == "True"
+    assert (int(out[1]) > 100_000) if program else (int(out[1]) == 0)      # torch alone leaves ~200,000
+
+
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_a_moved_module_names_its_new_path(old):
     with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {MOVED[old]}"):
