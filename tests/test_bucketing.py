@@ -29,6 +29,12 @@ def _epoch(sampler: LengthBucketedBatchSampler, epoch: int) -> list[list[int]]:
     return list(sampler)
 
 
+def _random_batches(num_items: int, batch_size: int, seed) -> list[np.ndarray]:
+    """Full batches of a random permutation, as without bucketing."""
+    perm = np.random.default_rng(seed).permutation(num_items)
+    return [perm[i:i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size)]
+
+
 def _padding(batches, sizes: np.ndarray) -> float:
     """Padded samples per real sample when each batch is padded to its longest item."""
     return sum(sizes[b].max() * len(b) - sizes[b].sum() for b in batches) / sum(sizes[b].sum() for b in batches)
@@ -56,8 +62,7 @@ def test_less_padding_than_random_batches(train_sizes):
     batch_size, bucketed, random = 16, [], []
     for epoch in range(3):
         bucketed += _epoch(LengthBucketedBatchSampler(train_sizes, batch_size, seed=0), epoch)
-        perm = np.random.default_rng([0, epoch]).permutation(len(train_sizes))
-        random += [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+        random += _random_batches(len(train_sizes), batch_size, [0, epoch])
     # measured: 0.41 padded samples per real sample at random, 0.02 bucketed (0.10 with chunks of 4 batches)
     assert _padding(random, train_sizes) > 0.2
     assert _padding(bucketed, train_sizes) < 0.25 * _padding(random, train_sizes)
@@ -92,8 +97,7 @@ def test_text_batches_less_padding():
     sizes = D.finetune_datasets("text", cfg.data, cfg.task)["train"].sizes
     assert sizes.dtype == np.int64 and 20 < sizes.mean() < 50
     sampler = LengthBucketedBatchSampler(sizes, cfg.batch_size, seed=0)
-    perm = np.random.default_rng(0).permutation(len(sizes))
-    random = [perm[i:i + cfg.batch_size] for i in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size)]
+    random = _random_batches(len(sizes), cfg.batch_size, 0)
     assert _padding(random, sizes) > 0.5
     assert _padding(_epoch(sampler, 0), sizes) < 0.1 * _padding(random, sizes)
 

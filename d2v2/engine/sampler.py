@@ -14,8 +14,9 @@ per rank; 1 process with ``a = 2`` then sees exactly the samples (and, with the 
 collater seeds masks from it) and draws the item's augmentation from torch's RNG seeded by
 ``(seed, epoch, index)``, so augmentations too are independent of which worker loads the item.
 
-:class:`LengthBucketedBatchSampler` serves fine-tuning: batches of utterances (or sentences) of similar length, so that
-little compute goes to padding (fairseq's ``batch_by_size`` over length-ordered indices, counted in samples).
+:class:`LengthBucketedBatchSampler` serves fine-tuning: batches of utterances (or sentences) of similar
+length, so that little compute goes to padding (fairseq's ``batch_by_size`` over length-ordered indices,
+counted in samples).
 """
 from __future__ import annotations
 
