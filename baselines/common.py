@@ -11,7 +11,7 @@ from torch import nn
 from d2v2.model.encoder import EncoderConfig
 from d2v2.model.modalities.speech import frame_count
 
-__all__ = ["num_tokens", "feature_std", "eval_mode", "ensure_masked"]
+__all__ = ["num_tokens", "eval_mode", "ensure_masked"]
 
 
 def ensure_masked(batch: dict[str, torch.Tensor], masker, needs: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -32,12 +32,6 @@ def num_tokens(cfg: EncoderConfig, source: torch.Tensor) -> int:
     if cfg.modality == "speech":
         return int(frame_count(source.shape[-1], cfg.speech.conv_layers))
     return source.shape[-1]
-
-
-def feature_std(x: torch.Tensor) -> float:
-    """Per-dimension std over rows, averaged over dimensions (fairseq ``compute_var``; collapse signal)."""
-    x = x.detach().float().reshape(-1, x.shape[-1])
-    return float(torch.sqrt(x.var(0) + 1e-6).mean()) if x.shape[0] > 1 else 0.0
 
 
 @contextlib.contextmanager

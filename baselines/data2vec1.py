@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import ensure_masked, eval_mode, feature_std, num_tokens
+from baselines.common import ensure_masked, eval_mode, num_tokens
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.model.blocks import init_bert_params
 from d2v2.config import MODALITIES, Config
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
-from d2v2.model.targets import make_targets
+from d2v2.model.targets import feature_std, make_targets
 
 __all__ = ["Data2Vec1Config", "Data2Vec1"]
 

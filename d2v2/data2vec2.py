@@ -38,7 +38,7 @@ from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.model.masking import block_mask, gather_tokens, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
 from d2v2.model.modalities.speech import frame_count
-from d2v2.model.targets import make_targets, position_share
+from d2v2.model.targets import feature_std, make_targets, position_share
 
 __all__ = ["Data2Vec2Config", "Data2Vec2", "Data2Vec2Masker", "Details"]
 
@@ -161,13 +161,6 @@ class Details:
     targets: torch.Tensor         # (N_masked, D) fp32
     cls_prediction: torch.Tensor | None = None
     cls_target: torch.Tensor | None = None
-
-
-def _mean_std(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(unbiased variance over rows + 1e-6), averaged over columns: ``torch.sqrt(x.var(0) + 1e-6).mean()``
-    in two passes (``var(0)`` reduces across a strided axis, slow on a CPU: docs/BENCHMARKS.md#ours-against-fairseq)."""
-    centred = x - x.mean(0)
-    return torch.sqrt(centred.square_().sum(0) / (x.shape[0] - 1) + 1e-6).mean()     # squared in place: one pass less
 
 
 class Data2Vec2(PretrainMethod):
@@ -306,9 +299,7 @@ class Data2Vec2(PretrainMethod):
         """target_var / pred_var: per-dimension std over masked tokens, averaged over D (fairseq's
         ``compute_var``). Values stay on the device (the engine reads them at logging intervals); only
         the optional collapse guard, after ``collapse_check_after`` updates, reads them every step."""
-        zero = pred.new_zeros(())
-        target_var = _mean_std(target) if sample_size > 1 else zero
-        pred_var = _mean_std(pred) if sample_size > 1 else zero
+        target_var, pred_var = feature_std(target), feature_std(pred)
         c = self.cfg
         if self.training and self.num_updates > c.collapse_check_after:
             if c.min_target_var > 0 and float(target_var) < c.min_target_var:

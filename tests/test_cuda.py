@@ -61,7 +61,7 @@ def _trainer(tmp_path, modality: str, name: str = "data2vec2", **changes):
     method = build_method(modality, name, "smoke")
     items = [batch_for(method, batch_size=4, seed=i) for i in range(4)]
     trainer = Pretrainer(cfg, tmp_path / modality, dataset=list(range(4)))
-    batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in items]
+    batches = [{k: v.to(trainer.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in items]
     return trainer, batches
 
 

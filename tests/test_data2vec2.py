@@ -282,8 +282,10 @@ def test_initialisation_follows_fairseq():
 
 
 def test_the_collapse_diagnostics_are_fairseqs_compute_var():
-    """target_var / pred_var: the per-dimension std over masked tokens, averaged (fairseq's compute_var)."""
-    from d2v2.data2vec2 import _mean_std
+    """target_var / pred_var: the per-dimension std over masked tokens, averaged (fairseq's compute_var); 0 for
+    fewer than 2 rows. data2vec 1.0 logs the same."""
+    from d2v2.model.targets import feature_std
 
     x = torch.randn(500, 12) * torch.linspace(0.1, 3.0, 12) + 5.0
-    torch.testing.assert_close(_mean_std(x), torch.sqrt(x.var(0) + 1e-6).mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(feature_std(x), torch.sqrt(x.var(0) + 1e-6).mean(), rtol=1e-6, atol=1e-6)
+    assert feature_std(x[:1]) == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_targets", "position_share"]
+__all__ = ["make_targets", "position_share", "feature_std"]
 
 
 def _instance_norm(x: torch.Tensor) -> torch.Tensor:
@@ -58,3 +58,15 @@ def position_share(y: torch.Tensor) -> torch.Tensor:
     y = y - y.mean((0, 1), keepdim=True)
     raw = B * y.mean(0).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)     # 1/B without structure
     return (raw - 1 / B) / (1 - 1 / B)
+
+
+def feature_std(x: torch.Tensor) -> torch.Tensor:
+    """The collapse signal of fairseq's ``compute_var`` (``target_var``, ``pred_var``): each column's std over
+    the rows of (N, D) ``x`` (unbiased, + 1e-6 under the root), averaged over columns; 0 with fewer than 2 rows.
+    Stays on the device, so logging it does not wait for the step. Two passes instead of ``x.var(0)``, which
+    reduces across a strided axis, slowly on a CPU (docs/BENCHMARKS.md#ours-against-fairseq)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    centred = x - x.mean(0)
+    return torch.sqrt(centred.square_().sum(0) / (x.shape[0] - 1) + 1e-6).mean()     # squared in place: one pass less
