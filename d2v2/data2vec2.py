@@ -17,7 +17,7 @@ same recipe sized for a 2-core CPU. Where the paper and the released fairseq con
 - batch size, GPU count and update counts belong to the engine config, not to this method.
 
 Known differences from fairseq: the collapse guard's statistics are per process (fairseq all-reduces
-them); with ``teacher_shares="embeddings"`` (text) prenet blocks, if any (no released text config has
+them), and it is checked at logging intervals, not in every forward; with ``teacher_shares="embeddings"`` (text) prenet blocks, if any (no released text config has
 them), are EMA-copied instead of run by the student; drop-path rises linearly over prenet + main blocks.
 """
 from __future__ import annotations
@@ -297,22 +297,29 @@ class Data2Vec2(PretrainMethod):
     def _diagnostics(self, pred: torch.Tensor, target: torch.Tensor, sample_size: int,
                      mask: torch.Tensor) -> dict[str, Any]:
         """target_var / pred_var: per-dimension std over masked tokens, averaged over D (fairseq's
-        ``compute_var``). Values stay on the device (the engine reads them at logging intervals); only
-        the optional collapse guard, after ``collapse_check_after`` updates, reads them every step."""
-        target_var, pred_var = feature_std(target), feature_std(pred)
-        c = self.cfg
-        if self.training and self.num_updates > c.collapse_check_after:
-            if c.min_target_var > 0 and float(target_var) < c.min_target_var:
-                raise CollapseError(f"data2vec 2.0 collapse guard: target std {float(target_var):.4f} < "
-                                   f"min_target_var {c.min_target_var} after {self.num_updates} updates "
-                                   "(representation collapse; try a lower LR, check the EMA schedule, or set "
-                                   "min_target_var=0)")
-            if c.min_pred_var > 0 and float(pred_var) < c.min_pred_var:
-                raise CollapseError(f"data2vec 2.0 collapse guard: prediction std {float(pred_var):.4f} < "
-                                   f"min_pred_var {c.min_pred_var} after {self.num_updates} updates (set "
-                                   "min_pred_var=0 to disable)")
-        return {"target_var": target_var, "pred_var": pred_var, "ema_decay": self.current_decay,
+        ``compute_var``). Values stay on the device: the engine reads them at logging intervals, where
+        :meth:`check_health` looks at them."""
+        return {"target_var": feature_std(target), "pred_var": feature_std(pred), "ema_decay": self.current_decay,
                 "masked_pct": sample_size / mask.numel()}
+
+    def check_health(self, logs: dict[str, Any]) -> None:
+        """The optional collapse guard (METHOD.md#collapse-guard) on the last update's diagnostics, once the
+        run is past ``collapse_check_after`` updates. fairseq checks in every forward; here the engine calls it
+        at each logging interval, where it reads the diagnostics anyway: a check in the step would make the
+        host wait for the device at every update."""
+        c = self.cfg
+        if self.num_updates <= c.collapse_check_after:
+            return
+        target_var, pred_var = float(logs["target_var"]), float(logs["pred_var"])
+        if c.min_target_var > 0 and target_var < c.min_target_var:
+            raise CollapseError(f"data2vec 2.0 collapse guard: target std {target_var:.4f} < "
+                                f"min_target_var {c.min_target_var} after {self.num_updates} updates "
+                                "(representation collapse; try a lower LR, check the EMA schedule, or set "
+                                "min_target_var=0)")
+        if c.min_pred_var > 0 and pred_var < c.min_pred_var:
+            raise CollapseError(f"data2vec 2.0 collapse guard: prediction std {pred_var:.4f} < "
+                                f"min_pred_var {c.min_pred_var} after {self.num_updates} updates (set "
+                                "min_pred_var=0 to disable)")
 
     @torch.no_grad()
     def log_snapshot(self) -> dict[str, torch.Tensor]:

@@ -61,6 +61,10 @@ class PretrainMethod(nn.Module):
         """Bookkeeping after the optimiser step (the EMA teacher update); ``fraction`` is the share of the
         budget consumed by the ``num_updates`` updates so far. Default: nothing."""
 
+    def check_health(self, logs: dict[str, Any]) -> None:
+        """Called by the engine at each logging interval with the last update's ``logs`` (read on the host
+        then, not inside the step); raise :class:`CollapseError` to stop the run. Default: nothing."""
+
     def stand_in_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``batch`` plus random stand-ins for what the data pipeline adds for this method alone (HuBERT's
         k-means labels), for benchmarks and tests on synthetic batches. Default: ``batch`` as it is."""

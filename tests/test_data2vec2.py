@@ -210,10 +210,13 @@ def test_only_the_alibi_scales_of_the_speech_encoder_escape_weight_decay(modalit
 
 
 def test_collapse_guard_and_mask_shape_errors():
-    method = build("image", {"min_target_var": 100.0, "collapse_check_after": 0})
+    method = build("image", {"min_target_var": 100.0, "collapse_check_after": 1})
+    logs = method(batch_for("image")).logs
     method.after_step(1, fraction=0.0)
+    method.check_health(logs)                            # not past collapse_check_after yet
+    method.after_step(2, fraction=0.0)
     with pytest.raises(RuntimeError, match="collapse guard: target std"):
-        method(batch_for("image"))
+        method.check_health(logs)
     method = build("image")
     with pytest.raises(ValueError, match=r"expected \(B\*M, T\)"):
         method({**batch_for("image"), "mask": torch.zeros(3, 196, dtype=torch.bool)})

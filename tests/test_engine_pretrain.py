@@ -306,13 +306,15 @@ def test_nan_loss_stops_naming_update_and_last_good_checkpoint(tmp_path, data_ro
 
 
 def test_collapse_guard_stops_the_run_as_diverged(tmp_path, data_root, capsys):
-    """The real data2vec 2.0 guard (METHOD.md#loss) with an impossible threshold fires after update 2."""
+    """The real data2vec 2.0 guard (METHOD.md#collapse-guard) with an impossible threshold fires at the first
+    logging interval past update 2."""
     out = tmp_path / "run"
     overrides = {"mask_noise_std": 0.0, "min_target_var": 100.0, "collapse_check_after": 2}
-    cfg = run_config(data_root, method={"overrides": overrides}, checkpoint={"fractions": [0.2, 1.0]})
+    cfg = run_config(data_root, method={"overrides": overrides}, checkpoint={"fractions": [0.2, 1.0]}, log_every=3)
     assert run(cfg, out) == EXIT_DIVERGED
     err = capsys.readouterr().err
-    assert "collapse guard: target std" in err and "(update 4)" in err and "checkpoint_f0.200.pt" in err
+    assert "collapse guard: target std" in err and "(checked after update 3)" in err
+    assert "checkpoint_f0.200.pt" in err
     assert summary(out)["status"] == "diverged" and not (out / "DONE").exists()
 
 

@@ -354,9 +354,22 @@ class Pretrainer:
             raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
                            f"update: {diagnostics}; last good checkpoint: {last}")
 
+    def check_health(self) -> None:
+        """The method's check of the last update's diagnostics (data2vec 2.0's collapse guard,
+        METHOD.md#collapse-guard) as a divergence; every process stops if it fails on any of them."""
+        try:
+            self.method.check_health(self.stats.last_logs)
+            failure = None
+        except CollapseError as err:
+            failure = str(err)
+        if distributed.agree_max([float(failure is not None)], self.control)[0]:
+            raise Diverged(f"{failure or 'the collapse guard failed on another process'} (checked after update "
+                           f"{self.updates}); last good checkpoint: {self.last_good or 'none (no checkpoint was written)'}")
+
     def log_interval(self) -> None:
         """Read the device-side sums of the interval (one sync), log one ``train_progress`` event."""
         self.check_finite()
+        self.check_health()
         self._count_tokens()
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
         n = self.updates - self.stats.start_updates
@@ -428,11 +441,7 @@ class Pretrainer:
             sync = (self.model.no_sync() if self.world > 1 and i < accum - 1 else contextlib.nullcontext())
             with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                       enabled=self.autocast_dtype is not None):
-                try:
-                    output = self.model(batch)
-                except CollapseError as err:    # the method's collapse guard (METHOD.md#collapse-guard)
-                    raise Diverged(f"{err} (update {self.updates + 1}); last good checkpoint: "
-                                   f"{self.last_good or 'none (no checkpoint was written)'}") from None
+                output = self.model(batch)
             self.scaler.scale(output.loss / accum).backward()
             self.stats.add_forward(output.loss, output.logs, accum)
             self._local_tokens += self.method.encoder_tokens(batch)
