@@ -116,6 +116,10 @@ class Data2Vec1(PretrainMethod):
         self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
         self.teacher.step(self.student, self.current_decay)
 
+    def log_snapshot(self) -> dict[str, float]:
+        """``ema_decay``, the tau of the teacher's last EMA step, read at logging intervals (as data2vec 2.0's)."""
+        return {"ema_decay": self.current_decay}
+
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Student and teacher both encode all T (+ CLS) tokens of every sample."""
         T = num_tokens(self.cfg.encoder, batch["source"])
@@ -142,8 +146,7 @@ class Data2Vec1(PretrainMethod):
             per_token = F.smooth_l1_loss(pred, y, reduction="none", beta=self.cfg.loss_beta).sum(-1)
         sample_size = int(per_token.numel())
         loss = per_token.sum() * self.loss_scale / max(sample_size, 1)
-        logs = {"target_var": feature_std(y), "pred_var": feature_std(pred), "ema_decay": self.current_decay,
-                "masked_pct": sample_size / mask.numel()}
+        logs = {"target_var": feature_std(y), "pred_var": feature_std(pred), "masked_pct": sample_size / mask.numel()}
         return MethodOutput(loss, sample_size, logs)
 
     def _fill(self) -> torch.Tensor | None:

@@ -17,7 +17,11 @@ Python/torch runtime, ~0.6 GB).
 
     python benchmarks/bench_step.py --presets tiny
     python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
-    python benchmarks/bench_step.py --presets base --dtype bf16 --compile both --json rows.json   # on a GPU
+    python benchmarks/bench_step.py --presets base --dtype bf16 --compile off model --json rows.json   # on a GPU
+    python benchmarks/bench_step.py --presets base --dtype bf16 --compile model --compile-mode reduce-overhead
+
+``--compile`` rows (d2v2.engine.compile: ``blocks`` or the whole ``model``) run in a fresh process each; the
+first steps pay the compilation (``--warmup``). A row that fails prints why and the others go on.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
+from typing import get_args
 
 import torch
 
@@ -61,9 +66,10 @@ def _to(batch: dict, device: str) -> dict:
 
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
-              device: str, dtype: str, threads: int, audio_seconds: float, compile: bool = False) -> dict:
+              device: str, dtype: str, threads: int, audio_seconds: float, compile: str = "off",
+              compile_mode: str = "default") -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
-    from d2v2.model.blocks import compile_blocks
+    from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
     from d2v2.engine.flops import count_flops, peak_flops
     from d2v2.method import build_method
 
@@ -82,7 +88,11 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times, tokens = [], [], 0
 
+    cuda_graphs = compile != "off" and replays_cuda_graphs(compile_mode, torch.device(device))
+
     def step_fn(step: int, batch: dict) -> None:
+        if cuda_graphs:
+            mark_step()
         with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
             out = method(batch)
         opt.zero_grad(set_to_none=True)
@@ -93,8 +103,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
 
     # FLOPs of one step, counted before compiling (a block first called under the counter stays eager)
     flops = count_flops(lambda: step_fn(-1, _to(masker(dict(raw), torch.Generator().manual_seed(0)), device)))
-    if compile:
-        compile_blocks(method)
+    compile_model(method, compile, compile_mode)
     for step in range(warmup + steps):
         batch = _to(masker(dict(raw), torch.Generator().manual_seed(step)), device)
         _sync(device)
@@ -112,7 +121,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
     peak = peak_flops(torch.device(device))
     return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size, "dtype": dtype,
-            "compiled": compile, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
+            "compiled": compile, "compile_mode": compile_mode, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
             "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
             "params_m": sum(p.numel() for p in params) / 1e6, "flops_step": flops,
             "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None}
@@ -125,6 +134,8 @@ def _run_isolated(kwargs: dict) -> dict:
 
 
 def main(argv=None) -> None:
+    from d2v2.engine.compile import CompileMode, CompileScope
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny"])
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all registered)")
@@ -138,8 +149,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--audio-seconds", type=float, default=None,
                         help=f"utterance length for audio (default per preset: {AUDIO_SECONDS})")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                        help="torch.compile the Transformer blocks (both: a row each, eager first)")
+    parser.add_argument("--compile", nargs="+", choices=get_args(CompileScope), default=["off"],
+                        help="a row per scope: eager (off), the Transformer blocks or the whole model compiled")
+    parser.add_argument("--compile-mode", choices=get_args(CompileMode), default="default",
+                        help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -152,12 +165,13 @@ def main(argv=None) -> None:
           f"median of {args.steps} steps after {args.warmup} warm-up; cost ratio from "
           f"{'CPU time' if args.device == 'cpu' else 'wall time'}; FLOPs counted by FlopCounterMode on one step "
           f"(matmuls, convolutions, attention); MFU against the dense bf16 peak (GPU only)")
-    header = (f"{'preset':6} {'modality':8} {'method':10} {'compiled':8} {'batch':>5} {'params(M)':>9} {'s/step':>8} "
+    header = (f"{'preset':6} {'modality':8} {'method':10} {'compiled':24} {'batch':>5} {'params(M)':>9} {'s/step':>8} "
               f"{'cpu s':>7} {'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
               f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
     # per-sample cost ratio: CPU time on a CPU (robust to other processes sharing the cores), else wall
     cost = "cpu_s" if args.device == "cpu" else "step_s"
     print(header)
+    failed = 0
     for preset in args.presets:
         # data2vec 2.0 first in each modality: the others' cost is relative to it
         ordered = sorted(available_methods(), key=lambda mm: (mm[0], mm[1] != "data2vec2", mm[1]))
@@ -165,19 +179,28 @@ def main(argv=None) -> None:
             if modality not in args.modalities or (args.methods and method not in args.methods):
                 continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
-            for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            for compiled in args.compile:
+                mode = "default" if compiled == "off" else args.compile_mode
+                label = compiled if mode == "default" else f"{compiled} {mode}"
                 kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
                               steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
                               threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS[preset],
-                              compile=compiled)
+                              compile=compiled, compile_mode=mode)
                 # a fresh process per row on a CPU (peak RSS) and with compile (no graph cache shared)
-                row = _run_isolated(kwargs) if args.device == "cpu" or compiled else bench_one(**kwargs)
+                try:
+                    row = _run_isolated(kwargs) if args.device == "cpu" or compiled != "off" else bench_one(**kwargs)
+                except Exception as err:                 # noqa: BLE001 - one failed row must not lose the others
+                    failed += 1
+                    print(f"{preset:6} {modality:8} {method:10} {label:24} failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
+                    continue
                 rows.append(row)
-                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"]) ==
-                            (preset, modality, "data2vec2", compiled)), None)
+                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"],
+                                                r["compile_mode"]) == (preset, modality, "data2vec2", compiled, mode)),
+                           None)
                 ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-                print(f"{preset:6} {modality:8} {method:10} {str(compiled).lower():8} {batch:>5} "
+                print(f"{preset:6} {modality:8} {method:10} {label:24} {batch:>5} "
                       f"{row['params_m']:>9.2f} {row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
                       f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
                       f"{row['flops_step'] / 1e9:>10.1f} {row['tflops_s']:>8.2f} {mfu:>6} {row['peak_gb']:>8.2f}",
@@ -185,6 +208,8 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "dtype": args.dtype, "rows": rows}, f, indent=1)
+    if failed:
+        raise SystemExit(f"{failed} row(s) failed")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@
 #   bash benchmarks/gpu_check.sh OUT --dry-run  # the same stages on a CPU at smoke sizes (tests/test_gpu_check.py)
 # Stages, each bounded in time, everything written to OUT (at most 8 files):
 #   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
-#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory), and
-#      data2vec 2.0 image with and without torch.compile;
+#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory);
+#   compile: data2vec 2.0 image eager, with its whole model compiled, and replayed as CUDA graphs
+#      (reduce-overhead): rows added to bench.json;
 #   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
 #      points at 0.25, 0.5 and 1, no anytime points): tables, figures, report;
 #   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
-# failed stages. STAGES="bench sweep" runs only those stages (default: all four). Python packages missing on
+# failed stages. STAGES="bench sweep" runs only those stages (default: all five). With 15 minutes of device
+# time in two calls of at most 10: STAGES="cuda-tests compile", then STAGES=sweep. Python packages missing on
 # the machine are installed from .gpu/whl (wheels) if present, and Fashion-MNIST is read from
 # .gpu/fashion-mnist if the Debian package is not installed (both made by benchmarks/offline_bundle.sh).
 set -uo pipefail
@@ -26,7 +28,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 failed=0
-STAGES=${STAGES:-cuda-tests bench sweep runner}
+STAGES=${STAGES:-cuda-tests bench compile sweep runner}
 stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its output, count a failure
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) say "stage $name: skipped (STAGES=$STAGES)"; return ;; esac
@@ -64,36 +66,44 @@ if [ "$DRY" = "--dry-run" ]; then
          "finetune={common: {device: cpu}, image: {budget: {value: 3}, eval_max_samples: 200}}"
          "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset smoke --device cpu --updates 4 --warmup 2 --repeats 1 --batch-size 8)
-  LIMITS=(300 300 900 300)
+  LIMITS=(300 300 300 900 300)
+  GRAPH_MODES=()
   FT_CORES=2
 else
   BENCH=(--presets base --device cuda --dtype bf16 --steps 10 --warmup 3)
   SWEEP=(preset=gpu "budget={image: {kind: train_seconds, value: 16}}" "budget_sweep={image: [0.25, 0.5, 1.0]}"
          "checkpoint_fractions=[1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset gpu --device cuda --precision bf16 --updates 40 --warmup 5 --repeats 2)
-  LIMITS=(100 130 340 70)
+  LIMITS=(160 130 240 340 70)
+  GRAPH_MODES=(reduce-overhead)
   FT_CORES=16
 fi
 
 # ---- 1. the CUDA tests (they skip on a CPU)
 stage cuda-tests "${LIMITS[0]}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-# ---- 2. the step at base size: every method eager, then data2vec 2.0 image compiled
-stage bench "${LIMITS[1]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --json '$OUT/bench.json' && \
-  python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile on \
-  --json '$WORK/bench_compiled.json'"
-[ -f "$WORK/bench_compiled.json" ] && python3 - "$OUT/bench.json" "$WORK/bench_compiled.json" <<'EOF' 2>>"$LOG"
+# ---- 2. the step at base size, every method eager; then data2vec 2.0 image eager and with its whole model
+# compiled, then in each of GRAPH_MODES (CUDA graphs), a fresh process per row; their rows join bench.json
+stage bench "${LIMITS[1]}" python3 benchmarks/bench_step.py "${BENCH[@]}" --json "$OUT/bench.json"
+stage compile "${LIMITS[2]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image \
+  --methods data2vec2 --compile off model --json '$WORK/compiled-default.json' && for mode in ${GRAPH_MODES[*]}; do \
+  python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile model \
+  --compile-mode \$mode --json '$WORK/compiled-'\$mode.json || exit 1; done"
+ls "$WORK"/compiled-*.json >/dev/null 2>&1 && python3 - "$OUT/bench.json" "$WORK"/compiled-*.json <<'EOF' 2>>"$LOG"
 import json, sys
-rows = json.load(open(sys.argv[1]))
-rows["rows"] += json.load(open(sys.argv[2]))["rows"]
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+for extra in sys.argv[2:]:
+    rows["rows"] += json.loads(Path(extra).read_text())["rows"]
+out.write_text(json.dumps(rows, indent=1))
 EOF
 
 # ---- 3. the gpu preset's image budget sweep, end to end: the pretraining runs one at a time (--cores 2, so
 # each train-only clock measures one job on the whole GPU), then the fine-tunes side by side (their time
 # is not compared)
 CFG=$(printf '%q ' "${SWEEP[@]}")
-stage sweep "${LIMITS[2]}" bash -c "python3 -m snakemake -d '$WORK/wf' --cores 2 --scheduler greedy \
+stage sweep "${LIMITS[3]}" bash -c "python3 -m snakemake -d '$WORK/wf' --cores 2 --scheduler greedy \
   --until pretrain --config $CFG && python3 -m snakemake -d '$WORK/wf' --cores $FT_CORES --scheduler greedy --config $CFG"
 [ -d "$WORK/wf" ] && for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/figures/speedups.png \
          results/figures/curves_image_fmnist_sweep.png results/figures/curves_image_fmnist.png; do
@@ -102,7 +112,7 @@ done
 [ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
 
 # ---- 4. the runner's overhead over the bare step
-stage runner "${LIMITS[3]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
+stage runner "${LIMITS[4]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
   image.fmnist_source='$FMNIST' && python3 benchmarks/bench_runner.py ${RUNNER[*]} --data-root '$REPO/data'"
 say "done: $failed failed stage(s)"
 exit "$failed"

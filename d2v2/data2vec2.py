@@ -299,7 +299,7 @@ class Data2Vec2(PretrainMethod):
         """target_var / pred_var: per-dimension std over masked tokens, averaged over D (fairseq's
         ``compute_var``). Values stay on the device: the engine reads them at logging intervals, where
         :meth:`check_health` looks at them."""
-        return {"target_var": feature_std(target), "pred_var": feature_std(pred), "ema_decay": self.current_decay,
+        return {"target_var": feature_std(target), "pred_var": feature_std(pred),
                 "masked_pct": sample_size / mask.numel()}
 
     def check_health(self, logs: dict[str, Any]) -> None:
@@ -322,10 +322,12 @@ class Data2Vec2(PretrainMethod):
                                 "min_pred_var=0 to disable)")
 
     @torch.no_grad()
-    def log_snapshot(self) -> dict[str, torch.Tensor]:
-        """Student and teacher weight norms (fairseq's model_norm / ema_norm), read at logging intervals."""
+    def log_snapshot(self) -> dict[str, Any]:
+        """Read at logging intervals: student and teacher weight norms (fairseq's model_norm / ema_norm) and
+        ``ema_decay``, the tau of the teacher's last EMA step (a host value the forward does not read, so a
+        compiled forward does not depend on it)."""
         norm = lambda module: torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])).norm()
-        return {"model_norm": norm(self.student), "ema_norm": norm(self.teacher.model)}
+        return {"model_norm": norm(self.student), "ema_norm": norm(self.teacher.model), "ema_decay": self.current_decay}
 
     # ---- entry points for exact comparisons with the official implementation ----------------------
     @torch.no_grad()

@@ -103,3 +103,36 @@ def test_a_real_run_on_the_gpu(tmp_path, precision):
     assert s["status"] == "success" and s["compute"]["flops_per_update"] > 0
     if "H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name():
         assert 0 < s["compute"]["mfu"] < 1
+
+
+NO_NOISE = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "post_mlp_dropout": 0.0,
+                        "drop_path": 0.0},
+            "decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0}
+TEXT_NO_NOISE = {"encoder": {"text": {"dropout": 0.0}}}
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_the_whole_model_replays_as_cuda_graphs(tmp_path, modality):
+    """``compile: model`` with ``compile_mode: reduce-overhead`` (d2v2.engine.compile): data2vec 2.0's updates
+    after the first replay CUDA graphs, inductor skips none, and the losses follow the eager run's (bf16; no
+    dropout or mask noise, whose draws differ between eager and compiled code)."""
+    import torch._dynamo.utils
+
+    from d2v2.config import merge
+
+    losses = {}
+    for scope in ("off", "model"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        trainer, batches = _trainer(tmp_path / scope, modality, compile=scope, compile_mode="reduce-overhead",
+                                    method={"overrides": merge(NO_NOISE, TEXT_NO_NOISE if modality == "text" else {})})
+        torch.manual_seed(0)
+        losses[scope] = []
+        for batch in batches:
+            before = trainer.stats.loss_sum.clone()
+            trainer.train_step(iter([batch]))
+            losses[scope].append(float(trainer.stats.loss_sum - before))
+        if scope == "model":
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+            assert torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0) == 0
+    assert losses["model"] == pytest.approx(losses["off"], rel=2e-2)

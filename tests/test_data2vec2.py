@@ -41,9 +41,9 @@ def test_forward_through_the_registry(modality):
     out = method(batch)
     assert isinstance(out, MethodOutput) and out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.sample_size == int(batch["mask"].sum())
-    assert set(out.logs) >= {"target_var", "pred_var", "ema_decay", "masked_pct"}
-    snapshot = method.log_snapshot()        # weight norms: read at logging intervals, not every step
-    assert set(snapshot) == {"model_norm", "ema_norm"} and float(snapshot["model_norm"]) > 0
+    assert set(out.logs) >= {"target_var", "pred_var", "masked_pct"}
+    snapshot = method.log_snapshot()        # weight norms and tau: read at logging intervals, not every step
+    assert set(snapshot) == {"model_norm", "ema_norm", "ema_decay"} and float(snapshot["model_norm"]) > 0
     out.loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())              # teacher: no gradient
     assert method.student.blocks[0].attn.qkv.weight.grad is not None

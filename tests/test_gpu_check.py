@@ -17,14 +17,15 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
                        capture_output=True, text=True, timeout=1500)
     log = (out / "log.txt").read_text()
     assert r.returncode == 0, log[-4000:]
-    for stage in ("cuda-tests", "bench", "sweep", "runner"):
+    for stage in ("cuda-tests", "bench", "compile", "sweep", "runner"):
         assert f"stage {stage}: exit 0" in log
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files                     # the device tool returns at most 8 files
     assert {"log.txt", "bench.json", "report.md", "evals.csv", "runs.csv", "curves_image_fmnist_sweep.png"} <= set(files)
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"data2vec2", "mae", "data2vec1", "mlm"}
-    assert any(r["compiled"] for r in rows) and all(r["flops_step"] > 0 for r in rows)
+    assert [r["compiled"] for r in rows if r["compiled"] != "off"] == ["model"]
+    assert all(r["flops_step"] > 0 for r in rows)
     report = (out / "report.md").read_text()
     assert "image vs MAE: " in report and "budget sweep of 2 runs per method" in report
     assert "compute.flops_per_update" in report and "data_wait.share_of_train_time" in report

@@ -45,12 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from d2v2 import data
-from d2v2.model.blocks import compile_blocks
 from d2v2.config import ConfigError
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine import distributed
 from d2v2.engine.checkpoint import load_latest, pretraining_checkpoint, remove_stale_temporaries, save_checkpoint
 from d2v2.engine.clock import RunClock, SegmentTable, input_costs, process_start_time
+from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
 from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
 from d2v2.engine.flops import count_flops
@@ -154,7 +154,8 @@ class Pretrainer:
         _seed_all(cfg.seed)                      # identical initial weights on every process
         self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
         _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
-        self._compile_pending = cfg.compile       # done by the first train_step (see there)
+        self._compile_pending = cfg.compile != "off"       # done by the first train_step (see there)
+        self._cuda_graphs = cfg.compile != "off" and replays_cuda_graphs(cfg.compile_mode, self.device)
         self.model = self.method
         if self.world > 1:
             enc = self.method.encoder().cfg
@@ -427,8 +428,8 @@ class Pretrainer:
             self.flops_per_update = count_flops(lambda: self._update(batches))
         else:
             self._update(batches)
-        if self._compile_pending:    # after the count: a compiled block first called under the counter stays eager
-            compile_blocks(self.method)
+        if self._compile_pending:    # after the count: a module first compiled under the counter stays eager
+            compile_model(self.model, self.cfg.compile, self.cfg.compile_mode)
             self._compile_pending = False
 
     def _update(self, batches) -> None:
@@ -439,6 +440,8 @@ class Pretrainer:
             self.data_wait_s += time.perf_counter() - waited
             batch = self._to_device(batch)
             sync = (self.model.no_sync() if self.world > 1 and i < accum - 1 else contextlib.nullcontext())
+            if self._cuda_graphs:
+                mark_step()
             with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                       enabled=self.autocast_dtype is not None):
                 output = self.model(batch)

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from d2v2.config import Config, ConfigError, Modality, apply_overrides, load_yaml, upgrade_modality_names, validate
 from d2v2.data.config import DataConfig
+from d2v2.engine.compile import CompileMode, CompileScope
 from d2v2.engine.optim import OptimConfig
 from d2v2.method import method_config
 
@@ -81,7 +82,9 @@ class PretrainRunConfig(Config):
     setting on GPUs, METHOD.md#pretraining-recipes), ``bf16`` autocast without scaling, ``fp32`` none.
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
     ``None`` turns it on exactly when the encoder uses layer-drop. ``compile``: ``torch.compile`` every
-    Transformer block (opt-in; docs/BENCHMARKS.md measures it). ``peak_flops``: the FLOP/s per device that
+    Transformer block (``blocks``; ``true`` means the same) or the method's whole forward and backward
+    (``model``), in ``compile_mode`` (``reduce-overhead``: CUDA graphs on a GPU); opt-in, d2v2.engine.compile and
+    docs/BENCHMARKS.md#the-gpu-path. ``peak_flops``: the FLOP/s per device that
     MFU is measured against (default: the device's dense bf16 peak, d2v2.engine.flops). ``input_costs``: JSON
     files holding the clocks of what made this run's inputs (HuBERT: its label files' ``labels.json`` and its
     first iteration's ``summary.json``); their sum is recorded beside the run's own clocks (PROTOCOL.md#input-costs).
@@ -102,14 +105,21 @@ class PretrainRunConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     ddp_find_unused_parameters: bool | None = None
-    compile: bool = False
+    compile: CompileScope = "off"
+    compile_mode: CompileMode = "default"
     peak_flops: float | None = Field(None, gt=0)
     input_costs: list[str] = []
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_flag(cls, value: Any) -> Any:
+        """``compile: true / false`` (configs written before the scopes) mean ``blocks`` / ``off``."""
+        return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 # Keys that change how a run executes, not what it computes: they may differ when a run is resumed.
-EXECUTION_KEYS = ("progress", "log_every", "threads", "device", "compile", "peak_flops", "checkpoint.last_every_s",
-                  "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers")
+EXECUTION_KEYS = ("progress", "log_every", "threads", "device", "compile", "compile_mode", "peak_flops",
+                  "checkpoint.last_every_s", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers")
 
 
 def resolve_run_config(data: Mapping[str, Any]) -> PretrainRunConfig:

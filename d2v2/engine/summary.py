@@ -37,7 +37,8 @@ def run_summary(*, status: str, identity: dict[str, Any], record: dict[str, Any]
         # FLOPs counted on the first update (d2v2.engine.flops); MFU on the train-only clock
         "compute": {**utilisation(flops_per_update, record["updates"], record["train_time_s"],
                                   peak_flops(device, cfg.peak_flops), world),
-                    "clock": "train_time_s", "compiled": cfg.compile, "precision": cfg.precision},
+                    "clock": "train_time_s", "compiled": cfg.compile, "compile_mode": cfg.compile_mode,
+                    "precision": cfg.precision},
         "data_wait": {"seconds": data_wait_s, "share_of_train_time": data_wait_s / train_s},
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss_main_process",

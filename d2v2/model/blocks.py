@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["dropout", "Dropout", "Attention", "written_out_attention", "Mlp", "Block", "alibi_slopes",
-           "alibi_bias", "relative_position_bucket", "RelativePositionBias", "init_bert_params", "conv_channels_last",
-           "compile_blocks"]
+           "alibi_bias", "relative_position_bucket", "RelativePositionBias", "init_bert_params", "conv_channels_last"]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -37,12 +36,13 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     On a CPU in fp32 the keep-mask compares 16-bit uniform integers, four from each 64-bit draw of the
     generator, with ``p`` rounded to a multiple of 2^-16 (0.1 -> 0.100006); kept elements are scaled by one
     over the rounded keep probability, so that the mask's mean is exactly 1. Cheaper there than ``F.dropout``'s
-    Bernoulli sampler or one uniform float per element (docs/BENCHMARKS.md#dropout-masks). Elsewhere,
-    ``F.dropout``."""
+    Bernoulli sampler or one uniform float per element (docs/BENCHMARKS.md#dropout-masks). Elsewhere, and
+    inside ``torch.compile`` (which fuses its own masks), ``F.dropout``."""
     if not training or p == 0.0:
         return x
     dropped = round(p * 65536)                    # P(drop) = dropped / 2^16
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < dropped < 65536:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < dropped < 65536
+            or torch.compiler.is_compiling()):
         return F.dropout(x, p, training)
     n = x.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)      # the full 64-bit range
@@ -282,12 +282,3 @@ def conv_channels_last(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Te
                      stride=(1, conv.stride[0]), padding=(0, conv.padding[0]), groups=conv.groups)
         return y.squeeze(2).transpose(1, 2)
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """``torch.compile`` every Transformer :class:`Block` of ``model`` in place (state-dict names unchanged):
-    the fused kernels where a step spends its time, without compiling the data-dependent masking around them."""
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile()
-    return model
