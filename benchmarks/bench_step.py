@@ -39,7 +39,8 @@ import torch
 AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per GPU as 4 utterances
 DEFAULT_BATCH = {"smoke": {"image": 16, "speech": 4, "text": 8},
                  "tiny": {"image": 64, "speech": 16, "text": 32},          # 2x d2v2/presets/tiny.yaml's
-                 "base": {"image": 16, "speech": 4, "text": 4}}            # per-GPU batches (METHOD.md#pretraining-recipes)
+                 "base": {"image": 16, "speech": 4, "text": 4},            # per-GPU batches (METHOD.md#pretraining-recipes)
+                 "gpu": {"image": 256}}                                    # d2v2/presets/gpu.yaml: images only
 
 
 def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: float) -> dict:
@@ -66,7 +67,7 @@ def _to(batch: dict, device: str) -> dict:
 
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
-              device: str, dtype: str, threads: int, audio_seconds: float, compile: str = "off",
+              device: str, dtype: str, threads: int, audio_seconds: float | None, compile: str = "off",
               compile_mode: str = "default") -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
     from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
@@ -178,13 +179,15 @@ def main(argv=None) -> None:
         for modality, method in ordered:
             if modality not in args.modalities or (args.methods and method not in args.methods):
                 continue
+            if modality not in DEFAULT_BATCH[preset]:                # a modality the preset does not define
+                continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
             for compiled in args.compile:
                 mode = "default" if compiled == "off" else args.compile_mode
                 label = compiled if mode == "default" else f"{compiled} {mode}"
                 kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
                               steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                              threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS[preset],
+                              threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS.get(preset),
                               compile=compiled, compile_mode=mode)
                 # a fresh process per row on a CPU (peak RSS) and with compile (no graph cache shared)
                 try:
