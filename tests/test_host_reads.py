@@ -46,3 +46,15 @@ def test_a_training_step_reads_nothing_back(tmp_path, modality, name):
         trainer.train_step(iter(batches[1:2]))
     assert trainer.updates == 2
     assert set(spy.reads) <= HOST_SIDE, f"{modality}/{name}: values read back inside the step: {spy.reads}"
+
+
+def test_the_collapse_guard_reads_outside_the_step(tmp_path):
+    """data2vec 2.0's guard, on and past ``collapse_check_after``, reads its statistics at the logging
+    interval (``check_health``), not inside the update."""
+    guard = {"min_target_var": 1e-9, "min_pred_var": 1e-9, "collapse_check_after": 0}
+    trainer, batches = _trainer(tmp_path, "image", device="cpu", precision="fp32", method={"overrides": guard})
+    trainer.train_step(iter(batches[:1]))
+    with HostReads() as spy:
+        trainer.train_step(iter(batches[1:2]))
+    assert spy.reads == []
+    trainer.check_health()                                # the guard itself: healthy stds pass
