@@ -40,7 +40,7 @@ AUDIO_SECONDS = {"smoke": 2.0, "tiny": 3.0, "base": 15.6}     # base: 62.5 s per
 DEFAULT_BATCH = {"smoke": {"image": 16, "speech": 4, "text": 8},
                  "tiny": {"image": 64, "speech": 16, "text": 32},          # 2x d2v2/presets/tiny.yaml's
                  "base": {"image": 16, "speech": 4, "text": 4},            # per-GPU batches (METHOD.md#pretraining-recipes)
-                 "gpu": {"image": 256}}                                    # d2v2/presets/gpu.yaml: images only
+                 "gpu": {"image": 256}}                                    # presets/gpu.yaml: images only
 
 
 def synthetic_batch(encoder_cfg, modality: str, batch_size: int, audio_seconds: float) -> dict:
@@ -89,7 +89,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times, tokens = [], [], 0
 
-    cuda_graphs = compile != "off" and replays_cuda_graphs(compile_mode, torch.device(device))
+    cuda_graphs = replays_cuda_graphs(compile, compile_mode, torch.device(device))
 
     def step_fn(step: int, batch: dict) -> None:
         if cuda_graphs:

@@ -17,8 +17,9 @@ same recipe sized for a 2-core CPU. Where the paper and the released fairseq con
 - batch size, GPU count and update counts belong to the engine config, not to this method.
 
 Known differences from fairseq: the collapse guard's statistics are per process (fairseq all-reduces
-them), and it is checked at logging intervals, not in every forward; with ``teacher_shares="embeddings"`` (text) prenet blocks, if any (no released text config has
-them), are EMA-copied instead of run by the student; drop-path rises linearly over prenet + main blocks.
+them), and it is checked at logging intervals, not in every forward; with ``teacher_shares="embeddings"``
+(text) prenet blocks, if any (no released text config has them), are EMA-copied instead of run by the
+student; drop-path rises linearly over prenet + main blocks.
 """
 from __future__ import annotations
 

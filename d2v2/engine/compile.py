@@ -38,10 +38,10 @@ def compile_model(model: nn.Module, scope: CompileScope, mode: CompileMode = "de
     return model
 
 
-def replays_cuda_graphs(mode: CompileMode, device: torch.device) -> bool:
-    """Whether compiled code replays CUDA graphs (PyTorch's ``reduce-overhead`` and ``max-autotune`` modes,
-    on a GPU only)."""
-    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+def replays_cuda_graphs(scope: CompileScope, mode: CompileMode, device: torch.device) -> bool:
+    """Whether a run compiled so replays CUDA graphs (something compiled, in PyTorch's ``reduce-overhead`` or
+    ``max-autotune`` mode, on a GPU)."""
+    return scope != "off" and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 def mark_step() -> None:

@@ -155,7 +155,7 @@ class Pretrainer:
         self.method: PretrainMethod = build_method(m.modality, m.name, m.preset, m.overrides).to(self.device)
         _seed_all(cfg.seed + self.rank)          # then per-process randomness (dropout, noise)
         self._compile_pending = cfg.compile != "off"       # done by the first train_step (see there)
-        self._cuda_graphs = cfg.compile != "off" and replays_cuda_graphs(cfg.compile_mode, self.device)
+        self._cuda_graphs = replays_cuda_graphs(cfg.compile, cfg.compile_mode, self.device)
         self.model = self.method
         if self.world > 1:
             enc = self.method.encoder().cfg
@@ -364,8 +364,9 @@ class Pretrainer:
         except CollapseError as err:
             failure = str(err)
         if distributed.agree_max([float(failure is not None)], self.control)[0]:
+            last = self.last_good or "none (no checkpoint was written)"
             raise Diverged(f"{failure or 'the collapse guard failed on another process'} (checked after update "
-                           f"{self.updates}); last good checkpoint: {self.last_good or 'none (no checkpoint was written)'}")
+                           f"{self.updates}); last good checkpoint: {last}")
 
     def log_interval(self) -> None:
         """Read the device-side sums of the interval (one sync), log one ``train_progress`` event."""

@@ -119,7 +119,8 @@ class PretrainRunConfig(Config):
 
 # Keys that change how a run executes, not what it computes: they may differ when a run is resumed.
 EXECUTION_KEYS = ("progress", "log_every", "threads", "device", "compile", "compile_mode", "peak_flops",
-                  "checkpoint.last_every_s", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers")
+                  "checkpoint.last_every_s", "data.num_workers", "data.pin_memory", "data.prefetch_factor",
+                  "data.persistent_workers")
 
 
 def resolve_run_config(data: Mapping[str, Any]) -> PretrainRunConfig:
