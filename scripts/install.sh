@@ -15,9 +15,11 @@ fi
 DATA_PKGS="dataset-fashion-mnist espeak-ng flite bible-kjv wordnet-base asterisk-core-sounds-en-wav asterisk-core-sounds-en"
 # A real one-node SLURM cluster for the workflow tests (tests/slurm/cluster.sh).
 SLURM_PKGS="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+# The C++ compiler torch.compile's CPU backend builds its kernels with (compile: blocks / model; tests/test_flops.py).
+BUILD_PKGS="g++"
 
 missing=""
-for p in $DATA_PKGS $SLURM_PKGS; do
+for p in $DATA_PKGS $SLURM_PKGS $BUILD_PKGS; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
