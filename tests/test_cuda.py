@@ -12,6 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from d2v2.method import available_methods, build_method
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from crosscheck_fairseq import DETERMINISTIC, TEXT_DROPOUT  # noqa: E402  (dropout and noise off, as the cross-check)
 from test_precision import LOSS_RTOL, batch_for, losses  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -105,12 +107,6 @@ def test_a_real_run_on_the_gpu(tmp_path, precision):
         assert 0 < s["compute"]["mfu"] < 1
 
 
-NO_NOISE = {"encoder": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "post_mlp_dropout": 0.0,
-                        "drop_path": 0.0},
-            "decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0}
-TEXT_NO_NOISE = {"encoder": {"text": {"dropout": 0.0}}}
-
-
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_the_whole_model_replays_as_cuda_graphs(tmp_path, modality):
     """``compile: model`` with ``compile_mode: reduce-overhead`` (d2v2.engine.compile): data2vec 2.0's updates
@@ -124,8 +120,9 @@ def test_the_whole_model_replays_as_cuda_graphs(tmp_path, modality):
     for scope in ("off", "model"):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
+        overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
         trainer, batches = _trainer(tmp_path / scope, modality, compile=scope, compile_mode="reduce-overhead",
-                                    method={"overrides": merge(NO_NOISE, TEXT_NO_NOISE if modality == "text" else {})})
+                                    method={"overrides": overrides})
         torch.manual_seed(0)
         losses[scope] = []
         for batch in batches:
