@@ -84,3 +84,40 @@ def test_the_workflow_config_cannot_set_the_models():
     with pytest.raises(wfc.WorkflowConfigError, match="method_settings: the models are the preset's .*method.overrides"):
         wfc.with_preset({"method_settings": {"image": {"mae": {"decoder_dim": 8}}}})
     assert "encoders" not in wfc.with_preset({"preset": "tiny"})
+
+
+def _base_runs() -> dict:
+    """base's full-budget pretraining run configs by (modality, method), with stand-in data paths."""
+    from d2v2.engine.runconfig import resolve_run_config
+
+    text = {"gpt2_vocab": "v", "gpt2_merges": "m", "train_shards": ["t"], "valid_shards": ["v"], "glue_dir": "g"}
+    config = wfc.with_preset({"preset": "base", "data": {"root": "data", "image": {"imagenet_dir": "i"},
+                                                        "speech": {"manifest_dir": "s"}, "text": text}})
+    wfc.check_schema(config, "workflow/schemas/config.schema.yaml")
+    return {(r.modality, r.method): resolve_run_config(wfc.run_config(config, r))
+            for r in wfc.expand_runs(config) if not r.sweep}
+
+
+def test_base_trains_every_baseline_on_its_released_recipe():
+    """METHOD.md#baseline-mae, #baseline-data2vec1, #baseline-mlm: a baseline that shared data2vec 2.0's
+    recipe would be measured at another method's learning rate and batch (data2vec 1.0 collapsed at data2vec
+    2.0's LR in the gpu preset's replay, docs/BENCHMARKS.md#the-gpu-preset-replayed-on-a-cpu)."""
+    runs = _base_runs()
+    d2v2 = runs["image", "data2vec2"]
+    assert (d2v2.batch_size, d2v2.optim.lr, d2v2.optim.clip_grad) == (16, 1e-3, 4.0)
+    mae = runs["image", "mae"]                      # lr = 1.5e-4 x (16 x 64) / 256
+    assert (mae.batch_size * 16, mae.optim.lr, mae.optim.clip_grad) == (1024, 1.5e-4 * 1024 / 256, None)
+    assert mae.optim.betas == (0.9, 0.95) and mae.optim.warmup_fraction == pytest.approx(50_040 / 375_300, abs=1e-5)
+    d2v1 = runs["image", "data2vec1"]
+    assert (d2v1.batch_size * 16, d2v1.reference_batch_size, d2v1.optim.lr) == (2048, 2048, 5e-4)
+    assert (d2v1.optim.betas, d2v1.optim.clip_grad) == ((0.9, 0.999), 3.0)
+    assert d2v1.optim.warmup_fraction == pytest.approx(12_510 / 375_300, abs=1e-6)
+    speech = runs["speech", "data2vec1"].optim      # tri-stage: 0.01 x peak -> peak (3%) -> hold (90%) -> 0.01 x
+    assert speech.lr_at(0.0) == pytest.approx(5e-6) and speech.lr_at(0.03) == speech.lr_at(0.93) == 5e-4
+    assert speech.lr_at(1.0) == pytest.approx(5e-6) and runs["speech", "data2vec2"].optim.lr == 7.5e-4
+    text = runs["text", "data2vec1"]
+    assert (text.batch_size * 16, text.optim.lr, text.optim.clip_grad, text.optim.warmup_fraction) == \
+        (256, 2e-4, 5.0, 0.01)
+    assert runs["text", "data2vec2"].batch_size * 16 == 32
+    mlm = runs["text", "mlm"]                       # RoBERTa in BERT's setup: 256 sequences, lr 1e-4
+    assert (mlm.batch_size * 16, mlm.optim.lr, mlm.optim.schedule, mlm.optim.clip_grad) == (256, 1e-4, "linear", None)
