@@ -121,3 +121,16 @@ def test_base_trains_every_baseline_on_its_released_recipe():
     assert runs["text", "data2vec2"].batch_size * 16 == 32
     mlm = runs["text", "mlm"]                       # RoBERTa in BERT's setup: 256 sequences, lr 1e-4
     assert (mlm.batch_size * 16, mlm.optim.lr, mlm.optim.schedule, mlm.optim.clip_grad) == (256, 1e-4, "linear", None)
+
+
+def test_gpu_gives_each_image_baseline_its_own_recipes_lr_at_the_presets_batch():
+    """gpu (one process, 256 images): MAE's rule 1.5e-4 x 256 / 256, data2vec 1.0's paper LR 2e-3 at 2,048
+    scaled linearly (METHOD.md#baseline-mae, METHOD.md#baseline-data2vec1); data2vec 2.0 keeps 1e-3."""
+    from d2v2.engine.runconfig import resolve_run_config
+
+    config = wfc.with_preset({"preset": "gpu", "data": {"root": "data"}})
+    wfc.check_schema(config, "workflow/schemas/config.schema.yaml")
+    runs = {r.method: resolve_run_config(wfc.run_config(config, r)) for r in wfc.expand_runs(config) if not r.sweep}
+    assert {m: r.batch_size for m, r in runs.items()} == {"data2vec2": 256, "mae": 256, "data2vec1": 256}
+    assert (runs["mae"].optim.lr, runs["mae"].optim.clip_grad) == (1.5e-4, None)
+    assert runs["data2vec1"].optim.lr == 2e-3 * 256 / 2048 and runs["data2vec2"].optim.lr == 1e-3
