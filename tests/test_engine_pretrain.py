@@ -128,7 +128,7 @@ def test_bad_configs_fail_before_compute_naming_the_key(tmp_path, capsys, data_r
         ({"method": {"overrides": {"decoder": {"depth": 0}}}}, "method.decoder.depth"),
         ({"method": {"name": "nope"}}, "'nope' is not available"),
         ({"optim": {"lr": -1}}, "optim.lr"),
-        ({"precision": "fp16", "device": "cpu"}, "precision: fp16 needs a CUDA device"),
+        ({"precision": "fp8"}, "precision"),
     ]
     for change, message in cases:
         cfg.write_text(yaml.safe_dump(merge(good, change)))
@@ -224,6 +224,45 @@ def test_bf16_autocast_run(tmp_path, data_root):
     out = tmp_path / "run"
     assert run(run_config(data_root, precision="bf16", budget={"kind": "updates", "value": 2}), out) == 0
     assert math.isfinite(read_events(out / "events.jsonl", "train_progress")[-1]["value"]["loss"])
+
+
+def test_fp16_runs_with_fairseqs_loss_scaling_and_resumes_its_scale(tmp_path, data_root):
+    """fp16, base's precision, on a CPU: autocast with dynamic loss scaling from fairseq's 2^7
+    (METHOD.md#mixed-precision); the scale is logged every interval, checkpointed and restored."""
+    from d2v2.engine.pretrain import FP16_INIT_SCALE, Pretrainer
+
+    out = tmp_path / "run"
+    cfg = run_config(data_root, precision="fp16", log_every=1)
+    assert run(cfg, out) == 0
+    progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
+    scales = [p["diagnostics"]["loss_scale"] for p in progress]
+    assert len(scales) == 6 and all(math.isfinite(p["loss"]) for p in progress)
+    assert all(s <= FP16_INIT_SCALE and math.log2(s).is_integer() for s in scales)
+    assert load_checkpoint(out / "checkpoint_last.pt")["scaler"]["scale"] == scales[-1]
+    resumed = Pretrainer(cfg, out)
+    resumed.restore()
+    assert resumed.scaler.get_scale() == scales[-1] and resumed.updates == 6
+
+
+def test_an_fp16_overflow_skips_the_step_and_a_vanishing_scale_stops_the_run(tmp_path, data_root):
+    """An overflowing gradient leaves the weights as they were and halves the scale (the update is still
+    counted, METHOD.md#mixed-precision); a scale below fairseq's minimum is a divergence that names it."""
+    from d2v2.engine.pretrain import FP16_MIN_SCALE, Diverged, Pretrainer
+
+    trainer = Pretrainer(run_config(data_root, precision="fp16"), tmp_path / "run")
+    assert trainer.scaler.get_growth_interval() == 2 ** 14          # fairseq's scale window, one process
+    batches = iter(trainer._loader())
+    trainer.train_step(batches)
+    trainer.scaler.update(2.0 ** 100)                  # the scaled gradients overflow fp16
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train_step(batches)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert trainer.scaler.get_scale() == 2.0 ** 99 and trainer.updates == 2
+    trainer.train_step(batches)                        # the next step at the halved scale overflows again
+    assert trainer.scaler.get_scale() == 2.0 ** 98
+    trainer.scaler.update(FP16_MIN_SCALE / 2)
+    with pytest.raises(Diverged, match="fp16 loss scale 5e-05 fell below 0.0001 after update 3"):
+        trainer.check_loss_scale()
 
 
 def test_epochs_budget(tmp_path, data_root):

@@ -65,11 +65,14 @@ from d2v2.method import CollapseError, PretrainMethod, build_method, method_data
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
 EXIT_DIVERGED = 3
+FP16_INIT_SCALE = 2.0 ** 7     # fairseq's fp16_init_scale
+FP16_MIN_SCALE = 1e-4          # fairseq's min_loss_scale: below it the loss is exploding
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class Diverged(RuntimeError):
-    """A non-finite loss or gradient norm; the message names the update and the last good checkpoint."""
+    """A non-finite loss or gradient norm, a failed collapse guard or a vanished fp16 loss scale; the message
+    names the update and the last good checkpoint."""
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -132,8 +135,6 @@ class Pretrainer:
                  dataset: Dataset | None = None):
         self.cfg, self.out = cfg, Path(out)
         self.device = _resolve_device(cfg.device)
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         self.segments = SegmentTable.resume(self.out / "segments.csv")
         self.clock = RunClock(self.device, e2e_before_s=self.segments.e2e_before_s, start_wall=start_wall)
         if cfg.threads:
@@ -169,7 +170,11 @@ class Pretrainer:
             param_groups(self.method, cfg.optim.weight_decay, no_weight_decay=self.method.no_weight_decay()),
             cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        # fairseq's DynamicLossScaler (METHOD.md#mixed-precision): start at 2^7, double after 2^14 / (processes x
+        # accumulation) updates without overflow, halve and skip the step on one
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
+                                           growth_interval=max(1, 2 ** 14 // (self.world * cfg.grad_accum)),
+                                           enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
         self.updates = self.tokens = self._local_tokens = 0
@@ -355,6 +360,19 @@ class Pretrainer:
             raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
                            f"update: {diagnostics}; last good checkpoint: {last}")
 
+    def check_loss_scale(self) -> float | None:
+        """fp16: the loss scale (one read), or :class:`Diverged` once overflows have halved it below fairseq's
+        minimum; ``None`` without loss scaling. Every process holds the same scale (the same reduced gradients)."""
+        if not self.scaler.is_enabled():
+            return None
+        scale = self.scaler.get_scale()
+        if scale < FP16_MIN_SCALE:
+            last = self.last_good or "none (no checkpoint was written)"
+            raise Diverged(f"fp16 loss scale {scale:.3g} fell below {FP16_MIN_SCALE:g} after update {self.updates}: "
+                           f"gradients overflow at every scale, the loss is probably exploding (lower the LR or "
+                           f"use bf16); last good checkpoint: {last}")
+        return scale
+
     def check_health(self) -> None:
         """The method's check of the last update's diagnostics (data2vec 2.0's collapse guard,
         METHOD.md#collapse-guard) as a divergence; every process stops if it fails on any of them."""
@@ -371,6 +389,7 @@ class Pretrainer:
     def log_interval(self) -> None:
         """Read the device-side sums of the interval (one sync), log one ``train_progress`` event."""
         self.check_finite()
+        loss_scale = self.check_loss_scale()
         self.check_health()
         self._count_tokens()
         train, e2e = self.clock.train_time_s(), self.clock.e2e_time_s()
@@ -388,6 +407,8 @@ class Pretrainer:
             "throughput": {"samples_per_s": n * self.global_batch / seconds,
                            "tokens_per_s": tokens / seconds, "updates_per_s": n / seconds},
         }
+        if loss_scale is not None:                     # a column of the progress table, as diag.loss_scale
+            record["diagnostics"]["loss_scale"] = loss_scale
         if self.main:
             self.events.log("train_progress", record)
             self.segments.update(self.clock)

@@ -78,8 +78,9 @@ class PretrainRunConfig(Config):
     ``batch_size`` is per process (distinct samples before multi-mask cloning); the effective batch is
     ``batch_size x grad_accum x processes``. ``reference_batch_size`` is the paper's effective batch for
     this setting (METHOD.md#pretraining-recipes): when set, the run logs how far its own batch is from it (a smaller batch
-    changes results, METHOD.md#small-batch-gap). ``precision``: ``fp16`` uses dynamic loss scaling (the paper's
-    setting on GPUs, METHOD.md#pretraining-recipes), ``bf16`` autocast without scaling, ``fp32`` none.
+    changes results, METHOD.md#small-batch-gap). ``precision``: ``fp16`` uses fairseq's dynamic loss scaling (the paper's
+    setting on GPUs, METHOD.md#mixed-precision; on a CPU it runs, for tests, far slower than fp32), ``bf16`` autocast
+    without scaling, ``fp32`` none.
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
     ``None`` turns it on exactly when the encoder uses layer-drop. ``compile``: ``torch.compile`` every
     Transformer block (``blocks``; ``true`` means the same) or the method's whole forward and backward
@@ -129,8 +130,6 @@ def resolve_run_config(data: Mapping[str, Any]) -> PretrainRunConfig:
     cfg = validate(PretrainRunConfig, data)
     m = cfg.method
     method_cfg = method_config(m.modality, m.name, m.preset, m.overrides)
-    if cfg.precision == "fp16" and cfg.device == "cpu":
-        raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return cfg.model_copy(update={"method": m.model_copy(update={"overrides": method_cfg.model_dump(mode="json")})})
 
 
