@@ -28,6 +28,7 @@ from d2v2 import data
 from d2v2.engine.clock import synchronize
 from d2v2.engine.events import read_events
 from d2v2.engine.optim import build_optimizer, param_groups
+from d2v2.engine.precision import autocast, loss_scaler
 from d2v2.engine.pretrain import run
 from d2v2.engine.runconfig import resolve_run_config
 from d2v2.engine.sampler import ResumableBatchSampler, WithEpoch
@@ -49,15 +50,17 @@ def bare_step_throughput(cfg, warmup: int, updates: int) -> float:
     stream = iter([{k: v.to(device) if torch.is_tensor(v) else v
                     for k, v in collate([dataset[key] for key in next(sampler)]).items()}
                    for _ in range(warmup + updates)])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler = loss_scaler(device, cfg.precision, cfg.loss_scaling)
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, cfg.precision):
             loss = method(next(stream)).loss
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.optim.clip_grad is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         method.after_step(i + 1, fraction=(i + 1) / (warmup + updates))
 

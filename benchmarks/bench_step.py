@@ -72,6 +72,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
     from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
     from d2v2.engine.flops import count_flops, peak_flops
+    from d2v2.engine.precision import autocast, loss_scaler
     from d2v2.method import build_method
 
     torch.set_num_threads(threads)
@@ -80,8 +81,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16")
+    scaler = loss_scaler(torch.device(device), dtype)
     raw = method.stand_in_inputs(synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds),
                                  torch.Generator().manual_seed(0))
     masker = method.masker()
@@ -94,7 +94,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     def step_fn(step: int, batch: dict) -> None:
         if cuda_graphs:
             mark_step()
-        with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(torch.device(device), dtype):
             out = method(batch)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()

@@ -229,7 +229,7 @@ def test_bf16_autocast_run(tmp_path, data_root):
 def test_fp16_runs_with_fairseqs_loss_scaling_and_resumes_its_scale(tmp_path, data_root):
     """fp16, base's precision, on a CPU: autocast with dynamic loss scaling from fairseq's 2^7
     (METHOD.md#mixed-precision); the scale is logged every interval, checkpointed and restored."""
-    from d2v2.engine.pretrain import FP16_INIT_SCALE, Pretrainer
+    from d2v2.engine.pretrain import Pretrainer
 
     out = tmp_path / "run"
     cfg = run_config(data_root, precision="fp16", log_every=1)
@@ -237,7 +237,7 @@ def test_fp16_runs_with_fairseqs_loss_scaling_and_resumes_its_scale(tmp_path, da
     progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
     scales = [p["diagnostics"]["loss_scale"] for p in progress]
     assert len(scales) == 6 and all(math.isfinite(p["loss"]) for p in progress)
-    assert all(s <= FP16_INIT_SCALE and math.log2(s).is_integer() for s in scales)
+    assert all(s <= 2 ** 7 and math.log2(s).is_integer() for s in scales)
     assert load_checkpoint(out / "checkpoint_last.pt")["scaler"]["scale"] == scales[-1]
     resumed = Pretrainer(cfg, out)
     resumed.restore()
@@ -247,7 +247,7 @@ def test_fp16_runs_with_fairseqs_loss_scaling_and_resumes_its_scale(tmp_path, da
 def test_an_fp16_overflow_skips_the_step_and_a_vanishing_scale_stops_the_run(tmp_path, data_root):
     """An overflowing gradient leaves the weights as they were and halves the scale (the update is still
     counted, METHOD.md#mixed-precision); a scale below fairseq's minimum is a divergence that names it."""
-    from d2v2.engine.pretrain import FP16_MIN_SCALE, Diverged, Pretrainer
+    from d2v2.engine.pretrain import Diverged, Pretrainer
 
     trainer = Pretrainer(run_config(data_root, precision="fp16"), tmp_path / "run")
     assert trainer.scaler.get_growth_interval() == 2 ** 14          # fairseq's scale window, one process
@@ -260,9 +260,12 @@ def test_an_fp16_overflow_skips_the_step_and_a_vanishing_scale_stops_the_run(tmp
     assert trainer.scaler.get_scale() == 2.0 ** 99 and trainer.updates == 2
     trainer.train_step(batches)                        # the next step at the halved scale overflows again
     assert trainer.scaler.get_scale() == 2.0 ** 98
-    trainer.scaler.update(FP16_MIN_SCALE / 2)
+    trainer.scaler.update(5e-5)
     with pytest.raises(Diverged, match="fp16 loss scale 5e-05 fell below 0.0001 after update 3"):
         trainer.check_loss_scale()
+    assert Pretrainer(run_config(data_root, precision="fp16", loss_scaling={"init_scale": 4, "scale_window": 128}),
+                      tmp_path / "other").scaler.state_dict() == {**trainer.scaler.state_dict(), "scale": 4.0,
+                                                                   "growth_interval": 128, "_growth_tracker": 0}
 
 
 def test_epochs_budget(tmp_path, data_root):

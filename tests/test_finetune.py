@@ -67,7 +67,11 @@ def test_presets_resolve_for_every_modality():
             assert cfg.optim.lr > 0 and cfg.task
     base = finetune_config({"modality": "image", "preset": "base"})
     assert (base.layer_decay, base.drop_path, base.label_smoothing, base.optim.lr) == (0.65, 0.1, 0.1, 1e-3)
-    assert finetune_config({"modality": "text", "preset": "base"}).lr_sweep == [1e-5, 2e-5, 4e-5, 6e-5]
+    text = finetune_config({"modality": "text", "preset": "base"})
+    assert text.lr_sweep == [1e-5, 2e-5, 4e-5, 6e-5]
+    # the released configs fine-tune in fp16; GLUE's start their loss scale at 4 and double it every 128 updates
+    assert base.precision == text.precision == "fp16" and base.loss_scaling.init_scale == 2 ** 7
+    assert (text.loss_scaling.init_scale, text.loss_scaling.scale_window) == (4, 128)
     # speech is scored on WER at paper scale, on CER in tiny (where every WER is ~1)
     assert finetune_config({"modality": "speech", "preset": "base"}).primary_metric is None
     assert finetune_config({"modality": "speech", "preset": "tiny"}).primary_metric == "cer"
@@ -276,6 +280,15 @@ def test_image_classification_learns():
     m = _learn("image", {"preset": "smoke", "overrides": {"encoder": {"image": {"patch_size": 4}}}},
                {"budget": {"value": 100}, "eval_max_samples": 500})
     assert m["test_accuracy"] > 0.18           # 10 classes: chance 0.1 (500 samples: 5 standard errors)
+
+
+def test_image_classification_learns_in_fp16_with_loss_scaling():
+    """fp16 (the paper's fine-tuning precision, METHOD.md#mixed-precision) on a CPU: autocast, the loss scaled
+    from GLUE's 4 and doubled every 10 updates without an overflow, the optimiser stepping through the scaler."""
+    m = _learn("image", {"preset": "smoke", "overrides": {"encoder": {"image": {"patch_size": 4}}}},
+               {"budget": {"value": 100}, "eval_max_samples": 500, "precision": "fp16",
+                "loss_scaling": {"init_scale": 4, "scale_window": 10}})
+    assert m["test_accuracy"] > 0.18
 
 
 @pytest.mark.slow

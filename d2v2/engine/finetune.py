@@ -43,6 +43,7 @@ from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.ftconfig import FinetuneConfig, finetune_config
 from d2v2.engine.heads import CTCRecognizer, FrozenFeatureCache, ImageClassifier, SentenceClassifier
 from d2v2.engine.optim import OptimConfig, build_optimizer, param_groups, set_lr
+from d2v2.engine.precision import autocast, loss_scaler
 from d2v2.engine.provenance import provenance
 from d2v2.engine.sampler import LengthBucketedBatchSampler
 from d2v2.model.encoder import Encoder, EncoderConfig
@@ -184,12 +185,8 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _autocast(cfg: FinetuneConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
 def _loss(model: nn.Module, cfg: FinetuneConfig, batch: dict, device: torch.device) -> torch.Tensor:
-    with _autocast(cfg, device):
+    with autocast(device, cfg.precision):
         out = model(batch)
     if cfg.modality == "image":
         return model.loss(out, batch["label"], cfg.label_smoothing)
@@ -208,6 +205,7 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
     log = log or _log
     optim = validate(OptimConfig, {**cfg.optim.model_dump(), "lr": peak_lr}, where="optim")
     optimizer = _optimizer(model, cfg, optim)
+    scaler = loss_scaler(device, cfg.precision, cfg.loss_scaling)
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"the training split has fewer samples than batch_size={cfg.batch_size}")
@@ -239,10 +237,12 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
                     model.set_transformer_frozen(step < cfg.freeze_updates)
                 loss = _loss(model, cfg, batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if optim.clip_grad is not None:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-                optimizer.step()
+                scaler.step(optimizer)                     # fp16: skipped when a gradient overflowed
+                scaler.update()
                 running += loss.detach()
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
@@ -250,6 +250,9 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
                     loss_value = float(running) / n           # the only host sync, at log intervals
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(f"fine-tuning diverged: loss {loss_value} at update {step}")
+                    if scaler.is_enabled() and scaler.get_scale() < cfg.loss_scaling.min_scale:
+                        raise FloatingPointError(f"fine-tuning diverged: fp16 loss scale {scaler.get_scale():.3g} "
+                                                 f"below {cfg.loss_scaling.min_scale:g} at update {step}")
                     log(f"update {step}/{total} lr {optim.lr_at(step / total):.3g} loss {loss_value:.4f}")
                     running.zero_()
             epoch += 1
@@ -272,7 +275,7 @@ def evaluate(model: nn.Module, cfg: FinetuneConfig, info: dict[str, Any], loader
     preds, labels = [], []
     for batch in loader:
         batch = _to(batch, device)
-        with _autocast(cfg, device):
+        with autocast(device, cfg.precision):
             out = model(batch)
         if cfg.modality == "speech":
             logits, frames = out

@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from d2v2.config import Config, ConfigError, Modality, check_modality, merge, validate
 from d2v2.data import DataConfig, task_info
 from d2v2.engine.optim import OptimConfig
+from d2v2.engine.precision import LossScaling
 from d2v2.presets import finetune_recipe
 
 __all__ = ["BudgetConfig", "SpeechMaskConfig", "IdentityConfig", "ArchConfig", "FinetuneConfig",
@@ -126,7 +127,8 @@ class FinetuneConfig(Config):
     # Run
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"      # bf16: autocast for forward passes (the paper: fp16)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast; fp16 (the paper's) scales the loss as
+    loss_scaling: LossScaling = LossScaling()             # fairseq does (METHOD.md#mixed-precision)
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(50, ge=1)
     identity: IdentityConfig = IdentityConfig()

@@ -55,6 +55,7 @@ from d2v2.engine.errors import EXIT_USER_ERROR, USER_ERRORS
 from d2v2.engine.events import EventLog
 from d2v2.engine.flops import count_flops
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr
+from d2v2.engine.precision import autocast, loss_scaler
 from d2v2.engine.progress import IntervalStats, progress_bar
 from d2v2.engine.provenance import job_id, provenance
 from d2v2.engine.runconfig import PretrainRunConfig, config_differences, load_run_config
@@ -65,8 +66,6 @@ from d2v2.method import CollapseError, PretrainMethod, build_method, method_data
 __all__ = ["main", "run", "Pretrainer", "Diverged", "EXIT_DIVERGED"]
 
 EXIT_DIVERGED = 3
-FP16_INIT_SCALE = 2.0 ** 7     # fairseq's fp16_init_scale
-FP16_MIN_SCALE = 1e-4          # fairseq's min_loss_scale: below it the loss is exploding
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -170,12 +169,7 @@ class Pretrainer:
             param_groups(self.method, cfg.optim.weight_decay, no_weight_decay=self.method.no_weight_decay()),
             cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # fairseq's DynamicLossScaler (METHOD.md#mixed-precision): start at 2^7, double after 2^14 / (processes x
-        # accumulation) updates without overflow, halve and skip the step on one
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
-                                           growth_interval=max(1, 2 ** 14 // (self.world * cfg.grad_accum)),
-                                           enabled=cfg.precision == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = loss_scaler(self.device, cfg.precision, cfg.loss_scaling, self.world, cfg.grad_accum)
 
         self.updates = self.tokens = self._local_tokens = 0
         self.flops_per_update: int | None = None      # counted on the run's first update (d2v2.engine.flops)
@@ -361,14 +355,15 @@ class Pretrainer:
                            f"update: {diagnostics}; last good checkpoint: {last}")
 
     def check_loss_scale(self) -> float | None:
-        """fp16: the loss scale (one read), or :class:`Diverged` once overflows have halved it below fairseq's
-        minimum; ``None`` without loss scaling. Every process holds the same scale (the same reduced gradients)."""
+        """fp16: the loss scale (one read), or :class:`Diverged` once overflows have halved it below
+        ``loss_scaling.min_scale``; ``None`` without loss scaling. Every process holds the same scale (the same
+        reduced gradients)."""
         if not self.scaler.is_enabled():
             return None
-        scale = self.scaler.get_scale()
-        if scale < FP16_MIN_SCALE:
+        scale, floor = self.scaler.get_scale(), self.cfg.loss_scaling.min_scale
+        if scale < floor:
             last = self.last_good or "none (no checkpoint was written)"
-            raise Diverged(f"fp16 loss scale {scale:.3g} fell below {FP16_MIN_SCALE:g} after update {self.updates}: "
+            raise Diverged(f"fp16 loss scale {scale:.3g} fell below {floor:g} after update {self.updates}: "
                            f"gradients overflow at every scale, the loss is probably exploding (lower the LR or "
                            f"use bf16); last good checkpoint: {last}")
         return scale
@@ -464,8 +459,7 @@ class Pretrainer:
             sync = (self.model.no_sync() if self.world > 1 and i < accum - 1 else contextlib.nullcontext())
             if self._cuda_graphs:
                 mark_step()
-            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                      enabled=self.autocast_dtype is not None):
+            with sync, autocast(self.device, self.cfg.precision):
                 output = self.model(batch)
             self.scaler.scale(output.loss / accum).backward()
             self.stats.add_forward(output.loss, output.logs, accum)

@@ -19,6 +19,7 @@ from d2v2.config import Config, ConfigError, Modality, apply_overrides, load_yam
 from d2v2.data.config import DataConfig
 from d2v2.engine.compile import CompileMode, CompileScope
 from d2v2.engine.optim import OptimConfig
+from d2v2.engine.precision import LossScaling
 from d2v2.method import method_config
 
 __all__ = ["MethodSpec", "Budget", "CheckpointConfig", "PretrainRunConfig", "load_run_config",
@@ -79,8 +80,8 @@ class PretrainRunConfig(Config):
     ``batch_size x grad_accum x processes``. ``reference_batch_size`` is the paper's effective batch for
     this setting (METHOD.md#pretraining-recipes): when set, the run logs how far its own batch is from it (a smaller batch
     changes results, METHOD.md#small-batch-gap). ``precision``: ``fp16`` uses fairseq's dynamic loss scaling (the paper's
-    setting on GPUs, METHOD.md#mixed-precision; on a CPU it runs, for tests, far slower than fp32), ``bf16`` autocast
-    without scaling, ``fp32`` none.
+    setting on GPUs, METHOD.md#mixed-precision; on a CPU it runs, for tests, far slower than fp32) as
+    ``loss_scaling`` sets it, ``bf16`` autocast without scaling, ``fp32`` none.
     ``ddp_find_unused_parameters``: needed when some parameters get no gradient in a step (layer-drop);
     ``None`` turns it on exactly when the encoder uses layer-drop. ``compile``: ``torch.compile`` every
     Transformer block (``blocks``; ``true`` means the same) or the method's whole forward and backward
@@ -100,6 +101,7 @@ class PretrainRunConfig(Config):
     budget: Budget
     checkpoint: CheckpointConfig = CheckpointConfig()
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_scaling: LossScaling = LossScaling()
     seed: int = 0
     log_every: int = Field(10, ge=1)
     progress: Literal["auto"] | bool = "auto"
