@@ -115,6 +115,13 @@ def test_base_trains_every_baseline_on_its_released_recipe():
     speech = runs["speech", "data2vec1"].optim      # tri-stage: 0.01 x peak -> peak (3%) -> hold (90%) -> 0.01 x
     assert speech.lr_at(0.0) == pytest.approx(5e-6) and speech.lr_at(0.03) == speech.lr_at(0.93) == 5e-4
     assert speech.lr_at(1.0) == pytest.approx(5e-6) and runs["speech", "data2vec2"].optim.lr == 7.5e-4
+    # speech batches count utterances: a baseline's total batch is data2vec 2.0's (1M samples x 16 devices)
+    # accumulated as many times as its config's max_tokens x devices holds it, rounded
+    for method, samples in {"data2vec2": 1e6 * 16, "data2vec1": 3.8e6 * 16, "wav2vec2": 1.4e6 * 64,
+                            "hubert": 1.4e6 * 32, "wavlm": 1.4e6 * 32}.items():
+        run = runs["speech", method]
+        assert run.batch_size == 8 and run.grad_accum == round(samples / 16e6), method
+        assert run.data.speech.max_sample_size == (320_000 if "data2vec" in method else 250_000), method
     text = runs["text", "data2vec1"]
     assert (text.batch_size * 16, text.optim.lr, text.optim.clip_grad, text.optim.warmup_fraction) == \
         (256, 2e-4, 5.0, 0.01)
