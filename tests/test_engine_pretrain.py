@@ -234,6 +234,7 @@ def test_fp16_runs_with_fairseqs_loss_scaling_and_resumes_its_scale(tmp_path, da
     out = tmp_path / "run"
     cfg = run_config(data_root, precision="fp16", log_every=1)
     assert run(cfg, out) == 0
+    assert "fp16 on a CPU runs several times slower" in read_events(out / "events.jsonl", "warning")[0]["value"]
     progress = [e["value"] for e in read_events(out / "events.jsonl", "train_progress")]
     scales = [p["diagnostics"]["loss_scale"] for p in progress]
     assert len(scales) == 6 and all(math.isfinite(p["loss"]) for p in progress)

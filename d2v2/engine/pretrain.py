@@ -506,6 +506,9 @@ class Pretrainer:
                         grad_accum=cfg.grad_accum, processes=self.world, reference=cfg.reference_batch_size)
         self.events.log("train_samples", len(self.dataset))
         self.events.log("budget", cfg.budget.model_dump(), checkpoint_fractions=cfg.checkpoint.fractions)
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            self._warn("precision fp16 on a CPU runs several times slower than fp32 "
+                       "(docs/BENCHMARKS.md#fp16-on-a-cpu); it is there for tests: use fp32 or bf16")
         if cfg.reference_batch_size and cfg.reference_batch_size != self.global_batch:
             self._warn(f"effective batch {self.global_batch} (= {cfg.batch_size} x {cfg.grad_accum} accumulation x "
                        f"{self.world} processes) differs from the paper's {cfg.reference_batch_size} "
