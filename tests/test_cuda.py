@@ -32,10 +32,12 @@ def cuda_batch(method, padded: bool = True) -> dict:
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, LOSS_RTOL), (torch.float16, LOSS_RTOL / 4)])
 @pytest.mark.parametrize("modality,name", sorted(available_methods()))
-def test_bf16_forward_matches_fp32_on_the_gpu(modality, name):
-    fp32, bf16 = losses(modality, name, "cuda")
-    assert bf16 == pytest.approx(fp32, rel=LOSS_RTOL), f"{modality}/{name}: bf16 {bf16} vs fp32 {fp32}"
+def test_half_precision_forward_matches_fp32_on_the_gpu(modality, name, dtype, rtol):
+    """bf16 (the gpu preset's) and fp16 (base's), with the tolerances of tests/test_precision.py."""
+    fp32, half = losses(modality, name, "cuda", dtype)
+    assert half == pytest.approx(fp32, rel=rtol), f"{modality}/{name}: {dtype} {half} vs fp32 {fp32}"
 
 
 @pytest.mark.parametrize("modality,name", sorted(available_methods()))
