@@ -267,12 +267,12 @@ def test_text_vocabulary_must_fit_the_encoder():
 
 
 # ---- a real learning signal per modality (embedded data, random init: the encoder and head must learn) --
-def _learn(modality: str, arch: dict, overrides: dict) -> dict:
+def _learn(modality: str, arch: dict, overrides: dict, log=lambda *_: None) -> dict:
     root = _data(modality)
     cfg = finetune_config({"modality": modality, "preset": "tiny", "init": "random",
                            "arch": {"method": "data2vec2", **arch},
                            "data": {"root": str(root), "num_workers": 0}, "threads": 1, **overrides})
-    return F.finetune(cfg, None, log=lambda *_: None)["metrics"]
+    return F.finetune(cfg, None, log=log)["metrics"]
 
 
 def test_image_classification_learns():
@@ -285,10 +285,13 @@ def test_image_classification_learns():
 def test_image_classification_learns_in_fp16_with_loss_scaling():
     """fp16 (the paper's fine-tuning precision, METHOD.md#mixed-precision) on a CPU: autocast, the loss scaled
     from GLUE's 4 and doubled every 10 updates without an overflow, the optimiser stepping through the scaler."""
+    lines = []
     m = _learn("image", {"preset": "smoke", "overrides": {"encoder": {"image": {"patch_size": 4}}}},
                {"budget": {"value": 100}, "eval_max_samples": 500, "precision": "fp16",
-                "loss_scaling": {"init_scale": 4, "scale_window": 10}})
+                "loss_scaling": {"init_scale": 4, "scale_window": 10}}, log=lines.append)
     assert m["test_accuracy"] > 0.18
+    scales = [float(line.rsplit("loss scale ", 1)[1]) for line in lines if "loss scale" in line]
+    assert len(scales) == 2 and 4 < scales[0] < scales[1]       # logged at updates 50 and 100, growing
 
 
 @pytest.mark.slow
