@@ -81,7 +81,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    scaler = loss_scaler(torch.device(device), dtype)
+    dev = torch.device(device)
+    scaler = loss_scaler(dev, dtype)
     raw = method.stand_in_inputs(synthetic_batch(method.encoder().cfg, modality, batch_size, audio_seconds),
                                  torch.Generator().manual_seed(0))
     masker = method.masker()
@@ -89,12 +90,12 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times, tokens = [], [], 0
 
-    cuda_graphs = replays_cuda_graphs(compile, compile_mode, torch.device(device))
+    cuda_graphs = replays_cuda_graphs(compile, compile_mode, dev)
 
     def step_fn(step: int, batch: dict) -> None:
         if cuda_graphs:
             mark_step()
-        with autocast(torch.device(device), dtype):
+        with autocast(dev, dtype):
             out = method(batch)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
@@ -120,7 +121,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
-    peak = peak_flops(torch.device(device))
+    peak = peak_flops(dev)
     return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size, "dtype": dtype,
             "compiled": compile, "compile_mode": compile_mode, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
             "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,

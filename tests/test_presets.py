@@ -86,16 +86,20 @@ def test_the_workflow_config_cannot_set_the_models():
     assert "encoders" not in wfc.with_preset({"preset": "tiny"})
 
 
-def _base_runs() -> dict:
-    """base's full-budget pretraining run configs by (modality, method), with stand-in data paths."""
+def _full_runs(preset: str, data: dict) -> dict:
+    """The preset's full-budget pretraining run configs by (modality, method)."""
     from d2v2.engine.runconfig import resolve_run_config
 
-    text = {"gpt2_vocab": "v", "gpt2_merges": "m", "train_shards": ["t"], "valid_shards": ["v"], "glue_dir": "g"}
-    config = wfc.with_preset({"preset": "base", "data": {"root": "data", "image": {"imagenet_dir": "i"},
-                                                        "speech": {"manifest_dir": "s"}, "text": text}})
+    config = wfc.with_preset({"preset": preset, "data": {"root": "data", **data}})
     wfc.check_schema(config, "workflow/schemas/config.schema.yaml")
     return {(r.modality, r.method): resolve_run_config(wfc.run_config(config, r))
             for r in wfc.expand_runs(config) if not r.sweep}
+
+
+def _base_runs() -> dict:
+    """base's, with stand-in paths for the paper-scale data."""
+    text = {"gpt2_vocab": "v", "gpt2_merges": "m", "train_shards": ["t"], "valid_shards": ["v"], "glue_dir": "g"}
+    return _full_runs("base", {"image": {"imagenet_dir": "i"}, "speech": {"manifest_dir": "s"}, "text": text})
 
 
 def test_base_trains_every_baseline_on_its_released_recipe():
@@ -132,11 +136,7 @@ def test_base_trains_every_baseline_on_its_released_recipe():
 def test_gpu_gives_each_image_baseline_its_own_recipes_lr_at_the_presets_batch():
     """gpu (one process, 256 images): MAE's rule 1.5e-4 x 256 / 256, data2vec 1.0's paper LR 2e-3 at 2,048
     scaled linearly (METHOD.md#baseline-mae, METHOD.md#baseline-data2vec1); data2vec 2.0 keeps 1e-3."""
-    from d2v2.engine.runconfig import resolve_run_config
-
-    config = wfc.with_preset({"preset": "gpu", "data": {"root": "data"}})
-    wfc.check_schema(config, "workflow/schemas/config.schema.yaml")
-    runs = {r.method: resolve_run_config(wfc.run_config(config, r)) for r in wfc.expand_runs(config) if not r.sweep}
+    runs = {method: run for (_, method), run in _full_runs("gpu", {}).items()}
     assert {m: r.batch_size for m, r in runs.items()} == {"data2vec2": 256, "mae": 256, "data2vec1": 256}
     assert (runs["mae"].optim.lr, runs["mae"].optim.clip_grad) == (1.5e-4, None)
     assert runs["data2vec1"].optim.lr == 2e-3 * 256 / 2048 and runs["data2vec2"].optim.lr == 1e-3

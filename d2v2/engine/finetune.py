@@ -250,11 +250,12 @@ def train(model: nn.Module, cfg: FinetuneConfig, peak_lr: float, loader: DataLoa
                     loss_value = float(running) / n           # the only host sync, at log intervals
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(f"fine-tuning diverged: loss {loss_value} at update {step}")
-                    scale = f" loss scale {scaler.get_scale():g}" if scaler.is_enabled() else ""
-                    if scaler.is_enabled() and scaler.get_scale() < cfg.loss_scaling.min_scale:
-                        raise FloatingPointError(f"fine-tuning diverged: fp16{scale} below "
+                    scale = scaler.get_scale() if scaler.is_enabled() else None      # fp16 only
+                    if scale is not None and scale < cfg.loss_scaling.min_scale:
+                        raise FloatingPointError(f"fine-tuning diverged: fp16 loss scale {scale:g} below "
                                                  f"{cfg.loss_scaling.min_scale:g} at update {step}")
-                    log(f"update {step}/{total} lr {optim.lr_at(step / total):.3g} loss {loss_value:.4f}{scale}")
+                    log(f"update {step}/{total} lr {optim.lr_at(step / total):.3g} loss {loss_value:.4f}"
+                        + (f" loss scale {scale:g}" if scale is not None else ""))
                     running.zero_()
             epoch += 1
     finally:

@@ -350,9 +350,8 @@ class Pretrainer:
         first_bad = self.stats.first_non_finite(self.world)
         if first_bad is not None:
             diagnostics = {k: float(v) for k, v in self.stats.last_logs.items()}
-            last = self.last_good or "none (no checkpoint was written)"
-            raise Diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
-                           f"update: {diagnostics}; last good checkpoint: {last}")
+            raise self._diverged(f"non-finite loss or gradient norm at update {first_bad}; diagnostics of the last "
+                                 f"update: {diagnostics}")
 
     def check_loss_scale(self) -> float | None:
         """fp16: the loss scale (one read), or :class:`Diverged` once overflows have halved it below
@@ -362,10 +361,9 @@ class Pretrainer:
             return None
         scale, floor = self.scaler.get_scale(), self.cfg.loss_scaling.min_scale
         if scale < floor:
-            last = self.last_good or "none (no checkpoint was written)"
-            raise Diverged(f"fp16 loss scale {scale:.3g} fell below {floor:g} after update {self.updates}: "
-                           f"gradients overflow at every scale, the loss is probably exploding (lower the LR or "
-                           f"use bf16); last good checkpoint: {last}")
+            raise self._diverged(f"fp16 loss scale {scale:.3g} fell below {floor:g} after update {self.updates}: "
+                                 f"gradients overflow at every scale, the loss is probably exploding (lower the LR "
+                                 f"or use bf16)")
         return scale
 
     def check_health(self) -> None:
@@ -377,9 +375,12 @@ class Pretrainer:
         except CollapseError as err:
             failure = str(err)
         if distributed.agree_max([float(failure is not None)], self.control)[0]:
-            last = self.last_good or "none (no checkpoint was written)"
-            raise Diverged(f"{failure or 'the collapse guard failed on another process'} (checked after update "
-                           f"{self.updates}); last good checkpoint: {last}")
+            raise self._diverged(f"{failure or 'the collapse guard failed on another process'} (checked after "
+                                 f"update {self.updates})")
+
+    def _diverged(self, message: str) -> Diverged:
+        """``message`` with the checkpoint the run can go back to."""
+        return Diverged(f"{message}; last good checkpoint: {self.last_good or 'none (no checkpoint was written)'}")
 
     def log_interval(self) -> None:
         """Read the device-side sums of the interval (one sync), log one ``train_progress`` event."""
