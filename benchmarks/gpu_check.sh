@@ -22,7 +22,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/log.txt"
-WORK=$(mktemp -d)
+WORK=$(mktemp -d)                  # the sweep's runs (gigabytes of checkpoints), gone at exit
+trap 'rm -rf "$WORK"' EXIT
 cd "$REPO"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -1,7 +1,8 @@
 """The device script (benchmarks/gpu_check.sh) runs right the first time: its CPU dry run goes through every
 stage (CUDA tests, the step benchmark, the gpu preset's budget sweep end to end) and returns the files a
-device run returns."""
+device run returns, and leaves nothing behind but those."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,14 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_dry_run_goes_through_every_stage(tmp_path):
-    out = tmp_path / "out"
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
-                       capture_output=True, text=True, timeout=1500)
+                       capture_output=True, text=True, timeout=1500, env={**os.environ, "TMPDIR": str(tmp)})
     log = (out / "log.txt").read_text()
     assert r.returncode == 0, log[-4000:]
     for stage in ("cuda-tests", "bench", "compile", "sweep", "runner"):
         assert f"stage {stage}: exit 0" in log
     files = sorted(p.name for p in out.iterdir())
+    assert not list(tmp.glob("tmp.*"))              # its work folder (mktemp's, 3 GB of checkpoints) is gone
     assert len(files) <= 8, files                     # the device tool returns at most 8 files
     assert {"log.txt", "bench.json", "report.md", "evals.csv", "runs.csv", "curves_image_fmnist_sweep.png"} <= set(files)
     rows = json.loads((out / "bench.json").read_text())["rows"]
