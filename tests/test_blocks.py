@@ -109,6 +109,22 @@ def test_channels_last_convolution_without_autograd(conv):
     torch.testing.assert_close(y, conv(x.movedim(-1, 1)).movedim(1, -1).detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch built without NNPACK")
+def test_channels_last_convolution_without_autograd_skips_nnpack_from_a_batch_of_16():
+    """PyTorch sends a batch of 16 or more to NNPACK, which copies in and out of channels-last and is
+    slower than its own kernel: the frozen CNN of a fine-tuning batch of 16 must not go there."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 8, 3, stride=2)
+    x = torch.randn(16, 400, 8)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = conv_channels_last(x, conv)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_slow_conv2d_forward" in ops and "aten::_nnpack_spatial_convolution" not in ops, ops
+    assert torch._C._get_nnpack_enabled() and torch.backends.mkldnn.enabled      # both on again
+    with torch.no_grad():
+        torch.testing.assert_close(y, conv(x.movedim(-1, 1)).movedim(1, -1), atol=1e-5, rtol=1e-5)
+
+
 def test_padded_keys_do_not_influence_real_positions():
     torch.manual_seed(0)
     block = Block(16, 4).eval()

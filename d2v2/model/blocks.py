@@ -268,13 +268,16 @@ def conv_channels_last(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Te
     LayerNorms over channels and the GELUs between such layers (the audio CNN, the positional convolution,
     the decoder) then work on contiguous memory, forward and backward.
 
-    On a CPU without autograd (the speech teacher, evaluation, HuBERT's label features) the convolution
-    skips oneDNN: there oneDNN prepares a kernel for every new input shape, and speech changes its length
-    at every batch and utterance; PyTorch's own kernel computes the same (docs/BENCHMARKS.md)."""
+    On a CPU without autograd (the speech teacher, evaluation, the frozen CNN in fine-tuning, HuBERT's label
+    features) the convolution runs PyTorch's own kernel, which computes the same: oneDNN prepares a kernel
+    for every new input shape, and speech changes its length at every batch and utterance; NNPACK, which
+    PyTorch picks from a batch of 16, copies each layer's input and output out of channels-last and is
+    slower (docs/BENCHMARKS.md#the-frozen-cnn-without-nnpack)."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled:
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = False        # (its flags() would also reset TF32 settings, warning)
         try:
-            return conv_channels_last(x, conv)
+            with torch.backends.nnpack.flags(enabled=False):
+                return conv_channels_last(x, conv)
         finally:
             torch.backends.mkldnn.enabled = True
     if isinstance(conv, nn.Conv1d):
