@@ -4,7 +4,7 @@
     y = targets(EMA teacher on the unmasked z)       (B, T, D)    once per sample, no grad
     z' = M clones of z (repeat_interleave order); M independent masks with the same masked count per row
     h = student blocks on the VISIBLE tokens of z'   (B*M, T_vis (+CLS), D), gathered from z itself
-    p = conv decoder(h scattered back + N(0, sigma) noise at masked positions)
+    p = conv decoder(h scattered back + N(0, sigma) noise at masked positions), read at the masked ones
     loss = sum over masked positions of ||p - y||^2 * s / #masked   (+ CLS term for images)
 
 Presets: ``base`` follows the paper (Base models of each modality) and ``tiny`` / ``smoke`` are the
@@ -36,7 +36,7 @@ from d2v2.config import MODALITIES, Config
 from d2v2.model.decoder import Decoder, DecoderConfig
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
-from d2v2.model.masking import block_mask, gather_tokens, mask_indices, num_kept, random_mask
+from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
 from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
 from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import feature_std, make_targets, position_share
@@ -243,12 +243,10 @@ class Data2Vec2(PretrainMethod):
         out = self.student.contextualize(x, mask, padding_mask, keep=keep, clones=M, layer_results="none")
         E = out.num_extra_tokens
         noise = self.cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
-        pred = self.decoder(out.x[:, E:], keep, T, noise)                         # (B*M, T, D)
-
-        # the masked positions row by row (row-major, as mask.nonzero() orders them); the prediction by
-        # gather, whose backward is a scatter-add (an indexing's is the slower accumulating index_put)
+        # predictions at the masked positions only, row by row (row-major, as mask.nonzero() orders them)
+        pred_m = self.decoder(out.x[:, E:], keep, T, noise, positions=masked).flatten(0, 1).float()
         sample = torch.arange(B * M, device=x.device)[:, None] // M
-        pred_m, y_m = gather_tokens(pred, masked).flatten(0, 1).float(), y[sample, masked].flatten(0, 1)
+        y_m = y[sample, masked].flatten(0, 1)
         sample_size = masked.numel()
         loss = F.mse_loss(pred_m, y_m, reduction="sum") * self.loss_scale     # one fused pass, forward and backward
         details = Details(mask, pred_m, y_m)

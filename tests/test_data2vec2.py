@@ -119,6 +119,22 @@ def test_decoder_shapes_residuals_and_noise():
     assert (diff[:2, :2] > 0).all() and (diff[2:] == 0).all() and (diff[:, 2:] == 0).all()
 
 
+@pytest.mark.parametrize("head_layers,grid", [(1, (4, 4)), (2, None)])
+def test_decoder_at_given_positions_is_the_full_output_there(head_layers, grid):
+    """The loss reads the masked positions only, so the step projects only those: the same values and
+    gradients as projecting every position and selecting."""
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(dim=8, groups=2, depth=2, kernel=3, head_layers=head_layers), 16, grid=grid)
+    keep, masked = torch.tensor([[0, 5, 9], [1, 2, 15]]), torch.tensor([[3, 4, 12], [0, 7, 8]])
+    vis = torch.randn(2, 3, 16, requires_grad=True)
+    full, some = dec(vis, keep, 16, 0.0), dec(vis, keep, 16, 0.0, positions=masked)
+    expected = full[torch.arange(2)[:, None], masked]
+    torch.testing.assert_close(some, expected)
+    g = torch.randn_like(some)
+    params = [vis, *dec.parameters()]
+    torch.testing.assert_close(torch.autograd.grad(some, params, g), torch.autograd.grad(expected, params, g))
+
+
 @pytest.mark.parametrize("modality,ratio", [("image", 0.5), ("speech", 0.5), ("text", 0.42)])
 def test_tiny_model_overfits_one_batch(modality, ratio):
     overrides = {"encoder": dict(NO_DROPOUT), "decoder": {"input_dropout": 0.0, "depth": 3},

@@ -15,7 +15,7 @@ from torch import nn
 
 from d2v2.model.blocks import Dropout, conv_channels_last
 from d2v2.config import Config
-from d2v2.model.masking import scatter_tokens
+from d2v2.model.masking import gather_tokens, scatter_tokens
 
 __all__ = ["DecoderConfig", "Decoder"]
 
@@ -73,9 +73,11 @@ class Decoder(nn.Module):
             self.proj = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, embed_dim))
 
     def forward(self, visible: torch.Tensor, keep: torch.Tensor, length: int,
-                noise_std: float) -> torch.Tensor:
+                noise_std: float, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``visible`` (B, T_vis, D) student outputs (extra tokens removed) at positions ``keep``
-        (B, T_vis); returns predictions (B, T, D) for every position (callers select the masked ones)."""
+        (B, T_vis); returns predictions (B, T, D) for every position, or (B, K, D) for ``positions``
+        (B, K) only (the masked ones, which the loss reads: the projection works token by token, so it
+        runs on those alone; fairseq projects every position and then selects)."""
         B, _, D = visible.shape
         filler = visible.new_empty(B, length, D).normal_(0.0, noise_std) if noise_std > 0 \
             else visible.new_zeros(B, length, D)
@@ -88,4 +90,5 @@ class Decoder(nn.Module):
             if self.cfg.residual and x.shape[-1] == residual.shape[-1]:
                 x = x + residual
             residual = x
-        return self.proj(x.reshape(B, length, -1))
+        x = x.reshape(B, length, -1)
+        return self.proj(x if positions is None else gather_tokens(x, positions))
