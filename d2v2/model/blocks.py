@@ -274,7 +274,7 @@ def conv_channels_last(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Te
     PyTorch picks from a batch of 16, copies each layer's input and output out of channels-last and is
     slower (docs/BENCHMARKS.md#the-frozen-cnn-without-nnpack)."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled:
-        torch.backends.mkldnn.enabled = False        # (its flags() would also reset TF32 settings, warning)
+        torch.backends.mkldnn.enabled = False        # set directly: mkldnn.flags() also resets TF32 options
         try:
             with torch.backends.nnpack.flags(enabled=False):
                 return conv_channels_last(x, conv)
