@@ -127,8 +127,8 @@ class FinetuneConfig(Config):
     # Run
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast; fp16 (the paper's) scales the loss as
-    loss_scaling: LossScaling = LossScaling()             # fairseq does (METHOD.md#mixed-precision)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast dtype; fp16 is the paper's
+    loss_scaling: LossScaling = LossScaling()             # fp16 only: fairseq's (METHOD.md#mixed-precision)
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(50, ge=1)
     identity: IdentityConfig = IdentityConfig()
