@@ -16,6 +16,7 @@ COMMANDS = {
     "finetune": ("d2v2.engine.finetune", "fine-tune a pretraining checkpoint and write metrics"),
     "evaluate": ("d2v2.engine.evaluate", "evaluate a fine-tuned checkpoint"),
     "convert": ("d2v2.interop.fairseq", "convert an official fairseq data2vec 2.0 checkpoint"),
+    "prepare-run": ("d2v2.workflow.jobs", "ready a pretraining run's folder for its config (used by the workflow)"),
     "launch": ("d2v2.launch", "run a command locally or as a SLURM job (used by the workflow)"),
     "collect": ("d2v2.analysis.collect", "collect metrics into tidy tables"),
     "report": ("d2v2.analysis.report", "render figures and the report"),

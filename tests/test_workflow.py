@@ -144,10 +144,10 @@ def test_prepare_run_keeps_a_run_with_the_same_config_and_moves_another_aside(tm
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolve_run_config(request).model_dump(mode="json")))
     (run_dir / "checkpoint_last.pt").write_text("resume me")
-    assert jobs.main(["prepare-run", str(run_dir), json.dumps(request)]) == 0     # same config: resume
+    assert jobs.main([str(run_dir), json.dumps(request)]) == 0     # same config: resume
     assert (run_dir / "checkpoint_last.pt").exists() and json.loads((run_dir / "run.yaml").read_text()) == request
     changed = {**request, "budget": {"kind": "updates", "value": 7}}
-    assert jobs.main(["prepare-run", str(run_dir), json.dumps(changed)]) == 0     # other config: fresh start
+    assert jobs.main([str(run_dir), json.dumps(changed)]) == 0     # other config: fresh start
     (moved,) = tmp_path.glob("run.replaced-*")
     assert (moved / "checkpoint_last.pt").exists() and not (run_dir / "checkpoint_last.pt").exists()
     assert json.loads((run_dir / "run.yaml").read_text())["budget"]["value"] == 7
@@ -437,6 +437,8 @@ def test_smoke_end_to_end_locally_then_incremental_reruns(tmp_path):
     assert yaml.safe_load((results / "config.yaml").read_text())["preset"] == "smoke"
     for run in (tmp_path / "runs").glob("*/*/*/seed0"):
         assert (run / "DONE").exists() and (run / "checkpoints" / "checkpoint_f0.500.pt").exists()
+    warned = [log for log in (tmp_path / "logs").rglob("*.log") if "Warning" in log.read_text()]
+    assert not warned, f"warnings in the jobs' logs: {warned}"
 
     report = snakemake(tmp_path, "--report", str(tmp_path / "snakemake_report.html"), config=smoke)
     assert report.returncode == 0 and (tmp_path / "snakemake_report.html").stat().st_size > 0

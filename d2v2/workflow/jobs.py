@@ -1,5 +1,5 @@
 """What the workflow's rules run: the launch prefix of a training job's shell command, and a run dir made
-ready for its request (``python -m d2v2.workflow.jobs prepare-run``)."""
+ready for its request (``python -m d2v2 prepare-run``)."""
 from __future__ import annotations
 
 import json
@@ -67,20 +67,15 @@ def prepare_run_dir(run_dir: str | Path, request: Mapping[str, Any]) -> Path | N
     return moved
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m d2v2.workflow.jobs prepare-run RUN_DIR REQUEST_JSON``: what the pretrain rule runs before
-    launching: move a run dir holding another config aside (:func:`prepare_run_dir`), write ``RUN_DIR/run.yaml``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] != "prepare-run":
-        print("usage: python -m d2v2.workflow.jobs prepare-run RUN_DIR REQUEST_JSON", file=sys.stderr)
+def main(argv: list[str]) -> int:
+    """``python -m d2v2 prepare-run RUN_DIR REQUEST_JSON``: what the pretrain rule runs before launching: move
+    a run dir holding another config aside (:func:`prepare_run_dir`), write ``RUN_DIR/run.yaml``."""
+    if len(argv) != 2:
+        print("usage: python -m d2v2 prepare-run RUN_DIR REQUEST_JSON", file=sys.stderr)
         return 2
-    run_dir, request = Path(args[1]), json.loads(args[2])
+    run_dir, request = Path(argv[0]), json.loads(argv[1])
     moved = prepare_run_dir(run_dir, request)
     if moved is not None:
         print(f"{run_dir}: its config changed; the previous run was moved to {moved}")
     atomic_write_json(run_dir / "run.yaml", request)        # JSON is YAML
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

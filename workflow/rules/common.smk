@@ -32,7 +32,7 @@ wildcard_constraints:
 
 # The command of a pretraining job, from the rule's params (the pretrain rule's and HuBERT's iteration 1).
 PRETRAIN_SHELL = (
-    "python -m d2v2.workflow.jobs prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
+    "python -m d2v2 prepare-run {params.run_dir:q} {params.request:q} > {log:q} 2>&1 && "
     + wfc.launch_command(config, "pretrain", name="{params.job_name:q}", folder="{params.slurm_folder:q}",
                          job_file="{params.job_file:q}")
     + " python -m d2v2 pretrain --config {params.run_config:q} --out {params.run_dir:q} >> {log:q} 2>&1"
