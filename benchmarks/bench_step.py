@@ -13,7 +13,9 @@ machine); samples/s; encoder tokens per step and per second (``method.encoder_to
 teacher tokens); the per-sample training cost relative to data2vec 2.0 of the same modality and preset
 (from CPU time on a CPU, wall time on a GPU); and peak memory: ``torch.cuda.max_memory_allocated`` on a
 GPU, on a CPU the peak resident set size of a fresh process that runs only that row (so it includes the
-Python/torch runtime, ~0.6 GB).
+Python/torch runtime, ~0.6 GB); "kernels", the ATen kernels of one eager step (views excluded: about one
+launch each on a GPU), and the step time per kernel: tens of microseconds per kernel on a GPU mean the host,
+issuing them, is what bounds the step (docs/BENCHMARKS.md#the-gpu-path).
 
     python benchmarks/bench_step.py --presets tiny
     python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
@@ -71,7 +73,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
               compile_mode: str = "default") -> dict:
     """Benchmark one (modality, method, preset); runs in its own process on CPU."""
     from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
-    from d2v2.engine.flops import count_flops, peak_flops
+    from d2v2.engine.flops import count_step, peak_flops
     from d2v2.engine.precision import autocast, loss_scaler
     from d2v2.method import build_method
 
@@ -103,8 +105,11 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         scaler.update()
         method.after_step(step + 1, fraction=(step + 1) / (warmup + steps))
 
-    # FLOPs of one step, counted before compiling (a block first called under the counter stays eager)
-    flops = count_flops(lambda: step_fn(-1, _to(masker(dict(raw), torch.Generator().manual_seed(0)), device)))
+    # FLOPs and kernels of one step, counted before compiling (a block first called under the counter stays
+    # eager), after an uncounted one (the optimiser's state is created at its first step)
+    first = _to(masker(dict(raw), torch.Generator().manual_seed(0)), device)
+    step_fn(-2, first)
+    flops, kernels = count_step(lambda: step_fn(-1, first))
     compile_model(method, compile, compile_mode)
     for step in range(warmup + steps):
         batch = _to(masker(dict(raw), torch.Generator().manual_seed(step)), device)
@@ -126,7 +131,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
             "compiled": compile, "compile_mode": compile_mode, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
             "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
             "params_m": sum(p.numel() for p in params) / 1e6, "flops_step": flops,
-            "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None}
+            "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None,
+            "kernels_step": kernels, "us_per_kernel": step_s / kernels * 1e6}
 
 
 def _run_isolated(kwargs: dict) -> dict:
@@ -166,10 +172,11 @@ def main(argv=None) -> None:
     print(f"device: {device_name}; dtype: {args.dtype}; clock: time.perf_counter (wall), device synchronised; "
           f"median of {args.steps} steps after {args.warmup} warm-up; cost ratio from "
           f"{'CPU time' if args.device == 'cpu' else 'wall time'}; FLOPs counted by FlopCounterMode on one step "
-          f"(matmuls, convolutions, attention); MFU against the dense bf16 peak (GPU only)")
+          f"(matmuls, convolutions, attention) with its ATen kernels (views excluded); MFU against the dense bf16 "
+          f"peak (GPU only)")
     header = (f"{'preset':6} {'modality':8} {'method':10} {'compiled':24} {'batch':>5} {'params(M)':>9} {'s/step':>8} "
               f"{'cpu s':>7} {'samples/s':>9} {'tokens/step':>11} {'tokens/s':>10} {'cost/sample vs d2v2':>19} "
-              f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+              f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'kernels':>7} {'us/kernel':>9}")
     # per-sample cost ratio: CPU time on a CPU (robust to other processes sharing the cores), else wall
     cost = "cpu_s" if args.device == "cpu" else "step_s"
     print(header)
@@ -207,7 +214,8 @@ def main(argv=None) -> None:
                 print(f"{preset:6} {modality:8} {method:10} {label:24} {batch:>5} "
                       f"{row['params_m']:>9.2f} {row['step_s']:>8.3f} {row['cpu_s']:>7.3f} "
                       f"{row['samples_s']:>9.1f} {row['tokens_step']:>11} {row['tokens_s']:>10.0f} {ratio:>19} "
-                      f"{row['flops_step'] / 1e9:>10.1f} {row['tflops_s']:>8.2f} {mfu:>6} {row['peak_gb']:>8.2f}",
+                      f"{row['flops_step'] / 1e9:>10.1f} {row['tflops_s']:>8.2f} {mfu:>6} {row['peak_gb']:>8.2f} "
+                      f"{row['kernels_step']:>7} {row['us_per_kernel']:>9.1f}",
                       flush=True)
     if args.json:
         with open(args.json, "w") as f:

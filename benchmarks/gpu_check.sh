@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh OUT --dry-run  # the same stages on a CPU at smoke sizes (tests/test_gpu_check.py)
 # Stages, each bounded in time, everything written to OUT (at most 8 files):
 #   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
-#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory);
+#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory, kernels/step);
 #   compile: data2vec 2.0 image eager, with its whole model compiled, and replayed as CUDA graphs
 #      (reduce-overhead): rows added to bench.json;
 #   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,

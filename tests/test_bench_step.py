@@ -14,3 +14,5 @@ def test_the_gpu_preset_is_benchmarked_on_its_one_modality(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["preset"], r["modality"], r["method"], r["compiled"]) for r in rows] == [("gpu", "image", "mae", "off")]
     assert rows[0]["flops_step"] > 0 and rows[0]["params_m"] > 20          # the ViT-S width
+    assert rows[0]["kernels_step"] > 100
+    assert rows[0]["us_per_kernel"] == rows[0]["step_s"] / rows[0]["kernels_step"] * 1e6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from d2v2.engine.flops import count_flops, peak_flops, utilisation
+from d2v2.engine.flops import count_flops, count_step, peak_flops, utilisation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_pretrain import data_root, run_config  # noqa: E402,F401  (the session fixture and helper)
@@ -22,6 +22,20 @@ def test_counted_flops_equal_the_matmul_formula():
     forward = 2 * B * (i * h + h * o)
     backward = 2 * forward - 2 * B * i * h
     assert count_flops(lambda: model(x).sum().backward()) == forward + backward
+
+
+def test_a_step_counts_its_kernels_but_not_its_views():
+    """Kernels are dispatched operators that are not views, however large the tensors; the FLOPs are
+    count_flops'."""
+    x = torch.randn(8, 32)
+    assert count_step(lambda: x.view(4, 64).t()[0]) == (0, 0)
+    assert count_step(lambda: (x + 1).mul_(2).sum()) == (0, 3)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    step = lambda batch: model(torch.randn(batch, 32)).sum().backward()      # noqa: E731
+    step(8)                                                         # the .grad tensors exist from now on
+    flops, kernels = count_step(lambda: step(8))
+    assert flops == count_flops(lambda: step(8)) and kernels > 10
+    assert count_step(lambda: step(512))[1] == kernels
 
 
 def test_utilisation_is_achieved_rate_over_peak():

@@ -7,15 +7,20 @@ dispatched. Element-wise work (norms, GELU, the EMA step, the optimiser) is not 
 usual MFU convention (PaLM, appendix B). MFU is the achieved rate ``FLOPs per update x updates /
 train-only seconds`` over the device's peak: by default the dense bf16 tensor-core peak of the
 device named in :data:`PEAK_FLOPS`, none on a CPU (PROTOCOL.md#timing).
+
+:func:`count_step` also counts the ATen kernels the step dispatched (views excluded): about one launch each on
+a GPU, where a step of many small kernels is bound by the host issuing them rather than by its FLOPs; the step
+time per kernel tells which (docs/BENCHMARKS.md#the-gpu-path).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PEAK_FLOPS", "count_flops", "peak_flops", "utilisation"]
+__all__ = ["PEAK_FLOPS", "count_flops", "count_step", "peak_flops", "utilisation"]
 
 # Dense bf16 tensor-core peak per device (vendor data sheets; without sparsity), matched in this order
 # against torch.cuda.get_device_name.
@@ -25,6 +30,26 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989e12),
     ("A100", 312e12),
 )
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched below autograd that are not views (a view launches nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(step: Callable[[], object]) -> tuple[int, int]:
+    """Run ``step()`` once and return ``(FLOPs, kernels)``: the FLOPs it dispatched (forward and backward)
+    and how many ATen kernels, views excluded."""
+    with FlopCounterMode(display=False) as flops, _KernelCounter() as kernels:
+        step()
+    return int(flops.get_total_flops()), kernels.kernels
 
 
 def count_flops(step: Callable[[], object]) -> int:
