@@ -167,7 +167,7 @@ class Data2Vec1(PretrainMethod):
         with eval_mode(student.local_encoder, student.context_encoder):
             if self.modality == "text":
                 x_local, padding_mask = student.local_features(batch["mlm_target"], batch.get("padding_mask"))
-            out: EncoderOutput = self.teacher.model.run_blocks(student.prepare(x_local.detach(), None, padding_mask))
+            out: EncoderOutput = self.teacher.compute.run_blocks(student.prepare(x_local.detach(), None, padding_mask))
         return make_targets(out.layer_results, c.average_top_k_layers,
                             instance_norm_target_layer=c.instance_norm_target_layer,
                             layer_norm_target_layer=c.layer_norm_target_layer,

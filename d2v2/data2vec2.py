@@ -284,7 +284,7 @@ class Data2Vec2(PretrainMethod):
 
     def _teacher_output(self, source, raw_padding_mask, x_local, padding_mask) -> EncoderOutput:
         """Teacher forward on the unmasked input; what it shares with the student is METHOD.md#teacher's table."""
-        teacher: Encoder = self.teacher.model
+        teacher: Encoder = self.teacher.compute
         if self.teacher_shares == "nothing":
             prepared = teacher.prepare(*teacher.local_features(source, raw_padding_mask))
         elif self.teacher_shares == "local_encoder":

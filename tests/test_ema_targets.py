@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+from d2v2.engine.compile import compile_model
+from d2v2.engine.flops import count_step
 from d2v2.model.ema import EMATeacher, ema_decay
 from d2v2.method import build_method
 from d2v2.model.targets import make_targets
@@ -23,6 +25,46 @@ class Toy(nn.Module):
         self.fixed = nn.Parameter(torch.randn(3), requires_grad=False)
         self.register_buffer("stat", torch.zeros(3))
         self.head = nn.Linear(3, 1)          # removed from the teacher: must be ignored
+
+
+@pytest.mark.parametrize("modality,name", [("image", "data2vec2"), ("speech", "data2vec2"), ("text", "data2vec2"),
+                                           ("image", "data2vec1")])
+def test_the_teachers_autocast_copy_computes_what_autocast_would(modality, name, monkeypatch):
+    """Under bf16 autocast the teacher runs from a copy whose Linear and convolution weights are already bf16:
+    the same losses, bit for bit, as autocast casting the fp32 weights at every forward, before and after an
+    EMA step and a load (each refreshes the copy), and fewer kernels (one cast per weight less)."""
+    torch.manual_seed(0)
+    method = build_method(modality, name, "smoke")
+    g = torch.Generator().manual_seed(0)
+    source = {"image": lambda: torch.randn(2, 1, 28, 28, generator=g), "speech": lambda: torch.randn(2, 8000, generator=g),
+              "text": lambda: torch.randint(5, 8192, (2, 32), generator=g)}[modality]()
+    batch = method.masker()({"source": source, "id": torch.arange(2)}, torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(2)                         # the same dropout masks and noise in every call
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return method(batch).loss
+
+    def plain(step):                                 # autocast casting the fp32 weights at every forward
+        with monkeypatch.context() as patch:
+            patch.setattr(EMATeacher, "compute", property(lambda self: self.model))
+            return step()
+
+    losses = [(loss(), plain(loss))]
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    method.after_step(1, fraction=0.5)                   # an EMA step: the fp32 weights move
+    losses.append((loss(), plain(loss)))
+    method.load_state_dict(build_method(modality, name, "smoke").state_dict())
+    losses.append((loss(), plain(loss)))
+    assert all(torch.equal(ours, theirs) for ours, theirs in losses), losses
+    assert not torch.equal(losses[0][0], losses[1][0])
+    low = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in method.teacher.model.modules())
+    assert plain(lambda: count_step(loss)[1]) - count_step(loss)[1] >= low
+    compile_model(method, "blocks")                      # compiled blocks: the teacher's own (fp32) weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert method.teacher.compute is method.teacher.model
 
 
 def test_ema_step_formula_copies_frozen_tensors_and_ignores_missing():

@@ -7,7 +7,12 @@ ops). Student tensors the teacher does not have (decoders, shared parts) are ign
 do not train (``requires_grad=False``) and buffers are copied. When ``tau >= 1`` no step is taken.
 
 Precision: the teacher's weights are kept in fp32 (the master copy); under ``torch.autocast`` its
-forward runs in the student's compute dtype (fairseq ``ema_fp32`` + ``ema_same_dtype``).
+forward runs in the student's compute dtype (fairseq ``ema_fp32`` + ``ema_same_dtype``). Autocast would cast
+every Linear and convolution weight of the teacher to that dtype at every forward, a kernel each on a GPU,
+whose steps are bound by issuing kernels (docs/BENCHMARKS.md#the-gpu-path); so, as fairseq keeps an fp16
+model beside its fp32 EMA weights, :attr:`EMATeacher.compute` runs a copy whose Linear and convolution
+weights are already in the autocast dtype, refreshed in one ``torch._foreach_copy_`` whenever the fp32
+weights have changed. Autocast rounds the same way, so the outputs are identical.
 """
 from __future__ import annotations
 
@@ -47,6 +52,49 @@ class EMATeacher(nn.Module):
             setattr(self.model, name, None)
         self.model.requires_grad_(False)
         self.model.eval()
+        # `compute`'s copy (not a submodule: neither saved nor moved): (dtype, device, the copy, its weights in
+        # that dtype, the fp32 weights they copy, those weights' versions at the last refresh)
+        self._low: tuple | None = None
+        self.autocast_copy = True           # off where the model is compiled (:meth:`disable_autocast_copy`)
+
+    @property
+    def compute(self) -> nn.Module:
+        """The module to run: :attr:`model`, or under bf16/fp16 autocast (eager) its copy with the Linear and
+        convolution weights in the autocast dtype, refreshed if the fp32 weights changed (module doc)."""
+        if not self.autocast_copy or torch.compiler.is_compiling():
+            return self.model
+        weight = next(self.model.parameters(), None)
+        if weight is None or not torch.is_autocast_enabled(weight.device.type):
+            return self.model
+        dtype = torch.get_autocast_dtype(weight.device.type)
+        if self._low is None or self._low[:2] != (dtype, weight.device):
+            self._low = (dtype, weight.device, *self._low_precision_copy(dtype), None)
+        dtype, device, module, low, master, versions = self._low
+        now = [t._version for t in master]
+        if low and now != versions:
+            torch._foreach_copy_(low, master)
+            self._low = (dtype, device, module, low, master, now)
+        return module
+
+    def disable_autocast_copy(self) -> None:
+        """Run the fp32 weights under autocast too (a compiled model: the casts are fused into the kernels that
+        read them, and the copy's modules would not be compiled)."""
+        self.autocast_copy, self._low = False, None
+
+    def _low_precision_copy(self, dtype: torch.dtype):
+        """``(copy, its low-precision weights, the fp32 weights they copy)``: a copy of :attr:`model` sharing
+        every tensor except the Linear and convolution weights and biases, which it holds in ``dtype`` (what
+        autocast would cast)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        module = copy.deepcopy(self.model, memo={id(t): t for t in tensors})
+        low, master = [], []
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                for name, p in list(sub.named_parameters(recurse=False)):
+                    setattr(sub, name, nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False))
+                    low.append(getattr(sub, name))
+                    master.append(p)
+        return module, low, master
 
     def train(self, mode: bool = True) -> "EMATeacher":
         super().train(mode)
