@@ -86,6 +86,25 @@ def test_a_training_step_does_not_synchronise(tmp_path, modality, name):
     assert trainer.updates == 2 and torch.isfinite(trainer.stats.loss_sum)
 
 
+def test_the_teachers_autocast_copy_refreshes_in_a_few_kernels():
+    """The EMA teacher's bf16 copy (d2v2.model.ema) is refreshed by one ``_foreach_copy_`` from its fp32 weights:
+    on a GPU a few multi-tensor kernels, not one per weight, or it saves nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    method = build_method("image", "data2vec2", "smoke").cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        method.teacher.compute                              # built and filled
+    method.after_step(1, fraction=0.5)                      # an EMA step: the fp32 weights move
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", dtype=torch.bfloat16):
+        method.teacher.compute                              # refreshed
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    weights = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in method.teacher.model.modules())
+    assert 0 < len(kernels) <= 4 < weights, [e.name for e in kernels]
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_real_run_on_the_gpu(tmp_path, precision):
     """A short run on real Fashion-MNIST (fp16 with dynamic loss scaling, bf16 without): it finishes, and its
