@@ -70,17 +70,23 @@ def _to(batch: dict, device: str) -> dict:
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
               device: str, dtype: str, threads: int, audio_seconds: float | None, compile: str = "off",
-              compile_mode: str = "default") -> dict:
-    """Benchmark one (modality, method, preset); runs in its own process on CPU."""
+              compile_mode: str = "default", teacher_copy: bool = True) -> dict:
+    """Benchmark one (modality, method, preset); runs in its own process on CPU. ``teacher_copy=False``: an EMA
+    teacher runs from its fp32 weights under autocast (the casts at every forward; d2v2.model.ema)."""
     from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
     from d2v2.engine.flops import count_step, peak_flops
     from d2v2.engine.precision import autocast, loss_scaler
     from d2v2.method import build_method
+    from d2v2.model.ema import EMATeacher
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     method = build_method(modality, method_name, preset).to(device)
     method.train()
+    if not teacher_copy:
+        for module in method.modules():
+            if isinstance(module, EMATeacher):
+                module.disable_autocast_copy()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dev = torch.device(device)
@@ -128,7 +134,7 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
     peak = peak_flops(dev)
     return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size, "dtype": dtype,
-            "compiled": compile, "compile_mode": compile_mode, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
+            "compiled": compile, "compile_mode": compile_mode, "teacher_copy": teacher_copy, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
             "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
             "params_m": sum(p.numel() for p in params) / 1e6, "flops_step": flops,
             "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None,
@@ -161,6 +167,9 @@ def main(argv=None) -> None:
                         help="a row per scope: eager (off), the Transformer blocks or the whole model compiled")
     parser.add_argument("--compile-mode", choices=get_args(CompileMode), default="default",
                         help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs on a GPU)")
+    parser.add_argument("--teacher-copy", nargs="+", choices=["on", "off"], default=["on"],
+                        help="eager rows: an EMA teacher under autocast runs from its weights kept in the autocast "
+                             "dtype (on) or casts its fp32 weights at every forward (off); a row per value")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -190,13 +199,15 @@ def main(argv=None) -> None:
             if modality not in DEFAULT_BATCH[preset]:                # a modality the preset does not define
                 continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
-            for compiled in args.compile:
+            # compiled models run the teacher's fp32 weights whatever --teacher-copy says (d2v2.engine.compile)
+            variants = [(c, copy == "on") for c in args.compile for copy in (args.teacher_copy if c == "off" else ["on"])]
+            for compiled, teacher_copy in variants:
                 mode = "default" if compiled == "off" else args.compile_mode
-                label = compiled if mode == "default" else f"{compiled} {mode}"
+                label = (compiled if mode == "default" else f"{compiled} {mode}") + ("" if teacher_copy else ", teacher casts")
                 kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
                               steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
                               threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS.get(preset),
-                              compile=compiled, compile_mode=mode)
+                              compile=compiled, compile_mode=mode, teacher_copy=teacher_copy)
                 # a fresh process per row on a CPU (peak RSS) and with compile (no graph cache shared)
                 try:
                     row = _run_isolated(kwargs) if args.device == "cpu" or compiled != "off" else bench_one(**kwargs)
@@ -206,9 +217,9 @@ def main(argv=None) -> None:
                           f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
                     continue
                 rows.append(row)
-                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"],
-                                                r["compile_mode"]) == (preset, modality, "data2vec2", compiled, mode)),
-                           None)
+                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"], r["compile_mode"],
+                                                r["teacher_copy"]) == (preset, modality, "data2vec2", compiled, mode,
+                                                                       teacher_copy)), None)
                 ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
                 print(f"{preset:6} {modality:8} {method:10} {label:24} {batch:>5} "

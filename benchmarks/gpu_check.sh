@@ -5,8 +5,9 @@
 # Stages, each bounded in time, everything written to OUT (at most 8 files):
 #   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
 #   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory, kernels/step);
-#   compile: data2vec 2.0 image eager, with its whole model compiled, and replayed as CUDA graphs
-#      (reduce-overhead): rows added to bench.json;
+#   compile: data2vec 2.0 image eager (its teacher from bf16 weights, and casting its fp32 weights at every
+#      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows added to
+#      bench.json;
 #   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
 #      points at 0.25, 0.5 and 1, no anytime points): tables, figures, report;
 #   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
@@ -83,11 +84,12 @@ fi
 # ---- 1. the CUDA tests (they skip on a CPU)
 stage cuda-tests "${LIMITS[0]}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-# ---- 2. the step at base size, every method eager; then data2vec 2.0 image eager and with its whole model
-# compiled, then in each of GRAPH_MODES (CUDA graphs), a fresh process per row; their rows join bench.json
+# ---- 2. the step at base size, every method eager; then data2vec 2.0 image eager (with and without the
+# teacher's autocast copy, d2v2.model.ema) and with its whole model compiled, then in each of GRAPH_MODES (CUDA
+# graphs), a fresh process per compiled row; their rows join bench.json
 stage bench "${LIMITS[1]}" python3 benchmarks/bench_step.py "${BENCH[@]}" --json "$OUT/bench.json"
 stage compile "${LIMITS[2]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image \
-  --methods data2vec2 --compile off model --json '$WORK/compiled-default.json' && for mode in ${GRAPH_MODES[*]}; do \
+  --methods data2vec2 --compile off model --teacher-copy on off --json '$WORK/compiled-default.json' && for mode in ${GRAPH_MODES[*]}; do \
   python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile model \
   --compile-mode \$mode --json '$WORK/compiled-'\$mode.json || exit 1; done"
 ls "$WORK"/compiled-*.json >/dev/null 2>&1 && python3 - "$OUT/bench.json" "$WORK"/compiled-*.json <<'EOF' 2>>"$LOG"

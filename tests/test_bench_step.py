@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_step  # noqa: E402
 
@@ -16,3 +18,21 @@ def test_the_gpu_preset_is_benchmarked_on_its_one_modality(tmp_path, capsys):
     assert rows[0]["flops_step"] > 0 and rows[0]["params_m"] > 20          # the ViT-S width
     assert rows[0]["kernels_step"] > 100
     assert rows[0]["us_per_kernel"] == rows[0]["step_s"] / rows[0]["kernels_step"] * 1e6
+
+
+def test_the_teacher_copy_rows_differ_by_the_teachers_casts(tmp_path):
+    """``--teacher-copy on off``: two eager rows of an EMA method in bf16, the second with the teacher casting
+    its fp32 weights at every forward (a kernel per Linear and convolution weight and bias more); a compiled
+    row runs once, since compiling turns the copy off."""
+    from d2v2.method import build_method
+
+    out = tmp_path / "rows.json"
+    bench_step.main(["--presets", "smoke", "--device", "cpu", "--dtype", "bf16", "--steps", "1", "--warmup", "1",
+                     "--modalities", "image", "--methods", "data2vec2", "--teacher-copy", "on", "off",
+                     "--json", str(out)])
+    on, off = json.loads(out.read_text())["rows"]
+    assert (on["teacher_copy"], off["teacher_copy"]) == (True, False)
+    teacher = build_method("image", "data2vec2", "smoke").teacher.model
+    weights = sum(len(list(m.parameters(recurse=False))) for m in teacher.modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert off["kernels_step"] - on["kernels_step"] == weights - 1          # less the copy's one refresh
