@@ -134,7 +134,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB -> GiB (Linux)
     peak = peak_flops(dev)
     return {"modality": modality, "method": method_name, "preset": preset, "batch": batch_size, "dtype": dtype,
-            "compiled": compile, "compile_mode": compile_mode, "teacher_copy": teacher_copy, "step_s": step_s, "cpu_s": statistics.median(cpu_times),
+            "compiled": compile, "compile_mode": compile_mode, "teacher_copy": teacher_copy, "step_s": step_s,
+            "cpu_s": statistics.median(cpu_times),
             "samples_s": batch_size / step_s, "tokens_step": tokens, "tokens_s": tokens / step_s, "peak_gb": peak_gb,
             "params_m": sum(p.numel() for p in params) / 1e6, "flops_step": flops,
             "tflops_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None,
@@ -200,10 +201,12 @@ def main(argv=None) -> None:
                 continue
             batch = args.batch_size or DEFAULT_BATCH[preset][modality]
             # compiled models run the teacher's fp32 weights whatever --teacher-copy says (d2v2.engine.compile)
-            variants = [(c, copy == "on") for c in args.compile for copy in (args.teacher_copy if c == "off" else ["on"])]
+            variants = [(c, copy == "on") for c in args.compile
+                        for copy in (args.teacher_copy if c == "off" else ["on"])]
             for compiled, teacher_copy in variants:
                 mode = "default" if compiled == "off" else args.compile_mode
-                label = (compiled if mode == "default" else f"{compiled} {mode}") + ("" if teacher_copy else ", teacher casts")
+                label = compiled if mode == "default" else f"{compiled} {mode}"
+                label += "" if teacher_copy else ", teacher casts"
                 kwargs = dict(modality=modality, method_name=method, preset=preset, batch_size=batch,
                               steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
                               threads=args.threads, audio_seconds=args.audio_seconds or AUDIO_SECONDS.get(preset),
@@ -217,9 +220,9 @@ def main(argv=None) -> None:
                           f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
                     continue
                 rows.append(row)
-                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"], r["compile_mode"],
-                                                r["teacher_copy"]) == (preset, modality, "data2vec2", compiled, mode,
-                                                                       teacher_copy)), None)
+                key = (preset, modality, "data2vec2", compiled, mode, teacher_copy)
+                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"],
+                                                r["compile_mode"], r["teacher_copy"]) == key), None)
                 ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
                 print(f"{preset:6} {modality:8} {method:10} {label:24} {batch:>5} "

@@ -36,7 +36,8 @@ def test_the_teachers_autocast_copy_computes_what_autocast_would(modality, name,
     torch.manual_seed(0)
     method = build_method(modality, name, "smoke")
     g = torch.Generator().manual_seed(0)
-    source = {"image": lambda: torch.randn(2, 1, 28, 28, generator=g), "speech": lambda: torch.randn(2, 8000, generator=g),
+    source = {"image": lambda: torch.randn(2, 1, 28, 28, generator=g),
+              "speech": lambda: torch.randn(2, 8000, generator=g),
               "text": lambda: torch.randint(5, 8192, (2, 32), generator=g)}[modality]()
     batch = method.masker()({"source": source, "id": torch.arange(2)}, torch.Generator().manual_seed(1))
 

@@ -54,9 +54,7 @@ def count_step(step: Callable[[], object]) -> tuple[int, int]:
 
 def count_flops(step: Callable[[], object]) -> int:
     """Run ``step()`` once and return the FLOPs it dispatched (forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return int(counter.get_total_flops())
+    return count_step(step)[0]
 
 
 def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
