@@ -12,7 +12,8 @@ every Linear and convolution weight of the teacher to that dtype at every forwar
 whose steps are bound by issuing kernels (docs/BENCHMARKS.md#the-gpu-path); so, as fairseq keeps an fp16
 model beside its fp32 EMA weights, :attr:`EMATeacher.compute` runs a copy whose Linear and convolution
 weights are already in the autocast dtype, refreshed in one ``torch._foreach_copy_`` whenever the fp32
-weights have changed. Autocast rounds the same way, so the outputs are identical.
+weights have changed (memory: half the teacher's Linear and convolution weights again). Autocast rounds the same
+way, so the outputs are identical.
 """
 from __future__ import annotations
 
