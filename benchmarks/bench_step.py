@@ -77,16 +77,14 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     from d2v2.engine.flops import count_step, peak_flops
     from d2v2.engine.precision import autocast, loss_scaler
     from d2v2.method import build_method
-    from d2v2.model.ema import EMATeacher
+    from d2v2.model.ema import disable_autocast_copies
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     method = build_method(modality, method_name, preset).to(device)
     method.train()
     if not teacher_copy:
-        for module in method.modules():
-            if isinstance(module, EMATeacher):
-                module.disable_autocast_copy()
+        disable_autocast_copies(method)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dev = torch.device(device)

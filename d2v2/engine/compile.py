@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from d2v2.model.blocks import Block
-from d2v2.model.ema import EMATeacher
+from d2v2.model.ema import disable_autocast_copies
 
 __all__ = ["CompileScope", "CompileMode", "compile_model", "replays_cuda_graphs", "mark_step"]
 
@@ -28,11 +28,9 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 def compile_model(model: nn.Module, scope: CompileScope, mode: CompileMode = "default") -> nn.Module:
     """``torch.compile`` ``model`` in place: its :class:`Block` modules (``blocks``) or its forward (``model``).
-    Compiled, an EMA teacher runs its fp32 weights (:meth:`EMATeacher.disable_autocast_copy`)."""
+    Compiled, an EMA teacher runs its fp32 weights (:func:`~d2v2.model.ema.disable_autocast_copies`)."""
     if scope != "off":
-        for module in model.modules():
-            if isinstance(module, EMATeacher):
-                module.disable_autocast_copy()
+        disable_autocast_copies(model)
     if scope == "blocks":
         for module in model.modules():
             if isinstance(module, Block):

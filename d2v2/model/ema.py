@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["ema_decay", "teacher_decay", "EMATeacher"]
+__all__ = ["ema_decay", "teacher_decay", "EMATeacher", "disable_autocast_copies"]
 
 
 def ema_decay(step: float, start: float, end: float, anneal_steps: float) -> float:
@@ -125,3 +125,10 @@ class EMATeacher(nn.Module):
                 copy_s.append(b_s.to(teacher_buffers[name].dtype))
         if copy_t:
             torch._foreach_copy_(copy_t, copy_s)
+
+
+def disable_autocast_copies(model: nn.Module) -> None:
+    """:meth:`EMATeacher.disable_autocast_copy` for every EMA teacher in ``model``."""
+    for module in model.modules():
+        if isinstance(module, EMATeacher):
+            module.disable_autocast_copy()
