@@ -89,6 +89,28 @@ def test_image_positions_are_mae_sincos_added_before_masking():
     assert enc.context_encoder.extra_tokens.shape == (1, 1, 16)
 
 
+def test_patch_init_fan_in_gives_tokens_the_pixels_variance_and_is_xavier_at_vit_b():
+    # a narrow patch (fan-in 16) into a wide token (384): xavier shrinks the tokens, fan_in keeps unit variance
+    pixels = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    stds = {}
+    for init in ("xavier", "fan_in"):
+        enc = make("image", embed_dim=384, num_heads=6, image={"img_size": 28, "patch_size": 4, "in_chans": 1,
+                                                               "patch_init": init})
+        with torch.no_grad():
+            stds[init] = (enc.local_encoder.proj(pixels) - enc.local_encoder.proj.bias[:, None, None]).std().item()
+    assert stds["fan_in"] == pytest.approx(1.0, abs=0.05)
+    assert stds["xavier"] == pytest.approx((16 * 2 / (16 + 384)) ** 0.5, abs=0.02)          # ~0.28
+    # fan-in = width (ViT-B/16 on RGB: 3 x 16 x 16 = 768): the same weights as xavier, draw for draw
+    weights = {}
+    for init in ("xavier", "fan_in"):
+        enc = make("image", embed_dim=48, num_heads=4, image={"img_size": 16, "patch_size": 4, "in_chans": 3,
+                                                              "patch_init": init})
+        weights[init] = enc.local_encoder.proj.weight
+    assert torch.equal(weights["xavier"], weights["fan_in"])
+    with pytest.raises(ConfigError, match="patch_init"):
+        validate(EncoderConfig, dict(modality="image", image={"patch_init": "kaiming"}), where="encoder")
+
+
 def test_speech_frame_count_matches_the_cnn_and_padding():
     assert frame_count(16000, WAV2VEC2_CONV) == 49 and frame_count(320000, WAV2VEC2_CONV) == 999
     enc = make("speech")

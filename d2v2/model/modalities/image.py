@@ -1,6 +1,9 @@
 """Image modality (METHOD.md#image-encoder): patch embedding + fixed 2-D sin-cos positions, learned CLS."""
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -17,6 +20,10 @@ class ImageConfig(Config):
     patch_size: int = 16
     in_chans: int = 3
     num_extra_tokens: int = 1          # learned CLS token(s), N(0, 1) init
+    # the patch projection's init: "xavier" (fairseq's and MAE's) or "fan_in" (variance 1 / fan-in, so that tokens
+    # have the pixels' variance at any patch size and width); at ViT-B/16 on RGB (fan-in 768 = width) the two
+    # draw the same weights (METHOD.md#image-encoder)
+    patch_init: Literal["xavier", "fan_in"] = "xavier"
 
     @property
     def grid(self) -> int:
@@ -39,7 +46,7 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 class ImageLocalEncoder(nn.Module):
-    """Conv2d patch embedding (``proj``, xavier init on the flattened kernel) + fixed sin-cos positions,
+    """Conv2d patch embedding (``proj``, xavier init on the flattened kernel by default) + fixed sin-cos positions,
     added BEFORE masking so visible tokens keep their position (METHOD.md#sparse-encoding)."""
 
     def __init__(self, cfg: ImageConfig, dim: int):
@@ -52,8 +59,14 @@ class ImageLocalEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid)[None], persistent=False)
 
     def reset_parameters(self) -> None:
-        """Xavier on the flattened kernel; the bias keeps Conv2d's default (fairseq and MAE alike)."""
-        nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
+        """Xavier on the flattened kernel (fairseq and MAE alike), or uniform with variance 1 / fan-in
+        (``patch_init``); the bias keeps Conv2d's default."""
+        weight = self.proj.weight.view(self.proj.weight.shape[0], -1)
+        if self.cfg.patch_init == "xavier":
+            nn.init.xavier_uniform_(weight)
+        else:
+            bound = math.sqrt(3.0 / weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
 
     def forward(self, source: torch.Tensor, padding_mask=None) -> tuple[torch.Tensor, None]:
         c, s = self.cfg.in_chans, self.cfg.img_size
