@@ -9,7 +9,7 @@
 #      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows added to
 #      bench.json;
 #   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
-#      points at 0.25, 0.5 and 1, no anytime points): tables, figures, report;
+#      points at 0.25, 0.5 and 1, no anytime points): tables (runs, evals, training progress), figures, report;
 #   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
 # failed stages. STAGES="bench sweep" runs only those stages (default: all five). With 15 minutes of device
@@ -108,8 +108,11 @@ EOF
 CFG=$(printf '%q ' "${SWEEP[@]}")
 stage sweep "${LIMITS[3]}" bash -c "python3 -m snakemake -d '$WORK/wf' --cores 2 --scheduler greedy \
   --until pretrain --config $CFG && python3 -m snakemake -d '$WORK/wf' --cores $FT_CORES --scheduler greedy --config $CFG"
-[ -d "$WORK/wf" ] && for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/figures/speedups.png \
-         results/figures/curves_image_fmnist_sweep.png results/figures/curves_image_fmnist.png; do
+# progress.csv: every run's loss and collapse diagnostics (target_var, pred_var, target_pos_share) at each logging
+# interval, what a failed sweep is read from (docs/BENCHMARKS.md#the-gpu-preset-replayed-on-a-cpu); the anytime
+# curve is left out: with checkpoint_fractions [1.0] it holds only the sweep curve's last points
+[ -d "$WORK/wf" ] && for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/tables/progress.csv \
+         results/figures/speedups.png results/figures/curves_image_fmnist_sweep.png; do
   if [ -f "$WORK/wf/$f" ]; then cp "$WORK/wf/$f" "$OUT/"; else say "missing: $f"; fi
 done
 [ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null

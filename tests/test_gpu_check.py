@@ -24,7 +24,10 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert not list(tmp.glob("tmp.*"))              # its work folder (mktemp's, 3 GB of checkpoints) is gone
     assert len(files) <= 8, files                     # the device tool returns at most 8 files
-    assert {"log.txt", "bench.json", "report.md", "evals.csv", "runs.csv", "curves_image_fmnist_sweep.png"} <= set(files)
+    assert {"log.txt", "bench.json", "report.md", "evals.csv", "runs.csv", "progress.csv",
+            "curves_image_fmnist_sweep.png"} <= set(files)
+    progress = (out / "progress.csv").read_text().splitlines()
+    assert "diag.target_pos_share" in progress[0] and len(progress) > 4      # the collapse diagnostics of every run
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"data2vec2", "mae", "data2vec1", "mlm"}
     assert [r["compiled"] for r in rows if r["compiled"] != "off"] == ["model"]
