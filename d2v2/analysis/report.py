@@ -457,9 +457,11 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
     if figs["training"]:
         blocks += [Heading("Pretraining health"),
                    Para("Loss and the logged diagnostics of every pretraining run, from its events.jsonl "
-                        "(results/tables/progress.csv). Read them before the quality curves: a target "
-                        "position share near 1 or a target std near 0 means the targets no longer carry "
-                        "the input's content, and fine-tuning cannot gain from such a run."),
+                        "(results/tables/progress.csv). Read them before the quality curves: a target std "
+                        "near 0 means the targets no longer carry the input, and fine-tuning cannot gain from "
+                        "such a run; a high target position share means they mostly say where a token is, "
+                        "not what it holds (at 0.83 a CPU replay of the gpu preset still pretrained a useful "
+                        "start: docs/BENCHMARKS.md, \"Positional targets and the patch projection's init\")."),
                    *[Figure(p, c) for p, c in figs["training"]]]
     blocks += [Heading("The paper's efficiency figure"), *[Figure(p, c) for p, c in figs["paper"]],
                Table(implied)]
