@@ -18,6 +18,7 @@ way, so the outputs are identical.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,9 +54,7 @@ class EMATeacher(nn.Module):
             setattr(self.model, name, None)
         self.model.requires_grad_(False)
         self.model.eval()
-        # `compute`'s copy (not a submodule: neither saved nor moved): (dtype, device, the copy, its weights in
-        # that dtype, the fp32 weights they copy, those weights' versions at the last refresh)
-        self._low: tuple | None = None
+        self._low: _AutocastCopy | None = None      # `compute`'s copy (not a submodule: neither saved nor moved)
         self.autocast_copy = True           # off where the model is compiled (:meth:`disable_autocast_copy`)
 
     @property
@@ -68,34 +67,15 @@ class EMATeacher(nn.Module):
         if weight is None or not torch.is_autocast_enabled(weight.device.type):
             return self.model
         dtype = torch.get_autocast_dtype(weight.device.type)
-        if self._low is None or self._low[:2] != (dtype, weight.device):
-            self._low = (dtype, weight.device, *self._low_precision_copy(dtype), None)
-        dtype, device, module, low, master, versions = self._low
-        now = [t._version for t in master]
-        if low and now != versions:
-            torch._foreach_copy_(low, master)
-            self._low = (dtype, device, module, low, master, now)
-        return module
+        if self._low is None or (self._low.dtype, self._low.device) != (dtype, weight.device):
+            self._low = _AutocastCopy.of(self.model, dtype, weight.device)
+        self._low.refresh()
+        return self._low.module
 
     def disable_autocast_copy(self) -> None:
         """Run the fp32 weights under autocast too (a compiled model: the casts are fused into the kernels that
         read them, and the copy's modules would not be compiled)."""
         self.autocast_copy, self._low = False, None
-
-    def _low_precision_copy(self, dtype: torch.dtype):
-        """``(copy, its low-precision weights, the fp32 weights they copy)``: a copy of :attr:`model` sharing
-        every tensor except the Linear and convolution weights and biases, which it holds in ``dtype`` (what
-        autocast would cast)."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        module = copy.deepcopy(self.model, memo={id(t): t for t in tensors})
-        low, master = [], []
-        for sub in module.modules():
-            if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                for name, p in list(sub.named_parameters(recurse=False)):
-                    setattr(sub, name, nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False))
-                    low.append(getattr(sub, name))
-                    master.append(p)
-        return module, low, master
 
     def train(self, mode: bool = True) -> "EMATeacher":
         super().train(mode)
@@ -125,6 +105,40 @@ class EMATeacher(nn.Module):
                 copy_s.append(b_s.to(teacher_buffers[name].dtype))
         if copy_t:
             torch._foreach_copy_(copy_t, copy_s)
+
+
+@dataclass
+class _AutocastCopy:
+    """A copy of a teacher's ``model`` sharing every tensor except the Linear and convolution weights and
+    biases (what autocast would cast), which it holds in ``dtype`` as ``low``, copies of the fp32 ``master``
+    tensors as of their ``versions``."""
+
+    dtype: torch.dtype
+    device: torch.device
+    module: nn.Module
+    low: list[torch.Tensor]
+    master: list[torch.Tensor]
+    versions: list[int] | None = None            # None: never filled
+
+    @classmethod
+    def of(cls, model: nn.Module, dtype: torch.dtype, device: torch.device) -> "_AutocastCopy":
+        tensors = [*model.parameters(), *model.buffers()]
+        module = copy.deepcopy(model, memo={id(t): t for t in tensors})
+        low, master = [], []
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                for name, p in list(sub.named_parameters(recurse=False)):
+                    setattr(sub, name, nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False))
+                    low.append(getattr(sub, name))
+                    master.append(p)
+        return cls(dtype, device, module, low, master)
+
+    def refresh(self) -> None:
+        """Copy the fp32 tensors in, in one ``_foreach_copy_``, if any changed (EMA step, load) since the last time."""
+        now = [t._version for t in self.master]
+        if self.low and now != self.versions:
+            torch._foreach_copy_(self.low, self.master)
+            self.versions = now
 
 
 def disable_autocast_copies(model: nn.Module) -> None:
