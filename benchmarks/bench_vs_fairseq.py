@@ -1,7 +1,7 @@
 """Our data2vec 2.0 training step against the official fairseq code's, side by side in one process.
 
     python benchmarks/bench_vs_fairseq.py --fairseq /path/to/fairseq            # every modality, tiny and base, 1 and 2 threads
-    python benchmarks/bench_vs_fairseq.py --fairseq /path/to/fairseq --device cuda --threads 0
+    python benchmarks/bench_vs_fairseq.py --fairseq /path/to/fairseq --device cuda --threads 0 --presets base --dtype bf16
     python benchmarks/bench_vs_fairseq.py --dry-run                             # a few steps (needs a checkout too)
 
 Per (modality, preset, threads):
@@ -12,6 +12,12 @@ Per (modality, preset, threads):
   ``torch.optim.AdamW`` with our parameter groups and hyperparameters, and ``set_num_updates`` (its EMA step).
 - **ours**: the project's own ``Pretrainer.train_step`` (d2v2/engine/pretrain.py): the step the runner times,
   with its logging sums, finiteness checks, clipping, AdamW and EMA step.
+
+``--dtype bf16`` / ``fp16`` runs each side in its own mixed precision: ours under autocast, as the runner trains
+(the EMA teacher from its weights kept in that dtype); fairseq's as its trainer runs ``common.bf16`` / ``fp16``:
+the model cast to the dtype, fairseq's ``FP16Optimizer`` holding fp32 master weights (a dynamic loss scale in
+fp16) around the same AdamW, the sample's floats cast, the EMA teacher in fp32 run in the model's dtype. The
+losses then agree to the dtype's rounding, not to float rounding.
 
 Both start from the same weights (fairseq's initialisation through our converter) and see the same batches
 and masks (random inputs of the preset's shape, masks drawn by our masker), with dropout, drop-path and
@@ -46,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))                 # the cross-check's fairseq import
 
+from bench_step import AUDIO_SECONDS, DEFAULT_BATCH                                # noqa: E402
 from crosscheck_common import Report                                               # noqa: E402
 from crosscheck_fairseq import DETERMINISTIC, TEXT_DROPOUT, data2vec2_pair, importable_fairseq  # noqa: E402
 from d2v2.config import merge                                                      # noqa: E402
@@ -57,10 +64,13 @@ from d2v2.launch.local import ALLOCATOR_ENV                                     
 from d2v2.workflow import Run, run_config, with_preset                     # noqa: E402
 
 MODALITIES = ("image", "speech", "text")
-# per-device batches: tiny = the workflow's tiny preset (d2v2/presets/tiny.yaml); base = a slice of the
-# paper's per-GPU batch that a CPU steps through in seconds (--batch-size overrides both)
+# per-device batches: tiny = the workflow's tiny preset (d2v2/presets/tiny.yaml); base = on a CPU a slice of the
+# paper's per-GPU batch that it steps through in seconds (1-s utterances), on a GPU the paper's per-GPU batches
+# and utterance length (bench_step.py's); --batch-size and --audio-seconds override them
 BATCH = {"tiny": {"image": 32, "speech": 8, "text": 16}, "base": {"image": 2, "speech": 2, "text": 2}}
+GPU_BATCH = {"tiny": BATCH["tiny"], "base": DEFAULT_BATCH["base"]}
 LR = 1e-4                  # a constant learning rate on both sides (the schedule is not what is measured)
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def allocator() -> str:
@@ -71,16 +81,17 @@ def allocator() -> str:
     return "the launcher's" if given == ALLOCATOR_ENV else ", ".join(f"{k}={v}" for k, v in given.items())
 
 
-def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: Path, dropout: bool) -> Pretrainer:
-    """A Pretrainer with the workflow preset's optimiser, dropout off unless ``dropout``, and no dataset of its
-    own (the benchmark feeds its batches to ``train_step``)."""
+def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: Path, dropout: bool,
+                precision: str = "fp32") -> Pretrainer:
+    """A Pretrainer with the workflow preset's optimiser, dropout off unless ``dropout``, ``precision`` (bf16/fp16:
+    autocast, as the runner trains), and no dataset of its own (the benchmark feeds its batches to ``train_step``)."""
     workflow = with_preset({"preset": preset})
     request = run_config(workflow, Run(modality, "data2vec2", "default", 0))
     if not dropout:
         overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
         request["method"]["overrides"] = merge(request["method"]["overrides"], overrides)
     request["data"] = {"root": str(out)}              # unused: the data sections of base name real corpora
-    cfg = resolve_run_config({**request, "batch_size": batch_size, "device": device, "precision": "fp32",
+    cfg = resolve_run_config({**request, "batch_size": batch_size, "device": device, "precision": precision,
                               "threads": None, "progress": False, "budget": {"kind": "updates", "value": 10**9}})
     return Pretrainer(cfg, out, dataset=[])
 
@@ -89,6 +100,55 @@ def fairseq_optimizer(fs, trainer: Pretrainer) -> torch.optim.AdamW:
     """AdamW over fairseq's parameters with our groups' rule (no decay for biases, 1-D tensors, ALiBi scales)."""
     no_decay = {n for n, _ in fs.named_parameters() if n.endswith("alibi_scale")}
     return build_optimizer(param_groups(fs, trainer.cfg.optim.weight_decay, no_decay), trainer.cfg.optim)
+
+
+def fairseq_mixed_precision(fs, trainer: Pretrainer, dtype: str):
+    """fairseq's trainer under ``common.fp16`` / ``common.bf16``: the model cast to the dtype, and fairseq's
+    ``FP16Optimizer`` keeping fp32 master copies of the weights (one per parameter, as fairseq's image and text
+    configs set with ``fp16_no_flatten_grads`` and its bf16 path always does), with a dynamic loss scale in fp16
+    (its defaults), stepping our AdamW over the master copies. The EMA teacher follows fairseq's ``ema_fp32``
+    and ``ema_same_dtype``: fp32 weights, run in the model's dtype."""
+    from fairseq.dataclass.configs import CommonConfig
+    from fairseq.optim import FairseqOptimizer
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+    from omegaconf import OmegaConf
+
+    fs.to(LOW[dtype])
+    params = [p for p in fs.parameters() if p.requires_grad]
+    cfg = OmegaConf.create({
+        "common": OmegaConf.structured(CommonConfig(fp16=dtype == "fp16", bf16=dtype == "bf16",
+                                                    fp16_no_flatten_grads=True)),
+        "optimizer": {}, "optimization": {"update_freq": [1]},
+        "distributed_training": {"distributed_world_size": 1}})
+    masters = FP16Optimizer.build_fp32_params(cfg.optimizer, params, flatten=False)
+    master_of = {id(p): m for p, m in zip(params, masters)}
+    no_decay = {n for n, _ in fs.named_parameters() if n.endswith("alibi_scale")}
+    groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]}
+              for g in param_groups(fs, trainer.cfg.optim.weight_decay, no_decay)]
+    inner = FairseqOptimizer(cfg.optimizer)                   # fairseq's optimiser interface around our AdamW
+    inner._optimizer = build_optimizer(groups, trainer.cfg.optim)
+    return FP16Optimizer(cfg, params, inner, masters)
+
+
+def fairseq_mixed_step(fs, optimizer, batch: dict, clip: float | None, update: int, dtype: str) -> torch.Tensor:
+    """One update as fairseq's trainer takes it in fp16/bf16: the sample's floats in the model's dtype, the
+    summed losses' backward (scaled in fp16), gradients divided by ``sample_size``, the norm clipped (computed
+    even without clipping: the loss scaler reads it), the master weights stepped and copied back, the EMA step;
+    an fp16 overflow skips the update, as its trainer does.
+    Left out, in fairseq's favour: the trainer's check that the gradient norm is finite (a host sync)."""
+    source = batch["source"].to(LOW[dtype]) if batch["source"].is_floating_point() else batch["source"]
+    result = fs(source, precomputed_mask=batch["mask"])
+    loss = sum(v.float().sum() for v in result["losses"].values())
+    optimizer.backward(loss)
+    optimizer.multiply_grads(1.0 / result["sample_size"])
+    try:
+        optimizer.clip_grad_norm(clip or 0.0)
+        optimizer.step()
+        fs.set_num_updates(update)
+    except OverflowError:           # fp16: its trainer skips the update (the scaler has lowered the loss scale)
+        pass
+    optimizer.zero_grad()
+    return loss.detach() / result["sample_size"]
 
 
 def fairseq_step(fs, optimizer, batch: dict, clip: float | None, update: int) -> torch.Tensor:
@@ -108,21 +168,30 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(args.device)
-    batch_size = args.batch_size or BATCH[preset][modality]
+    on_gpu = device.type == "cuda"
+    batch_size = args.batch_size or (GPU_BATCH if on_gpu else BATCH)[preset][modality]
+    seconds = args.audio_seconds or (AUDIO_SECONDS[preset] if on_gpu and preset == "base" else 1.0)
     report = Report(atol=0.0, reference="fairseq")     # only the config check reports into it
-    pair = data2vec2_pair(modality, preset, batch_size, report, dropout=args.dropout)
+    pair = data2vec2_pair(modality, preset, batch_size, report, dropout=args.dropout, audio_seconds=seconds)
     if report.failures:
         raise SystemExit(f"{modality}/{preset}: {report.failures}")
     trainer = our_trainer(modality, preset, batch_size, args.device, tmp / f"{modality}-{preset}-{threads}",
-                          args.dropout)
+                          args.dropout, args.dtype)
     missing, unexpected = trainer.method.load_state_dict(pair.ours.state_dict(), strict=False)
     if missing or unexpected:
         raise SystemExit(f"{modality}/{preset}: our model and fairseq's converted one differ "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     fs = pair.fs.to(device).train()
-    fs_opt = fairseq_optimizer(fs, trainer)
-    set_lr(trainer.optimizer, LR), set_lr(fs_opt, LR)
     clip = trainer.cfg.optim.clip_grad
+    if args.dtype == "fp32":
+        fs_opt = fairseq_optimizer(fs, trainer)
+        set_lr(fs_opt, LR)
+        step = lambda batch, update: fairseq_step(fs, fs_opt, batch, clip, update)           # noqa: E731
+    else:
+        fs_opt = fairseq_mixed_precision(fs, trainer, args.dtype)
+        set_lr(fs_opt.optimizer, LR)                               # the AdamW over the master weights
+        step = lambda batch, update: fairseq_mixed_step(fs, fs_opt, batch, clip, update, args.dtype)  # noqa: E731
+    set_lr(trainer.optimizer, LR)
 
     generator = torch.Generator().manual_seed(0)
     n = args.warmup + args.repeats * args.steps
@@ -138,7 +207,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
 
     def fs_block(steps: int) -> None:
         for _ in range(steps):
-            losses["fairseq"].append(fairseq_step(fs, fs_opt, next(fs_batches), clip, len(losses["fairseq"]) + 1))
+            losses["fairseq"].append(step(next(fs_batches), len(losses["fairseq"]) + 1))
 
     def timed(block, steps: int) -> float:
         synchronize(device)
@@ -157,7 +226,9 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
     ours_loss, fs_loss = torch.stack(losses["ours"]).double(), torch.stack(losses["fairseq"]).double()
     return {
         "modality": modality, "preset": preset, "threads": torch.get_num_threads(), "device": device.type,
-        "batch_size": batch_size, "steps": args.steps, "repeats": args.repeats,
+        "dtype": args.dtype, "fairseq_weights": str(next(fs.parameters()).dtype).removeprefix("torch."),
+        "batch_size": batch_size, "audio_seconds": seconds if modality == "speech" else None,
+        "steps": args.steps, "repeats": args.repeats,
         "ours_s": statistics.median(times["ours"]), "fairseq_s": statistics.median(times["fairseq"]),
         "ratio_median": statistics.median(f / o for f, o in zip(times["fairseq"], times["ours"])),
         "ratio_min": min(times["fairseq"]) / min(times["ours"]),
@@ -187,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
     p.add_argument("--presets", nargs="+", default=["tiny", "base"], choices=list(BATCH))
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="0: torch's default")
-    p.add_argument("--batch-size", type=int, default=None, help="default: BATCH[preset][modality]")
+    p.add_argument("--batch-size", type=int, default=None, help="default: BATCH (GPU_BATCH on a GPU)[preset][modality]")
+    p.add_argument("--audio-seconds", type=float, default=None,
+                   help="length of each utterance (default: 1 s; at base on a GPU the paper's 15.6 s)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", *LOW], default="fp32",
+                   help="bf16/fp16: ours under autocast (the runner's mixed precision), fairseq's model in the dtype "
+                        "with fp32 master weights (its trainer's common.bf16/fp16)")
     p.add_argument("--dropout", action="store_true",
                    help="the preset's dropouts and mask noise on both sides, as pretraining runs them (timing only)")
     p.add_argument("--dry-run", action="store_true", help="tiny only, 1 thread, 1 warm-up step, 2 blocks of 1 step")
@@ -211,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 for threads in args.threads:
                     rows.append(measure(modality, preset, threads, args, Path(tmp)))
                     print(json.dumps(rows[-1]), flush=True)
-    print(f"\nfairseq time / our time per training step, {args.device}, "
+    print(f"\nfairseq time / our time per training step, {args.device}, {args.dtype}, "
           f"{args.repeats} interleaved blocks of {args.steps} steps (wall clock, device synchronised; "
           f"allocator: {allocator()}):\n")
     print(table(rows))

@@ -178,12 +178,13 @@ def build_fairseq(cfg_dict: dict, vocab_size: int | None):
 
 
 # ---- one data2vec 2.0 step, both sides -----------------------------------------------------------------
-def batch_for(enc: EncoderConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+def batch_for(enc: EncoderConfig, batch_size: int, generator: torch.Generator,
+              audio_seconds: float = 1.0) -> torch.Tensor:
     if enc.modality == "image":
         return torch.randn(batch_size, enc.image.in_chans, enc.image.img_size, enc.image.img_size,
                            generator=generator)
     if enc.modality == "speech":
-        wav = torch.randn(batch_size, 16_000, generator=generator)
+        wav = torch.randn(batch_size, round(16_000 * audio_seconds), generator=generator)
         return (wav - wav.mean(1, keepdim=True)) / wav.std(1, keepdim=True)
     return torch.randint(NUM_SPECIAL, enc.text.vocab_size, (batch_size, enc.text.max_positions), generator=generator)
 
@@ -302,8 +303,10 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
 
 
 # ---- data2vec 2.0 ------------------------------------------------------------------------------------------
-def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, dropout: bool = False) -> Pair:
-    """``dropout``: keep the preset's dropouts and mask noise (for timing; the sides then draw different masks)."""
+def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, dropout: bool = False,
+                   audio_seconds: float = 1.0) -> Pair:
+    """``dropout``: keep the preset's dropouts and mask noise (for timing; the sides then draw different masks);
+    ``audio_seconds``: the length of each random utterance."""
     overrides = {} if dropout else merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
     overrides = merge(overrides, UPDATES_ANNEAL)
     cfg = method_config(modality, "data2vec2", preset, overrides)
@@ -318,7 +321,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, 
         report.failures.append(f"{modality}: the converted config differs from the preset's: {differs}")
 
     def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        source = batch_for(cfg.encoder, batch_size, generator)
+        source = batch_for(cfg.encoder, batch_size, generator, audio_seconds)
         return {"source": source, "mask": ours.masker()({"source": source}, generator)["mask"]}
 
     def teacher_now() -> dict[str, torch.Tensor]:

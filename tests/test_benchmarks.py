@@ -55,3 +55,18 @@ def test_with_dropout_both_sides_train_with_the_recipes_dropout_and_only_times_a
     assert row["dropout"] is True and row["loss_max_rel_diff"] is None and row["ours_s"] > 0
     assert row["allocator"] == "glibc defaults"      # a plain process
     assert "- (dropout on)" in r.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
+def test_in_bf16_each_side_trains_in_its_own_mixed_precision(tmp_path):
+    """Ours under autocast, fairseq's weights cast to bf16 with fp32 masters: the losses agree to bf16's
+    rounding, no closer (so neither side ran in fp32)."""
+    r = bench("--dry-run", "--dtype", "bf16", "--json", str(tmp_path / "rows.json"), env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["modality"] for row in rows] == ["image", "speech", "text"]
+    for row in rows:
+        assert row["dtype"] == "bf16" and row["fairseq_weights"] == "bfloat16", row
+        assert 1e-6 < row["loss_max_rel_diff"] < 3e-2, row
+        assert row["ours_s"] > 0 and row["fairseq_s"] > 0
+    assert "fairseq time / our time per training step, cpu, bf16" in r.stdout
