@@ -33,8 +33,8 @@ in a plain ``python`` process; ``python -m d2v2 launch --threads N -- python ben
 ...`` runs it with the training jobs' settings, docs/BENCHMARKS.md#allocator).
 
 Without a checkout (no ``--fairseq`` and no ``D2V2_FAIRSEQ`` in the environment) it prints why it skipped
-and exits 0. fairseq's import-time dependencies: ``pip install omegaconf hydra-core bitarray sacrebleu
-regex scikit-learn timm``. Results: docs/BENCHMARKS.md#ours-against-fairseq.
+and exits 0. fairseq's import-time dependencies: ``pip install omegaconf hydra-core bitarray timm``
+(scripts/crosscheck_fairseq.py). Results: docs/BENCHMARKS.md#ours-against-fairseq.
 """
 from __future__ import annotations
 

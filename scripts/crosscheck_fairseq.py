@@ -35,7 +35,8 @@ Before the steps it compares our own initialisation with fairseq's (per-tensor m
 
 What it needs: a fairseq checkout (``git clone https://github.com/facebookresearch/fairseq``) and
 fairseq's import-time dependencies in the running environment: ``pip install omegaconf hydra-core
-bitarray sacrebleu regex scikit-learn timm``. fairseq's released code does not import on Python >= 3.11
+bitarray timm`` (and ``scikit-learn``, which only fairseq's other tasks and criterions use: without it, its
+names import as placeholders that fail if called). fairseq's released code does not import on Python >= 3.11
 (its dataclass configs use instances as mutable defaults); the script therefore imports a temporary copy
 of ``fairseq/`` and ``examples/data2vec/`` in which only those defaults are rewritten as
 ``default_factory`` (no line that computes anything is touched), and ``numpy.float``, an alias of
@@ -46,6 +47,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
 import math
 import re
 import shutil
@@ -107,7 +111,48 @@ def importable_fairseq(root: Path, into: Path) -> None:
         "f = FairseqConfig.__dataclass_fields__[k]; "
         "v = f.default_factory() if callable(f.default_factory) else f.default"))
     restore_numpy_float()
+    for package in UNUSED_IMPORTS:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            sys.meta_path.insert(0, _Placeholders(package))
     sys.path.insert(0, str(into))
+
+
+# Imported by fairseq modules that data2vec 2.0 and the baselines never run (scikit-learn: metrics of fairseq's
+# sentence-prediction criterion and audio-classification task), so where they are not installed (an offline GPU
+# machine, benchmarks/offline_bundle.sh) their names import as placeholders that raise if called
+UNUSED_IMPORTS = ("sklearn",)
+
+
+class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``package`` and its submodules as modules whose every name is a callable that raises."""
+
+    def __init__(self, package: str):
+        self.package = package
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.package and not name.startswith(self.package + "."):
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+
+        def missing(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+
+            def unavailable(*args, **kwargs):
+                raise ImportError(f"{spec.name}.{attr}: {self.package} is not installed (fairseq imported it "
+                                  "for code this project does not run)")
+            return unavailable
+        module.__getattr__ = missing
+        return module
+
+    def exec_module(self, module):
+        pass
 
 
 # ---- our config -> fairseq's ----------------------------------------------------------------------------

@@ -70,3 +70,23 @@ def test_in_bf16_each_side_trains_in_its_own_mixed_precision(tmp_path):
         assert 1e-6 < row["loss_max_rel_diff"] < 3e-2, row
         assert row["ours_s"] > 0 and row["fairseq_s"] > 0
     assert "fairseq time / our time per training step, cpu, bf16" in r.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
+def test_without_scikit_learn_fairseq_still_imports_and_its_names_fail_only_if_called(tmp_path):
+    """As on an offline GPU machine: scikit-learn, which only fairseq's other criterions and tasks use, fails to
+    import (a package on the path that raises ImportError shadows the installed one)."""
+    (tmp_path / "sklearn").mkdir()
+    (tmp_path / "sklearn" / "__init__.py").write_text("raise ImportError('scikit-learn hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = bench("--dry-run", "--modalities", "image", "--json", str(tmp_path / "rows.json"), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["loss_max_rel_diff"] < 1e-5
+    code = ("import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; import tempfile; "
+            "from crosscheck_fairseq import importable_fairseq; "
+            "importable_fairseq(Path(sys.argv[1]), Path(tempfile.mkdtemp())); "
+            "from sklearn.metrics import f1_score; f1_score([1], [1])")
+    r = subprocess.run([sys.executable, "-c", code, os.environ["D2V2_FAIRSEQ"]], capture_output=True, text=True,
+                       env=env, cwd=BENCH.parents[1], timeout=300)
+    assert r.returncode != 0 and "sklearn.metrics.f1_score: sklearn is not installed" in r.stderr, r.stderr[-1000:]
