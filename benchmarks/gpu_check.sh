@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path, checked and measured in one command (docs/BENCHMARKS.md#the-gpu-path):
-#   bash benchmarks/gpu_check.sh OUT            # on one H100/H200: every stage, at most 17 minutes (limits below)
+#   bash benchmarks/gpu_check.sh OUT            # on one H100/H200: every stage, at most 20 minutes (limits below)
 #   bash benchmarks/gpu_check.sh OUT --dry-run  # the same stages on a CPU at smoke sizes (tests/test_gpu_check.py)
 # Stages, each bounded in time, everything written to OUT (at most 8 files):
 #   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
@@ -8,11 +8,14 @@
 #   compile: data2vec 2.0 image eager (its teacher from bf16 weights, and casting its fp32 weights at every
 #      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows added to
 #      bench.json;
+#   fairseq: our data2vec 2.0 step against fairseq's (bench_vs_fairseq.py) at base size in bf16, every modality,
+#      each side in its own mixed precision, the table in log.txt; only with a fairseq checkout ($D2V2_FAIRSEQ, or
+#      the one offline_bundle.sh put in .gpu/);
 #   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
 #      points at 0.25, 0.5 and 1, no anytime points): tables (runs, evals, training progress), figures, report;
 #   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
-# failed stages. STAGES="bench sweep" runs only those stages (default: all five). With 15 minutes of device
+# failed stages. STAGES="bench sweep" runs only those stages (default: all six). With 15 minutes of device
 # time in two calls of at most 10: STAGES="cuda-tests compile", then STAGES=sweep. Python packages missing on
 # the machine are installed from .gpu/whl (wheels) if present, and Fashion-MNIST is read from
 # .gpu/fashion-mnist if the Debian package is not installed (both made by benchmarks/offline_bundle.sh).
@@ -30,7 +33,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 failed=0
-STAGES=${STAGES:-cuda-tests bench compile sweep runner}
+STAGES=${STAGES:-cuda-tests bench compile fairseq sweep runner}
 stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its output, count a failure
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) say "stage $name: skipped (STAGES=$STAGES)"; return ;; esac
@@ -43,7 +46,7 @@ stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its o
 }
 
 # ---- the environment
-if ! python3 -c "import pydantic, snakemake, jsonschema" 2>/dev/null && [ -d .gpu/whl ]; then
+if ! python3 -c "import pydantic, snakemake, jsonschema, omegaconf, hydra, bitarray, timm" 2>/dev/null && [ -d .gpu/whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
     .gpu/whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
@@ -52,6 +55,10 @@ if ! command -v python >/dev/null; then          # the workflow's rules call `py
 fi
 FMNIST=/usr/share/datasets/fashion-mnist
 [ -d "$FMNIST" ] || FMNIST="$REPO/.gpu/fashion-mnist"
+FAIRSEQ=${D2V2_FAIRSEQ:-}
+if [ -z "$FAIRSEQ" ] && [ -f .gpu/fairseq.tar.gz ]; then
+  mkdir -p "$WORK/fairseq" && tar xzf .gpu/fairseq.tar.gz -C "$WORK/fairseq" && FAIRSEQ="$WORK/fairseq"
+fi
 {
   echo "host $(hostname); $(date -u)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -68,7 +75,8 @@ if [ "$DRY" = "--dry-run" ]; then
          "finetune={common: {device: cpu}, image: {budget: {value: 3}, eval_max_samples: 200}}"
          "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset smoke --device cpu --updates 4 --warmup 2 --repeats 1 --batch-size 8)
-  LIMITS=(300 300 300 900 300)
+  VS_FAIRSEQ=(--dry-run --dtype bf16)
+  LIMITS=(300 300 300 900 300 600)
   GRAPH_MODES=()
   FT_CORES=2
 else
@@ -76,7 +84,8 @@ else
   SWEEP=(preset=gpu "budget={image: {kind: train_seconds, value: 16}}" "budget_sweep={image: [0.25, 0.5, 1.0]}"
          "checkpoint_fractions=[1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset gpu --device cuda --precision bf16 --updates 40 --warmup 5 --repeats 2)
-  LIMITS=(160 130 300 340 70)
+  VS_FAIRSEQ=(--device cuda --threads 0 --presets base --dtype bf16 --steps 10 --repeats 3 --warmup 3)
+  LIMITS=(160 130 300 340 70 150)
   GRAPH_MODES=(reduce-overhead)
   FT_CORES=16
 fi
@@ -101,6 +110,13 @@ for extra in sys.argv[2:]:
     rows["rows"] += json.loads(Path(extra).read_text())["rows"]
 out.write_text(json.dumps(rows, indent=1))
 EOF
+
+# ---- our step against fairseq's, the paper's per-GPU batches, each side in its own bf16 (its table goes to the log)
+if [ -n "$FAIRSEQ" ]; then
+  stage fairseq "${LIMITS[5]}" python3 benchmarks/bench_vs_fairseq.py --fairseq "$FAIRSEQ" "${VS_FAIRSEQ[@]}"
+else
+  say "stage fairseq: skipped (no fairseq checkout: set D2V2_FAIRSEQ, or bundle one with offline_bundle.sh)"
+fi
 
 # ---- 3. the gpu preset's image budget sweep, end to end: the pretraining runs one at a time (--cores 2, so
 # each train-only clock measures one job on the whole GPU), then the fine-tunes side by side (their time

@@ -1,5 +1,6 @@
 """The device script (benchmarks/gpu_check.sh) runs right the first time: its CPU dry run goes through every
-stage (CUDA tests, the step benchmark, the gpu preset's budget sweep end to end) and returns the files a
+stage (CUDA tests, the step benchmark, ours against fairseq's step where a checkout is given, the gpu preset's
+budget sweep end to end) and returns the files a
 device run returns, and leaves nothing behind but those."""
 import json
 import os
@@ -21,6 +22,11 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     assert r.returncode == 0, log[-4000:]
     for stage in ("cuda-tests", "bench", "compile", "sweep", "runner"):
         assert f"stage {stage}: exit 0" in log
+    # ours against fairseq's step, each in its own bf16, from a checkout or the one offline_bundle.sh packed
+    if os.environ.get("D2V2_FAIRSEQ") or (REPO / ".gpu" / "fairseq.tar.gz").is_file():
+        assert "stage fairseq: exit 0" in log and "fairseq time / our time per training step, cpu, bf16" in log
+    else:
+        assert "stage fairseq: skipped (no fairseq checkout" in log
     files = sorted(p.name for p in out.iterdir())
     assert not list(tmp.glob("tmp.*"))              # its work folder (mktemp's, 3 GB of checkpoints) is gone
     assert len(files) <= 8, files                     # the device tool returns at most 8 files
