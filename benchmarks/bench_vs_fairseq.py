@@ -27,7 +27,9 @@ pretraining runs them: each side then draws its own random masks, so only the ti
 sides run in interleaved blocks of ``--steps`` steps, alternating which goes first, so load changes on a
 shared machine hit both alike; each block's time is measured with
 ``time.perf_counter`` after a device synchronisation. Ratio = fairseq time / our time (> 1: ours is faster),
-as the median over blocks and from the fastest block of each side. The load average before and after
+as the median over blocks and from the fastest block of each side. Each side's ATen kernels in one step
+(views excluded; d2v2.engine.flops.count_kernels, counted after the warm-up) say how many launches a GPU step
+issues, which bounds a step of small kernels (docs/BENCHMARKS.md#the-gpu-path). The load average before and after
 each configuration is printed with it, and the allocator settings both sides ran under (glibc's defaults
 in a plain ``python`` process; ``python -m d2v2 launch --threads N -- python benchmarks/bench_vs_fairseq.py
 ...`` runs it with the training jobs' settings, docs/BENCHMARKS.md#allocator).
@@ -57,6 +59,7 @@ from crosscheck_common import Report                                            
 from crosscheck_fairseq import DETERMINISTIC, TEXT_DROPOUT, data2vec2_pair, importable_fairseq  # noqa: E402
 from d2v2.config import merge                                                      # noqa: E402
 from d2v2.engine.clock import synchronize                                          # noqa: E402
+from d2v2.engine.flops import count_kernels                                        # noqa: E402
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr               # noqa: E402
 from d2v2.engine.pretrain import Pretrainer                                        # noqa: E402
 from d2v2.engine.runconfig import resolve_run_config                              # noqa: E402
@@ -194,7 +197,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
     set_lr(trainer.optimizer, LR)
 
     generator = torch.Generator().manual_seed(0)
-    n = args.warmup + args.repeats * args.steps
+    n = args.warmup + 1 + args.repeats * args.steps
     batches = [{k: v.to(device) for k, v in pair.batch(generator).items()} for _ in range(n)]
     ours_batches, fs_batches = iter(batches), iter(batches)
     losses = {"ours": [], "fairseq": []}
@@ -218,6 +221,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
 
     load_before = os.getloadavg()[0]
     ours_block(args.warmup), fs_block(args.warmup)
+    kernels = {"ours": count_kernels(lambda: ours_block(1)), "fairseq": count_kernels(lambda: fs_block(1))}
     times = {"ours": [], "fairseq": []}
     for r in range(args.repeats):
         order = (("ours", ours_block), ("fairseq", fs_block))
@@ -230,6 +234,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
         "batch_size": batch_size, "audio_seconds": seconds if modality == "speech" else None,
         "steps": args.steps, "repeats": args.repeats,
         "ours_s": statistics.median(times["ours"]), "fairseq_s": statistics.median(times["fairseq"]),
+        "ours_kernels": kernels["ours"], "fairseq_kernels": kernels["fairseq"],
         "ratio_median": statistics.median(f / o for f, o in zip(times["fairseq"], times["ours"])),
         "ratio_min": min(times["fairseq"]) / min(times["ours"]),
         "dropout": args.dropout,         # with dropout the sides draw different masks: no loss agreement
@@ -242,12 +247,12 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| modality | preset | threads | batch | ours s/step | fairseq s/step | ratio (median) | ratio (min) "
-             "| loss rel. diff | load before/after |", "|" + "---|" * 10]
+             "| kernels/step ours / fairseq | loss rel. diff | load before/after |", "|" + "---|" * 11]
     for r in rows:
         agreement = "- (dropout on)" if r["loss_max_rel_diff"] is None else f"{r['loss_max_rel_diff']:.1e}"
         lines.append(f"| {r['modality']} | {r['preset']} | {r['threads']} | {r['batch_size']} | {r['ours_s']:.4f} "
                      f"| {r['fairseq_s']:.4f} | {r['ratio_median']:.2f}x | {r['ratio_min']:.2f}x "
-                     f"| {agreement} | {r['load_before']:.2f} / {r['load_after']:.2f} |")
+                     f"| {r['ours_kernels']} / {r['fairseq_kernels']} | {agreement} | {r['load_before']:.2f} / {r['load_after']:.2f} |")
     return "\n".join(lines)
 
 

@@ -40,7 +40,8 @@ def test_the_dry_run_measures_every_modality_with_equal_losses(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [row["modality"] for row in rows] == ["image", "speech", "text"]
     for row in rows:
-        assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 3
+        assert row["ours_s"] > 0 and row["fairseq_s"] > 0 and row["loss_steps"] == 4     # + the counted step
+        assert 100 < row["ours_kernels"] < row["fairseq_kernels"], row
         assert row["loss_max_rel_diff"] < 1e-5, row
         assert row["allocator"] == "the launcher's", row
     assert "| image | tiny | 1 |" in r.stdout and "allocator: the launcher's" in r.stdout

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from d2v2.engine.flops import count_flops, count_step, peak_flops, utilisation
+from d2v2.engine.flops import count_flops, count_kernels, count_step, peak_flops, utilisation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_pretrain import data_root, run_config  # noqa: E402,F401  (the session fixture and helper)
@@ -36,6 +36,7 @@ def test_a_step_counts_its_kernels_but_not_its_views():
     flops, kernels = count_step(lambda: step(8))
     assert flops == count_flops(lambda: step(8)) and kernels > 10
     assert count_step(lambda: step(512))[1] == kernels
+    assert count_kernels(lambda: step(8)) == kernels and count_kernels(lambda: x.view(4, 64).t()[0]) == 0
 
 
 def test_utilisation_is_achieved_rate_over_peak():

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PEAK_FLOPS", "count_flops", "count_step", "peak_flops", "utilisation"]
+__all__ = ["PEAK_FLOPS", "count_flops", "count_kernels", "count_step", "peak_flops", "utilisation"]
 
 # Dense bf16 tensor-core peak per device (vendor data sheets; without sparsity), matched in this order
 # against torch.cuda.get_device_name.
@@ -50,6 +50,14 @@ def count_step(step: Callable[[], object]) -> tuple[int, int]:
     with FlopCounterMode(display=False) as flops, _KernelCounter() as kernels:
         step()
     return int(flops.get_total_flops()), kernels.kernels
+
+
+def count_kernels(step: Callable[[], object]) -> int:
+    """Run ``step()`` once and return how many ATen kernels it dispatched, views excluded (no FLOP counter: it
+    also counts code whose modules ``FlopCounterMode``'s module tracker cannot follow)."""
+    with _KernelCounter() as kernels:
+        step()
+    return kernels.kernels
 
 
 def count_flops(step: Callable[[], object]) -> int:
