@@ -108,7 +108,8 @@ def fairseq_optimizer(fs, trainer: Pretrainer) -> torch.optim.AdamW:
 def fairseq_mixed_precision(fs, trainer: Pretrainer, dtype: str):
     """fairseq's trainer under ``common.fp16`` / ``common.bf16``: the model cast to the dtype, and fairseq's
     ``FP16Optimizer`` keeping fp32 master copies of the weights (one per parameter, as fairseq's image and text
-    configs set with ``fp16_no_flatten_grads`` and its bf16 path always does), with a dynamic loss scale in fp16
+    configs set with ``fp16_no_flatten_grads`` and its bf16 path always does; its speech config flattens them into
+    one tensor in fp16, which this does not), with a dynamic loss scale in fp16
     (its defaults), stepping our AdamW over the master copies. The EMA teacher follows fairseq's ``ema_fp32``
     and ``ema_same_dtype``: fp32 weights, run in the model's dtype."""
     from fairseq.dataclass.configs import CommonConfig
