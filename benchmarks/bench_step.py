@@ -70,9 +70,10 @@ def _to(batch: dict, device: str) -> dict:
 
 def bench_one(modality: str, method_name: str, preset: str, batch_size: int, steps: int, warmup: int,
               device: str, dtype: str, threads: int, audio_seconds: float | None, compile: str = "off",
-              compile_mode: str = "default", teacher_copy: bool = True) -> dict:
+              compile_mode: str = "default", teacher_copy: bool = True) -> dict | None:
     """Benchmark one (modality, method, preset); runs in its own process on CPU. ``teacher_copy=False``: an EMA
-    teacher runs from its fp32 weights under autocast (the casts at every forward; d2v2.model.ema)."""
+    teacher runs from its fp32 weights under autocast (the casts at every forward; d2v2.model.ema); None for a
+    method without one (the row would repeat the ``teacher_copy=True`` one)."""
     from d2v2.engine.compile import compile_model, mark_step, replays_cuda_graphs
     from d2v2.engine.flops import count_step, peak_flops
     from d2v2.engine.precision import autocast, loss_scaler
@@ -83,8 +84,8 @@ def bench_one(modality: str, method_name: str, preset: str, batch_size: int, ste
     torch.manual_seed(0)
     method = build_method(modality, method_name, preset).to(device)
     method.train()
-    if not teacher_copy:
-        disable_autocast_copies(method)
+    if not teacher_copy and not disable_autocast_copies(method):
+        return None
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dev = torch.device(device)
@@ -216,6 +217,8 @@ def main(argv=None) -> None:
                     failed += 1
                     print(f"{preset:6} {modality:8} {method:10} {label:24} failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
+                    continue
+                if row is None:                          # --teacher-copy off for a method without an EMA teacher
                     continue
                 rows.append(row)
                 key = (preset, modality, "data2vec2", compiled, mode, teacher_copy)

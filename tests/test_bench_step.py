@@ -23,14 +23,15 @@ def test_the_gpu_preset_is_benchmarked_on_its_one_modality(tmp_path, capsys):
 def test_the_teacher_copy_rows_differ_by_the_teachers_casts(tmp_path):
     """``--teacher-copy on off``: two eager rows of an EMA method in bf16, the second with the teacher casting
     its fp32 weights at every forward (a kernel per Linear and convolution weight and bias more); a compiled
-    row runs once, since compiling turns the copy off."""
+    row runs once, since compiling turns the copy off, and so does a method without an EMA teacher (MAE)."""
     from d2v2.method import build_method
 
     out = tmp_path / "rows.json"
     bench_step.main(["--presets", "smoke", "--device", "cpu", "--dtype", "bf16", "--steps", "1", "--warmup", "1",
-                     "--modalities", "image", "--methods", "data2vec2", "--teacher-copy", "on", "off",
+                     "--modalities", "image", "--methods", "data2vec2", "mae", "--teacher-copy", "on", "off",
                      "--json", str(out)])
-    on, off = json.loads(out.read_text())["rows"]
+    on, off, mae = json.loads(out.read_text())["rows"]
+    assert (mae["method"], mae["teacher_copy"]) == ("mae", True)        # no teacher: no second row
     assert (on["teacher_copy"], off["teacher_copy"]) == (True, False)
     teacher = build_method("image", "data2vec2", "smoke").teacher.model
     weights = sum(len(list(m.parameters(recurse=False))) for m in teacher.modules()

@@ -141,8 +141,9 @@ class _AutocastCopy:
             self.versions = now
 
 
-def disable_autocast_copies(model: nn.Module) -> None:
-    """:meth:`EMATeacher.disable_autocast_copy` for every EMA teacher in ``model``."""
-    for module in model.modules():
-        if isinstance(module, EMATeacher):
-            module.disable_autocast_copy()
+def disable_autocast_copies(model: nn.Module) -> int:
+    """:meth:`EMATeacher.disable_autocast_copy` for every EMA teacher in ``model``; returns how many there are."""
+    teachers = [module for module in model.modules() if isinstance(module, EMATeacher)]
+    for teacher in teachers:
+        teacher.disable_autocast_copy()
+    return len(teachers)
