@@ -85,18 +85,27 @@ def allocator() -> str:
 
 
 def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: Path, dropout: bool,
-                precision: str = "fp32") -> Pretrainer:
+                precision: str = "fp32", overrides: dict | None = None) -> Pretrainer:
     """A Pretrainer with the workflow preset's optimiser, dropout off unless ``dropout``, ``precision`` (bf16/fp16:
-    autocast, as the runner trains), and no dataset of its own (the benchmark feeds its batches to ``train_step``)."""
+    autocast, as the runner trains), ``overrides`` over the method config, and no dataset of its own (the benchmark
+    feeds its batches to ``train_step``)."""
     workflow = with_preset({"preset": preset})
     request = run_config(workflow, Run(modality, "data2vec2", "default", 0))
     if not dropout:
-        overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
-        request["method"]["overrides"] = merge(request["method"]["overrides"], overrides)
+        fixed = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
+        request["method"]["overrides"] = merge(request["method"]["overrides"], fixed)
+    request["method"]["overrides"] = merge(request["method"]["overrides"], overrides or {})
     request["data"] = {"root": str(out)}              # unused: the data sections of base name real corpora
     cfg = resolve_run_config({**request, "batch_size": batch_size, "device": device, "precision": precision,
                               "threads": None, "progress": False, "budget": {"kind": "updates", "value": 10**9}})
     return Pretrainer(cfg, out, dataset=[])
+
+
+def narrowed(width: int | None) -> dict:
+    """Method-config overrides that narrow the encoder (heads of 16 channels) and the decoder to ``width``."""
+    if width is None:
+        return {}
+    return {"encoder": {"embed_dim": width, "num_heads": max(1, width // 16)}, "decoder": {"dim": width}}
 
 
 def fairseq_optimizer(fs, trainer: Pretrainer) -> torch.optim.AdamW:
@@ -176,11 +185,13 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
     batch_size = args.batch_size or (GPU_BATCH if on_gpu else BATCH)[preset][modality]
     seconds = args.audio_seconds or (AUDIO_SECONDS[preset] if on_gpu and preset == "base" else 1.0)
     report = Report(atol=0.0, reference="fairseq")     # only the config check reports into it
-    pair = data2vec2_pair(modality, preset, batch_size, report, dropout=args.dropout, audio_seconds=seconds)
+    narrow = narrowed(args.width)
+    pair = data2vec2_pair(modality, preset, batch_size, report, dropout=args.dropout, audio_seconds=seconds,
+                          overrides=narrow)
     if report.failures:
         raise SystemExit(f"{modality}/{preset}: {report.failures}")
     trainer = our_trainer(modality, preset, batch_size, args.device, tmp / f"{modality}-{preset}-{threads}",
-                          args.dropout, args.dtype)
+                          args.dropout, args.dtype, narrow)
     missing, unexpected = trainer.method.load_state_dict(pair.ours.state_dict(), strict=False)
     if missing or unexpected:
         raise SystemExit(f"{modality}/{preset}: our model and fairseq's converted one differ "
@@ -231,7 +242,9 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
     ours_loss, fs_loss = torch.stack(losses["ours"]).double(), torch.stack(losses["fairseq"]).double()
     return {
         "modality": modality, "preset": preset, "threads": torch.get_num_threads(), "device": device.type,
-        "dtype": args.dtype, "fairseq_weights": str(next(fs.parameters()).dtype).removeprefix("torch."),
+        "dtype": args.dtype, "width": args.width,
+        "params_m": sum(p.numel() for p in trainer.method.parameters() if p.requires_grad) / 1e6,
+        "fairseq_weights": str(next(fs.parameters()).dtype).removeprefix("torch."),
         "batch_size": batch_size, "audio_seconds": seconds if modality == "speech" else None,
         "steps": args.steps, "repeats": args.repeats,
         "ours_s": statistics.median(times["ours"]), "fairseq_s": statistics.median(times["fairseq"]),
@@ -274,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", *LOW], default="fp32",
                    help="bf16/fp16: ours under autocast (the runner's mixed precision), fairseq's model in the dtype "
                         "with fp32 master weights (its trainer's common.bf16/fp16)")
+    p.add_argument("--width", type=int, default=None,
+                   help="narrow the encoder and decoder to this many channels, the preset's structure otherwise "
+                        "kept: a step bound by the framework's per-kernel overhead, as a GPU step at the paper's "
+                        "per-GPU batches is (docs/BENCHMARKS.md#each-side-in-its-own-bf16)")
     p.add_argument("--dropout", action="store_true",
                    help="the preset's dropouts and mask noise on both sides, as pretraining runs them (timing only)")
     p.add_argument("--dry-run", action="store_true", help="tiny only, 1 thread, 1 warm-up step, 2 blocks of 1 step")
@@ -294,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(modality, preset, threads, args, Path(tmp)))
                     print(json.dumps(rows[-1]), flush=True)
     print(f"\nfairseq time / our time per training step, {args.device}, {args.dtype}, "
+          f"{'' if args.width is None else f'encoder and decoder narrowed to {args.width} channels, '}"
           f"{args.repeats} interleaved blocks of {args.steps} steps (wall clock, device synchronised; "
           f"allocator: {allocator()}):\n")
     print(table(rows))

@@ -349,11 +349,11 @@ def compare_steps(pair: Pair, tag: str, report: Report, generator: torch.Generat
 
 # ---- data2vec 2.0 ------------------------------------------------------------------------------------------
 def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, dropout: bool = False,
-                   audio_seconds: float = 1.0) -> Pair:
+                   audio_seconds: float = 1.0, overrides: dict | None = None) -> Pair:
     """``dropout``: keep the preset's dropouts and mask noise (for timing; the sides then draw different masks);
-    ``audio_seconds``: the length of each random utterance."""
-    overrides = {} if dropout else merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
-    overrides = merge(overrides, UPDATES_ANNEAL)
+    ``audio_seconds``: the length of each random utterance; ``overrides``: over the preset's method config."""
+    fixed = {} if dropout else merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
+    overrides = merge(merge(fixed, overrides or {}), UPDATES_ANNEAL)
     cfg = method_config(modality, "data2vec2", preset, overrides)
     cfg_dict = fairseq_config(cfg)
     fs = build_fairseq(cfg_dict, cfg.encoder.text.vocab_size if modality == "text" else None)

@@ -91,3 +91,17 @@ def test_without_scikit_learn_fairseq_still_imports_and_its_names_fail_only_if_c
     r = subprocess.run([sys.executable, "-c", code, os.environ["D2V2_FAIRSEQ"]], capture_output=True, text=True,
                        env=env, cwd=BENCH.parents[1], timeout=300)
     assert r.returncode != 0 and "sklearn.metrics.f1_score: sklearn is not installed" in r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.skipif(not os.environ.get("D2V2_FAIRSEQ"), reason="D2V2_FAIRSEQ (a fairseq checkout) not set")
+def test_width_narrows_both_sides_alike(tmp_path):
+    """``--width``: the preset's structure with narrower encoder and decoder, on both sides (their losses agree)."""
+    rows = {}
+    for width in (None, 16):
+        out = tmp_path / f"{width}.json"
+        r = bench("--dry-run", "--modalities", "image", "--json", str(out),
+                  *([] if width is None else ["--width", str(width)]), env=dict(os.environ))
+        assert r.returncode == 0, r.stderr[-2000:]
+        (rows[width],) = json.loads(out.read_text())
+    assert rows[16]["width"] == 16 and rows[16]["params_m"] < rows[None]["params_m"] / 2
+    assert rows[16]["loss_max_rel_diff"] < 1e-5 and "narrowed to 16 channels" in r.stdout
