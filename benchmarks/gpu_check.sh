@@ -17,8 +17,9 @@
 # A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
 # failed stages. STAGES="bench sweep" runs only those stages (default: all six). With 15 minutes of device
 # time in two calls of at most 10: STAGES="cuda-tests compile", then STAGES="fairseq sweep" (limits 150 + 340 s;
-# without D2V2_FAIRSEQ or the bundled copy, fairseq is skipped). Python packages missing on the machine are installed from .gpu/whl (wheels) if present, and Fashion-MNIST is read from
-# .gpu/fashion-mnist if the Debian package is not installed (both made by benchmarks/offline_bundle.sh).
+# without D2V2_FAIRSEQ or the bundled copy, fairseq is skipped). Python packages missing on the machine are
+# installed from .gpu/whl (wheels) if present, Fashion-MNIST is read from .gpu/fashion-mnist if the Debian package
+# is not installed, and fairseq is unpacked from .gpu/fairseq.tar.gz (all made by benchmarks/offline_bundle.sh).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run]}
 DRY=${2:-}
