@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))                 # the cross-check's fa
 
 from bench_step import AUDIO_SECONDS, DEFAULT_BATCH                                # noqa: E402
 from crosscheck_common import Report                                               # noqa: E402
-from crosscheck_fairseq import DETERMINISTIC, TEXT_DROPOUT, data2vec2_pair, importable_fairseq  # noqa: E402
+from crosscheck_fairseq import data2vec2_pair, deterministic, importable_fairseq      # noqa: E402
 from d2v2.config import merge                                                      # noqa: E402
 from d2v2.engine.clock import synchronize                                          # noqa: E402
 from d2v2.engine.flops import count_kernels                                        # noqa: E402
@@ -91,10 +91,8 @@ def our_trainer(modality: str, preset: str, batch_size: int, device: str, out: P
     feeds its batches to ``train_step``)."""
     workflow = with_preset({"preset": preset})
     request = run_config(workflow, Run(modality, "data2vec2", "default", 0))
-    if not dropout:
-        fixed = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
-        request["method"]["overrides"] = merge(request["method"]["overrides"], fixed)
-    request["method"]["overrides"] = merge(request["method"]["overrides"], overrides or {})
+    request["method"]["overrides"] = merge(merge(request["method"]["overrides"], {} if dropout else
+                                                 deterministic(modality)), overrides or {})
     request["data"] = {"root": str(out)}              # unused: the data sections of base name real corpora
     cfg = resolve_run_config({**request, "batch_size": batch_size, "device": device, "precision": precision,
                               "threads": None, "progress": False, "budget": {"kind": "updates", "value": 10**9}})

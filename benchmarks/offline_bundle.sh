@@ -11,7 +11,7 @@
 # .gpu/ when the Debian package is not installed, and unpacks fairseq from .gpu/ when D2V2_FAIRSEQ is not set on
 # the machine. Copy .gpu/ along with the repository.
 #   bash benchmarks/offline_bundle.sh                                 # about 53 MB
-#   D2V2_FAIRSEQ=/path/to/fairseq bash benchmarks/offline_bundle.sh   # about 58 MB
+#   D2V2_FAIRSEQ=/path/to/fairseq bash benchmarks/offline_bundle.sh   # about 57 MB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-3.12} FAIRSEQ=${D2V2_FAIRSEQ:-}

@@ -83,6 +83,13 @@ from d2v2.model.modalities.text import BOS, EOS, MASK, PAD
 
 TEXT_DROPOUT = {"encoder": {"text": {"dropout": 0.0}}}
 DETERMINISTIC = merge(NO_DROPOUT, {"decoder": {"input_dropout": 0.0}, "mask_noise_std": 0.0})
+
+
+def deterministic(modality: str) -> dict:
+    """data2vec 2.0's method-config overrides with every dropout and the mask noise off (text's embedding dropout
+    too), so that our step and fairseq's can agree."""
+    return merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
+
 # fairseq anneals the teacher over a count of updates; ours does at base over a budget fraction
 UPDATES_ANNEAL = {"ema_anneal_end_fraction": None}
 
@@ -352,8 +359,7 @@ def data2vec2_pair(modality: str, preset: str, batch_size: int, report: Report, 
                    audio_seconds: float = 1.0, overrides: dict | None = None) -> Pair:
     """``dropout``: keep the preset's dropouts and mask noise (for timing; the sides then draw different masks);
     ``audio_seconds``: the length of each random utterance; ``overrides``: over the preset's method config."""
-    fixed = {} if dropout else merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
-    overrides = merge(merge(fixed, overrides or {}), UPDATES_ANNEAL)
+    overrides = merge(merge({} if dropout else deterministic(modality), overrides or {}), UPDATES_ANNEAL)
     cfg = method_config(modality, "data2vec2", preset, overrides)
     cfg_dict = fairseq_config(cfg)
     fs = build_fairseq(cfg_dict, cfg.encoder.text.vocab_size if modality == "text" else None)

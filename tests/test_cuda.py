@@ -13,7 +13,7 @@ from d2v2.method import available_methods, build_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from crosscheck_fairseq import DETERMINISTIC, TEXT_DROPOUT  # noqa: E402  (dropout and noise off, as the cross-check)
+from crosscheck_fairseq import deterministic  # noqa: E402  (dropout and noise off, as the cross-check)
 from test_precision import LOSS_RTOL, batch_for, losses  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -135,15 +135,12 @@ def test_the_whole_model_replays_as_cuda_graphs(tmp_path, modality):
     dropout or mask noise, whose draws differ between eager and compiled code)."""
     import torch._dynamo.utils
 
-    from d2v2.config import merge
-
     losses = {}
     for scope in ("off", "model"):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        overrides = merge(DETERMINISTIC, TEXT_DROPOUT) if modality == "text" else DETERMINISTIC
         trainer, batches = _trainer(tmp_path / scope, modality, compile=scope, compile_mode="reduce-overhead",
-                                    method={"overrides": overrides})
+                                    method={"overrides": deterministic(modality)})
         torch.manual_seed(0)
         losses[scope] = []
         for batch in batches:
