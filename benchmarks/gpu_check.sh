@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The GPU path, checked and measured in one command (docs/BENCHMARKS.md#the-gpu-path):
-#   bash benchmarks/gpu_check.sh OUT            # on one H100/H200: every stage, at most 20 minutes (limits below)
+#   bash benchmarks/gpu_check.sh OUT            # on one H100/H200: within 9 minutes (DEADLINE_S, below)
 #   bash benchmarks/gpu_check.sh OUT --dry-run  # the same stages on a CPU at smoke sizes (tests/test_gpu_check.py)
-# Stages, each bounded in time, everything written to OUT (at most 8 files):
-#   1. the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
-#   2. bench_step.py at base size, bf16, every method (FLOPs/update, TFLOP/s, MFU, peak memory, kernels/step);
+# Stages, in the order they run (what the next device run owes first), everything written to OUT (at most 8 files):
+#   cuda-tests: the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
+#   sweep: the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
+#      points at 0.25, 0.5 and 1, no anytime points): tables (runs, evals, training progress), figures, report;
 #   compile: data2vec 2.0 image eager (its teacher from bf16 weights, and casting its fp32 weights at every
-#      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows added to
-#      bench.json;
+#      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows in bench.json;
 #   fairseq: our data2vec 2.0 step against fairseq's (bench_vs_fairseq.py) at base size in bf16, every modality,
 #      each side in its own mixed precision, the table in log.txt; only with a fairseq checkout ($D2V2_FAIRSEQ, or
 #      the one offline_bundle.sh put in .gpu/);
-#   3. the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
-#      points at 0.25, 0.5 and 1, no anytime points): tables (runs, evals, training progress), figures, report;
-#   4. the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
-# A stage that fails is reported in OUT/log.txt and the next one still runs; the exit status is the number of
-# failed stages. STAGES="bench sweep" runs only those stages (default: all six). With 15 minutes of device
-# time in two calls of at most 10: STAGES="cuda-tests compile", then STAGES="fairseq sweep" (limits 150 + 340 s;
-# without D2V2_FAIRSEQ or the bundled copy, fairseq is skipped). Python packages missing on the machine are
+#   bench: bench_step.py at base size, bf16, every method (FLOPs/update, MFU, peak memory, kernels/step);
+#   runner: the runner against the bare step (bench_runner.py) on the gpu preset's data2vec 2.0 image run.
+# Each stage runs under its own time limit, and the whole script under DEADLINE_S seconds (default 540 on a
+# GPU, none in a dry run; 0: none): a stage gets at most what is left, and one that would get less than it needs
+# is skipped, the log's last line naming the skipped ones as a STAGES=... for a second call. A stage that fails
+# is reported in OUT/log.txt and the next one still runs; the exit status is the number of failed stages.
+# STAGES="bench runner" runs only those stages (default: all six). Python packages missing on the machine are
 # installed from .gpu/whl (wheels) if present, Fashion-MNIST is read from .gpu/fashion-mnist if the Debian package
 # is not installed, and fairseq is unpacked from .gpu/fairseq.tar.gz (all made by benchmarks/offline_bundle.sh).
 set -uo pipefail
@@ -34,10 +34,23 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 failed=0
-STAGES=${STAGES:-cuda-tests bench compile fairseq sweep runner}
+deferred=()
+STAGES=${STAGES:-cuda-tests sweep compile fairseq bench runner}
+# the least time a stage needs to return something (a stage given less is skipped, not started)
+declare -A NEEDS=([cuda-tests]=60 [sweep]=240 [compile]=150 [fairseq]=90 [bench]=90 [runner]=45)
+MARGIN_S=15                        # after the last stage: the compile rows merged, the work folder removed
 stage() {   # stage NAME SECONDS COMMAND...: run it with a time limit, log its output, count a failure
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) say "stage $name: skipped (STAGES=$STAGES)"; return ;; esac
+  if [ "$DEADLINE_S" -gt 0 ]; then            # SECONDS: since the script started
+    local left=$((DEADLINE_S - MARGIN_S - SECONDS))
+    if [ "$left" -lt "${NEEDS[$name]}" ]; then
+      say "stage $name: skipped (deadline: $left s left of DEADLINE_S=$DEADLINE_S, it needs ${NEEDS[$name]})"
+      deferred+=("$name")
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   say "stage $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -77,7 +90,8 @@ if [ "$DRY" = "--dry-run" ]; then
          "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset smoke --device cpu --updates 4 --warmup 2 --repeats 1 --batch-size 8)
   VS_FAIRSEQ=(--dry-run --dtype bf16)
-  LIMITS=(300 300 300 900 300 600)
+  declare -A LIMIT=([cuda-tests]=300 [sweep]=900 [compile]=300 [fairseq]=600 [bench]=300 [runner]=300)
+  DEADLINE_S=${DEADLINE_S:-0}
   GRAPH_MODES=()
   FT_CORES=2
 else
@@ -86,22 +100,54 @@ else
          "checkpoint_fractions=[1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset gpu --device cuda --precision bf16 --updates 40 --warmup 5 --repeats 2)
   VS_FAIRSEQ=(--device cuda --threads 0 --presets base --dtype bf16 --steps 10 --repeats 3 --warmup 3)
-  LIMITS=(160 130 300 340 70 150)
+  declare -A LIMIT=([cuda-tests]=160 [sweep]=340 [compile]=300 [fairseq]=150 [bench]=130 [runner]=70)
+  DEADLINE_S=${DEADLINE_S:-540}
   GRAPH_MODES=(reduce-overhead)
   FT_CORES=16
 fi
 
-# ---- 1. the CUDA tests (they skip on a CPU)
-stage cuda-tests "${LIMITS[0]}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# ---- the CUDA tests (they skip on a CPU)
+stage cuda-tests "${LIMIT[cuda-tests]}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-# ---- 2. the step at base size, every method eager; then data2vec 2.0 image eager (with and without the
-# teacher's autocast copy, d2v2.model.ema) and with its whole model compiled, then in each of GRAPH_MODES (CUDA
-# graphs), a fresh process per compiled row; their rows join bench.json
-stage bench "${LIMITS[1]}" python3 benchmarks/bench_step.py "${BENCH[@]}" --json "$OUT/bench.json"
-stage compile "${LIMITS[2]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image \
+# ---- the gpu preset's image budget sweep, end to end: the pretraining runs one at a time (--cores 2, so
+# each train-only clock measures one job on the whole GPU), then the fine-tunes side by side (their time
+# is not compared)
+CFG=$(printf '%q ' "${SWEEP[@]}")
+stage sweep "${LIMIT[sweep]}" bash -c "python3 -m snakemake -d '$WORK/wf' --cores 2 --scheduler greedy \
+  --until pretrain --config $CFG && python3 -m snakemake -d '$WORK/wf' --cores $FT_CORES --scheduler greedy --config $CFG"
+# progress.csv: every run's loss and collapse diagnostics (target_var, pred_var, target_pos_share) at each logging
+# interval, what a failed sweep is read from (docs/BENCHMARKS.md#the-gpu-preset-replayed-on-a-cpu); the anytime
+# curve is left out: with checkpoint_fractions [1.0] it holds only the sweep curve's last points
+if [ -d "$WORK/wf" ]; then
+  for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/tables/progress.csv \
+           results/figures/speedups.png results/figures/curves_image_fmnist_sweep.png; do
+    if [ -f "$WORK/wf/$f" ]; then cp "$WORK/wf/$f" "$OUT/"; else say "missing: $f"; fi
+  done
+  [ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
+fi
+
+# ---- data2vec 2.0 image at base size eager (with and without the teacher's autocast copy, d2v2.model.ema), with
+# its whole model compiled, then in each of GRAPH_MODES (CUDA graphs), a fresh process per compiled row; the rows
+# join bench.json at the end
+stage compile "${LIMIT[compile]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image \
   --methods data2vec2 --compile off model --teacher-copy on off --json '$WORK/compiled-default.json' && for mode in ${GRAPH_MODES[*]}; do \
   python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile model \
   --compile-mode \$mode --json '$WORK/compiled-'\$mode.json || exit 1; done"
+
+# ---- our step against fairseq's, the paper's per-GPU batches, each side in its own bf16 (its table goes to the log)
+if [ -n "$FAIRSEQ" ]; then
+  stage fairseq "${LIMIT[fairseq]}" python3 benchmarks/bench_vs_fairseq.py --fairseq "$FAIRSEQ" "${VS_FAIRSEQ[@]}"
+else
+  say "stage fairseq: skipped (no fairseq checkout: set D2V2_FAIRSEQ, or bundle one with offline_bundle.sh)"
+fi
+
+# ---- every method's step at base size, eager
+stage bench "${LIMIT[bench]}" python3 benchmarks/bench_step.py "${BENCH[@]}" --json "$OUT/bench.json"
+
+# ---- the runner's overhead over the bare step
+stage runner "${LIMIT[runner]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
+  image.fmnist_source='$FMNIST' && python3 benchmarks/bench_runner.py ${RUNNER[*]} --data-root '$REPO/data'"
+
 ls "$WORK"/compiled-*.json >/dev/null 2>&1 && python3 - "$OUT/bench.json" "$WORK"/compiled-*.json <<'EOF' 2>>"$LOG"
 import json, sys
 from pathlib import Path
@@ -111,31 +157,6 @@ for extra in sys.argv[2:]:
     rows["rows"] += json.loads(Path(extra).read_text())["rows"]
 out.write_text(json.dumps(rows, indent=1))
 EOF
-
-# ---- our step against fairseq's, the paper's per-GPU batches, each side in its own bf16 (its table goes to the log)
-if [ -n "$FAIRSEQ" ]; then
-  stage fairseq "${LIMITS[5]}" python3 benchmarks/bench_vs_fairseq.py --fairseq "$FAIRSEQ" "${VS_FAIRSEQ[@]}"
-else
-  say "stage fairseq: skipped (no fairseq checkout: set D2V2_FAIRSEQ, or bundle one with offline_bundle.sh)"
-fi
-
-# ---- 3. the gpu preset's image budget sweep, end to end: the pretraining runs one at a time (--cores 2, so
-# each train-only clock measures one job on the whole GPU), then the fine-tunes side by side (their time
-# is not compared)
-CFG=$(printf '%q ' "${SWEEP[@]}")
-stage sweep "${LIMITS[3]}" bash -c "python3 -m snakemake -d '$WORK/wf' --cores 2 --scheduler greedy \
-  --until pretrain --config $CFG && python3 -m snakemake -d '$WORK/wf' --cores $FT_CORES --scheduler greedy --config $CFG"
-# progress.csv: every run's loss and collapse diagnostics (target_var, pred_var, target_pos_share) at each logging
-# interval, what a failed sweep is read from (docs/BENCHMARKS.md#the-gpu-preset-replayed-on-a-cpu); the anytime
-# curve is left out: with checkpoint_fractions [1.0] it holds only the sweep curve's last points
-[ -d "$WORK/wf" ] && for f in results/report.md results/tables/evals.csv results/tables/runs.csv results/tables/progress.csv \
-         results/figures/speedups.png results/figures/curves_image_fmnist_sweep.png; do
-  if [ -f "$WORK/wf/$f" ]; then cp "$WORK/wf/$f" "$OUT/"; else say "missing: $f"; fi
-done
-[ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
-
-# ---- 4. the runner's overhead over the bare step
-stage runner "${LIMITS[4]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
-  image.fmnist_source='$FMNIST' && python3 benchmarks/bench_runner.py ${RUNNER[*]} --data-root '$REPO/data'"
-say "done: $failed failed stage(s)"
+[ "${#deferred[@]}" -eq 0 ] || say "left for a second call: STAGES=\"${deferred[*]}\""
+say "done: $failed failed stage(s) in $SECONDS s"
 exit "$failed"

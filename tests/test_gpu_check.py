@@ -41,3 +41,30 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     report = (out / "report.md").read_text()
     assert "image vs MAE: " in report and "budget sweep of 2 runs per method" in report
     assert "compute.flops_per_update" in report and "data_wait.share_of_train_time" in report
+
+
+def _run(out: Path, tmp: Path, **env) -> str:
+    tmp.mkdir(exist_ok=True)
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp), **env})
+    log = (out / "log.txt").read_text()
+    assert r.returncode == 0, log[-4000:]
+    return log
+
+
+def test_the_deadline_skips_what_would_not_fit_and_names_it_for_a_second_call(tmp_path):
+    log = _run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="1")
+    stages = ["cuda-tests", "sweep", "compile", "fairseq", "bench", "runner"]
+    if not (os.environ.get("D2V2_FAIRSEQ") or (REPO / ".gpu" / "fairseq.tar.gz").is_file()):
+        stages.remove("fairseq")
+    for stage in stages:
+        assert f"stage {stage}: skipped (deadline: " in log and f"stage {stage} (limit" not in log
+    assert f'left for a second call: STAGES="{" ".join(stages)}"' in log      # in the order they run
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt"]
+
+
+def test_a_stage_gets_at_most_what_is_left_of_the_deadline(tmp_path):
+    log = _run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="100", STAGES="cuda-tests")
+    limit = int(log.split("stage cuda-tests (limit ")[1].split("s)")[0])
+    assert 40 < limit <= 100 - 15                     # the dry run's own limit is 300 s; 15 s kept for the end
+    assert "stage cuda-tests: exit 0" in log and "left for a second call" not in log
