@@ -89,6 +89,35 @@ def test_ema_step_formula_copies_frozen_tensors_and_ignores_missing():
     torch.testing.assert_close(teacher.model.a.weight, frozen)
 
 
+def test_ema_step_pairs_once_and_again_after_a_move_or_a_frozen_parameter():
+    """The step matches the teacher's tensors with the student's once; a cast (new buffers) or a parameter that
+    stops training makes it match them again, so the formula holds throughout."""
+    torch.manual_seed(0)
+    student = Toy()
+    parent = nn.ModuleDict({"student": student, "teacher": EMATeacher(student, shared=("head",))})
+    teacher = parent["teacher"]
+    teacher.step(student, 0.5)
+    first = teacher._pairs
+    teacher.step(student, 0.5)
+    assert teacher._pairs is first                                   # not matched again
+    parent.double()                                                 # both cast: buffers are new tensors
+    with torch.no_grad():
+        student.stat.fill_(3.0)
+    before = teacher.model.a.weight.clone()
+    teacher.step(student, 0.5)
+    assert teacher._pairs is not first and teacher.model.stat.dtype == torch.float64
+    torch.testing.assert_close(teacher.model.stat, student.stat)
+    torch.testing.assert_close(teacher.model.a.weight, 0.5 * before + 0.5 * student.a.weight)
+    student.a.weight.requires_grad_(False)                          # frozen now: copied, not averaged
+    with torch.no_grad():
+        student.a.weight.add_(1.0)
+    teacher.step(student, 0.5)
+    torch.testing.assert_close(teacher.model.a.weight, student.a.weight)
+    other = Toy().double()                                          # another student
+    teacher.step(other, 0.0)
+    torch.testing.assert_close(teacher.model.a.bias, other.a.bias)
+
+
 def test_teacher_stays_in_eval_mode():
     teacher = EMATeacher(Toy())
     teacher.train()

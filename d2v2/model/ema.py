@@ -55,6 +55,7 @@ class EMATeacher(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self._low: _AutocastCopy | None = None      # `compute`'s copy (not a submodule: neither saved nor moved)
+        self._pairs: _Pairs | None = None           # `step`'s tensors, matched with the student's once
         self.autocast_copy = True           # off where the model is compiled (:meth:`disable_autocast_copy`)
 
     @property
@@ -87,24 +88,57 @@ class EMATeacher(nn.Module):
         """One EMA update towards ``student`` (the module the teacher was copied from)."""
         if decay >= 1.0:
             return
-        teacher_params = dict(self.model.named_parameters())
-        ema_t, ema_s, copy_t, copy_s = [], [], [], []
+        pairs = self._paired(student)
+        if pairs.ema_t:
+            torch._foreach_mul_(pairs.ema_t, decay)
+            torch._foreach_add_(pairs.ema_t, pairs.ema_s, alpha=1.0 - decay)
+        if pairs.copy_t:
+            torch._foreach_copy_(pairs.copy_t, pairs.copy_s)
+
+    def _paired(self, student: nn.Module) -> "_Pairs":
+        """The teacher's tensors matched by name with ``student``'s, once: walking both modules' parameters at
+        every update costs a host-bound step about 1 ms at base. Matched again for another student, after a
+        move or cast (``_apply``: buffers are new tensors then) or when a parameter's ``requires_grad`` changed."""
+        pairs = self._pairs
+        if (pairs is None or pairs.student is not student
+                or any(p.requires_grad != trains for p, trains in zip(pairs.params, pairs.trains))):
+            self._pairs = pairs = _Pairs.of(self.model, student)
+        return pairs
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pairs = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+@dataclass
+class _Pairs:
+    """What :meth:`EMATeacher.step` updates: the teacher's tensors whose student parameters train (``ema_t``,
+    averaged towards ``ema_s``) and the rest it has (frozen parameters, buffers: ``copy_t`` copied from ``copy_s``)."""
+
+    student: nn.Module
+    params: list[torch.Tensor]             # the student's matched parameters, and whether each trained
+    trains: list[bool]
+    ema_t: list[torch.Tensor]
+    ema_s: list[torch.Tensor]
+    copy_t: list[torch.Tensor]
+    copy_s: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, student: nn.Module) -> "_Pairs":
+        pairs = cls(student, [], [], [], [], [], [])
+        teacher_params = dict(model.named_parameters())
         for name, p_s in student.named_parameters():
-            p_t = teacher_params.get(name)
-            if p_t is None:
-                continue
-            (ema_t if p_s.requires_grad else copy_t).append(p_t)
-            (ema_s if p_s.requires_grad else copy_s).append(p_s.detach().to(p_t.dtype))
-        if ema_t:
-            torch._foreach_mul_(ema_t, decay)
-            torch._foreach_add_(ema_t, ema_s, alpha=1.0 - decay)
-        teacher_buffers = dict(self.model.named_buffers())
+            if (p_t := teacher_params.get(name)) is not None:
+                pairs.params.append(p_s)
+                pairs.trains.append(p_s.requires_grad)
+                (pairs.ema_t if p_s.requires_grad else pairs.copy_t).append(p_t)
+                (pairs.ema_s if p_s.requires_grad else pairs.copy_s).append(p_s)
+        teacher_buffers = dict(model.named_buffers())
         for name, b_s in student.named_buffers():
-            if name in teacher_buffers:
-                copy_t.append(teacher_buffers[name])
-                copy_s.append(b_s.to(teacher_buffers[name].dtype))
-        if copy_t:
-            torch._foreach_copy_(copy_t, copy_s)
+            if (b_t := teacher_buffers.get(name)) is not None:
+                pairs.copy_t.append(b_t)
+                pairs.copy_s.append(b_s)
+        return pairs
 
 
 @dataclass
