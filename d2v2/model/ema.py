@@ -96,9 +96,10 @@ class EMATeacher(nn.Module):
             torch._foreach_copy_(pairs.copy_t, pairs.copy_s)
 
     def _paired(self, student: nn.Module) -> "_Pairs":
-        """The teacher's tensors matched by name with ``student``'s, once: walking both modules' parameters at
-        every update costs a host-bound step about 1 ms at base. Matched again for another student, after a
-        move or cast (``_apply``: buffers are new tensors then) or when a parameter's ``requires_grad`` changed."""
+        """The teacher's tensors matched by name with ``student``'s once, not at every update (host work a step
+        bound by issuing kernels pays: docs/BENCHMARKS.md#the-ema-steps-bookkeeping). Matched again for another
+        student, after a move or cast (``_apply``: buffers are new tensors then) or when a parameter's
+        ``requires_grad`` changed."""
         pairs = self._pairs
         if (pairs is None or pairs.student is not student
                 or any(p.requires_grad != trains for p, trains in zip(pairs.params, pairs.trains))):
