@@ -21,6 +21,7 @@ issuing them, is what bounds the step (docs/BENCHMARKS.md#the-gpu-path).
     python benchmarks/bench_step.py --presets base --batch-size 2 --steps 3 --methods data2vec2
     python benchmarks/bench_step.py --presets base --dtype bf16 --compile off model --json rows.json   # on a GPU
     python benchmarks/bench_step.py --presets base --dtype bf16 --compile model --compile-mode reduce-overhead
+    python benchmarks/bench_step.py --presets base --dtype bf16 --modalities image --methods data2vec2 --batch-size 16 32 64
 
 ``--compile`` rows (d2v2.engine.compile: ``blocks`` or the whole ``model``) run in a fresh process each; the
 first steps pay the compilation (``--warmup``). A row that fails prints why and the others go on.
@@ -154,7 +155,9 @@ def main(argv=None) -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny"])
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all registered)")
     parser.add_argument("--modalities", nargs="+", default=["image", "speech", "text"])
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None,
+                        help="default: the preset's batch size; several: a row per size (whether a larger per-device "
+                             "batch turns a step bound by issuing kernels into one bound by arithmetic)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,11 +201,10 @@ def main(argv=None) -> None:
                 continue
             if modality not in DEFAULT_BATCH[preset]:                # a modality the preset does not define
                 continue
-            batch = args.batch_size or DEFAULT_BATCH[preset][modality]
             # compiled models run the teacher's fp32 weights whatever --teacher-copy says (d2v2.engine.compile)
-            variants = [(c, copy == "on") for c in args.compile
-                        for copy in (args.teacher_copy if c == "off" else ["on"])]
-            for compiled, teacher_copy in variants:
+            variants = [(batch, c, copy == "on") for batch in (args.batch_size or [DEFAULT_BATCH[preset][modality]])
+                        for c in args.compile for copy in (args.teacher_copy if c == "off" else ["on"])]
+            for batch, compiled, teacher_copy in variants:
                 mode = "default" if compiled == "off" else args.compile_mode
                 label = compiled if mode == "default" else f"{compiled} {mode}"
                 label += "" if teacher_copy else ", teacher casts"
@@ -221,8 +223,8 @@ def main(argv=None) -> None:
                 if row is None:                          # --teacher-copy off for a method without an EMA teacher
                     continue
                 rows.append(row)
-                key = (preset, modality, "data2vec2", compiled, mode, teacher_copy)
-                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["compiled"],
+                key = (preset, modality, "data2vec2", batch, compiled, mode, teacher_copy)
+                ref = next((r for r in rows if (r["preset"], r["modality"], r["method"], r["batch"], r["compiled"],
                                                 r["compile_mode"], r["teacher_copy"]) == key), None)
                 ratio = f"{(row[cost] / row['batch']) / (ref[cost] / ref['batch']):.2f}x" if ref else "-"
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"

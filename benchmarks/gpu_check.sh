@@ -6,8 +6,9 @@
 #   cuda-tests: the CUDA tests (bf16 numerics, SDPA kernels, no host-device sync in a step, fused AdamW, real runs);
 #   sweep: the image budget sweep of the `gpu` preset end to end (shortened: 16 train-seconds at the full budget,
 #      points at 0.25, 0.5 and 1, no anytime points): tables (runs, evals, training progress), figures, report;
-#   compile: data2vec 2.0 image eager (its teacher from bf16 weights, and casting its fp32 weights at every
-#      forward), with its whole model compiled, and replayed as CUDA graphs (reduce-overhead): rows in bench.json;
+#   compile: data2vec 2.0 image eager at larger per-GPU batches, eager at the paper's (its teacher from bf16
+#      weights, and casting its fp32 weights at every forward), with its whole model compiled, and replayed as
+#      CUDA graphs (reduce-overhead): rows in bench.json;
 #   fairseq: our data2vec 2.0 step against fairseq's (bench_vs_fairseq.py) at base size in bf16, every modality,
 #      each side in its own mixed precision, the table in log.txt; only with a fairseq checkout ($D2V2_FAIRSEQ, or
 #      the one offline_bundle.sh put in .gpu/);
@@ -90,6 +91,7 @@ if [ "$DRY" = "--dry-run" ]; then
          "data={root: $REPO/data, num_workers: 1, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset smoke --device cpu --updates 4 --warmup 2 --repeats 1 --batch-size 8)
   VS_FAIRSEQ=(--dry-run --dtype bf16)
+  SCAN_BATCHES=(4 8)
   declare -A LIMIT=([cuda-tests]=300 [sweep]=900 [compile]=300 [fairseq]=600 [bench]=300 [runner]=300)
   DEADLINE_S=${DEADLINE_S:-0}
   GRAPH_MODES=()
@@ -100,6 +102,7 @@ else
          "checkpoint_fractions=[1.0]" "data={root: $WORK/data, image: {fmnist_source: $FMNIST}}")
   RUNNER=(--preset gpu --device cuda --precision bf16 --updates 40 --warmup 5 --repeats 2)
   VS_FAIRSEQ=(--device cuda --threads 0 --presets base --dtype bf16 --steps 10 --repeats 3 --warmup 3)
+  SCAN_BATCHES=(32 64)              # the paper's per-GPU 16 in bench and compile; 64 about 33 GB at its peak
   declare -A LIMIT=([cuda-tests]=160 [sweep]=340 [compile]=300 [fairseq]=150 [bench]=130 [runner]=70)
   DEADLINE_S=${DEADLINE_S:-540}
   GRAPH_MODES=(reduce-overhead)
@@ -126,13 +129,15 @@ if [ -d "$WORK/wf" ]; then
   [ -f "$WORK/wf/results/report.md" ] || tail -n 40 "$WORK"/wf/logs/*/*/*/*/*.log "$WORK"/wf/logs/*.log >>"$LOG" 2>/dev/null
 fi
 
-# ---- data2vec 2.0 image at base size eager (with and without the teacher's autocast copy, d2v2.model.ema), with
-# its whole model compiled, then in each of GRAPH_MODES (CUDA graphs), a fresh process per compiled row; the rows
-# join bench.json at the end
-stage compile "${LIMIT[compile]}" bash -c "python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image \
-  --methods data2vec2 --compile off model --teacher-copy on off --json '$WORK/compiled-default.json' && for mode in ${GRAPH_MODES[*]}; do \
-  python3 benchmarks/bench_step.py ${BENCH[*]} --modalities image --methods data2vec2 --compile model \
-  --compile-mode \$mode --json '$WORK/compiled-'\$mode.json || exit 1; done"
+# ---- data2vec 2.0 image at base size eager at SCAN_BATCHES (does a larger per-GPU batch leave the host behind?);
+# eager at the paper's batch with and without the teacher's autocast copy (d2v2.model.ema) and with its whole model
+# compiled; then in each of GRAPH_MODES (CUDA graphs), a fresh process per compiled row; the rows join bench.json
+D2V2_IMAGE="${BENCH[*]} --modalities image --methods data2vec2"
+stage compile "${LIMIT[compile]}" bash -c "python3 benchmarks/bench_step.py $D2V2_IMAGE --batch-size ${SCAN_BATCHES[*]} \
+  --json '$WORK/rows-batches.json' && python3 benchmarks/bench_step.py $D2V2_IMAGE --compile off model \
+  --teacher-copy on off --json '$WORK/rows-default.json' && for mode in ${GRAPH_MODES[*]}; do \
+  python3 benchmarks/bench_step.py $D2V2_IMAGE --compile model --compile-mode \$mode --json '$WORK/rows-'\$mode.json \
+  || exit 1; done"
 
 # ---- our step against fairseq's, the paper's per-GPU batches, each side in its own bf16 (its table goes to the log)
 if [ -n "$FAIRSEQ" ]; then
@@ -148,7 +153,7 @@ stage bench "${LIMIT[bench]}" python3 benchmarks/bench_step.py "${BENCH[@]}" --j
 stage runner "${LIMIT[runner]}" bash -c "python3 -m d2v2 prepare-data --root '$REPO/data' --modalities image \
   image.fmnist_source='$FMNIST' && python3 benchmarks/bench_runner.py ${RUNNER[*]} --data-root '$REPO/data'"
 
-ls "$WORK"/compiled-*.json >/dev/null 2>&1 && python3 - "$OUT/bench.json" "$WORK"/compiled-*.json <<'EOF' 2>>"$LOG"
+ls "$WORK"/rows-*.json >/dev/null 2>&1 && python3 - "$OUT/bench.json" "$WORK"/rows-*.json <<'EOF' 2>>"$LOG"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -37,3 +37,16 @@ def test_the_teacher_copy_rows_differ_by_the_teachers_casts(tmp_path):
     weights = sum(len(list(m.parameters(recurse=False))) for m in teacher.modules()
                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     assert off["kernels_step"] - on["kernels_step"] == weights - 1          # less the copy's one refresh
+
+
+def test_several_batch_sizes_give_a_row_each(tmp_path, capsys):
+    """``--batch-size 2 4``: a row per size, the same step at twice the samples, and each method's cost per
+    sample compared with data2vec 2.0's at the same size."""
+    out = tmp_path / "rows.json"
+    bench_step.main(["--presets", "smoke", "--device", "cpu", "--steps", "1", "--warmup", "1", "--modalities", "image",
+                     "--methods", "data2vec2", "mae", "--batch-size", "2", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [("data2vec2", 2), ("data2vec2", 4), ("mae", 2), ("mae", 4)]
+    assert rows[1]["flops_step"] == 2 * rows[0]["flops_step"]
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("smoke")]
+    assert [line[4] for line in printed] == ["2", "4", "2", "4"] and printed[1][11] == "1.00x"   # vs itself

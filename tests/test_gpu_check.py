@@ -37,6 +37,7 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"data2vec2", "mae", "data2vec1", "mlm"}
     assert [r["compiled"] for r in rows if r["compiled"] != "off"] == ["model"]
+    assert {r["batch"] for r in rows if (r["modality"], r["method"]) == ("image", "data2vec2")} >= {4, 8}   # the scan
     assert all(r["flops_step"] > 0 for r in rows)
     report = (out / "report.md").read_text()
     assert "image vs MAE: " in report and "budget sweep of 2 runs per method" in report
