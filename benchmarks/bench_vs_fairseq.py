@@ -31,8 +31,8 @@ as the median over blocks and from the fastest block of each side. Each side's A
 (views excluded; d2v2.engine.flops.count_kernels, counted after the warm-up) say how many launches a GPU step
 issues, which bounds a step of small kernels (docs/BENCHMARKS.md#the-gpu-path). The load average before and after
 each configuration is printed with it, and the allocator settings both sides ran under (glibc's defaults
-in a plain ``python`` process; ``python -m d2v2 launch --threads N -- python benchmarks/bench_vs_fairseq.py
-...`` runs it with the training jobs' settings, docs/BENCHMARKS.md#allocator).
+in a plain ``python`` process; ``python -m d2v2 launch --backend local --threads N --
+python benchmarks/bench_vs_fairseq.py ...`` runs it with the training jobs' settings, docs/BENCHMARKS.md#allocator).
 
 Without a checkout (no ``--fairseq`` and no ``D2V2_FAIRSEQ`` in the environment) it prints why it skipped
 and exits 0. fairseq's import-time dependencies: ``pip install omegaconf hydra-core bitarray timm``
