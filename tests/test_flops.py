@@ -51,6 +51,16 @@ def test_peak_defaults_to_none_on_a_cpu_and_takes_a_configured_value():
     assert peak_flops(torch.device("cpu"), configured=2e12) == 2e12
 
 
+@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA GeForce RTX 4090", None)])
+def test_the_peak_follows_the_device_name(monkeypatch, name, peak):
+    """Each variant's own dense bf16 peak (the NVL and PCIe cards run below the SXM ones); none for an unlisted GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
+
+
 def test_a_run_records_its_flops_mfu_and_data_wait(tmp_path, data_root):
     from d2v2.engine.pretrain import run
 

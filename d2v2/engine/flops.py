@@ -25,8 +25,10 @@ __all__ = ["PEAK_FLOPS", "count_flops", "count_kernels", "count_step", "peak_flo
 # Dense bf16 tensor-core peak per device (vendor data sheets; without sparsity), matched in this order
 # against torch.cuda.get_device_name.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("A100", 312e12),
 )
