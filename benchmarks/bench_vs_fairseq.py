@@ -106,10 +106,15 @@ def narrowed(width: int | None) -> dict:
     return {"encoder": {"embed_dim": width, "num_heads": max(1, width // 16)}, "decoder": {"dim": width}}
 
 
-def fairseq_optimizer(fs, trainer: Pretrainer) -> torch.optim.AdamW:
-    """AdamW over fairseq's parameters with our groups' rule (no decay for biases, 1-D tensors, ALiBi scales)."""
+def fairseq_param_groups(fs, trainer: Pretrainer) -> list[dict]:
+    """fairseq's parameters in our groups (no decay for biases, 1-D tensors, ALiBi scales)."""
     no_decay = {n for n, _ in fs.named_parameters() if n.endswith("alibi_scale")}
-    return build_optimizer(param_groups(fs, trainer.cfg.optim.weight_decay, no_decay), trainer.cfg.optim)
+    return param_groups(fs, trainer.cfg.optim.weight_decay, no_decay)
+
+
+def fairseq_optimizer(fs, trainer: Pretrainer) -> torch.optim.AdamW:
+    """Our AdamW over fairseq's parameters, in our groups."""
+    return build_optimizer(fairseq_param_groups(fs, trainer), trainer.cfg.optim)
 
 
 def fairseq_mixed_precision(fs, trainer: Pretrainer, dtype: str):
@@ -133,9 +138,7 @@ def fairseq_mixed_precision(fs, trainer: Pretrainer, dtype: str):
         "distributed_training": {"distributed_world_size": 1}})
     masters = FP16Optimizer.build_fp32_params(cfg.optimizer, params, flatten=False)
     master_of = {id(p): m for p, m in zip(params, masters)}
-    no_decay = {n for n, _ in fs.named_parameters() if n.endswith("alibi_scale")}
-    groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]}
-              for g in param_groups(fs, trainer.cfg.optim.weight_decay, no_decay)]
+    groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in fairseq_param_groups(fs, trainer)]
     inner = FairseqOptimizer(cfg.optimizer)                   # fairseq's optimiser interface around our AdamW
     inner._optimizer = build_optimizer(groups, trainer.cfg.optim)
     return FP16Optimizer(cfg, params, inner, masters)
@@ -264,7 +267,8 @@ def table(rows: list[dict]) -> str:
         agreement = "- (dropout on)" if r["loss_max_rel_diff"] is None else f"{r['loss_max_rel_diff']:.1e}"
         lines.append(f"| {r['modality']} | {r['preset']} | {r['threads']} | {r['batch_size']} | {r['ours_s']:.4f} "
                      f"| {r['fairseq_s']:.4f} | {r['ratio_median']:.2f}x | {r['ratio_min']:.2f}x "
-                     f"| {r['ours_kernels']} / {r['fairseq_kernels']} | {agreement} | {r['load_before']:.2f} / {r['load_after']:.2f} |")
+                     f"| {r['ours_kernels']} / {r['fairseq_kernels']} | {agreement} "
+                     f"| {r['load_before']:.2f} / {r['load_after']:.2f} |")
     return "\n".join(lines)
 
 
