@@ -12,18 +12,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fairseq_given() -> bool:
+    """Whether the script's fairseq stage runs: a checkout named, or one offline_bundle.sh packed."""
+    return bool(os.environ.get("D2V2_FAIRSEQ")) or (REPO / ".gpu" / "fairseq.tar.gz").is_file()
+
+
+def dry_run(out: Path, tmp: Path, timeout: int = 600, **env) -> str:
+    """``gpu_check.sh OUT --dry-run`` under its own TMPDIR; its log, once it exited 0."""
+    tmp.mkdir(exist_ok=True)
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "TMPDIR": str(tmp), **env})
+    log = (out / "log.txt").read_text()
+    assert r.returncode == 0, log[-4000:]
+    return log
+
+
 @pytest.mark.slow
 def test_the_dry_run_goes_through_every_stage(tmp_path):
     out, tmp = tmp_path / "out", tmp_path / "tmp"
-    tmp.mkdir()
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
-                       capture_output=True, text=True, timeout=1500, env={**os.environ, "TMPDIR": str(tmp)})
-    log = (out / "log.txt").read_text()
-    assert r.returncode == 0, log[-4000:]
+    log = dry_run(out, tmp, timeout=1500)
     for stage in ("cuda-tests", "bench", "compile", "sweep", "runner"):
         assert f"stage {stage}: exit 0" in log
     # ours against fairseq's step, each in its own bf16, from a checkout or the one offline_bundle.sh packed
-    if os.environ.get("D2V2_FAIRSEQ") or (REPO / ".gpu" / "fairseq.tar.gz").is_file():
+    if fairseq_given():
         assert "stage fairseq: exit 0" in log and "fairseq time / our time per training step, cpu, bf16" in log
     else:
         assert "stage fairseq: skipped (no fairseq checkout" in log
@@ -44,19 +55,10 @@ def test_the_dry_run_goes_through_every_stage(tmp_path):
     assert "compute.flops_per_update" in report and "data_wait.share_of_train_time" in report
 
 
-def _run(out: Path, tmp: Path, **env) -> str:
-    tmp.mkdir(exist_ok=True)
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp), **env})
-    log = (out / "log.txt").read_text()
-    assert r.returncode == 0, log[-4000:]
-    return log
-
-
 def test_the_deadline_skips_what_would_not_fit_and_names_it_for_a_second_call(tmp_path):
-    log = _run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="1")
+    log = dry_run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="1")
     stages = ["cuda-tests", "sweep", "compile", "fairseq", "bench", "runner"]
-    if not (os.environ.get("D2V2_FAIRSEQ") or (REPO / ".gpu" / "fairseq.tar.gz").is_file()):
+    if not fairseq_given():
         stages.remove("fairseq")
     for stage in stages:
         assert f"stage {stage}: skipped (deadline: " in log and f"stage {stage} (limit" not in log
@@ -65,7 +67,7 @@ def test_the_deadline_skips_what_would_not_fit_and_names_it_for_a_second_call(tm
 
 
 def test_a_stage_gets_at_most_what_is_left_of_the_deadline(tmp_path):
-    log = _run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="100", STAGES="cuda-tests")
+    log = dry_run(tmp_path / "out", tmp_path / "tmp", DEADLINE_S="100", STAGES="cuda-tests")
     limit = int(log.split("stage cuda-tests (limit ")[1].split("s)")[0])
     assert 40 < limit <= 100 - 15                     # the dry run's own limit is 300 s; 15 s kept for the end
     assert "stage cuda-tests: exit 0" in log and "left for a second call" not in log
