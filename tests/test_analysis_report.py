@@ -133,3 +133,35 @@ def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
     assert set(speedups[speedups.modality == "speech"].protocol) == {"anytime"}
     assert (tmp_path / "figures" / "curves_image_fmnist_sweep.png").is_file()
     assert (tmp_path / "figures" / "curves_image_fmnist.png").is_file()
+
+
+def test_speedups_figure_says_why_a_row_has_no_point(tmp_path, monkeypatch):
+    """Every row of the speedups figure shows its measurement: a marker for a value or bound, the interval for a
+    speedup bounded on both sides, 'undetermined' where neither time is bounded, 'not run here' for a pair the
+    paper compares that no run covers."""
+    from d2v2.analysis import figures
+
+    nan, inf = float("nan"), float("inf")
+    base = {"clock": "train_time_s", "default_variant": True, "protocol": "anytime", "ci_low": nan, "ci_high": nan}
+    speedups = pd.DataFrame([
+        {**base, "modality": "image", "baseline": "mae", "relation": "?", "speedup": nan,
+         "speedup_low": 0.0, "speedup_high": inf},
+        {**base, "modality": "image", "baseline": "data2vec1", "relation": "in", "speedup": nan,
+         "speedup_low": 1.5, "speedup_high": 3.0},
+        {**base, "modality": "text", "baseline": "mlm", "relation": "=", "speedup": 2.0,
+         "speedup_low": 2.0, "speedup_high": 2.0}])
+    claims = pd.DataFrame([{"modality": "speech", "baseline": "wav2vec2", "speedup": 10.6}])
+    implied = pd.DataFrame(columns=["modality", "baseline", "relation", "speedup"])
+    drawn, save = {}, figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, out, name: (drawn.update({name: fig}), save(fig, out, name))[1])
+    [(png, caption)] = figures.plot_speedups(speedups, implied, claims, tmp_path)
+    ax = drawn["speedups"].axes[0]
+    row = {label.get_text(): y for y, label in enumerate(ax.get_yticklabels())}
+    notes = {round(t.get_position()[1]): t.get_text() for t in ax.texts}
+    assert notes == {row["image: vs MAE"]: "undetermined", row["speech: vs wav2vec 2.0"]: "not run here"}
+    segments = [s for c in ax.collections for s in c.get_segments()]
+    assert any(list(s[:, 0]) == [1.5, 3.0] and set(s[:, 1]) == {row["image: vs data2vec 1.0"]} for s in segments)
+    exact = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [2.0]]
+    assert [ln.get_ydata()[0] for ln in exact] == [row["text: vs RoBERTa (MLM)"]]
+    assert ax.get_xlim()[0] < 0.5 and "'undetermined'" in caption and png.exists()
+    assert "measured here: lies in this interval" in [t.get_text() for t in ax.get_legend().get_texts()]

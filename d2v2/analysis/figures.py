@@ -132,7 +132,8 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
 
 def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFrame,
                   out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
-    """Dot chart: measured speedups (CI bars, bound arrows) with the paper's claimed and implied values."""
+    """Dot chart: measured speedups (CI bars, bound arrows, intervals; a note on a row without a point) with the
+    paper's claimed and implied values."""
     sns.set_theme(style="whitegrid")
     ours = speedups[(speedups["clock"] == clock) & speedups["default_variant"]]
     keys = sorted({(r.modality, r.baseline) for df in (ours, implied, claims) for r in df.itertuples()})
@@ -140,13 +141,27 @@ def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.Data
         return []
     fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(keys) + 1.4))
     markers = {"=": "o", ">=": ">", "<=": "<"}
-    finite = [v for df, col in ((ours, "speedup"), (ours, "ci_low"), (ours, "ci_high"), (implied, "speedup"),
-                                (claims, "speedup")) for v in df[col] if np.isfinite(v) and v > 0] + [1.0]
+    finite = [v for df, col in ((ours, "speedup"), (ours, "speedup_low"), (ours, "speedup_high"), (ours, "ci_low"),
+                                (ours, "ci_high"), (implied, "speedup"), (claims, "speedup"))
+              for v in df[col] if np.isfinite(v) and v > 0] + [1.0]
     right = max(finite) * 2
+
+    notes = []
+
+    def note(y: int, text: str, color: str) -> None:        # at the left edge, where no paper value lies
+        notes.append(ax.text(0.01, y, text, transform=ax.get_yaxis_transform(), va="center", fontsize=7, color=color))
+
     for y, (modality, baseline) in enumerate(keys):
-        for r in ours[(ours.modality == modality) & (ours.baseline == baseline)].itertuples():
+        measured = ours[(ours.modality == modality) & (ours.baseline == baseline)]
+        if measured.empty:
+            note(y, "not run here", "grey")
+        for r in measured.itertuples():
             if r.relation in markers:
                 ax.plot(r.speedup, y, markers[r.relation], color="C0", ms=8)
+            elif r.relation == "in":             # bounded on both sides without one value: the interval itself
+                ax.hlines(y, r.speedup_low, r.speedup_high, color="C0", lw=6, alpha=0.35)
+            else:                                # "?": neither method's time is bounded
+                note(y, "undetermined", "C0")
             if not math.isnan(r.ci_low):
                 ax.hlines(y, max(r.ci_low, 1e-3), min(r.ci_high, right), color="C0", lw=2)
                 if math.isinf(r.ci_high):
@@ -157,19 +172,24 @@ def plot_speedups(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.Data
         for r in claims[(claims.modality == modality) & (claims.baseline == baseline)].itertuples():
             ax.plot(r.speedup, y - 0.18, "X", color="C3", ms=8)
     ax.plot([], [], "o", color="C0", label="measured here, 95% CI (> lower / < upper bound)")
+    if (ours["relation"] == "in").any():
+        ax.plot([], [], "-", color="C0", lw=6, alpha=0.35, label="measured here: lies in this interval")
     ax.plot([], [], "D", color="grey", label="implied by the paper's figure points")
     ax.plot([], [], "X", color="C3", label="paper's claim")
     _legend_outside(ax)
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlim(min(finite) / 2, right * 1.2)
+    ax.set_xlim(min(finite) / (4 if notes else 2), right * 1.2)          # notes end left of 1x
+    ax.set_ylim(-0.6, len(keys) - 0.4)
     ax.set_yticks(range(len(keys)), [f"{m}: vs {_name(b)}" for m, b in keys])
     ax.set(xlabel=f"speedup of data2vec 2.0 (time to baseline's target, clock '{clock}')",
            title="data2vec 2.0 speedups: measured vs paper")
     protocols = ", ".join(sorted(set(ours["protocol"]))) if "protocol" in ours else "anytime"
     caption = (f"Speedup of data2vec 2.0 = time(baseline) / time(data2vec 2.0) to reach the baseline's target, "
                f"on the {clock} clock ({CLOCKS[clock]}); protocol: {protocols}; bars: 95% bootstrap CI over seeds; '>'/'<' markers "
-               "are bounds (target reached at the first checkpoint / not reached within the budget). "
+               "are bounds (target reached at the first checkpoint / not reached within the budget); a shaded bar: "
+               "the speedup lies in that interval; 'undetermined': neither method's time is bounded; 'not run here': "
+               "no run of this pair. "
                "Paper values are on the paper's hardware and scale (results/paper).")
     return [(save(fig, out_dir, "speedups"), caption)]
 
