@@ -165,3 +165,23 @@ def test_speedups_figure_says_why_a_row_has_no_point(tmp_path, monkeypatch):
     assert [ln.get_ydata()[0] for ln in exact] == [row["text: vs RoBERTa (MLM)"]]
     assert ax.get_xlim()[0] < 0.5 and "'undetermined'" in caption and png.exists()
     assert "measured here: lies in this interval" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_an_undetermined_claim_says_both_reached_the_target_at_their_first_point():
+    """'?' (neither time bounded) comes from both methods reaching the target at their first point: the summary
+    line says that, with the target and both times, instead of the two statuses."""
+    from types import SimpleNamespace
+
+    from d2v2.analysis.speedup import AT_MOST, REACHED
+
+    evals = pd.DataFrame({"modality": ["text"] * 2, "budget_fraction": [0.25, 1.0], "preset": ["tiny"] * 2})
+    row = SimpleNamespace(modality="text", baseline="mlm", primary_metric="test_accuracy", target=0.7341,
+                          protocol="anytime", relation="?", d2v2_seeds=1, baseline_seeds=1, d2v2_status=AT_MOST,
+                          baseline_status=AT_MOST, d2v2_time_high=15.01, baseline_time_high=15.2)
+    line = report.claim_sentence(row, evals, "train_cpu_s")
+    assert line.startswith("text vs RoBERTa (MLM): undetermined at this scale: both reached RoBERTa (MLM)'s final "
+                           "accuracy (0.734) already at their first point (data2vec 2.0 at 15.01 CPU-s, RoBERTa "
+                           "(MLM) at 15.2 CPU-s), so these points cannot tell which got there first")
+    assert line.endswith("(checkpoints at 0.25, 1 of one run's budget; clock train_cpu_s; preset tiny; 1 / 1 seed(s)).")
+    other = report.claim_sentence(SimpleNamespace(**{**vars(row), "baseline_status": REACHED}), evals, "train_cpu_s")
+    assert "undetermined: RoBERTa (MLM) reached, data2vec 2.0 reached at first checkpoint" in other

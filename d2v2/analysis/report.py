@@ -31,7 +31,7 @@ import pandas as pd
 from d2v2.analysis import figures, paper
 from d2v2.analysis.collect import write_table
 from d2v2.analysis.paper import METHOD_NAMES
-from d2v2.analysis.speedup import (CLOCKS, NOT_REACHED, PROTOCOLS, protocol_points, protocols_of,
+from d2v2.analysis.speedup import (AT_MOST, CLOCKS, NOT_REACHED, PROTOCOLS, protocol_points, protocols_of,
                                    recorded_clocks, speedup_table, targets)
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
 from d2v2.atomic import atomic_write
@@ -218,6 +218,10 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
     if r.relation == "<=":
         return (f"{r.modality} vs {b}: at most {r.speedup:.2f}x: {b} reached its own target only as a bound "
                 f"({r.baseline_status}) ({where}; data2vec 2.0 vs {b}: {r.speedup_text}).")
+    if r.baseline_status == r.d2v2_status == AT_MOST:
+        return (f"{r.modality} vs {b}: undetermined at this scale: both reached {target} already at their first "
+                f"point (data2vec 2.0 at {_hours(r.d2v2_time_high, clock)}, {b} at "
+                f"{_hours(r.baseline_time_high, clock)}), so these points cannot tell which got there first ({where}).")
     return (f"{r.modality} vs {b}: undetermined: {b} {r.baseline_status}, data2vec 2.0 {r.d2v2_status}, so "
             f"neither time is bounded on both sides ({where}).")
 
