@@ -176,11 +176,12 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
+    from d2v2.engine import provenance
     from d2v2.method import available_methods
 
     rows = []
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"cpu ({args.threads} threads)"
+    device_name = provenance.device_name(args.device) + ("" if args.device.startswith("cuda") else
+                                                         f" ({args.threads} threads)")
     print(f"device: {device_name}; dtype: {args.dtype}; clock: time.perf_counter (wall), device synchronised; "
           f"median of {args.steps} steps after {args.warmup} warm-up; cost ratio from "
           f"{'CPU time' if args.device == 'cpu' else 'wall time'}; FLOPs counted by FlopCounterMode on one step "

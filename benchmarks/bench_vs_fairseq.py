@@ -61,6 +61,7 @@ from d2v2.config import merge                                                   
 from d2v2.engine.clock import synchronize                                          # noqa: E402
 from d2v2.engine.flops import count_kernels                                        # noqa: E402
 from d2v2.engine.optim import build_optimizer, param_groups, set_lr               # noqa: E402
+from d2v2.engine.provenance import device_name                                     # noqa: E402
 from d2v2.engine.pretrain import Pretrainer                                        # noqa: E402
 from d2v2.engine.runconfig import resolve_run_config                              # noqa: E402
 from d2v2.launch.local import ALLOCATOR_ENV                                        # noqa: E402
@@ -256,7 +257,7 @@ def measure(modality: str, preset: str, threads: int, args, tmp: Path) -> dict:
         "loss_max_rel_diff": None if args.dropout else
         float(((ours_loss - fs_loss).abs() / fs_loss.abs().clamp_min(1e-12)).max()),
         "loss_steps": len(ours_loss), "load_before": load_before, "load_after": os.getloadavg()[0],
-        "allocator": allocator(),
+        "allocator": allocator(), "device_name": device_name(device),
     }
 
 
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfairseq time / our time per training step, {args.device}, {args.dtype}, "
           f"{'' if args.width is None else f'encoder and decoder narrowed to {args.width} channels, '}"
           f"{args.repeats} interleaved blocks of {args.steps} steps (wall clock, device synchronised; "
-          f"allocator: {allocator()}):\n")
+          f"allocator: {allocator()}; {device_name(args.device)}):\n")
     print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
