@@ -183,5 +183,7 @@ def test_an_undetermined_claim_says_both_reached_the_target_at_their_first_point
                            "accuracy (0.734) already at their first point (data2vec 2.0 at 15.01 CPU-s, RoBERTa "
                            "(MLM) at 15.2 CPU-s), so these points cannot tell which got there first")
     assert line.endswith("(checkpoints at 0.25, 1 of one run's budget; clock train_cpu_s; preset tiny; 1 / 1 seed(s)).")
+    only = report.claim_sentence(row, evals[evals.budget_fraction == 1.0], "train_cpu_s")
+    assert "already at their only point (data2vec 2.0 at 15.01 CPU-s" in only         # speech's one checkpoint
     other = report.claim_sentence(SimpleNamespace(**{**vars(row), "baseline_status": REACHED}), evals, "train_cpu_s")
     assert "undetermined: RoBERTa (MLM) reached, data2vec 2.0 reached at first checkpoint" in other

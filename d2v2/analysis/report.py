@@ -219,7 +219,10 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
         return (f"{r.modality} vs {b}: at most {r.speedup:.2f}x: {b} reached its own target only as a bound "
                 f"({r.baseline_status}) ({where}; data2vec 2.0 vs {b}: {r.speedup_text}).")
     if r.baseline_status == r.d2v2_status == AT_MOST:
-        return (f"{r.modality} vs {b}: undetermined at this scale: both reached {target} already at their first "
+        g = evals[evals["modality"] == r.modality]
+        points = g["budget_scale"] if r.protocol == "sweep" else g["budget_fraction"]
+        first = "only" if points.nunique() == 1 else "first"
+        return (f"{r.modality} vs {b}: undetermined at this scale: both reached {target} already at their {first} "
                 f"point (data2vec 2.0 at {_hours(r.d2v2_time_high, clock)}, {b} at "
                 f"{_hours(r.baseline_time_high, clock)}), so these points cannot tell which got there first ({where}).")
     return (f"{r.modality} vs {b}: undetermined: {b} {r.baseline_status}, data2vec 2.0 {r.d2v2_status}, so "
