@@ -182,12 +182,18 @@ def headline(speedups: pd.DataFrame, evals: pd.DataFrame, clock: str) -> pd.Data
     return rows[np.array([first.get(m) == p for m, p in zip(rows["modality"], rows["protocol"])], dtype=bool)]
 
 
-def _protocol_words(evals: pd.DataFrame, modality: str, protocol: str) -> str:
+def _protocol_points(evals: pd.DataFrame, modality: str, protocol: str) -> list[float]:
+    """Where ``protocol`` puts a modality's points: the sweep's budget scales, or one run's checkpoint fractions."""
     g = evals[evals["modality"] == modality]
+    return sorted(set(g["budget_scale" if protocol == "sweep" else "budget_fraction"]))
+
+
+def _protocol_words(evals: pd.DataFrame, modality: str, protocol: str) -> str:
+    points = _protocol_points(evals, modality, protocol)
+    listed = ", ".join(f"{x:g}" for x in points)
     if protocol == "sweep":
-        scales = sorted(set(g["budget_scale"]))
-        return f"budget sweep of {len(scales)} runs per method ({', '.join(f'{s:g}' for s in scales)} of the budget)"
-    return f"checkpoints at {', '.join(f'{f:g}' for f in sorted(set(g['budget_fraction'])))} of one run's budget"
+        return f"budget sweep of {len(points)} runs per method ({listed} of the budget)"
+    return f"checkpoints at {listed} of one run's budget"
 
 
 def _points(evals: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -219,9 +225,7 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
         return (f"{r.modality} vs {b}: at most {r.speedup:.2f}x: {b} reached its own target only as a bound "
                 f"({r.baseline_status}) ({where}; data2vec 2.0 vs {b}: {r.speedup_text}).")
     if r.baseline_status == r.d2v2_status == AT_MOST:
-        g = evals[evals["modality"] == r.modality]
-        points = g["budget_scale"] if r.protocol == "sweep" else g["budget_fraction"]
-        first = "only" if points.nunique() == 1 else "first"
+        first = "only" if len(_protocol_points(evals, r.modality, r.protocol)) == 1 else "first"
         return (f"{r.modality} vs {b}: undetermined at this scale: both reached {target} already at their {first} "
                 f"point (data2vec 2.0 at {_hours(r.d2v2_time_high, clock)}, {b} at "
                 f"{_hours(r.baseline_time_high, clock)}), so these points cannot tell which got there first ({where}).")
