@@ -110,6 +110,22 @@ def test_cpu_30min_config_is_the_tiny_dag_with_longer_budgets_in_its_own_folders
     assert not set(config["paths"].values()) & set(tiny["paths"].values())     # the tiny results are kept
 
 
+def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_with_fitted_anneals():
+    extra = yaml.safe_load((REPO / "config" / "cpu-image-sweep.yaml").read_text())
+    config, tiny = resolved(**extra), resolved()
+    assert wfc.validate_workflow(config)
+    runs = wfc.expand_runs(config)
+    assert {r.method for r in runs} == set(tiny["methods"]["image"]) and {r.modality for r in runs} == {"image"}
+    assert len(runs) == len(tiny["methods"]["image"]) * 2 * 4          # methods x seeds x budgets
+    for run in runs:
+        cfg = wfc.run_config(config, run)
+        assert cfg["budget"] == {"kind": "cpu_seconds", "value": 480 * run.budget_scale}
+        fraction = cfg["method"]["overrides"].get("ema_anneal_end_fraction")
+        assert fraction == (None if run.method == "mae" else 0.8)       # every teacher's anneal fits its budget
+    assert sorted({r.budget_scale * 480 for r in runs}) == [60, 120, 240, 480]
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
 def test_cli_strings_are_read_back_as_yaml_scalars():
     assert wfc.coerce_scalars({"a": "2", "b": ["0.5", "1e-3", "true", "null", "debug"]}) == \
         {"a": 2, "b": [0.5, 1e-3, True, None, "debug"]}
