@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -103,9 +104,9 @@ def test_training_figure_one_legend_entry_per_method_and_variant_colours_fixed_p
                                                                              ("data2vec2", "mae", "mlm")]
 
 
-def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
-    """Sweep points (separate runs at half the budget) next to the fixture's full runs: the summary opens with
-    one plain line per claim on the sweep, the scorecard and figures name the protocol."""
+def _report_with_sweep(tmp_path, scale: float) -> str:
+    """The fixture's full runs plus, per image run, a sweep run at ``scale`` of the budget (its final checkpoint:
+    the full run's, 0.01 less accurate, at ``scale`` of its times); returns the report's Markdown."""
     import json
     import shutil
 
@@ -113,15 +114,21 @@ def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
     shutil.copytree(FIXTURE / "metrics", metrics)
     for path in sorted(metrics.glob("image-*-default-s*-f1.000.json")):
         data = json.loads(path.read_text())
-        data["identity"]["budget_scale"] = 0.5
-        data["pretrain"] = {k: (v / 2 if k in ("train_time_s", "e2e_time_s", "device_hours") else v)
+        data["identity"]["budget_scale"] = scale
+        data["pretrain"] = {k: (v * scale if k in ("train_time_s", "e2e_time_s", "device_hours") else v)
                             for k, v in data["pretrain"].items()}
         data["metrics"]["test_accuracy"] -= 0.01
-        (metrics / path.name.replace("-f1.000", "-b0.5-f1.000")).write_text(json.dumps(data))
+        (metrics / path.name.replace("-f1.000", f"-b{scale}-f1.000")).write_text(json.dumps(data))
     tables = tmp_path / "tables"
     assert collect.main(["--metrics", str(metrics), "--out", str(tables)]) == 0
     assert report.main(["--tables", str(tables), "--out", str(tmp_path), "--bootstrap", "50"]) == 0
-    md = (tmp_path / "report.md").read_text()
+    return (tmp_path / "report.md").read_text()
+
+
+def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
+    """Sweep points (separate runs at half the budget) next to the fixture's full runs: the summary opens with
+    one plain line per claim on the sweep, the scorecard and figures name the protocol."""
+    md = _report_with_sweep(tmp_path, 0.5)
     summary = md.split("## Summary", 1)[1]
     first = summary.split("\n- ", 2)[1]
     assert first.startswith("image vs MAE: ")                      # one line per claim, in plain words,
@@ -135,6 +142,28 @@ def test_a_budget_sweep_leads_the_report_in_plain_words(tmp_path):
     assert set(speedups[speedups.modality == "speech"].protocol) == {"anytime"}
     assert (tmp_path / "figures" / "curves_image_fmnist_sweep.png").is_file()
     assert (tmp_path / "figures" / "curves_image_fmnist.png").is_file()
+    assert "The two protocols at the same budgets" not in md        # no anytime checkpoint at 0.5 to compare
+
+
+def test_the_protocols_are_compared_where_both_have_a_point_at_the_same_budget(tmp_path):
+    """Sweep runs at 0.667 of the budget beside the full runs' checkpoints at 0.667: per method, both medians over
+    seeds and the difference, in the report and in derived/protocol_gap.csv."""
+    import json
+
+    md = _report_with_sweep(tmp_path, 0.667)
+    gap = pd.read_csv(tmp_path / "derived" / "protocol_gap.csv").set_index("method")
+    assert set(gap.index) == {"data2vec2", "mae"} and set(gap["budget_fraction"]) == {0.667}   # speech: no sweep
+    for method in ("data2vec2", "mae"):
+        def accuracies(fraction):
+            files = sorted((FIXTURE / "metrics").glob(f"image-{method}-default-s*-f{fraction}.json"))
+            return [json.loads(f.read_text())["metrics"]["test_accuracy"] for f in files]
+        sweep, anytime = np.median(accuracies("1.000")) - 0.01, np.median(accuracies("0.667"))
+        row = gap.loc[method]
+        assert (row["sweep"], row["anytime"]) == (pytest.approx(sweep), pytest.approx(anytime))
+        assert row["anytime - sweep"] == pytest.approx(anytime - sweep)
+        assert row["anytime looks"] == ("better" if anytime > sweep else "worse")
+        assert row["seeds (sweep / anytime)"] == "3 / 3"
+    assert "The two protocols at the same budgets" in md and "| image | fmnist | mae | default | 0.667 |" in md
 
 
 def test_speedups_figure_says_why_a_row_has_no_point(tmp_path, monkeypatch):
