@@ -183,17 +183,17 @@ def protocol_gap(evals: pd.DataFrame) -> pd.DataFrame:
     """Where both protocols have a point at the same share of a modality's budget below the full one: per
     (modality, task, method, variant), the median over seeds of the separate run's final checkpoint (sweep)
     and of the full run's checkpoint at that share (anytime), and how far the anytime point is from it."""
-    keys = ["modality", "task", "method", "variant"]
-    points = {p: protocol_points(evals, p).assign(share=lambda d: d["budget_fraction"].round(3))
-              for p in PROTOCOLS}
-    anytime = {k: g for k, g in points["anytime"].groupby([*keys, "share"])}
+    keys = ["modality", "task", "method", "variant", "share"]
+    sweep_points, anytime_points = (protocol_points(evals, p).assign(share=lambda d: d["budget_fraction"].round(3))
+                                    for p in ("sweep", "anytime"))
+    anytime = dict(list(anytime_points.groupby(keys)))
     rows = []
-    for key, sweep in points["sweep"][points["sweep"]["share"] < 1].groupby([*keys, "share"]):
+    for key, sweep in sweep_points[sweep_points["share"] < 1].groupby(keys):
         if key not in anytime:
             continue
         s, a = median(sweep["value"].to_numpy()), median(anytime[key]["value"].to_numpy())
         better = sweep["higher_is_better"].iloc[0]
-        rows.append({**dict(zip([*keys, "budget_fraction"], key)), "metric": sweep["primary_metric"].iloc[0],
+        rows.append({**dict(zip([*keys[:-1], "budget_fraction"], key)), "metric": sweep["primary_metric"].iloc[0],
                      "seeds (sweep / anytime)": f"{len(sweep)} / {len(anytime[key])}", "sweep": s, "anytime": a,
                      "anytime - sweep": a - s,
                      "anytime looks": "the same" if a == s else "better" if (a > s) == better else "worse"})

@@ -23,8 +23,8 @@ half of the baseline's seeds reach it and its median time is finite. Or a config
 A run's curve comes from one of two protocols (PROTOCOL.md#protocols): ``sweep``, the paper's, where each
 point is the final checkpoint of a separate run whose schedules are fitted to its budget; or ``anytime``,
 the checkpoints at budget fractions of one full run, read inside its schedule (not what a smaller budget
-buys: the two can differ either way). :func:`protocol_points` gives either view with ``budget_fraction`` = the share of the
-modality's budget behind each point; every speedup row names its protocol.
+buys: the two can differ either way). :func:`protocol_points` gives either view with ``budget_fraction`` =
+the share of the modality's budget behind each point; every speedup row names its protocol.
 """
 from __future__ import annotations
 
