@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from d2v2 import workflow as wfc
+from d2v2.config import merge
 from d2v2.launch import _slurm_options, build_parser
 from d2v2.workflow import jobs
 
@@ -123,6 +124,28 @@ def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_wit
         fraction = cfg["method"]["overrides"].get("ema_anneal_end_fraction")
         assert fraction == (None if run.method == "mae" else 0.8)       # every teacher's anneal fits its budget
     assert sorted({r.budget_scale * 480 for r in runs}) == [60, 120, 240, 480]
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
+@pytest.mark.parametrize("overlay, budget", [(None, {"kind": "cpu_seconds", "value": 240}),
+                                             ("cpu-image-masks-updates.yaml", {"kind": "updates", "value": 1250})])
+def test_cpu_image_masks_config_ablates_m_at_one_budget_with_fitted_anneals(overlay, budget):
+    extra = yaml.safe_load((REPO / "config" / "cpu-image-masks.yaml").read_text())
+    if overlay:                     # laid over it as Snakemake lays a second --configfile
+        extra = merge(extra, yaml.safe_load((REPO / "config" / overlay).read_text()))
+    config, tiny = resolved(**extra), resolved()
+    assert wfc.validate_workflow(config)
+    runs = wfc.expand_runs(config)
+    assert {(r.modality, r.method) for r in runs} == {("image", "data2vec2")} and len(runs) == 5 * 2
+    masks = {}
+    for run in runs:
+        cfg = wfc.run_config(config, run)
+        assert cfg["budget"] == budget
+        assert cfg["method"]["overrides"]["ema_anneal_end_fraction"] == 0.8     # the same point of every run
+        masks[run.variant] = cfg["method"]["overrides"].get("num_masks")
+    assert masks == {"default": None, "num_masks=1": 1, "num_masks=2": 2, "num_masks=8": 8, "num_masks=16": 16}
+    preset = yaml.safe_load((REPO / "d2v2" / "presets" / "tiny.yaml").read_text())
+    assert preset["method_settings"]["image"]["data2vec2"]["num_masks"] == 4         # "default" is M = 4
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
