@@ -176,3 +176,22 @@ def test_torn_event_lines_are_recovered_or_skipped_and_reported(tmp_path):
     (run / "events.jsonl").write_text("\n".join([lines[0], "garbage", lines[1]]) + "\n")
     with pytest.raises(CollectError, match=r"events\.jsonl:2: not valid JSON"):
         collect_runs([run])
+
+
+def test_default_variant_gets_the_ablated_fields_recorded_by_its_pretraining(metrics_dir):
+    """An ablation's figure needs the default variant on the axis: its param.<name> comes from the method
+    config the metrics file recorded (fine-tuning copies it from the checkpoint); where none was recorded it
+    stays unset, and methods without variants get no column values."""
+    config = {"num_masks": 16, "decoder": {"depth": 5}}
+    for path in metrics_dir.glob("image-data2vec2-default-*.json"):
+        _edit(path, lambda d: d["pretrain"].update(method_config=config))
+    for path in metrics_dir.glob("image-data2vec2-num_masks=1-*.json"):     # a second ablated field, dotted
+        _edit(path, lambda d: d["identity"]["params"].update({"decoder.depth": 2}))
+    evals, _ = collect_evals([metrics_dir])
+    d2v2 = evals[(evals.method == "data2vec2") & (evals.modality == "image")]
+    by_variant = d2v2.groupby("variant")[["param.num_masks", "param.decoder.depth"]].agg(lambda s: set(s.dropna()))
+    assert by_variant.loc["default"].tolist() == [{16}, {5}]
+    assert by_variant.loc["num_masks=1"].tolist() == [{1}, {2}]             # its own values win
+    assert by_variant.loc["num_masks=4"].tolist() == [{4}, set()]           # nothing recorded: unset
+    assert evals.loc[evals.method == "mae", "param.num_masks"].isna().all()
+    assert "method_config" not in evals.columns

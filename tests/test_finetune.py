@@ -127,6 +127,8 @@ def test_metrics_file_carries_identity_clocks_and_provenance(image_checkpoint, t
     for key in F.PRETRAIN_CLOCKS:
         assert record["pretrain"][key] == ckpt["pretrain"][key]
     assert record["pretrain"]["updates"] == 1 and record["pretrain"]["train_time_s"] > 0
+    assert record["pretrain"]["method_config"] == ckpt["method_config"]     # the default variant's M, for collect
+    assert record["pretrain"]["method_config"]["num_masks"] >= 1
     assert record["primary_metric"] == "test_accuracy" and record["higher_is_better"] is True
     assert set(record["metrics"]) == {"valid_accuracy", "test_accuracy"}
     assert record["provenance"]["git_commit"] and record["provenance"]["preset"] == "smoke"
@@ -159,6 +161,7 @@ def test_random_init_reports_budget_fraction_zero(image_checkpoint, tmp_path):
     record = F.finetune(cfg, image_checkpoint, log=lambda *_: None)
     assert record["identity"]["budget_fraction"] == 0.0 and record["identity"]["init"] == "random"
     assert record["pretrain"]["train_time_s"] == 0 and record["pretrain"]["updates"] == 0
+    assert "method_config" not in record["pretrain"]                     # no pretraining, no method config
 
 
 # ---- the LR sweep selects on validation only -----------------------------------------------------------

@@ -9,7 +9,9 @@ Outputs (each as parquet and CSV, written atomically):
   including what made the run's inputs, which ``inputs_<clock>`` also gives apart, PROTOCOL.md#input-costs), updates,
   samples and epochs seen, every metric (``metric.<name>``) plus ``value`` = the primary metric, and
   provenance (git commit and dirty flag, package versions, device name and count, host, SLURM job ids,
-  preset) and the source file;
+  preset) and the source file. A run that leaves a field its method's other variants ablate at its default
+  gets that field's ``param.<name>`` too, from the method config its pretraining recorded (the default
+  variant's M = 4 beside the variants' 1, 2, 8), so that an ablation's figure places it on the axis;
 - ``runs``: one row per pretraining run: status, throughput (samples/s, tokens/s), peak memory,
   clocks and provenance from ``summary.json``, plus the number of events and the last logged loss
   from ``events.jsonl``;
@@ -95,6 +97,7 @@ class PretrainState(_Model):
     samples: int = Field(ge=0)
     epochs: float = Field(ge=0)
     inputs: InputCosts | None = None
+    method_config: dict[str, Any] | None = None     # the pretraining run's method config (None: not recorded)
 
 
 class Provenance(_Model):
@@ -175,7 +178,7 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
     row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
     row["params"] = json.dumps(ident.params, sort_keys=True)
     row.update({f"param.{k}": v for k, v in ident.params.items()})
-    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs"}))
+    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs", "method_config"}))
     # the compared time includes what made the run's inputs; inputs_<clock> keeps that part apart
     inputs = m.pretrain.inputs
     for clock in CLOCKS:
@@ -232,12 +235,36 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
     return notes
 
 
+def _config_value(config: dict[str, Any] | None, dotted: str) -> Any:
+    """``config["decoder"]["depth"]`` for ``"decoder.depth"``; None where the config or the field is missing."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _fill_default_params(evals: pd.DataFrame, method_configs: list[dict[str, Any] | None]) -> None:
+    """Give every row the ``param.<name>`` of each field its (modality, method) ablates, from the row's recorded
+    method config where its own variant did not set it (``method_configs`` aligned with the rows)."""
+    for _, group in evals.groupby(["modality", "method"]):
+        for name in sorted({k for params in group["params"] for k in json.loads(params)}):
+            col = f"param.{name}"
+            values = evals[col].tolist()
+            for i in group.index[group[col].isna()]:
+                values[i] = _config_value(method_configs[i], name)
+            evals[col] = values
+
+
 def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]:
     """The ``evals`` table and the warnings about it, from metrics files or folders of them."""
     files = _files(paths, "*.json")
     if not files:
         raise CollectError("no metrics files found")
-    evals = pd.DataFrame([_row(load_metrics(f), f) for f in files])
+    loaded = [load_metrics(f) for f in files]
+    evals = pd.DataFrame([_row(m, f) for m, f in zip(loaded, files)])
+    _fill_default_params(evals, [m.pretrain.method_config for m in loaded])
     notes = _check_consistency(evals)
     evals = evals.sort_values(list(IDENTITY_COLUMNS), kind="stable").reset_index(drop=True)
     return evals, notes

@@ -208,38 +208,86 @@ def _final(runs: pd.DataFrame) -> pd.Series:
     return runs.loc[runs.groupby("seed")["budget_fraction"].idxmax(), "value"]
 
 
+def _param_key(value) -> tuple:
+    """Sort key of a parameter value: numbers by size, before anything else."""
+    return (0, float(value), "") if pd.api.types.is_number(value) else (1, 0.0, str(value))
+
+
+def _slice(df: pd.DataFrame, param: str, others: list[str], default: pd.DataFrame) -> pd.DataFrame:
+    """The rows where ``param`` varies and every other ablated field is at the default: not set by the row's
+    variant, or set to the default variant's recorded value (one field at a time, also through a grid)."""
+    rows = df[df[f"param.{param}"].notna()]
+    own = rows["params"].map(json.loads)
+    keep = pd.Series(True, index=rows.index)
+    for other in others:
+        keep &= ~own.map(lambda p, o=other: o in p) | (rows[f"param.{other}"] == _recorded(default, other))
+    return rows[keep]
+
+
+def _recorded(default: pd.DataFrame, param: str):
+    """The default variant's value of an ablated field, if its runs recorded one (all the same), else None."""
+    values = default[f"param.{param}"].dropna().unique() if f"param.{param}" in default else []
+    return values[0] if len(values) == 1 and default[f"param.{param}"].notna().all() else None
+
+
+def _variant_order(df: pd.DataFrame) -> list[str]:
+    """The default variant first, then the others by field name and value (M = 2 before M = 16)."""
+    params = df.drop_duplicates("variant").set_index("variant")["params"].map(json.loads)
+    return sorted(params.index, key=lambda v: (bool(params[v]),
+                                               [(k, _param_key(x)) for k, x in sorted(params[v].items())]))
+
+
 def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
-    """Ablations found in the table (variants = identity.params): metric vs each parameter and vs time."""
+    """Ablations found in the table (variants = identity.params): metric vs each parameter and vs time. The
+    default variant stands on a parameter's axis where its value was recorded (collect's ``param.<name>``),
+    else as a dashed line."""
     sns.set_theme(style="whitegrid")
     figures = []
     for (modality, method, task), df in evals.groupby(["modality", "method", "task"], sort=True):
-        variants = df[~df["params"].map(is_default_variant)]
-        if variants.empty:
+        is_default = df["params"].map(is_default_variant)
+        if is_default.all():
             continue
         metric = df["primary_metric"].iloc[0]
-        default = df[df["params"].map(is_default_variant)]
-        params = sorted({k for p in variants["params"] for k in json.loads(p)})
+        default = df[is_default]
+        params = sorted({k for p in df.loc[~is_default, "params"] for k in json.loads(p)})
         for param in params:
             col = f"param.{param}"
-            rows = variants[variants[col].notna()]
+            rows = _slice(df, param, [p for p in params if p != param], default)
+            if rows.empty:
+                continue
             summary = (rows.groupby(col).apply(lambda g: _final(g).median(), include_groups=False)
-                       .rename("value").reset_index().sort_values(col))
+                       .rename("value").reset_index())
+            summary = summary.iloc[sorted(range(len(summary)), key=lambda i: _param_key(summary[col].iloc[i]))]
+            labels = [_fmt_param(v) for v in summary[col]]
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
-            ax.plot([_fmt_param(v) for v in summary[col]], summary["value"], marker="o")
-            if not default.empty:
+            ax.plot(labels, summary["value"], marker="o")
+            value = _recorded(default, param)
+            if value is not None and value in set(summary[col]):
+                ax.plot([_fmt_param(value)], [_final(default).median()], marker="*", ms=14, ls="none",
+                        color="black", label=f"default variant ({param}={_fmt_param(value)})", zorder=3)
+                where = "the star"
+            elif not default.empty:
                 ax.axhline(_final(default).median(), ls="--", color="grey", label="default variant")
+                where = "dashed"
+            if not default.empty:
                 _legend_outside(ax)
             ax.set(xlabel=param, ylabel=f"{metric} at the full budget",
                    title=f"{modality} / {_name(method)}: {param}")
             caption = (f"{modality} / {_name(method)} ablation of {param}: fine-tuned {metric} at the final "
-                       f"checkpoint (median over seeds) vs {param}; dashed: the default variant; device "
-                       f"{_hardware(df)}.")
+                       f"checkpoint (median over seeds) vs {param}"
+                       + (f"; {where}: the default variant" if not default.empty else "")
+                       + f"; device {_hardware(df)}.")
             safe = param.replace(".", "_")
             figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_{safe}"), caption))
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for color, (variant, runs) in zip(sns.color_palette("colorblind", df["variant"].nunique()),
-                                          df.groupby("variant", sort=True)):
-            _draw_curve(ax, runs, clock, f"{variant} ({_seeds(runs)})", color)
+        order = _variant_order(df)
+        for color, variant in zip(sns.color_palette("colorblind", len(order)), order):
+            runs = df[df["variant"] == variant]
+            label = variant
+            if runs["params"].map(is_default_variant).all():
+                known = [f"{p}={_fmt_param(v)}" for p in params if (v := _recorded(runs, p)) is not None]
+                label = f"{variant} ({', '.join(known)})" if known else variant
+            _draw_curve(ax, runs, clock, f"{label} ({_seeds(runs)})", color)
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')", ylabel=metric,
                title=f"{modality} / {_name(method)}: variants")
         _legend_outside(ax)
