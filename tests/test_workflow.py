@@ -127,25 +127,39 @@ def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_wit
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
-@pytest.mark.parametrize("overlay, budget", [(None, {"kind": "cpu_seconds", "value": 240}),
-                                             ("cpu-image-masks-updates.yaml", {"kind": "updates", "value": 1250})])
-def test_cpu_image_masks_config_ablates_m_at_one_budget_with_fitted_anneals(overlay, budget):
-    extra = yaml.safe_load((REPO / "config" / "cpu-image-masks.yaml").read_text())
-    if overlay:                     # laid over it as Snakemake lays a second --configfile
-        extra = merge(extra, yaml.safe_load((REPO / "config" / overlay).read_text()))
+CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
+
+
+def _dotted(node: dict, field: str):
+    """``node["decoder"]["depth"]`` for ``"decoder.depth"``; None where a part is missing."""
+    for part in field.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+@pytest.mark.parametrize("files, budget, field, values, default", [
+    (["cpu-image-masks.yaml"], CPU_SECONDS_240, "num_masks", [1, 2, 8, 16], 4),
+    (["cpu-image-masks.yaml", "cpu-image-masks-updates.yaml"], {"kind": "updates", "value": 1250},
+     "num_masks", [1, 2, 8, 16], 4),
+    (["cpu-image-decoder.yaml"], CPU_SECONDS_240, "decoder.depth", [1, 2, 5], 3)])
+def test_cpu_image_ablation_configs_vary_one_field_at_one_budget_with_fitted_anneals(files, budget, field, values,
+                                                                                      default):
+    extra = {}
+    for name in files:              # a second file laid over the first, as Snakemake lays a second --configfile
+        extra = merge(extra, yaml.safe_load((REPO / "config" / name).read_text()))
     config, tiny = resolved(**extra), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
-    assert {(r.modality, r.method) for r in runs} == {("image", "data2vec2")} and len(runs) == 5 * 2
-    masks = {}
+    assert {(r.modality, r.method) for r in runs} == {("image", "data2vec2")} and len(runs) == (len(values) + 1) * 2
+    set_to = {}
     for run in runs:
         cfg = wfc.run_config(config, run)
         assert cfg["budget"] == budget
         assert cfg["method"]["overrides"]["ema_anneal_end_fraction"] == 0.8     # the same point of every run
-        masks[run.variant] = cfg["method"]["overrides"].get("num_masks")
-    assert masks == {"default": None, "num_masks=1": 1, "num_masks=2": 2, "num_masks=8": 8, "num_masks=16": 16}
+        set_to[run.variant] = _dotted(cfg["method"]["overrides"], field)          # what the run is told
+    assert set_to == {"default": None, **{f"{field}={v}": v for v in values}}
     preset = yaml.safe_load((REPO / "d2v2" / "presets" / "tiny.yaml").read_text())
-    assert preset["method_settings"]["image"]["data2vec2"]["num_masks"] == 4         # "default" is M = 4
+    assert _dotted(preset["method_settings"]["image"]["data2vec2"], field) == default     # what "default" runs with
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
