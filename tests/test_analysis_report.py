@@ -57,6 +57,9 @@ def test_numbers_come_from_the_tables(rendered):
     assert set(card["data2vec 2.0 vs"]) >= {"MAE", "wav2vec 2.0", "RoBERTa (MLM)"}
     for section in ("## Summary", "## Provenance", "## Configuration", "## Caveats", "## Ablations"):
         assert section in md
+    # the fixture ablates M: the paper's multi-mask table beside it, not its block-width one
+    assert "The paper's ablation multimask" in md and "ablation block width" not in md
+    assert "No numbers of the paper to compare with" not in md
     assert "0123456789abcdef" in md and "Fixture CPU" in md
     reference = md.split("Fine-tuned from random initialisation", 1)[1].split("\n\n")[1]
     assert reference.startswith("| modality | task | metric | seeds | median |")      # no pretraining columns

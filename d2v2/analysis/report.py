@@ -159,6 +159,10 @@ def _hours(x: float, clock: str) -> str:
     return f"{x:.4g} " + {"device_hours": "h", "train_cpu_s": "CPU-s"}.get(clock, "s")
 
 
+# The paper's ablation tables (results/paper/) by the method field they vary.
+PAPER_ABLATIONS = {"num_masks": "ablation_multimask", "mask_width": "ablation_block_width",
+                   "inverse_mask": "ablation_block_width"}
+
 # final_quality's columns that describe a pretraining run: none for a random initialisation (its fine-tune builds
 # the shared backbone through one method's model, whose name would read as if that method were pretrained)
 PRETRAINING_COLUMNS = ["method", "variant", "budget_fraction", "train_time_s", "device_hours"]
@@ -482,9 +486,12 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
                         "should beat:"), Table(final_quality(random_init).drop(columns=PRETRAINING_COLUMNS))]
     if figs["ablations"]:
         blocks += [Heading("Ablations"), *[Figure(p, c) for p, c in figs["ablations"]]]
-        for name in ("ablation_multimask", "ablation_block_width"):
+        fields = sorted({k for params in evals["params"] for k in json.loads(params)})
+        for name in sorted({PAPER_ABLATIONS[f] for f in fields if f in PAPER_ABLATIONS}):
             blocks += [Para(f"The paper's {name.replace('_', ' ')} (results/paper/{name}.csv):"),
                        Table(paper.load(name, paper_dir))]
+        if others := [f for f in fields if f not in PAPER_ABLATIONS]:
+            blocks += [Para(f"No numbers of the paper to compare with for: {', '.join(others)}.")]
     if not runs.empty:
         keep = [c for c in runs.columns if c in ("run_dir", "status", "train_time_s", "e2e_time_s", "updates",
                                                  "samples", "last_loss", "compute.flops_per_update",
