@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Mapping, TypeVar, get_args
 import pydantic
 import yaml
 
-__all__ = ["Config", "ConfigError", "merge", "apply_overrides", "load_yaml", "validate", "Modality", "MODALITIES",
+__all__ = ["Config", "ConfigError", "merge", "get_dotted", "apply_overrides", "load_yaml", "validate", "Modality", "MODALITIES",
            "RENAMED_MODALITIES", "renamed_modality", "check_modality", "upgrade_modality_names"]
 
 C = TypeVar("C", bound="Config")
@@ -116,6 +116,15 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any] | None) -> dict[str
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def get_dotted(data: Any, key: str, default: Any = None) -> Any:
+    """``data["a"]["b"]`` for ``key`` ``"a.b"``; ``default`` where a part is missing or not a mapping."""
+    for part in key.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return default
+        data = data[part]
+    return data
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from d2v2 import workflow as wfc
-from d2v2.config import merge
+from d2v2.config import get_dotted, merge
 from d2v2.launch import _slurm_options, build_parser
 from d2v2.workflow import jobs
 
@@ -130,13 +130,6 @@ def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_wit
 CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
 
 
-def _dotted(node: dict, field: str):
-    """``node["decoder"]["depth"]`` for ``"decoder.depth"``; None where a part is missing."""
-    for part in field.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 @pytest.mark.parametrize("files, budget, field, values, default", [
     (["cpu-image-masks.yaml"], CPU_SECONDS_240, "num_masks", [1, 2, 8, 16], 4),
     (["cpu-image-masks.yaml", "cpu-image-masks-updates.yaml"], {"kind": "updates", "value": 1250},
@@ -156,10 +149,10 @@ def test_cpu_image_ablation_configs_vary_one_field_at_one_budget_with_fitted_ann
         cfg = wfc.run_config(config, run)
         assert cfg["budget"] == budget
         assert cfg["method"]["overrides"]["ema_anneal_end_fraction"] == 0.8     # the same point of every run
-        set_to[run.variant] = _dotted(cfg["method"]["overrides"], field)          # what the run is told
+        set_to[run.variant] = get_dotted(cfg["method"]["overrides"], field)          # what the run is told
     assert set_to == {"default": None, **{f"{field}={v}": v for v in values}}
     preset = yaml.safe_load((REPO / "d2v2" / "presets" / "tiny.yaml").read_text())
-    assert _dotted(preset["method_settings"]["image"]["data2vec2"], field) == default     # what "default" runs with
+    assert get_dotted(preset["method_settings"]["image"]["data2vec2"], field) == default     # what "default" runs with
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 

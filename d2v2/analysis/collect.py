@@ -40,7 +40,7 @@ import pandas as pd
 import pydantic
 from pydantic import Field
 
-from d2v2.config import ConfigError, validate
+from d2v2.config import ConfigError, get_dotted, validate
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine.clock import CLOCKS
 from d2v2.engine.events import EventLogWarning, iter_events
@@ -235,16 +235,6 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
     return notes
 
 
-def _config_value(config: dict[str, Any] | None, dotted: str) -> Any:
-    """``config["decoder"]["depth"]`` for ``"decoder.depth"``; None where the config or the field is missing."""
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _fill_default_params(evals: pd.DataFrame, method_configs: list[dict[str, Any] | None]) -> None:
     """Give every row the ``param.<name>`` of each field its (modality, method) ablates, from the row's recorded
     method config where its own variant did not set it (``method_configs`` aligned with the rows)."""
@@ -253,7 +243,7 @@ def _fill_default_params(evals: pd.DataFrame, method_configs: list[dict[str, Any
             col = f"param.{name}"
             values = evals[col].tolist()
             for i in group.index[group[col].isna()]:
-                values[i] = _config_value(method_configs[i], name)
+                values[i] = get_dotted(method_configs[i], name)
             evals[col] = values
 
 

@@ -256,8 +256,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             if rows.empty:
                 continue
             summary = (rows.groupby(col).apply(lambda g: _final(g).median(), include_groups=False)
-                       .rename("value").reset_index())
-            summary = summary.iloc[sorted(range(len(summary)), key=lambda i: _param_key(summary[col].iloc[i]))]
+                       .rename("value").reset_index().sort_values(col, key=lambda v: v.map(_param_key)))
             labels = [_fmt_param(v) for v in summary[col]]
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
             ax.plot(labels, summary["value"], marker="o")

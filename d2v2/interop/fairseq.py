@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from d2v2.config import ConfigError, validate
+from d2v2.config import ConfigError, get_dotted, validate
 from d2v2.data.common import sha256_file
 from d2v2.data2vec2 import Data2Vec2, Data2Vec2Config
 from d2v2.model.encoder import Encoder, EncoderConfig
@@ -164,6 +164,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_UNRESOLVED = object()
+
+
 def _resolve(node: Any, scope: dict) -> Any:
     """Resolve ``${a.b}`` interpolations (left in a config saved without ``resolve=True``) against the
     config they belong to; one that does not resolve stays a string (validation then names the key)."""
@@ -172,12 +175,8 @@ def _resolve(node: Any, scope: dict) -> Any:
     if isinstance(node, list):
         return [_resolve(v, scope) for v in node]
     if isinstance(node, str) and node.startswith("${") and node.endswith("}"):
-        target: Any = scope
-        for part in node[2:-1].split("."):
-            if not isinstance(target, dict) or part not in target:
-                return node
-            target = target[part]
-        return _resolve(target, scope)
+        target = get_dotted(scope, node[2:-1], _UNRESOLVED)
+        return node if target is _UNRESOLVED else _resolve(target, scope)
     return node
 
 
