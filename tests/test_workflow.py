@@ -127,6 +127,20 @@ def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_wit
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
+def test_cpu_image_long_config_runs_data2vec2_and_mae_for_1920_cpu_seconds_with_checkpoints_at_the_sweeps_budgets():
+    extra = yaml.safe_load((REPO / "config" / "cpu-image-long.yaml").read_text())
+    config, tiny = resolved(**extra), resolved()
+    assert wfc.validate_workflow(config)
+    runs = wfc.expand_runs(config)
+    assert sorted((r.method, r.seed) for r in runs) == [("data2vec2", 0), ("data2vec2", 1), ("mae", 0), ("mae", 1)]
+    for run in runs:
+        cfg = wfc.run_config(config, run)
+        assert cfg["budget"] == {"kind": "cpu_seconds", "value": 1920}
+        assert cfg["method"]["overrides"].get("ema_anneal_end_fraction") == (None if run.method == "mae" else 0.8)
+    assert [1920 * f for f in config["checkpoint_fractions"]] == [240, 480, 960, 1920]   # the sweep's 240 and 480 s
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
 CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
 
 
