@@ -45,7 +45,7 @@ from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine.clock import CLOCKS
 from d2v2.engine.events import EventLogWarning, iter_events
 
-__all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs",
+__all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs", "ablated_fields",
            "collect_progress", "write_table", "main"]
 
 IDENTITY_COLUMNS = ("modality", "method", "variant", "seed", "budget_scale", "budget_fraction", "task", "init",
@@ -235,11 +235,16 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
     return notes
 
 
+def ablated_fields(params: Iterable[str]) -> list[str]:
+    """The method fields some variant sets, sorted: the keys of the rows' ``params`` JSON."""
+    return sorted({k for p in params for k in json.loads(p)})
+
+
 def _fill_default_params(evals: pd.DataFrame, method_configs: list[dict[str, Any] | None]) -> None:
     """Give every row the ``param.<name>`` of each field its (modality, method) ablates, from the row's recorded
     method config where its own variant did not set it (``method_configs`` aligned with the rows)."""
     for _, group in evals.groupby(["modality", "method"]):
-        for name in sorted({k for params in group["params"] for k in json.loads(params)}):
+        for name in ablated_fields(group["params"]):
             col = f"param.{name}"
             values = evals[col].tolist()
             for i in group.index[group[col].isna()]:

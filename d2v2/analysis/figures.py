@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from d2v2.analysis.collect import ablated_fields  # noqa: E402
 from d2v2.analysis.paper import METHOD_NAMES  # noqa: E402
 from d2v2.analysis.speedup import CLOCKS, PROTOCOLS, is_default_variant  # noqa: E402
 from d2v2.analysis.stats import bootstrap_ci  # noqa: E402
@@ -249,7 +250,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             continue
         metric = df["primary_metric"].iloc[0]
         default = df[is_default]
-        params = sorted({k for p in df.loc[~is_default, "params"] for k in json.loads(p)})
+        params = ablated_fields(df["params"])
         for param in params:
             col = f"param.{param}"
             rows = _slice(df, param, [p for p in params if p != param], default)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from d2v2.analysis import figures, paper
-from d2v2.analysis.collect import write_table
+from d2v2.analysis.collect import ablated_fields, write_table
 from d2v2.analysis.paper import METHOD_NAMES
 from d2v2.analysis.speedup import (AT_MOST, CLOCKS, NOT_REACHED, PROTOCOLS, protocol_points, protocols_of,
                                    recorded_clocks, speedup_table, targets)
@@ -486,7 +486,7 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
                         "should beat:"), Table(final_quality(random_init).drop(columns=PRETRAINING_COLUMNS))]
     if figs["ablations"]:
         blocks += [Heading("Ablations"), *[Figure(p, c) for p, c in figs["ablations"]]]
-        fields = sorted({k for params in evals["params"] for k in json.loads(params)})
+        fields = ablated_fields(evals["params"])
         for name in sorted({PAPER_ABLATIONS[f] for f in fields if f in PAPER_ABLATIONS}):
             blocks += [Para(f"The paper's {name.replace('_', ' ')} (results/paper/{name}.csv):"),
                        Table(paper.load(name, paper_dir))]
