@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, Mapping, TypeVar, get_args
 import pydantic
 import yaml
 
-__all__ = ["Config", "ConfigError", "merge", "get_dotted", "apply_overrides", "load_yaml", "validate", "Modality", "MODALITIES",
-           "RENAMED_MODALITIES", "renamed_modality", "check_modality", "upgrade_modality_names"]
+__all__ = ["Config", "ConfigError", "merge", "get_dotted", "apply_overrides", "load_yaml", "validate", "Modality",
+           "MODALITIES", "RENAMED_MODALITIES", "renamed_modality", "check_modality", "upgrade_modality_names"]
 
 C = TypeVar("C", bound="Config")
 
