@@ -195,3 +195,18 @@ def test_default_variant_gets_the_ablated_fields_recorded_by_its_pretraining(met
     assert by_variant.loc["num_masks=4"].tolist() == [{4}, set()]           # nothing recorded: unset
     assert evals.loc[evals.method == "mae", "param.num_masks"].isna().all()
     assert "method_config" not in evals.columns
+
+
+def test_a_pretrain_field_ablation_fills_the_default_from_the_recorded_run_config(metrics_dir):
+    """``pretrain.optim.lr`` is read from the run config the fine-tune copied from the checkpoint, not from the
+    method config; a metrics file that recorded none leaves it unset."""
+    for path in metrics_dir.glob("image-data2vec2-default-*.json"):
+        _edit(path, lambda d: d["pretrain"].update(method_config={"optim": {"lr": 9.0}},
+                                                   run_config={"optim": {"lr": 0.001}}))
+    for path in metrics_dir.glob("image-data2vec2-num_masks=1-*.json"):
+        _edit(path, lambda d: d["identity"]["params"].update({"pretrain.optim.lr": 0.004}))
+    evals, _ = collect_evals([metrics_dir])
+    d2v2 = evals[(evals.method == "data2vec2") & (evals.modality == "image")]
+    lr = d2v2.groupby("variant")["param.pretrain.optim.lr"].agg(lambda s: set(s.dropna()))
+    assert lr.to_dict() == {"default": {0.001}, "num_masks=1": {0.004}, "num_masks=4": set()}
+    assert "run_config" not in evals.columns

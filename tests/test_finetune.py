@@ -129,6 +129,8 @@ def test_metrics_file_carries_identity_clocks_and_provenance(image_checkpoint, t
     assert record["pretrain"]["updates"] == 1 and record["pretrain"]["train_time_s"] > 0
     assert record["pretrain"]["method_config"] == ckpt["method_config"]     # the default variant's M, for collect
     assert record["pretrain"]["method_config"]["num_masks"] >= 1
+    assert record["pretrain"]["run_config"] == ckpt["run_config"]           # its LR, for a pretrain.* ablation
+    assert record["pretrain"]["run_config"]["seed"] == 3 and record["pretrain"]["run_config"]["optim"]["lr"] > 0
     assert record["primary_metric"] == "test_accuracy" and record["higher_is_better"] is True
     assert set(record["metrics"]) == {"valid_accuracy", "test_accuracy"}
     assert record["provenance"]["git_commit"] and record["provenance"]["preset"] == "smoke"

@@ -90,6 +90,28 @@ def test_run_config_holds_the_variant_and_only_this_run():
                               "budget_fraction": 0.5}
 
 
+def test_a_pretrain_field_ablation_changes_the_run_config_not_the_method():
+    """``pretrain.optim.lr`` varies the pretraining run config of one method's runs; its other settings (here
+    the per-method anneal), the budget and the other methods' runs stay as they were."""
+    config = resolved(modalities=["image"], methods={"image": ["data2vec2", "mae"]},
+                      pretrain={"per_method": {"image": {"data2vec2": {
+                          "method": {"overrides": {"ema_anneal_end_fraction": 0.8}}}}}},
+                      ablations={"image": {"data2vec2": {"pretrain.optim.lr": [0.004]}}})
+    runs = {r.key: r for r in wfc.expand_runs(config)}
+    assert sorted(runs) == ["image/data2vec2/default/seed0", "image/data2vec2/pretrain.optim.lr=0.004/seed0",
+                            "image/mae/default/seed0"]
+    variant = wfc.run_config(config, runs["image/data2vec2/pretrain.optim.lr=0.004/seed0"])
+    default = wfc.run_config(config, runs["image/data2vec2/default/seed0"])
+    assert variant["optim"]["lr"] == 0.004 and default["optim"]["lr"] != 0.004
+    assert variant["method"]["overrides"] == default["method"]["overrides"] == {"ema_anneal_end_fraction": 0.8}
+    assert {k: v for k, v in variant.items() if k != "optim"} == {k: v for k, v in default.items() if k != "optim"}
+    assert wfc.run_config(config, runs["image/mae/default/seed0"])["optim"]["lr"] == default["optim"]["lr"]
+    assert wfc.validate_workflow(config)
+    for owned in ("pretrain.budget.value", "pretrain.seed", "pretrain.method.name", "pretrain."):
+        with pytest.raises(wfc.WorkflowConfigError, match=f"{owned}: not a field an ablation can vary"):
+            wfc.variants({owned: [1]})
+
+
 def test_validate_workflow_accepts_every_preset():
     for preset in ("smoke", "tiny"):
         assert wfc.validate_workflow(resolved(preset=preset))
@@ -139,6 +161,23 @@ def test_cpu_image_long_config_runs_data2vec2_and_mae_for_1920_cpu_seconds_with_
         assert cfg["method"]["overrides"].get("ema_anneal_end_fraction") == (None if run.method == "mae" else 0.8)
     assert [1920 * f for f in config["checkpoint_fractions"]] == [240, 480, 960, 1920]   # the sweep's 240 and 480 s
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
+
+def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_runs():
+    long = resolved(**yaml.safe_load((REPO / "config" / "cpu-image-long.yaml").read_text()))
+    config = merge(long, yaml.safe_load((REPO / "config" / "cpu-image-long-lr.yaml").read_text()))
+    assert wfc.validate_workflow(config)
+    before = {r.key: wfc.run_config(long, r) for r in wfc.expand_runs(long)}
+    after = {r.key: wfc.run_config(config, r) for r in wfc.expand_runs(config)}
+    assert {k: after[k] for k in before} == before              # the long config's runs stay up to date
+    added = sorted(set(after) - set(before))
+    assert added == [f"image/data2vec2/pretrain.optim.lr=0.004/seed{s}" for s in (0, 1)]
+    for key in added:
+        default = after[key.replace("pretrain.optim.lr=0.004", "default")]
+        assert after[key]["optim"] == {**default["optim"], "lr": 0.004} and after[key]["budget"] == default["budget"]
+        assert after[key]["method"] == default["method"]          # the anneal over 80% of the run kept
+    assert config["paths"] == long["paths"]
 
 
 CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
@@ -422,6 +461,10 @@ BAD_CONFIGS = [
     (["ablations={image: {data2vec2: {decoder.depth: [0, 2]}}}"],
      "ablations.image.data2vec2 variant decoder.depth=0: method.decoder.depth"),
     (["ablations={image: {data2vec2: {num_maskz: [2]}}}"], "num_maskz: unknown key"),
+    (["ablations={image: {data2vec2: {pretrain.optim.lrr: [0.1]}}}"],
+     "ablations.image.data2vec2 variant pretrain.optim.lrr=0.1: optim.lrr: unknown key"),
+    (["ablations={image: {data2vec2: {pretrain.budget.value: [9]}}}"],
+     "pretrain.budget.value: not a field an ablation can vary"),
     (["ablations={image: {data2vec2: {num_masks: 4}}}"], "num_masks: expected a non-empty list"),
     (["ablations={text: {mae: {num_masks: [2]}}}"], "ablations.text.mae: 'mae' is not in methods.text"),
     (["preset=smoke", "hubert={clusters: [1, 5]}"], "hubert.clusters[0]: 1 is less than the minimum of 2"),

@@ -44,6 +44,7 @@ from d2v2.config import ConfigError, get_dotted, validate
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine.clock import CLOCKS
 from d2v2.engine.events import EventLogWarning, iter_events
+from d2v2.workflow.runs import PRETRAIN_FIELD
 
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs", "ablated_fields",
            "collect_progress", "write_table", "main"]
@@ -98,6 +99,7 @@ class PretrainState(_Model):
     epochs: float = Field(ge=0)
     inputs: InputCosts | None = None
     method_config: dict[str, Any] | None = None     # the pretraining run's method config (None: not recorded)
+    run_config: dict[str, Any] | None = None        # the pretraining run's run config (None: not recorded)
 
 
 class Provenance(_Model):
@@ -178,7 +180,7 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
     row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
     row["params"] = json.dumps(ident.params, sort_keys=True)
     row.update({f"param.{k}": v for k, v in ident.params.items()})
-    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs", "method_config"}))
+    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs", "method_config", "run_config"}))
     # the compared time includes what made the run's inputs; inputs_<clock> keeps that part apart
     inputs = m.pretrain.inputs
     for clock in CLOCKS:
@@ -236,19 +238,27 @@ def _check_consistency(evals: pd.DataFrame) -> list[str]:
 
 
 def ablated_fields(params: Iterable[str]) -> list[str]:
-    """The method fields some variant sets, sorted: the keys of the rows' ``params`` JSON."""
+    """The fields some variant sets, sorted: the keys of the rows' ``params`` JSON."""
     return sorted({k for p in params for k in json.loads(p)})
 
 
-def _fill_default_params(evals: pd.DataFrame, method_configs: list[dict[str, Any] | None]) -> None:
+def _recorded_value(pretrain: PretrainState, name: str) -> Any:
+    """An ablated field's value in the pretraining run's recorded configs: a method field in its method
+    config, a ``pretrain.<field>`` in its run config (d2v2.workflow.runs.PRETRAIN_FIELD); None if not recorded."""
+    if name.startswith(PRETRAIN_FIELD):
+        return get_dotted(pretrain.run_config, name[len(PRETRAIN_FIELD):])
+    return get_dotted(pretrain.method_config, name)
+
+
+def _fill_default_params(evals: pd.DataFrame, pretrains: list[PretrainState]) -> None:
     """Give every row the ``param.<name>`` of each field its (modality, method) ablates, from the row's recorded
-    method config where its own variant did not set it (``method_configs`` aligned with the rows)."""
+    configs where its own variant did not set it (``pretrains`` aligned with the rows)."""
     for _, group in evals.groupby(["modality", "method"]):
         for name in ablated_fields(group["params"]):
             col = f"param.{name}"
             values = evals[col].tolist()
             for i in group.index[group[col].isna()]:
-                values[i] = get_dotted(method_configs[i], name)
+                values[i] = _recorded_value(pretrains[i], name)
             evals[col] = values
 
 
@@ -259,7 +269,7 @@ def collect_evals(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]
         raise CollectError("no metrics files found")
     loaded = [load_metrics(f) for f in files]
     evals = pd.DataFrame([_row(m, f) for m, f in zip(loaded, files)])
-    _fill_default_params(evals, [m.pretrain.method_config for m in loaded])
+    _fill_default_params(evals, [m.pretrain for m in loaded])
     notes = _check_consistency(evals)
     evals = evals.sort_values(list(IDENTITY_COLUMNS), kind="stable").reset_index(drop=True)
     return evals, notes

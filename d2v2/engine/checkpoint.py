@@ -153,13 +153,13 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu") -> t
 def pretraining_checkpoint(*, identity: dict[str, Any], method_config: dict[str, Any] | None, encoder: torch.nn.Module,
                            encoder_prefix: str, model: dict[str, torch.Tensor], pretrain: dict[str, Any],
                            budget_fraction: float | None, fraction_consumed: float, provenance: dict[str, Any] | None,
-                           **resume: Any) -> dict[str, Any]:
+                           run_config: dict[str, Any] | None = None, **resume: Any) -> dict[str, Any]:
     """The layout of a pretraining checkpoint, defined once (ARCHITECTURE.md, "Pretraining runner"):
-    the keys fine-tuning reads (``identity {modality, method, preset, seed}``, the method and encoder configs,
+    the keys fine-tuning reads (``identity {modality, method, preset, seed}``, the method, encoder and run configs,
     ``model`` with the encoder's weights under ``encoder_prefix``, the clocks in ``pretrain``, the budget
     fraction) and ``resume``, what the runner continues from (optimiser, RNGs, data position, ...). The
     pretraining runner writes both parts, the fairseq converter the first."""
-    return {"kind": "pretrain", "identity": identity, "method_config": method_config,
+    return {"kind": "pretrain", "identity": identity, "method_config": method_config, "run_config": run_config,
             "encoder_config": encoder.cfg.model_dump(mode="json"), "encoder_prefix": encoder_prefix,
             "model": model, "pretrain": pretrain, "budget_fraction": budget_fraction,
             "fraction_consumed": fraction_consumed, "provenance": provenance, **resume}

@@ -74,6 +74,7 @@ class Pretrained:
     provenance: dict[str, Any] | None = None
     inputs: dict[str, Any] | None = None            # clocks of what made the run's inputs (PROTOCOL.md#input-costs)
     method_config: dict[str, Any] | None = None     # the pretraining run's method config (None: not recorded)
+    run_config: dict[str, Any] | None = None        # the pretraining run's PretrainRunConfig (None: not recorded)
 
 
 def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> Pretrained:
@@ -88,7 +89,8 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> Pretrained:
             modality=ident["modality"], method=ident["method"], encoder_config=dict(ckpt["encoder_config"]),
             encoder_state=encoder_state_dict(ckpt), seed=ident.get("seed"), budget_fraction=float(fraction),
             clocks={k: clocks.get(k) if k in OPTIONAL_CLOCKS else clocks[k] for k in PRETRAIN_CLOCKS},
-            provenance=ckpt.get("provenance"), inputs=clocks.get("inputs"), method_config=ckpt.get("method_config"))
+            provenance=ckpt.get("provenance"), inputs=clocks.get("inputs"), method_config=ckpt.get("method_config"),
+            run_config=ckpt.get("run_config"))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a pretraining checkpoint (missing {err})") from None
 
@@ -413,7 +415,8 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
                      "budget_scale": cfg.identity.budget_scale,
                      "task": cfg.task, "init": cfg.init, "mode": cfg.mode},
         "pretrain": {**pre.clocks, **({"inputs": pre.inputs} if pre.inputs else {}),
-                     **({"method_config": pre.method_config} if pretrained and pre.method_config else {})},
+                     **({"method_config": pre.method_config} if pretrained and pre.method_config else {}),
+                     **({"run_config": pre.run_config} if pretrained and pre.run_config else {})},
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
         "primary_metric": f"test_{info['primary_metric']}",
         "higher_is_better": info["higher_is_better"],

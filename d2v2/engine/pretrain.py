@@ -258,7 +258,7 @@ class Pretrainer:
             method_config=self.method.cfg.model_dump(mode="json"), encoder=self.method.encoder(),
             encoder_prefix=self._encoder_prefix(), model=self.method.state_dict(),
             pretrain=self.pretrain_record(train, e2e), budget_fraction=budget_fraction,
-            fraction_consumed=self.fraction, provenance=self.provenance,
+            fraction_consumed=self.fraction, provenance=self.provenance, run_config=self.cfg.model_dump(mode="json"),
             # what restore() reads back
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),

@@ -15,10 +15,10 @@ from typing import Any, Mapping
 from d2v2.config import MODALITIES, ConfigError, merge
 from d2v2.presets import MODEL_KEYS, load_preset
 
-__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "variants", "expand_runs",
-           "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request", "schema_error",
-           "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT", "HUBERT_INPUT_COSTS",
-           "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config",
+__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "PRETRAIN_FIELD", "variants",
+           "expand_runs", "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request",
+           "schema_error", "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT",
+           "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config",
            "job_priority", "PRIORITY_STAGES"]
 
 
@@ -161,11 +161,23 @@ def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# An ablation field is a method field (``num_masks``, ``decoder.depth``), or with this prefix a field of the
+# pretraining run config (``pretrain.optim.lr``), except those the run matrix sets for every run.
+PRETRAIN_FIELD = "pretrain."
+MATRIX_KEYS = ("method", "data", "budget", "checkpoint", "seed", "input_costs")
+
+
 def variants(fields: Mapping[str, Any], mode: str = "one_at_a_time") -> list[tuple[str, dict[str, Any]]]:
     """``[(name, params)]``: the ``default`` variant, then the ablation variants of ``fields``."""
     for key, values in fields.items():
         if not isinstance(values, list) or not values:
             raise WorkflowConfigError(f"{key}: expected a non-empty list of values (got {values!r})")
+        if key.startswith(PRETRAIN_FIELD):
+            field_path = key[len(PRETRAIN_FIELD):]
+            if not field_path or field_path.split(".")[0] in MATRIX_KEYS:
+                raise WorkflowConfigError(
+                    f"{key}: not a field an ablation can vary: the run matrix sets {', '.join(MATRIX_KEYS)} "
+                    f"(method fields are written without the '{PRETRAIN_FIELD}' prefix)")
     out: list[tuple[str, dict[str, Any]]] = [("default", {})]
     keys = sorted(fields)
     if mode == "grid":
@@ -195,7 +207,10 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     pre = config["pretrain"]
     cfg = merge(merge(pre.get("common", {}), pre.get(run.modality, {})),
                 pre.get("per_method", {}).get(run.modality, {}).get(run.method, {}))
-    method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(run.params))
+    run_fields = {k[len(PRETRAIN_FIELD):]: v for k, v in run.params.items() if k.startswith(PRETRAIN_FIELD)}
+    method_fields = {k: v for k, v in run.params.items() if not k.startswith(PRETRAIN_FIELD)}
+    cfg = merge(cfg, _nest(run_fields))
+    method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(method_fields))
     budget = dict(config["budget"][run.modality])
     if run.sweep:                         # a full run's budget stays as written (its params, hence its job, unchanged)
         budget = _scaled(budget, run.budget_scale)
