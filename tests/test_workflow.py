@@ -180,6 +180,19 @@ def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_run
     assert config["paths"] == long["paths"]
 
 
+
+def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budget():
+    config, tiny = resolved(**yaml.safe_load((REPO / "config" / "cpu-image-lr.yaml").read_text())), resolved()
+    assert wfc.validate_workflow(config)
+    lrs = {}
+    for run in wfc.expand_runs(config):
+        cfg = wfc.run_config(config, run)
+        assert cfg["budget"] == tiny["budget"]["image"] and wfc.finetune_fractions(config, run) == [1.0]
+        lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
+    assert lrs == {m: {(lr, s) for lr in (1e-3, 2e-3, 4e-3) for s in (0, 1, 2)} for m in ("data2vec2", "mae", "data2vec1")}
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
 CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
 
 
