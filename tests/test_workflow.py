@@ -189,7 +189,8 @@ def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budge
         cfg = wfc.run_config(config, run)
         assert cfg["budget"] == tiny["budget"]["image"] and wfc.finetune_fractions(config, run) == [1.0]
         lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    assert lrs == {m: {(lr, s) for lr in (1e-3, 2e-3, 4e-3) for s in (0, 1, 2)} for m in ("data2vec2", "mae", "data2vec1")}
+    grid = {(lr, seed) for lr in (1e-3, 2e-3, 4e-3) for seed in (0, 1, 2)}
+    assert lrs == {method: grid for method in ("data2vec2", "mae", "data2vec1")}
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 

@@ -180,7 +180,8 @@ def _row(m: MetricsFile, source: Path) -> dict[str, Any]:
     row: dict[str, Any] = {k: getattr(ident, k) for k in IDENTITY_COLUMNS}
     row["params"] = json.dumps(ident.params, sort_keys=True)
     row.update({f"param.{k}": v for k, v in ident.params.items()})
-    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - {"inputs", "method_config", "run_config"}))
+    recorded_configs = {"inputs", "method_config", "run_config"}
+    row.update(m.pretrain.model_dump(include=set(PretrainState.model_fields) - recorded_configs))
     # the compared time includes what made the run's inputs; inputs_<clock> keeps that part apart
     inputs = m.pretrain.inputs
     for clock in CLOCKS:

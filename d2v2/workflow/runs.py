@@ -18,8 +18,8 @@ from d2v2.presets import MODEL_KEYS, load_preset
 __all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "PRETRAIN_FIELD", "variants",
            "expand_runs", "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request",
            "schema_error", "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT",
-           "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args", "hubert_iteration1_config",
-           "job_priority", "PRIORITY_STAGES"]
+           "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
+           "hubert_iteration1_config", "job_priority", "PRIORITY_STAGES"]
 
 
 class WorkflowConfigError(ValueError):
