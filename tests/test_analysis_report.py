@@ -87,18 +87,21 @@ def test_training_figure_one_legend_entry_per_method_and_variant_colours_fixed_p
 
     from d2v2.analysis import figures
 
-    runs = [("data2vec2", "default", 0), ("data2vec2", "default", 1), ("data2vec2", "M2", 0), ("mae", "default", 0)]
-    rows = [{"run_dir": f"{m}{v}{s}", "modality": "image", "method": m, "variant": v, "seed": s,
-             "device_count": 1, "updates": u, "train_time_s": 30.0 * u, "e2e_time_s": 33.0 * u,
+    runs = [("data2vec2", "default", 0, ""), ("data2vec2", "default", 1, ""), ("data2vec2", "M2", 0, ""),
+            ("mae", "default", 0, ""), ("data2vec2", "default", 0, "-budget0.500")]      # the last: a sweep's run
+    rows = [{"run_dir": f"{m}{v}{s}{sweep}", "modality": "image", "method": m, "variant": v, "seed": s,
+             "device_count": 1, "updates": u, "train_time_s": (10.0 if sweep else 30.0) * u, "e2e_time_s": 33.0 * u,
              "device_hours": 30.0 * u / 3600, "loss": 1.0 / u}
-            for m, v, s in runs for u in (1, 2)]
-    lines, save = {}, figures.save
+            for m, v, s, sweep in runs for u in (1, 2)]
+    lines, drawn, save = {}, [], figures.save
     monkeypatch.setattr(figures, "save", lambda fig, out, name: (
         lines.update({ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}),
-        save(fig, out, name))[1])
+        drawn.extend(fig.axes[0].get_lines()), save(fig, out, name))[2])
     [(png, caption)] = figures.plot_training(pd.DataFrame(rows), tmp_path)
     assert sorted(lines) == ["MAE", "data2vec 2.0", "data2vec 2.0 M2"]
-    assert png.name == "training_image.png" and "(4 runs)" in caption
+    assert png.name == "training_image.png" and "(5 runs)" in caption
+    # one line per run, each in its own time order: a sweep's run is not joined to the full run of its seed
+    assert sorted(tuple(ln.get_xdata()) for ln in drawn) == [(10.0, 20.0)] + [(30.0, 60.0)] * 4
     # a method keeps its colour across figures (the curves use the same map); variants differ in line style
     assert to_rgb(lines["data2vec 2.0"].get_color()) == to_rgb(lines["data2vec 2.0 M2"].get_color()) \
         == to_rgb(figures._color("data2vec2")) != to_rgb(lines["MAE"].get_color())

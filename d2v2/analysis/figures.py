@@ -319,7 +319,8 @@ def plot_training(progress: pd.DataFrame, out_dir: str | Path, clock: str = "tra
         styles = {v: ["-", "--", ":", "-."][i % 4] for i, v in enumerate(variants)}
         for ax, column in zip(axes[0], panels):
             named = set()                                  # one legend entry per method and variant, not per seed
-            for (method, variant, _), run in df.groupby(["method", "variant", "seed"], sort=True):
+            # a run is its folder: a budget sweep's runs share method, variant and seed
+            for (method, variant, _, _), run in df.groupby(["method", "variant", "seed", "run_dir"], sort=True):
                 run = run[run[column].notna()].sort_values("updates")
                 label = _name(method) + ("" if variant == "default" else f" {variant}")
                 if not run.empty:
