@@ -13,7 +13,9 @@ whole workflow at DAG-build time with a message that names the key.
 Ablations: ``ablations: {image: {data2vec2: {num_masks: [1, 2, 4], decoder.depth: [1, 3]}}}`` adds
 variant runs next to each method's ``default`` run. ``ablation_mode: one_at_a_time`` (default; the
 paper's ablations, METHOD.md#paper-results) varies one field at a time (variants ``num_masks=1``, ``num_masks=2``,
-..., ``decoder.depth=3``); ``grid`` runs every combination (``decoder.depth=1,num_masks=2``). Paths
+..., ``decoder.depth=3``); ``grid`` runs every combination (``decoder.depth=1,num_masks=2``). A field is a
+method field, or with the prefix ``pretrain.`` a field of the pretraining run config (``pretrain.optim.lr``;
+not those the run matrix sets, :data:`.runs.MATRIX_KEYS`). Paths
 hold modality/method/variant/seed, so variants never share outputs, and each run's Snakemake params
 hold only that run's own config: editing an ablation list adds or removes only the affected jobs.
 
