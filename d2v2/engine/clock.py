@@ -129,10 +129,6 @@ class RunClock:
             synchronize(self.device)
         return self._e2e_before + self._t0_age + time.perf_counter() - self._t0
 
-    def segment_e2e_s(self) -> float:
-        """End-to-end seconds of this process alone."""
-        return self.e2e_time_s(sync=False) - self._e2e_before
-
 
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")

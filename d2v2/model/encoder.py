@@ -258,8 +258,3 @@ class Encoder(nn.Module):
         encoder and head parameters (a pretraining decoder also has ``blocks``)."""
         match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
         return int(match.group(1)) + 1 if match else self.num_layers
-
-    def layer_scale(self, name: str, layer_decay: float) -> float:
-        """LR multiplier ``layer_decay ** (num_layers - layer_id)``: block i (1-indexed) of N gets
-        ``LD^(N+1-i)``, the rest 1.0 (data2vec 2.0's rule, which differs from MAE's for the patch-embed)."""
-        return layer_decay ** (self.num_layers - self.layer_id(name))
