@@ -96,16 +96,16 @@ def test_a_pretrain_field_ablation_changes_the_run_config_not_the_method():
     config = resolved(modalities=["image"], methods={"image": ["data2vec2", "mae"]},
                       pretrain={"per_method": {"image": {"data2vec2": {
                           "method": {"overrides": {"ema_anneal_end_fraction": 0.8}}}}}},
-                      ablations={"image": {"data2vec2": {"pretrain.optim.lr": [0.004]}}})
+                      ablations={"image": {"data2vec2": {"pretrain.optim.lr": [0.002]}}})
     runs = {r.key: r for r in wfc.expand_runs(config)}
-    assert sorted(runs) == ["image/data2vec2/default/seed0", "image/data2vec2/pretrain.optim.lr=0.004/seed0",
+    assert sorted(runs) == ["image/data2vec2/default/seed0", "image/data2vec2/pretrain.optim.lr=0.002/seed0",
                             "image/mae/default/seed0"]
-    variant = wfc.run_config(config, runs["image/data2vec2/pretrain.optim.lr=0.004/seed0"])
+    variant = wfc.run_config(config, runs["image/data2vec2/pretrain.optim.lr=0.002/seed0"])
     default = wfc.run_config(config, runs["image/data2vec2/default/seed0"])
-    assert variant["optim"]["lr"] == 0.004 and default["optim"]["lr"] != 0.004
+    assert variant["optim"]["lr"] == 0.002 and default["optim"]["lr"] == 0.004
     assert variant["method"]["overrides"] == default["method"]["overrides"] == {"ema_anneal_end_fraction": 0.8}
     assert {k: v for k, v in variant.items() if k != "optim"} == {k: v for k, v in default.items() if k != "optim"}
-    assert wfc.run_config(config, runs["image/mae/default/seed0"])["optim"]["lr"] == default["optim"]["lr"]
+    assert wfc.run_config(config, runs["image/mae/default/seed0"])["optim"]["lr"] == 1e-3     # MAE: its own
     assert wfc.validate_workflow(config)
     for owned in ("pretrain.budget.value", "pretrain.seed", "pretrain.method.name", "pretrain."):
         with pytest.raises(wfc.WorkflowConfigError, match=f"{owned}: not a field an ablation can vary"):
