@@ -7,7 +7,7 @@ complete warm-up and decay (d2v2.engine.optim). Checkpoints are written at the c
 fractions: those are the points of the accuracy-versus-time curves.
 
 ``load_run_config`` validates everything, including the method's own config, before any compute;
-every problem is a ``ConfigError`` naming the dotted key.
+every problem is a :class:`d2v2.config.ConfigError` naming the dotted key.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from d2v2.config import Config, ConfigError, Modality, apply_overrides, load_yaml, upgrade_modality_names, validate
+from d2v2.config import Config, Modality, apply_overrides, load_yaml, upgrade_modality_names, validate
 from d2v2.data.config import DataConfig
 from d2v2.engine.compile import CompileMode, CompileScope
 from d2v2.engine.optim import OptimConfig
