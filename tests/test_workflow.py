@@ -49,6 +49,14 @@ def resolved(**changes) -> dict:
     return config
 
 
+def config_files(*names: str) -> dict:
+    """``config/<name>`` files, each laid over the one before, as Snakemake lays several ``--configfile``."""
+    extra: dict = {}
+    for name in names:
+        extra = merge(extra, yaml.safe_load((REPO / "config" / name).read_text()))
+    return extra
+
+
 # ------------------------------------------------------------------ run matrix (in-process)
 
 
@@ -124,7 +132,7 @@ def test_validate_workflow_accepts_every_preset():
 
 
 def test_cpu_30min_config_is_the_tiny_dag_with_longer_budgets_in_its_own_folders():
-    extra = yaml.safe_load((REPO / "config" / "cpu-30min.yaml").read_text())
+    extra = config_files("cpu-30min.yaml")
     config, tiny = resolved(**extra), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
@@ -134,7 +142,7 @@ def test_cpu_30min_config_is_the_tiny_dag_with_longer_budgets_in_its_own_folders
 
 
 def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_with_fitted_anneals():
-    extra = yaml.safe_load((REPO / "config" / "cpu-image-sweep.yaml").read_text())
+    extra = config_files("cpu-image-sweep.yaml")
     config, tiny = resolved(**extra), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
@@ -150,7 +158,7 @@ def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_wit
 
 
 def test_cpu_image_long_config_runs_data2vec2_and_mae_for_1920_cpu_seconds_with_checkpoints_at_the_sweeps_budgets():
-    extra = yaml.safe_load((REPO / "config" / "cpu-image-long.yaml").read_text())
+    extra = config_files("cpu-image-long.yaml")
     config, tiny = resolved(**extra), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
@@ -163,10 +171,9 @@ def test_cpu_image_long_config_runs_data2vec2_and_mae_for_1920_cpu_seconds_with_
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
-
 def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_runs():
-    long = resolved(**yaml.safe_load((REPO / "config" / "cpu-image-long.yaml").read_text()))
-    config = merge(long, yaml.safe_load((REPO / "config" / "cpu-image-long-lr.yaml").read_text()))
+    long = resolved(**config_files("cpu-image-long.yaml"))
+    config = resolved(**config_files("cpu-image-long.yaml", "cpu-image-long-lr.yaml"))
     assert wfc.validate_workflow(config)
     before = {r.key: wfc.run_config(long, r) for r in wfc.expand_runs(long)}
     after = {r.key: wfc.run_config(config, r) for r in wfc.expand_runs(config)}
@@ -180,9 +187,8 @@ def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_run
     assert config["paths"] == long["paths"]
 
 
-
 def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budget():
-    config, tiny = resolved(**yaml.safe_load((REPO / "config" / "cpu-image-lr.yaml").read_text())), resolved()
+    config, tiny = resolved(**config_files("cpu-image-lr.yaml")), resolved()
     assert wfc.validate_workflow(config)
     lrs = {}
     for run in wfc.expand_runs(config):
@@ -194,7 +200,6 @@ def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budge
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
-
 def test_tiny_gives_each_image_method_its_own_lr_and_the_measured_configs_keep_the_shared_one():
     """tiny: data2vec 2.0 and 1.0 at 4e-3, MAE at 1e-3 (TINY_SCALE.md, "Each image method at its own LR"); the
     configs whose results the docs give were measured at the shared 1e-3 and pin it, so they reproduce them."""
@@ -204,10 +209,7 @@ def test_tiny_gives_each_image_method_its_own_lr_and_the_measured_configs_keep_t
     for files in (["cpu-30min.yaml"], ["cpu-image-sweep.yaml"], ["cpu-image-long.yaml"], ["cpu-image-masks.yaml"],
                   ["cpu-image-masks.yaml", "cpu-image-masks-updates.yaml"], ["cpu-image-decoder.yaml"],
                   ["cpu-image-lr.yaml"]):
-        extra = {}
-        for name in files:
-            extra = merge(extra, yaml.safe_load((REPO / "config" / name).read_text()))
-        config = resolved(**extra)
+        config = resolved(**config_files(*files))
         runs = [r for r in wfc.expand_runs(config) if r.modality == "image" and r.variant == "default"]
         assert runs and {wfc.run_config(config, r)["optim"]["lr"] for r in runs} == {1e-3}, files
 
@@ -222,10 +224,7 @@ CPU_SECONDS_240 = {"kind": "cpu_seconds", "value": 240}
     (["cpu-image-decoder.yaml"], CPU_SECONDS_240, "decoder.depth", [1, 2, 5], 3)])
 def test_cpu_image_ablation_configs_vary_one_field_at_one_budget_with_fitted_anneals(files, budget, field, values,
                                                                                       default):
-    extra = {}
-    for name in files:              # a second file laid over the first, as Snakemake lays a second --configfile
-        extra = merge(extra, yaml.safe_load((REPO / "config" / name).read_text()))
-    config, tiny = resolved(**extra), resolved()
+    config, tiny = resolved(**config_files(*files)), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
     assert {(r.modality, r.method) for r in runs} == {("image", "data2vec2")} and len(runs) == (len(values) + 1) * 2

@@ -44,7 +44,7 @@ from d2v2.config import ConfigError, get_dotted, validate
 from d2v2.atomic import atomic_write, atomic_write_json
 from d2v2.engine.clock import CLOCKS
 from d2v2.engine.events import EventLogWarning, iter_events
-from d2v2.workflow.runs import PRETRAIN_FIELD
+from d2v2.workflow.runs import run_field
 
 __all__ = ["CollectError", "MetricsFile", "load_metrics", "collect_evals", "collect_runs", "ablated_fields",
            "collect_progress", "write_table", "main"]
@@ -245,10 +245,9 @@ def ablated_fields(params: Iterable[str]) -> list[str]:
 
 def _recorded_value(pretrain: PretrainState, name: str) -> Any:
     """An ablated field's value in the pretraining run's recorded configs: a method field in its method
-    config, a ``pretrain.<field>`` in its run config (d2v2.workflow.runs.PRETRAIN_FIELD); None if not recorded."""
-    if name.startswith(PRETRAIN_FIELD):
-        return get_dotted(pretrain.run_config, name[len(PRETRAIN_FIELD):])
-    return get_dotted(pretrain.method_config, name)
+    config, a ``pretrain.<field>`` in its run config (d2v2.workflow.runs.run_field); None if not recorded."""
+    path = run_field(name)
+    return get_dotted(pretrain.method_config, name) if path is None else get_dotted(pretrain.run_config, path)
 
 
 def _fill_default_params(evals: pd.DataFrame, pretrains: list[PretrainState]) -> None:

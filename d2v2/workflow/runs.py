@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from d2v2.config import MODALITIES, ConfigError, merge
 from d2v2.presets import MODEL_KEYS, load_preset
 
-__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "PRETRAIN_FIELD", "variants",
+__all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "run_field", "variants",
            "expand_runs", "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request",
            "schema_error", "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT",
            "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
@@ -167,13 +167,18 @@ PRETRAIN_FIELD = "pretrain."
 MATRIX_KEYS = ("method", "data", "budget", "checkpoint", "seed", "input_costs")
 
 
+def run_field(name: str) -> str | None:
+    """The run config path of an ablation field (``pretrain.optim.lr`` -> ``optim.lr``); None for a method field."""
+    return name[len(PRETRAIN_FIELD):] if name.startswith(PRETRAIN_FIELD) else None
+
+
 def variants(fields: Mapping[str, Any], mode: str = "one_at_a_time") -> list[tuple[str, dict[str, Any]]]:
     """``[(name, params)]``: the ``default`` variant, then the ablation variants of ``fields``."""
     for key, values in fields.items():
         if not isinstance(values, list) or not values:
             raise WorkflowConfigError(f"{key}: expected a non-empty list of values (got {values!r})")
-        if key.startswith(PRETRAIN_FIELD):
-            field_path = key[len(PRETRAIN_FIELD):]
+        field_path = run_field(key)
+        if field_path is not None:
             if not field_path or field_path.split(".")[0] in MATRIX_KEYS:
                 raise WorkflowConfigError(
                     f"{key}: not a field an ablation can vary: the run matrix sets {', '.join(MATRIX_KEYS)} "
@@ -207,8 +212,8 @@ def run_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
     pre = config["pretrain"]
     cfg = merge(merge(pre.get("common", {}), pre.get(run.modality, {})),
                 pre.get("per_method", {}).get(run.modality, {}).get(run.method, {}))
-    run_fields = {k[len(PRETRAIN_FIELD):]: v for k, v in run.params.items() if k.startswith(PRETRAIN_FIELD)}
-    method_fields = {k: v for k, v in run.params.items() if not k.startswith(PRETRAIN_FIELD)}
+    run_fields = {run_field(k): v for k, v in run.params.items() if run_field(k) is not None}
+    method_fields = {k: v for k, v in run.params.items() if run_field(k) is None}
     cfg = merge(cfg, _nest(run_fields))
     method_overrides = merge(cfg.pop("method", {}).get("overrides", {}), _nest(method_fields))
     budget = dict(config["budget"][run.modality])
