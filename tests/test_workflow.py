@@ -187,7 +187,7 @@ def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_run
     assert config["paths"] == long["paths"]
 
 
-def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budget():
+def test_cpu_image_lr_config_runs_every_image_method_at_a_range_of_lrs_at_tinys_budget():
     config, tiny = resolved(**config_files("cpu-image-lr.yaml")), resolved()
     assert wfc.validate_workflow(config)
     lrs = {}
@@ -195,8 +195,10 @@ def test_cpu_image_lr_config_runs_every_image_method_at_three_lrs_at_tinys_budge
         cfg = wfc.run_config(config, run)
         assert cfg["budget"] == tiny["budget"]["image"] and wfc.finetune_fractions(config, run) == [1.0]
         lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    grid = {(lr, seed) for lr in (1e-3, 2e-3, 4e-3) for seed in (0, 1, 2)}
-    assert lrs == {method: grid for method in ("data2vec2", "mae", "data2vec1")}
+    def grid(*values):
+        return {(lr, seed) for lr in values for seed in (0, 1, 2)}
+    data2vec = grid(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+    assert lrs == {"data2vec2": data2vec, "mae": grid(5e-4, 1e-3, 2e-3, 4e-3), "data2vec1": data2vec}
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
