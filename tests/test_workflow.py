@@ -234,6 +234,19 @@ def test_cpu_text_lr_config_runs_every_text_method_at_a_range_of_lrs_at_tinys_bu
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
+def test_cpu_speech_lr_config_runs_every_speech_method_at_a_range_of_lrs_at_tinys_budget():
+    config, tiny = resolved(**config_files("cpu-speech-lr.yaml")), resolved()
+    assert wfc.validate_workflow(config)
+    lrs = {}
+    for run in wfc.expand_runs(config):
+        cfg = wfc.run_config(config, run)
+        assert cfg["budget"] == tiny["budget"]["speech"] and wfc.finetune_fractions(config, run) == [1.0]
+        lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
+    grid = {(lr, seed) for lr in (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3) for seed in (0, 1, 2)}
+    assert lrs == {method: grid for method in tiny["methods"]["speech"]}
+    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+
+
 def test_tiny_gives_each_image_method_its_own_lr_and_the_measured_configs_keep_the_shared_one():
     """tiny: data2vec 2.0 and 1.0 at 8e-3, MAE at 1e-3 (TINY_SCALE.md, "Each image method at its own LR"); the
     configs whose results the docs give were measured at the shared 1e-3 and pin it, so they reproduce them."""
