@@ -228,8 +228,9 @@ def test_an_undetermined_claim_says_both_reached_the_target_at_their_first_point
 
 def test_ablation_figures_put_the_default_variant_on_its_axis(tmp_path, monkeypatch):
     """M = 4 (the default, as collect recorded it) stands between the variants' 1 and 8 as a star, and the
-    other field's variants (whose M is also 4) do not enter that point; the curves' legend is in numeric order.
-    Without a recorded value the default is a dashed line, as before."""
+    other field's variants (whose M is also 4) do not enter that point; each seed is a dot beside the median,
+    random init a dash-dotted line; the curves' legend is in numeric order. Without a recorded value the
+    default is a dashed line, as before."""
     import json
 
     from d2v2.analysis import figures
@@ -237,7 +238,8 @@ def test_ablation_figures_put_the_default_variant_on_its_axis(tmp_path, monkeypa
     def row(variant, params, values, seed=0):
         return {"modality": "image", "method": "data2vec2", "task": "fmnist", "variant": variant,
                 "params": json.dumps(params), "seed": seed, "budget_fraction": 1.0, "train_time_s": 60.0,
-                "value": values, "primary_metric": "test_accuracy", "device_name": "Fixture CPU",
+                "value": values, "primary_metric": "test_accuracy", "higher_is_better": True,
+                "device_name": "Fixture CPU",
                 "prov_device_count": 1, "param.num_masks": params.get("num_masks", 4),
                 "param.decoder.depth": params.get("decoder.depth", 3)}
     evals = pd.DataFrame([row("default", {}, 0.70), row("default", {}, 0.72, seed=1),
@@ -246,20 +248,29 @@ def test_ablation_figures_put_the_default_variant_on_its_axis(tmp_path, monkeypa
                           row("decoder.depth=1", {"decoder.depth": 1}, 0.10)])
     drawn, save = {}, figures.save
     monkeypatch.setattr(figures, "save", lambda fig, out, name: (drawn.update({name: fig}), save(fig, out, name))[1])
-    captions = dict((png.stem, caption) for png, caption in figures.plot_ablations(evals, tmp_path))
+    random_init = pd.DataFrame([{**row("random", {}, v, seed=s), "init": "random"} for s, v in ((0, 0.5), (1, 0.56))])
+    captions = dict((png.stem, caption)
+                    for png, caption in figures.plot_ablations(evals, tmp_path, random_init=random_init))
     ax = drawn["ablation_image_data2vec2_num_masks"].axes[0]
-    line, star = ax.get_lines()
+    line, dots, star, random = ax.get_lines()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "8", "16"]
     assert list(line.get_ydata()) == pytest.approx([0.60, 0.71, 0.65, 0.66])      # 4: the default's median only
+    assert sorted(dots.get_ydata()) == pytest.approx([0.60, 0.65, 0.66, 0.70, 0.72])       # both default seeds
     assert star.get_label() == "default variant (num_masks=4)" and list(star.get_ydata()) == pytest.approx([0.71])
-    assert "the star: the default variant" in captions["ablation_image_data2vec2_num_masks"]
-    legend = [t.get_text() for t in drawn["ablation_image_data2vec2_curves"].axes[0].get_legend().get_texts()]
+    assert random.get_linestyle() == "-." and list(random.get_ydata()) == pytest.approx([0.53, 0.53])
+    assert random.get_label() == "random init (2 seeds)"
+    caption = captions["ablation_image_data2vec2_num_masks"]
+    assert "the star: the default variant" in caption and "dash-dotted: fine-tuned from random" in caption
+    curves = drawn["ablation_image_data2vec2_curves"].axes[0]
+    legend = [t.get_text() for t in curves.get_legend().get_texts()]
     assert legend == ["default (decoder.depth=3, num_masks=4) (2 seeds)", "decoder.depth=1 (1 seed)",
-                      "num_masks=1 (1 seed)", "num_masks=8 (1 seed)", "num_masks=16 (1 seed)"]
+                      "num_masks=1 (1 seed)", "num_masks=8 (1 seed)", "num_masks=16 (1 seed)",
+                      "random init (2 seeds)"]
 
     unknown = evals.copy()
     unknown.loc[unknown["variant"] == "default", ["param.num_masks", "param.decoder.depth"]] = float("nan")
     captions = dict((png.stem, caption) for png, caption in figures.plot_ablations(unknown, tmp_path))
     ax = drawn["ablation_image_data2vec2_num_masks"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8", "16"]
-    assert "dashed: the default variant" in captions["ablation_image_data2vec2_num_masks"]
+    caption = captions["ablation_image_data2vec2_num_masks"]
+    assert "dashed: the default variant" in caption and "random" not in caption

@@ -92,6 +92,22 @@ def _draw_curve(ax, runs: pd.DataFrame, clock: str, label: str, color) -> None:
         ax.fill_between(s["time"], s["ci_low"], s["ci_high"], color=color, alpha=0.2, linewidth=0)
 
 
+def _better(df: pd.DataFrame) -> str:
+    return "higher" if df["higher_is_better"].iloc[0] else "lower"
+
+
+def _random_init_line(ax, random_init: pd.DataFrame | None, modality: str, task: str) -> bool:
+    """Fine-tuning from random initialisation, the median over its seeds, as a dash-dotted line; whether there
+    was one to draw."""
+    if random_init is None:
+        return False
+    rand = random_init[(random_init.modality == modality) & (random_init.task == task)]
+    if rand.empty:
+        return False
+    ax.axhline(rand["value"].median(), ls="-.", color="black", lw=1, label=f"random init ({_seeds(rand)})")
+    return True
+
+
 def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s",
                 target_table: pd.DataFrame | None = None, random_init: pd.DataFrame | None = None,
                 protocol: str = "anytime") -> list[Figure]:
@@ -109,15 +125,10 @@ def plot_curves(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_ti
         if target_table is not None:
             for t in target_table[(target_table.modality == modality) & (target_table.task == task)].itertuples():
                 ax.axhline(t.target, ls=":", color=_color(t.baseline), lw=1)
-        if random_init is not None:
-            rand = random_init[(random_init.modality == modality) & (random_init.task == task)]
-            if not rand.empty:
-                ax.axhline(rand["value"].median(), ls="-.", color="black", lw=1,
-                           label=f"random init ({_seeds(rand)})")
+        _random_init_line(ax, random_init, modality, task)
         metric = df["primary_metric"].iloc[0]
-        better = "higher" if df["higher_is_better"].iloc[0] else "lower"
         ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
-               ylabel=f"{metric} ({better} is better)", title=f"{modality} / {task} ({protocol})")
+               ylabel=f"{metric} ({_better(df)} is better)", title=f"{modality} / {task} ({protocol})")
         _legend_outside(ax)
         seeds = df.groupby("method")["seed"].nunique()
         caption = (f"{modality} / {task}: fine-tuned {metric} vs pretraining time on the {clock} clock "
@@ -238,10 +249,12 @@ def _variant_order(df: pd.DataFrame) -> list[str]:
                                                [(k, _param_key(x)) for k, x in sorted(params[v].items())]))
 
 
-def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s") -> list[Figure]:
-    """Ablations found in the table (variants = identity.params): metric vs each parameter and vs time. The
-    default variant stands on a parameter's axis where its value was recorded (collect's ``param.<name>``),
-    else as a dashed line."""
+def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train_time_s",
+                   random_init: pd.DataFrame | None = None) -> list[Figure]:
+    """Ablations found in the table (variants = identity.params): metric vs each parameter (the median over
+    seeds, each seed as a small dot) and vs time. The default variant stands on a parameter's axis where its
+    value was recorded (collect's ``param.<name>``), else as a dashed line; fine-tuning from random
+    initialisation (if given) is a dash-dotted line in both, the bar a pretraining variant has to clear."""
     sns.set_theme(style="whitegrid")
     figures = []
     for (modality, method, task), df in evals.groupby(["modality", "method", "task"], sort=True):
@@ -256,11 +269,15 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             rows = _slice(df, param, [p for p in params if p != param], default)
             if rows.empty:
                 continue
-            summary = (rows.groupby(col).apply(lambda g: _final(g).median(), include_groups=False)
-                       .rename("value").reset_index().sort_values(col, key=lambda v: v.map(_param_key)))
+            # per value and seed, the point at the largest budget fraction (_final's)
+            finals = rows.loc[rows.groupby([col, "seed"])["budget_fraction"].idxmax(), [col, "value"]]
+            summary = (finals.groupby(col)["value"].median().reset_index()
+                       .sort_values(col, key=lambda v: v.map(_param_key)))
             labels = [_fmt_param(v) for v in summary[col]]
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
-            ax.plot(labels, summary["value"], marker="o")
+            median, = ax.plot(labels, summary["value"], marker="o")
+            ax.plot(finals[col].map(_fmt_param), finals["value"], ls="none", marker=".", ms=5, alpha=0.5,
+                    color=median.get_color(), label="one seed")
             value = _recorded(default, param)
             if value is not None and value in set(summary[col]):
                 ax.plot([_fmt_param(value)], [_final(default).median()], marker="*", ms=14, ls="none",
@@ -269,13 +286,14 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             elif not default.empty:
                 ax.axhline(_final(default).median(), ls="--", color="grey", label="default variant")
                 where = "dashed"
-            if not default.empty:
-                _legend_outside(ax)
-            ax.set(xlabel=param, ylabel=f"{metric} at the full budget",
+            random = _random_init_line(ax, random_init, modality, task)
+            _legend_outside(ax)
+            ax.set(xlabel=param, ylabel=f"{metric} at the full budget ({_better(df)} is better)",
                    title=f"{modality} / {_name(method)}: {param}")
             caption = (f"{modality} / {_name(method)} ablation of {param}: fine-tuned {metric} at the final "
-                       f"checkpoint (median over seeds) vs {param}"
+                       f"checkpoint (median over seeds, dots: each seed) vs {param}"
                        + (f"; {where}: the default variant" if not default.empty else "")
+                       + ("; dash-dotted: fine-tuned from random initialisation" if random else "")
                        + f"; device {_hardware(df)}.")
             safe = param.replace(".", "_")
             figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_{safe}"), caption))
@@ -288,11 +306,14 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
                 known = [f"{p}={_fmt_param(v)}" for p in params if (v := _recorded(runs, p)) is not None]
                 label = f"{variant} ({', '.join(known)})" if known else variant
             _draw_curve(ax, runs, clock, f"{label} ({_seeds(runs)})", color)
-        ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')", ylabel=metric,
-               title=f"{modality} / {_name(method)}: variants")
+        random = _random_init_line(ax, random_init, modality, task)
+        ax.set(xlabel=f"pretraining time ({CLOCKS[clock]}, clock '{clock}')",
+               ylabel=f"{metric} ({_better(df)} is better)", title=f"{modality} / {_name(method)}: variants")
         _legend_outside(ax)
         caption = (f"{modality} / {_name(method)}: fine-tuned {metric} vs pretraining time ({clock}) per "
-                   f"variant; median over seeds with 95% bootstrap band; device {_hardware(df)}.")
+                   f"variant; median over seeds with 95% bootstrap band"
+                   + ("; dash-dotted: fine-tuned from random initialisation" if random else "")
+                   + f"; device {_hardware(df)}.")
         figures.append((save(fig, out_dir, f"ablation_{modality}_{method}_curves"), caption))
     return figures
 

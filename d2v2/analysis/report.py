@@ -435,7 +435,7 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
         "curves": [f for p, pts in ((p, _points(evals, p)) for p in PROTOCOLS) if not pts.empty
                    for f in figures.plot_curves(pts, fig_dir, clock, target_table, random_init, protocol=p)],
         "speedups": figures.plot_speedups(headline(speedups, evals, clock), implied, claims, fig_dir, clock),
-        "ablations": figures.plot_ablations(anytime, fig_dir, clock),
+        "ablations": figures.plot_ablations(anytime, fig_dir, clock, random_init),
         "paper": figures.plot_paper_efficiency(points, fig_dir),
         "training": figures.plot_training(progress, fig_dir, clock),
     }
