@@ -221,29 +221,18 @@ def test_cpu_image_lr_config_runs_every_image_method_at_a_range_of_lrs_at_tinys_
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
-def test_cpu_text_lr_config_runs_every_text_method_at_a_range_of_lrs_at_tinys_budget():
-    config, tiny = resolved(**config_files("cpu-text-lr.yaml")), resolved()
+@pytest.mark.parametrize("modality, lrs", [("text", (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)),
+                                           ("speech", (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3))])
+def test_cpu_text_and_speech_lr_configs_run_every_method_at_a_range_of_lrs_at_tinys_budget(modality, lrs):
+    config, tiny = resolved(**config_files(f"cpu-{modality}-lr.yaml")), resolved()
     assert wfc.validate_workflow(config)
-    lrs = {}
+    found = {}
     for run in wfc.expand_runs(config):
         cfg = wfc.run_config(config, run)
-        assert cfg["budget"] == tiny["budget"]["text"] and wfc.finetune_fractions(config, run) == [1.0]
-        lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    grid = {(lr, seed) for lr in (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3) for seed in (0, 1, 2)}
-    assert lrs == {method: grid for method in tiny["methods"]["text"]}
-    assert not set(config["paths"].values()) & set(tiny["paths"].values())
-
-
-def test_cpu_speech_lr_config_runs_every_speech_method_at_a_range_of_lrs_at_tinys_budget():
-    config, tiny = resolved(**config_files("cpu-speech-lr.yaml")), resolved()
-    assert wfc.validate_workflow(config)
-    lrs = {}
-    for run in wfc.expand_runs(config):
-        cfg = wfc.run_config(config, run)
-        assert cfg["budget"] == tiny["budget"]["speech"] and wfc.finetune_fractions(config, run) == [1.0]
-        lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    grid = {(lr, seed) for lr in (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3) for seed in (0, 1, 2)}
-    assert lrs == {method: grid for method in tiny["methods"]["speech"]}
+        assert cfg["budget"] == tiny["budget"][modality] and wfc.finetune_fractions(config, run) == [1.0]
+        found.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
+    grid = {(lr, seed) for lr in lrs for seed in (0, 1, 2)}
+    assert found == {method: grid for method in tiny["methods"][modality]}
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
