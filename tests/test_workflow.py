@@ -206,24 +206,15 @@ def test_the_long_lr_overlay_adds_only_data2vec2_runs_at_4e3_beside_the_long_run
     assert config["paths"] == long["paths"]
 
 
-def test_cpu_image_lr_config_runs_every_image_method_at_a_range_of_lrs_at_tinys_budget():
-    config, tiny = resolved(**config_files("cpu-image-lr.yaml")), resolved()
-    assert wfc.validate_workflow(config)
-    lrs = {}
-    for run in wfc.expand_runs(config):
-        cfg = wfc.run_config(config, run)
-        assert cfg["budget"] == tiny["budget"]["image"] and wfc.finetune_fractions(config, run) == [1.0]
-        lrs.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    def grid(*values):
-        return {(lr, seed) for lr in values for seed in (0, 1, 2)}
-    data2vec = grid(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
-    assert lrs == {"data2vec2": data2vec, "mae": grid(5e-4, 1e-3, 2e-3, 4e-3), "data2vec1": data2vec}
-    assert not set(config["paths"].values()) & set(tiny["paths"].values())
+DATA2VEC_IMAGE_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+TEXT_LRS, SPEECH_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)
 
 
-@pytest.mark.parametrize("modality, lrs", [("text", (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)),
-                                           ("speech", (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3))])
-def test_cpu_text_and_speech_lr_configs_run_every_method_at_a_range_of_lrs_at_tinys_budget(modality, lrs):
+@pytest.mark.parametrize("modality, lrs", [
+    ("image", {"data2vec2": DATA2VEC_IMAGE_LRS, "mae": (5e-4, 1e-3, 2e-3, 4e-3), "data2vec1": DATA2VEC_IMAGE_LRS}),
+    ("text", {"data2vec2": TEXT_LRS, "data2vec1": TEXT_LRS, "mlm": TEXT_LRS}),
+    ("speech", {"data2vec2": SPEECH_LRS, "data2vec1": SPEECH_LRS})])
+def test_cpu_lr_configs_run_every_method_of_a_modality_at_a_range_of_lrs_at_tinys_budget(modality, lrs):
     config, tiny = resolved(**config_files(f"cpu-{modality}-lr.yaml")), resolved()
     assert wfc.validate_workflow(config)
     found = {}
@@ -231,8 +222,8 @@ def test_cpu_text_and_speech_lr_configs_run_every_method_at_a_range_of_lrs_at_ti
         cfg = wfc.run_config(config, run)
         assert cfg["budget"] == tiny["budget"][modality] and wfc.finetune_fractions(config, run) == [1.0]
         found.setdefault(run.method, set()).add((cfg["optim"]["lr"], run.seed))
-    grid = {(lr, seed) for lr in lrs for seed in (0, 1, 2)}
-    assert found == {method: grid for method in tiny["methods"][modality]}
+    assert set(lrs) == set(tiny["methods"][modality])
+    assert found == {method: {(lr, seed) for lr in values for seed in (0, 1, 2)} for method, values in lrs.items()}
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 

@@ -215,7 +215,7 @@ def _fmt_param(v) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
-def _final(runs: pd.DataFrame, by: list[str] = ()) -> pd.Series:
+def _final(runs: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.Series:
     """Per seed (and value of the ``by`` columns), the value at the largest budget fraction."""
     return runs.loc[runs.groupby([*by, "seed"])["budget_fraction"].idxmax(), "value"]
 
@@ -269,7 +269,7 @@ def plot_ablations(evals: pd.DataFrame, out_dir: str | Path, clock: str = "train
             rows = _slice(df, param, [p for p in params if p != param], default)
             if rows.empty:
                 continue
-            finals = rows.loc[_final(rows, by=[col]).index, [col, "value"]]
+            finals = rows.loc[_final(rows, by=(col,)).index, [col, "value"]]
             summary = (finals.groupby(col)["value"].median().reset_index()
                        .sort_values(col, key=lambda v: v.map(_param_key)))
             labels = [_fmt_param(v) for v in summary[col]]
