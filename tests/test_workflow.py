@@ -141,19 +141,22 @@ def test_cpu_30min_config_is_the_tiny_dag_with_longer_budgets_in_its_own_folders
     assert not set(config["paths"].values()) & set(tiny["paths"].values())     # the tiny results are kept
 
 
-def test_cpu_image_sweep_config_is_a_budget_sweep_of_every_tiny_image_method_with_fitted_anneals():
-    extra = config_files("cpu-image-sweep.yaml")
-    config, tiny = resolved(**extra), resolved()
+@pytest.mark.parametrize("modality, seeds, budgets, anneal", [
+    ("image", (0, 1), [60, 120, 240, 480], {"data2vec2": 0.8, "data2vec1": 0.8, "mae": None}),
+    ("speech", (0, 1, 2), [60, 240, 960], {"data2vec2": 0.1875, "data2vec1": 0.075})])
+def test_cpu_sweep_configs_are_budget_sweeps_of_every_tiny_method_of_a_modality_with_fitted_anneals(
+        modality, seeds, budgets, anneal):
+    config, tiny = resolved(**config_files(f"cpu-{modality}-sweep.yaml")), resolved()
     assert wfc.validate_workflow(config)
     runs = wfc.expand_runs(config)
-    assert {r.method for r in runs} == set(tiny["methods"]["image"]) and {r.modality for r in runs} == {"image"}
-    assert len(runs) == len(tiny["methods"]["image"]) * 2 * 4          # methods x seeds x budgets
+    assert set(anneal) == set(tiny["methods"][modality]) and {r.modality for r in runs} == {modality}
+    assert sorted((r.method, r.seed, r.budget_scale * budgets[-1]) for r in runs) == sorted(
+        (method, seed, budget) for method in anneal for seed in seeds for budget in budgets)
     for run in runs:
         cfg = wfc.run_config(config, run)
-        assert cfg["budget"] == {"kind": "cpu_seconds", "value": 480 * run.budget_scale}
-        fraction = cfg["method"]["overrides"].get("ema_anneal_end_fraction")
-        assert fraction == (None if run.method == "mae" else 0.8)       # every teacher's anneal fits its budget
-    assert sorted({r.budget_scale * 480 for r in runs}) == [60, 120, 240, 480]
+        assert cfg["budget"] == {"kind": "cpu_seconds", "value": budgets[-1] * run.budget_scale}
+        # every teacher's anneal fits its budget
+        assert cfg["method"]["overrides"].get("ema_anneal_end_fraction") == anneal[run.method]
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
