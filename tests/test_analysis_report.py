@@ -66,6 +66,27 @@ def test_numbers_come_from_the_tables(rendered):
     assert "data2vec2" not in reference and "fmnist" in reference
 
 
+def test_the_summary_says_in_words_whether_pretraining_beat_random_init(rendered):
+    """Fixture: image data2vec 2.0 0.80 and MAE 0.72 (medians of 3 seeds) against random init 0.555 (2 seeds);
+    speech has no random-init fine-tune, so no line."""
+    summary = (rendered / "report.md").read_text().split("## Summary", 1)[1].split("\n## ", 1)[0]
+    lines = summary.split("Did pretraining pay at all?", 1)[1].split("\n\n")[1].splitlines()
+    assert lines == ["- image (fmnist, accuracy, higher is better; random init 0.555): pretraining paid for every "
+                     "method (data2vec 2.0 0.8, MAE 0.72); medians of 3 / 3 seed(s), random init 2."]
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ((0.6, 0.8), "pretraining paid for no method (data2vec 2.0 0.6, MAE 0.8), so a speedup between them is no test"),
+    ((0.4, 0.7), "pretraining paid for data2vec 2.0 0.4, not for MAE 0.7;"),
+    ((0.5, 0.6), "pretraining paid for no method (data2vec 2.0 0.5, MAE 0.6)")])      # a tie is not a gain
+def test_random_init_sentence_sorts_best_first_and_respects_lower_is_better(values, verdict):
+    quality = pd.DataFrame({"method": ["mae", "data2vec2"], "median": values[::-1], "seeds": [2, 3]})
+    reference = pd.DataFrame([{"modality": "speech", "task": "ctc", "metric": "test_cer", "median": 0.5, "seeds": 1}])
+    line = report.random_init_sentence(quality, reference, higher_is_better=False)
+    assert line.startswith("speech (ctc, cer, lower is better; random init 0.5): ") and verdict in line
+    assert line.endswith("medians of 3 / 2 seed(s), random init 1.")
+
+
 def test_report_errors_name_the_problem(tmp_path, capsys):
     assert report.main(["--tables", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "evals.parquet: not found" in capsys.readouterr().err

@@ -263,6 +263,23 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
             f"neither time is bounded on both sides ({where}).")
 
 
+def random_init_sentence(quality: pd.DataFrame, reference: pd.DataFrame, higher_is_better: bool) -> str:
+    """One line in plain words for one (modality, task): which methods' full-budget runs (default variants, rows of
+    :func:`final_quality`) fine-tuned better than from random initialisation (``reference``, its one row), which
+    did not; a speedup between methods that all stay at or below random init says nothing about the claim."""
+    ref = reference.iloc[0]
+    rows = quality.sort_values("median", ascending=not higher_is_better)
+    beat = (rows["median"] > ref["median"]) if higher_is_better else (rows["median"] < ref["median"])
+    words = lambda rs: ", ".join(f"{_name(r.method)} {r.median:.3g}" for r in rs.itertuples())
+    paid, missed = rows[beat], rows[~beat]
+    verdict = (f"pretraining paid for every method ({words(paid)})" if missed.empty else
+               f"pretraining paid for no method ({words(missed)}), so a speedup between them is no test of the "
+               "claim here" if paid.empty else f"pretraining paid for {words(paid)}, not for {words(missed)}")
+    return (f"{ref['modality']} ({ref['task']}, {ref['metric'].removeprefix('test_')}, "
+            f"{'higher' if higher_is_better else 'lower'} is better; random init {ref['median']:.3g}): {verdict}; "
+            f"medians of {' / '.join(map(str, rows['seeds']))} seed(s), random init {ref['seeds']}.")
+
+
 def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFrame, evals: pd.DataFrame,
               clock: str) -> pd.DataFrame:
     """Each paper claim (and each comparison the paper's figure implies) beside what this run measured
@@ -295,13 +312,23 @@ def scorecard(speedups: pd.DataFrame, implied: pd.DataFrame, claims: pd.DataFram
     return pd.DataFrame(rows)
 
 
-def _summary(evals: pd.DataFrame, runs: pd.DataFrame, speedups: pd.DataFrame, clock: str) -> list[Block]:
+def _summary(evals: pd.DataFrame, runs: pd.DataFrame, speedups: pd.DataFrame, clock: str, quality: pd.DataFrame,
+             random_init: pd.DataFrame) -> list[Block]:
     lines = [claim_sentence(r, evals, clock) for r in headline(speedups, evals, clock).itertuples()]
     blocks: list[Block] = [
         Heading("Summary"),
         Para(f"The claims, one line each (time for data2vec 2.0 to reach each baseline's final quality, on the "
              f"{clock} clock: {CLOCKS[clock]}; protocols: " + "; ".join(PROTOCOLS.values()) + "):"),
         Bullets(lines or ["no baseline with a data2vec 2.0 comparison in the tables"])]
+    reference = final_quality(random_init) if not random_init.empty else pd.DataFrame(columns=["modality", "task"])
+    better = evals.groupby(["modality", "task"])["higher_is_better"].first()
+    paid = [random_init_sentence(g, ref, bool(better[m, t]))
+            for (m, t), g in quality[quality["variant"] == "default"].groupby(["modality", "task"])
+            if not (ref := reference[(reference.modality == m) & (reference.task == t)]).empty]
+    if paid:
+        blocks += [Para("Did pretraining pay at all? Each method's full-budget run (final checkpoint, default "
+                        "variant) against fine-tuning from random initialisation, which every method should beat:"),
+                   Bullets(paid)]
     items = []
     for modality, g in evals.groupby("modality"):
         methods = ", ".join(f"{_name(m)} ({', '.join(sorted(v['variant'].unique()))})"
@@ -451,7 +478,7 @@ def build_report(tables: str | Path, out: str | Path, config: str | Path | None 
              "(data2vec 2.0), arXiv:2212.07525. The question: does data2vec 2.0 reach its baselines' fine-tuned "
              "quality in less pretraining time, and by how much (the paper claims " + ", ".join(
                  f"{c.speedup:g}x vs {c.baseline_name}" for c in claims.itertuples()) + ")?"),
-        *_summary(evals, runs, speedups, clock),
+        *_summary(evals, runs, speedups, clock, quality, random_init),
         Heading("Scorecard: the paper's claims beside this run"),
         Para("'paper figure implies' applies this report's time-to-target rule to the paper's efficiency-figure "
              "points; 'measured here' is the speedup of data2vec 2.0 (default variant) with its 95% bootstrap CI."),
