@@ -81,7 +81,7 @@ def test_the_summary_says_in_words_whether_pretraining_beat_random_init(rendered
     ((0.5, 0.6), "pretraining paid for no method (data2vec 2.0 0.5, MAE 0.6)")])      # a tie is not a gain
 def test_random_init_sentence_sorts_best_first_and_respects_lower_is_better(values, verdict):
     quality = pd.DataFrame({"method": ["mae", "data2vec2"], "median": values[::-1], "seeds": [2, 3]})
-    reference = pd.DataFrame([{"modality": "speech", "task": "ctc", "metric": "test_cer", "median": 0.5, "seeds": 1}])
+    reference = pd.Series({"modality": "speech", "task": "ctc", "metric": "test_cer", "median": 0.5, "seeds": 1})
     line = report.random_init_sentence(quality, reference, higher_is_better=False)
     assert line.startswith("speech (ctc, cer, lower is better; random init 0.5): ") and verdict in line
     assert line.endswith("medians of 3 / 2 seed(s), random init 1.")

@@ -263,11 +263,11 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
             f"neither time is bounded on both sides ({where}).")
 
 
-def random_init_sentence(quality: pd.DataFrame, reference: pd.DataFrame, higher_is_better: bool) -> str:
+def random_init_sentence(quality: pd.DataFrame, ref: pd.Series, higher_is_better: bool) -> str:
     """One line in plain words for one (modality, task): which methods' full-budget runs (default variants, rows of
-    :func:`final_quality`) fine-tuned better than from random initialisation (``reference``, its one row), which
-    did not; a speedup between methods that all stay at or below random init says nothing about the claim."""
-    ref = reference.iloc[0]
+    :func:`final_quality`) fine-tuned better than from random initialisation (``ref``, its row of
+    :func:`final_quality`), which did not; a speedup between methods that all stay at or below random init says
+    nothing about the claim."""
     rows = quality.sort_values("median", ascending=not higher_is_better)
     beat = (rows["median"] > ref["median"]) if higher_is_better else (rows["median"] < ref["median"])
     words = lambda rs: ", ".join(f"{_name(r.method)} {r.median:.3g}" for r in rs.itertuples())
@@ -320,11 +320,13 @@ def _summary(evals: pd.DataFrame, runs: pd.DataFrame, speedups: pd.DataFrame, cl
         Para(f"The claims, one line each (time for data2vec 2.0 to reach each baseline's final quality, on the "
              f"{clock} clock: {CLOCKS[clock]}; protocols: " + "; ".join(PROTOCOLS.values()) + "):"),
         Bullets(lines or ["no baseline with a data2vec 2.0 comparison in the tables"])]
-    reference = final_quality(random_init) if not random_init.empty else pd.DataFrame(columns=["modality", "task"])
-    better = evals.groupby(["modality", "task"])["higher_is_better"].first()
-    paid = [random_init_sentence(g, ref, bool(better[m, t]))
-            for (m, t), g in quality[quality["variant"] == "default"].groupby(["modality", "task"])
-            if not (ref := reference[(reference.modality == m) & (reference.task == t)]).empty]
+    paid = []
+    if not random_init.empty:
+        reference = final_quality(random_init).set_index(["modality", "task"], drop=False)
+        better = evals.groupby(["modality", "task"])["higher_is_better"].first()
+        paid = [random_init_sentence(g, reference.loc[key], bool(better[key]))
+                for key, g in quality[quality["variant"] == "default"].groupby(["modality", "task"])
+                if key in reference.index]
     if paid:
         blocks += [Para("Did pretraining pay at all? Each method's full-budget run (final checkpoint, default "
                         "variant) against fine-tuning from random initialisation, which every method should beat:"),
