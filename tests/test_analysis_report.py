@@ -247,6 +247,30 @@ def test_an_undetermined_claim_says_both_reached_the_target_at_their_first_point
     assert "undetermined: RoBERTa (MLM) reached, data2vec 2.0 reached at first checkpoint" in other
 
 
+def test_a_faster_median_is_shown_only_where_its_interval_lies_above_1x():
+    """The summary says 'shown' for an exact speedup only where the bootstrap CI over seeds excludes 1x; a CI that
+    reaches 1x (three seeds, one of which never gets there) or no CI (one seed per method) is 'not established'."""
+    from types import SimpleNamespace
+
+    from d2v2.analysis.speedup import REACHED
+
+    evals = pd.DataFrame({"modality": ["speech"] * 2, "budget_scale": [0.25, 1.0], "preset": ["tiny"] * 2})
+    row = SimpleNamespace(modality="speech", baseline="data2vec1", primary_metric="test_cer", target=0.671,
+                          protocol="sweep", relation="=", d2v2_seeds=3, baseline_seeds=3, d2v2_status=REACHED,
+                          baseline_status=REACHED, d2v2_time_high=816.3, baseline_time_high=960.0, d2v2_budget=960.0,
+                          speedup=1.18, ci_low=0.0, ci_high=1.66, speedup_text="1.18x [0.00, 1.66]")
+    line = lambda **kw: report.claim_sentence(SimpleNamespace(**{**vars(row), **kw}), evals, "train_cpu_s")
+    assert line().startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians, but the 95% CI "
+                             "over seeds reaches 1x: data2vec 2.0 reached data2vec 1.0's final cer (0.671) in 816.3 CPU-s")
+    assert line(ci_low=1.0).startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians")
+    assert line(ci_low=1.05).startswith("speech vs data2vec 1.0: shown: 1.18x faster: data2vec 2.0 reached")
+    nan = float("nan")
+    assert line(ci_low=nan, ci_high=nan, d2v2_seeds=1, baseline_seeds=1).startswith(
+        "speech vs data2vec 1.0: not established: 1.18x faster, but with one seed per method there is no interval")
+    assert line(speedup=0.8, ci_low=0.5, ci_high=0.9).startswith("speech vs data2vec 1.0: not shown: data2vec 2.0 "
+                                                                 "was 1.25x slower")
+
+
 def test_ablation_figures_put_the_default_variant_on_its_axis(tmp_path, monkeypatch):
     """M = 4 (the default, as collect recorded it) stands between the variants' 1 and 8 as a star, and the
     other field's variants (whose M is also 4) do not enter that point; each seed is a dot beside the median,

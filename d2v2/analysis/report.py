@@ -243,9 +243,7 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
         return (f"{r.modality} vs {b}: not shown at this scale: data2vec 2.0 did not reach {target} within "
                 f"{_hours(r.d2v2_budget, clock)} ({where}).")
     if r.relation == "=":
-        verdict = (f"shown: {r.speedup:.2f}x faster" if r.speedup > 1 else
-                   f"not shown: data2vec 2.0 was {1 / r.speedup:.2f}x slower" if r.speedup < 1 else "equal time")
-        return (f"{r.modality} vs {b}: {verdict}: data2vec 2.0 reached {target} in "
+        return (f"{r.modality} vs {b}: {_verdict(r)}: data2vec 2.0 reached {target} in "
                 f"{_hours(r.d2v2_time_high, clock)}, {b} in {_hours(r.baseline_time_high, clock)} ({where}; "
                 f"data2vec 2.0 vs {b}: {r.speedup_text}).")
     if r.relation == ">=":
@@ -261,6 +259,20 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
                 f"{_hours(r.baseline_time_high, clock)}), so these points cannot tell which got there first ({where}).")
     return (f"{r.modality} vs {b}: undetermined: {b} {r.baseline_status}, data2vec 2.0 {r.d2v2_status}, so "
             f"neither time is bounded on both sides ({where}).")
+
+
+def _verdict(r) -> str:
+    """Whether an exact speedup shows the claim: only where its 95% bootstrap CI over seeds lies above 1x; a faster
+    median whose interval reaches 1x, or that has no interval (one seed per method), is not established."""
+    if r.speedup < 1:
+        return f"not shown: data2vec 2.0 was {1 / r.speedup:.2f}x slower"
+    if r.speedup == 1:
+        return "equal time"
+    if math.isnan(r.ci_low):
+        return f"not established: {r.speedup:.2f}x faster, but with one seed per method there is no interval"
+    if r.ci_low <= 1:
+        return f"not established: {r.speedup:.2f}x faster in the medians, but the 95% CI over seeds reaches 1x"
+    return f"shown: {r.speedup:.2f}x faster"
 
 
 def random_init_sentence(quality: pd.DataFrame, ref: pd.Series, higher_is_better: bool) -> str:
