@@ -167,6 +167,19 @@ def test_cpu_sweep_configs_are_budget_sweeps_of_every_tiny_method_of_a_modality_
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 
+def test_a_fine_tune_names_the_exact_fraction_its_file_name_rounds():
+    """File names keep 3 decimals (the speech sweep's anytime checkpoint at 0.0625 is ``f0.062``); the fine-tune's
+    identity, which the engine checks against the checkpoint's own fraction, carries the exact 0.0625."""
+    config = resolved(**config_files("cpu-speech-sweep.yaml"))
+    full = next(r for r in wfc.expand_runs(config) if r.budget_scale == 1)
+    assert wfc.fraction_tag(0.0625) == "0.062"
+    for fraction in (0.0625, 0.25, 1.0):
+        exact = wfc.finetuned_fraction(config, full, wfc.fraction_tag(fraction))
+        assert exact == fraction and wfc.finetune_request(config, full, exact)["identity"]["budget_fraction"] == fraction
+    with pytest.raises(wfc.WorkflowConfigError, match=f"{full.key}: no single fine-tuned fraction is written f0.500"):
+        wfc.finetuned_fraction(config, full, "0.500")
+
+
 def test_cpu_image_sweep_own_lr_overlay_is_the_sweep_at_tinys_own_lrs_in_its_own_folders():
     sweep, tiny = resolved(**config_files("cpu-image-sweep.yaml")), resolved()
     config = resolved(**config_files("cpu-image-sweep.yaml", "cpu-image-sweep-own-lr.yaml"))
@@ -547,6 +560,8 @@ BAD_CONFIGS = [
     (["budget_sweep={image: [0.5, 0.25]}"], "budget_sweep.image: [0.5, 0.25] is not sorted"),
     (["budget_sweep={text: [0.25, 0.25]}"], "budget_sweep.text: repeated values"),
     (["budget_sweep={speech: [-0.5, 1]}"], "budget_sweep.speech: [-0.5] not in (0, 1]"),
+    (["checkpoint_fractions=[0.1251, 0.1254, 1.0]"],
+     "checkpoint_fractions: [0.1251, 0.1254, 1.0] has fractions equal to 3 decimals"),
 ]
 
 

@@ -11,8 +11,8 @@ import yaml
 
 from d2v2.config import MODALITIES, RENAMED_MODALITIES, ConfigError, renamed_modality
 from d2v2.workflow.runs import (HUBERT, Run, WorkflowConfigError, active_data, budget_sweep, expand_runs,
-                                finetune_request, hubert_iteration1_config, label_chains, random_init_request,
-                                run_config, schema_error)
+                                finetune_request, fraction_tag, hubert_iteration1_config, label_chains,
+                                random_init_request, run_config, schema_error)
 
 __all__ = ["check_schema", "validate_workflow"]
 
@@ -154,6 +154,10 @@ def validate_workflow(config: Mapping[str, Any]) -> list[Run]:
                 raise WorkflowConfigError(str(err)) from None
     for modality in config.get("budget_sweep", {}):
         budget_sweep(config, modality)
+    tags = [fraction_tag(f) for f in config["checkpoint_fractions"]]
+    if len(set(tags)) != len(tags):             # checkpoint and metrics file names keep 3 decimals
+        raise WorkflowConfigError(f"checkpoint_fractions: {list(config['checkpoint_fractions'])} has fractions "
+                                  "equal to 3 decimals (they would share a checkpoint file)")
     for modality, fractions in config.get("finetune_fractions", {}).items():
         extra = sorted(set(fractions) - set(config["checkpoint_fractions"]))
         if extra:
