@@ -248,27 +248,37 @@ def test_an_undetermined_claim_says_both_reached_the_target_at_their_first_point
 
 
 def test_a_faster_median_is_shown_only_where_its_interval_lies_above_1x():
-    """The summary says 'shown' for an exact speedup only where the bootstrap CI over seeds excludes 1x; a CI that
-    reaches 1x (three seeds, one of which never gets there) or no CI (one seed per method) is 'not established'."""
+    """The summary says 'shown' for a speedup bounded on both sides only where the bootstrap CI over seeds excludes
+    1x; a CI that reaches 1x (three seeds, one of which never gets there) or no CI (one seed per method) is 'not
+    established'. A median time that censoring leaves between two seeds' times reads as that interval."""
     from types import SimpleNamespace
 
-    from d2v2.analysis.speedup import REACHED
+    from d2v2.analysis.speedup import BETWEEN, REACHED
 
     evals = pd.DataFrame({"modality": ["speech"] * 2, "budget_scale": [0.25, 1.0], "preset": ["tiny"] * 2})
     row = SimpleNamespace(modality="speech", baseline="data2vec1", primary_metric="test_cer", target=0.671,
                           protocol="sweep", relation="=", d2v2_seeds=3, baseline_seeds=3, d2v2_status=REACHED,
                           baseline_status=REACHED, d2v2_time_high=816.3, baseline_time_high=960.0, d2v2_budget=960.0,
-                          speedup=1.18, ci_low=0.0, ci_high=1.66, speedup_text="1.18x [0.00, 1.66]")
+                          speedup=1.18, speedup_low=1.18, speedup_high=1.18, ci_low=0.0, ci_high=1.66,
+                          baseline_time_low=960.0, d2v2_time_low=816.3, speedup_text="1.18x [0.00, 1.66]")
     line = lambda **kw: report.claim_sentence(SimpleNamespace(**{**vars(row), **kw}), evals, "train_cpu_s")
     assert line().startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians, but the 95% CI "
-                             "over seeds reaches 1x: data2vec 2.0 reached data2vec 1.0's final cer (0.671) in 816.3 CPU-s")
+                             "over seeds reaches 1x: data2vec 2.0 reached data2vec 1.0's final cer (0.671) in 816.3 CPU-s, "
+                             "data2vec 1.0 in 960 CPU-s (budget sweep")
     assert line(ci_low=1.0).startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians")
     assert line(ci_low=1.05).startswith("speech vs data2vec 1.0: shown: 1.18x faster: data2vec 2.0 reached")
     nan = float("nan")
     assert line(ci_low=nan, ci_high=nan, d2v2_seeds=1, baseline_seeds=1).startswith(
         "speech vs data2vec 1.0: not established: 1.18x faster, but with one seed per method there is no interval")
-    assert line(speedup=0.8, ci_low=0.5, ci_high=0.9).startswith("speech vs data2vec 1.0: not shown: data2vec 2.0 "
-                                                                 "was 1.25x slower")
+    slower = dict(speedup=0.8, speedup_low=0.8, speedup_high=0.8, ci_low=0.5, ci_high=0.9)
+    assert line(**slower).startswith("speech vs data2vec 1.0: not shown: data2vec 2.0 was 1.25x slower")
+    # data2vec 1.0's median time between a seed that ran out at 700 s and one that reached at 960 s
+    between = dict(relation="in", speedup=nan, speedup_low=700 / 816.3, speedup_high=960 / 816.3,
+                   baseline_time_low=700.0, baseline_status=BETWEEN)
+    assert line(**between).startswith("speech vs data2vec 1.0: not shown: 0.86x-1.18x, which contains 1x")
+    assert "data2vec 1.0 in between 700 CPU-s and 960 CPU-s (" in line(**between)
+    faster = dict(between, speedup_low=900 / 816.3, baseline_time_low=900.0, ci_low=1.02)
+    assert line(**faster).startswith("speech vs data2vec 1.0: shown: 1.10x-1.18x faster: ")
 
 
 def test_ablation_figures_put_the_default_variant_on_its_axis(tmp_path, monkeypatch):

@@ -114,6 +114,24 @@ def test_median_of_seeds_with_one_non_converged_run_stays_exact():
     assert agg.status == sp.NOT_REACHED and agg.low == 20
 
 
+def test_a_median_between_two_seeds_times_is_an_interval_with_a_bootstrap_ci():
+    """Of three seeds one reaches the target at 587 s, one does not within its 960.02 s, one reaches it at 960.03 s:
+    the median lies between the last two (both bounded: not 'at first checkpoint'), and its speedup is an interval
+    that gets a bootstrap CI like an exact one."""
+    agg = sp.aggregate_times([T(587), T(960.02, sp.NOT_REACHED), T(960.03)])
+    assert agg.status == sp.BETWEEN and (agg.low, agg.high) == (960.02, 960.03)
+    assert sp.aggregate_times([T(5, sp.AT_MOST), T(6, sp.AT_MOST), T(9)]).status == sp.AT_MOST     # low 0
+    # CER falls; the baseline's final values 0.652 / 0.699 / 0.680 make its target 0.680
+    base = [(np.array([240.0, t]), np.array([0.71, v])) for t, v in ((960.0, 0.652), (960.02, 0.699), (960.03, 0.680))]
+    ref = [(np.array([240.0, 960.0]), np.array([0.77, v])) for v in (0.639, 0.665, 0.656)]
+    c = sp.compare(base, ref, higher_is_better=False, n_boot=300)
+    assert c.speedup.relation == "in" and c.speedup.low < c.speedup.high
+    lo, hi = c.speedup.ci
+    assert lo <= c.speedup.low and c.speedup.high <= hi
+    assert c.speedup.describe().startswith(f"{c.speedup.low:.2f}x [")           # the interval is below the rounding
+    assert sp.Speedup(1.5, 3.0).describe() == "1.50x-3.00x"
+
+
 def _curves(method, seeds, times, values_by_seed, task="t", modality="image", params="{}",
             variant="default", hib=True):
     rows = []

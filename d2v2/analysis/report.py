@@ -242,9 +242,10 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
     if r.d2v2_status == NOT_REACHED:
         return (f"{r.modality} vs {b}: not shown at this scale: data2vec 2.0 did not reach {target} within "
                 f"{_hours(r.d2v2_budget, clock)} ({where}).")
-    if r.relation == "=":
+    if r.relation in ("=", "in"):
         return (f"{r.modality} vs {b}: {_verdict(r)}: data2vec 2.0 reached {target} in "
-                f"{_hours(r.d2v2_time_high, clock)}, {b} in {_hours(r.baseline_time_high, clock)} ({where}; "
+                f"{_median_time(r.d2v2_time_low, r.d2v2_time_high, clock)}, {b} in "
+                f"{_median_time(r.baseline_time_low, r.baseline_time_high, clock)} ({where}; "
                 f"data2vec 2.0 vs {b}: {r.speedup_text}).")
     if r.relation == ">=":
         return (f"{r.modality} vs {b}: at least {r.speedup:.2f}x faster: data2vec 2.0 reached {target} already "
@@ -261,18 +262,27 @@ def claim_sentence(r, evals: pd.DataFrame, clock: str) -> str:
             f"neither time is bounded on both sides ({where}).")
 
 
+def _median_time(low: float, high: float, clock: str) -> str:
+    """A median time over seeds: exact, or the interval censoring leaves it in."""
+    a, b = _hours(low, clock), _hours(high, clock)
+    return b if a == b else f"between {a} and {b}"
+
+
 def _verdict(r) -> str:
-    """Whether an exact speedup shows the claim: only where its 95% bootstrap CI over seeds lies above 1x; a faster
-    median whose interval reaches 1x, or that has no interval (one seed per method), is not established."""
-    if r.speedup < 1:
-        return f"not shown: data2vec 2.0 was {1 / r.speedup:.2f}x slower"
-    if r.speedup == 1:
-        return "equal time"
+    """Whether a speedup bounded on both sides (exact, or an interval where censoring leaves a median time between
+    two seeds' times) shows the claim: only where its 95% bootstrap CI over seeds lies above 1x; a faster median
+    whose interval reaches 1x, or that has no interval (one seed per method), is not established."""
+    low, high = r.speedup_low, r.speedup_high
+    ratio = lambda a, b: f"{a:.2f}x" if f"{a:.2f}" == f"{b:.2f}" else f"{a:.2f}x-{b:.2f}x"
+    if high < 1:
+        return f"not shown: data2vec 2.0 was {ratio(1 / high, 1 / low)} slower"
+    if low <= 1:
+        return "equal time" if low == high else f"not shown: {ratio(low, high)}, which contains 1x (equal time)"
     if math.isnan(r.ci_low):
-        return f"not established: {r.speedup:.2f}x faster, but with one seed per method there is no interval"
+        return f"not established: {ratio(low, high)} faster, but with one seed per method there is no interval"
     if r.ci_low <= 1:
-        return f"not established: {r.speedup:.2f}x faster in the medians, but the 95% CI over seeds reaches 1x"
-    return f"shown: {r.speedup:.2f}x faster"
+        return f"not established: {ratio(low, high)} faster in the medians, but the 95% CI over seeds reaches 1x"
+    return f"shown: {ratio(low, high)} faster"
 
 
 def random_init_sentence(quality: pd.DataFrame, ref: pd.Series, higher_is_better: bool) -> str:

@@ -11,7 +11,8 @@ Two cases are censored, and are kept as bounds rather than made up:
 Over seeds the time is the median (AlgoPerf); censoring turns it into an interval ``[low, high]``
 (``low``: censored-below runs at 0 and non-converged runs at their last checkpoint; ``high``:
 censored-below runs at their checkpoint and non-converged runs at infinity), exact when the censoring
-does not move the median. The speedup of data2vec 2.0 over a baseline is
+does not move the median (status ``between``: e.g. of three seeds one reached the target at 587 s, one at 960 s
+and one did not within its 960 s, so the median time lies between the last two). The speedup of data2vec 2.0 over a baseline is
 ``time(baseline) / time(data2vec 2.0)``, hence the interval ``[low_b / high_d, high_b / low_d]``: e.g.
 data2vec 2.0 not reaching the target gives "speedup < T_baseline / T_budget(data2vec 2.0)", and
 reaching it at its first checkpoint gives "speedup >= T_baseline / T_first(data2vec 2.0)".
@@ -38,13 +39,14 @@ import pandas as pd
 from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
-    "REACHED", "AT_MOST", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget",
+    "REACHED", "AT_MOST", "BETWEEN", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget",
     "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
     "speedup_table", "recorded_clocks",
 ]
 
 REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not reached"
+BETWEEN = "reached, median between two seeds' times"          # an aggregate's only: censoring leaves an interval
 CLOCKS = {"train_time_s": "train-only seconds", "e2e_time_s": "end-to-end seconds",
           "device_hours": "device-hours", "train_cpu_s": "train-only CPU seconds"}
 PROTOCOLS = {"sweep": "budget sweep: the final checkpoints of separate runs, each with its schedules fitted to "
@@ -114,7 +116,9 @@ class AggregateTime:
     def status(self) -> str:
         if math.isinf(self.high):
             return NOT_REACHED
-        return REACHED if self.low == self.high else AT_MOST
+        if self.low == self.high:
+            return REACHED
+        return AT_MOST if self.low == 0 else BETWEEN
 
 
 def aggregate_times(runs: Sequence[TimeToTarget]) -> AggregateTime:
@@ -154,9 +158,11 @@ class Speedup:
         rel = self.relation
         if rel == "?":
             return "undetermined"
-        if rel == "in":
-            return f"{self.low:.2f}x-{self.high:.2f}x"
-        text = {"=": "", ">=": ">= ", "<=": "<= "}[rel] + f"{self.value:.2f}x"
+        if rel == "in":       # an interval narrower than the rounding reads as one value
+            low, high = f"{self.low:.2f}x", f"{self.high:.2f}x"
+            text = low if low == high else f"{low}-{high}"
+        else:
+            text = {"=": "", ">=": ">= ", "<=": "<= "}[rel] + f"{self.value:.2f}x"
         if not any(math.isnan(c) for c in self.ci):
             text += f" [{_fmt_ratio(self.ci[0])}, {_fmt_ratio(self.ci[1])}]"
         return text
@@ -202,7 +208,7 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
     ``target=None`` uses the baseline's final quality (:func:`median_final`). Each bootstrap resample
     draws seeds with replacement within each method and re-derives that target from the resampled
     baseline seeds, since the target is estimated from them too. The CI is of the number reported:
-    an exact speedup gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower bound the
+    an exact speedup or an interval gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower bound the
     quantiles of the resampled lower bounds, an upper bound those of the upper bounds.
     """
     cache: dict[tuple[int, int, float], TimeToTarget] = {}
@@ -223,7 +229,7 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
     tgt = target_of(range(nb))
     tb, tr = times(0, baseline, range(nb), tgt), times(1, reference, range(nr), tgt)
     point = speedup(tb, tr)
-    if max(nb, nr) < 2 or point.relation in ("in", "?"):
+    if max(nb, nr) < 2 or point.relation == "?":
         return Comparison(tgt, tb, tr, point)
     rng = np.random.default_rng(seed)
     lows, highs = np.empty(n_boot), np.empty(n_boot)
@@ -232,7 +238,7 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
         t = target_of(ib)
         s = speedup(times(0, baseline, ib, t), times(1, reference, ir, t))
         lows[k], highs[k] = s.low, s.high
-    if point.relation == "=":
+    if point.relation in ("=", "in"):
         ci = (percentile_interval(lows, level)[0], percentile_interval(highs, level)[1])
     else:
         ci = percentile_interval(lows if point.relation == ">=" else highs, level)
