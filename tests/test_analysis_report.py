@@ -263,8 +263,8 @@ def test_a_faster_median_is_shown_only_where_its_interval_lies_above_1x():
                           baseline_time_low=960.0, d2v2_time_low=816.3, speedup_text="1.18x [0.00, 1.66]")
     line = lambda **kw: report.claim_sentence(SimpleNamespace(**{**vars(row), **kw}), evals, "train_cpu_s")
     assert line().startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians, but the 95% CI "
-                             "over seeds reaches 1x: data2vec 2.0 reached data2vec 1.0's final cer (0.671) in 816.3 CPU-s, "
-                             "data2vec 1.0 in 960 CPU-s (budget sweep")
+                             "over seeds reaches 1x: data2vec 2.0 reached data2vec 1.0's final cer (0.671) in "
+                             "816.3 CPU-s, data2vec 1.0 in 960 CPU-s (budget sweep")
     assert line(ci_low=1.0).startswith("speech vs data2vec 1.0: not established: 1.18x faster in the medians")
     assert line(ci_low=1.05).startswith("speech vs data2vec 1.0: shown: 1.18x faster: data2vec 2.0 reached")
     nan = float("nan")

@@ -163,7 +163,8 @@ def test_cpu_sweep_configs_are_budget_sweeps_of_every_tiny_method_of_a_modality_
         # every teacher's anneal fits its budget
         assert cfg["method"]["overrides"].get("ema_anneal_end_fraction") == anneal[run.method]
         # the full runs' checkpoints at the sweep's budgets are fine-tuned too: the anytime points beside the sweep
-        assert wfc.finetune_fractions(config, run) == (config["budget_sweep"][modality] if run.budget_scale == 1 else [1.0])
+        anytime = config["budget_sweep"][modality] if run.budget_scale == 1 else [1.0]
+        assert wfc.finetune_fractions(config, run) == anytime
     assert not set(config["paths"].values()) & set(tiny["paths"].values())
 
 

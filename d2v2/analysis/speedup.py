@@ -11,9 +11,9 @@ Two cases are censored, and are kept as bounds rather than made up:
 Over seeds the time is the median (AlgoPerf); censoring turns it into an interval ``[low, high]``
 (``low``: censored-below runs at 0 and non-converged runs at their last checkpoint; ``high``:
 censored-below runs at their checkpoint and non-converged runs at infinity), exact when the censoring
-does not move the median (status ``between``: e.g. of three seeds one reached the target at 587 s, one at 960 s
-and one did not within its 960 s, so the median time lies between the last two). The speedup of data2vec 2.0 over a baseline is
-``time(baseline) / time(data2vec 2.0)``, hence the interval ``[low_b / high_d, high_b / low_d]``: e.g.
+does not move the median (status ``between``: e.g. of three seeds one reached the target at 587 s, one at
+960 s and one did not within its 960 s, so the median time lies between the last two). The speedup of
+data2vec 2.0 over a baseline is ``time(baseline) / time(data2vec 2.0)``, hence the interval ``[low_b / high_d, high_b / low_d]``: e.g.
 data2vec 2.0 not reaching the target gives "speedup < T_baseline / T_budget(data2vec 2.0)", and
 reaching it at its first checkpoint gives "speedup >= T_baseline / T_first(data2vec 2.0)".
 
@@ -39,8 +39,8 @@ import pandas as pd
 from d2v2.analysis.stats import median, olympic_mean, percentile_interval
 
 __all__ = [
-    "REACHED", "AT_MOST", "BETWEEN", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of", "TimeToTarget",
-    "AggregateTime", "Speedup", "Comparison",
+    "REACHED", "AT_MOST", "BETWEEN", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of",
+    "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
     "speedup_table", "recorded_clocks",
 ]
@@ -208,8 +208,8 @@ def compare(baseline: Sequence[Curve], reference: Sequence[Curve], higher_is_bet
     ``target=None`` uses the baseline's final quality (:func:`median_final`). Each bootstrap resample
     draws seeds with replacement within each method and re-derives that target from the resampled
     baseline seeds, since the target is estimated from them too. The CI is of the number reported:
-    an exact speedup or an interval gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower bound the
-    quantiles of the resampled lower bounds, an upper bound those of the upper bounds.
+    an exact speedup or an interval gets ``[q_lo(low), q_hi(high)]`` of the resampled intervals, a lower
+    bound the quantiles of the resampled lower bounds, an upper bound those of the upper bounds.
     """
     cache: dict[tuple[int, int, float], TimeToTarget] = {}
 
