@@ -32,7 +32,7 @@ from d2v2.analysis import figures, paper
 from d2v2.analysis.collect import ablated_fields, write_table
 from d2v2.analysis.paper import METHOD_NAMES
 from d2v2.analysis.speedup import (AT_MOST, CLOCKS, NOT_REACHED, PROTOCOLS, protocol_points, protocols_of,
-                                   recorded_clocks, speedup_table, targets)
+                                   ratio_text, recorded_clocks, speedup_table, targets)
 from d2v2.analysis.stats import OLYMPIC_MIN_RUNS, bootstrap_ci, median, olympic_mean
 from d2v2.atomic import atomic_write
 
@@ -273,16 +273,15 @@ def _verdict(r) -> str:
     two seeds' times) shows the claim: only where its 95% bootstrap CI over seeds lies above 1x; a faster median
     whose interval reaches 1x, or that has no interval (one seed per method), is not established."""
     low, high = r.speedup_low, r.speedup_high
-    ratio = lambda a, b: f"{a:.2f}x" if f"{a:.2f}" == f"{b:.2f}" else f"{a:.2f}x-{b:.2f}x"
     if high < 1:
-        return f"not shown: data2vec 2.0 was {ratio(1 / high, 1 / low)} slower"
+        return f"not shown: data2vec 2.0 was {ratio_text(1 / high, 1 / low)} slower"
     if low <= 1:
-        return "equal time" if low == high else f"not shown: {ratio(low, high)}, which contains 1x (equal time)"
+        return "equal time" if low == high else f"not shown: {ratio_text(low, high)}, which contains 1x (equal time)"
     if math.isnan(r.ci_low):
-        return f"not established: {ratio(low, high)} faster, but with one seed per method there is no interval"
+        return f"not established: {ratio_text(low, high)} faster, but with one seed per method there is no interval"
     if r.ci_low <= 1:
-        return f"not established: {ratio(low, high)} faster in the medians, but the 95% CI over seeds reaches 1x"
-    return f"shown: {ratio(low, high)} faster"
+        return f"not established: {ratio_text(low, high)} faster in the medians, but the 95% CI over seeds reaches 1x"
+    return f"shown: {ratio_text(low, high)} faster"
 
 
 def random_init_sentence(quality: pd.DataFrame, ref: pd.Series, higher_is_better: bool) -> str:

@@ -42,7 +42,7 @@ __all__ = [
     "REACHED", "AT_MOST", "BETWEEN", "NOT_REACHED", "CLOCKS", "PROTOCOLS", "protocol_points", "protocols_of",
     "TimeToTarget", "AggregateTime", "Speedup", "Comparison",
     "time_to_target", "aggregate_times", "speedup", "median_final", "compare", "is_default_variant", "curves", "targets",
-    "speedup_table", "recorded_clocks",
+    "speedup_table", "recorded_clocks", "ratio_text",
 ]
 
 REACHED, AT_MOST, NOT_REACHED = "reached", "reached at first checkpoint", "not reached"
@@ -158,14 +158,19 @@ class Speedup:
         rel = self.relation
         if rel == "?":
             return "undetermined"
-        if rel == "in":       # an interval narrower than the rounding reads as one value
-            low, high = f"{self.low:.2f}x", f"{self.high:.2f}x"
-            text = low if low == high else f"{low}-{high}"
+        if rel == "in":
+            text = ratio_text(self.low, self.high)
         else:
             text = {"=": "", ">=": ">= ", "<=": "<= "}[rel] + f"{self.value:.2f}x"
         if not any(math.isnan(c) for c in self.ci):
             text += f" [{_fmt_ratio(self.ci[0])}, {_fmt_ratio(self.ci[1])}]"
         return text
+
+
+def ratio_text(low: float, high: float) -> str:
+    """``low``-``high`` as ratios; an interval narrower than the rounding reads as one value."""
+    a, b = f"{low:.2f}x", f"{high:.2f}x"
+    return a if a == b else f"{a}-{b}"
 
 
 def _fmt_ratio(x: float) -> str:
