@@ -13,9 +13,10 @@ Over seeds the time is the median (AlgoPerf); censoring turns it into an interva
 censored-below runs at their checkpoint and non-converged runs at infinity), exact when the censoring
 does not move the median (status ``between``: e.g. of three seeds one reached the target at 587 s, one at
 960 s and one did not within its 960 s, so the median time lies between the last two). The speedup of
-data2vec 2.0 over a baseline is ``time(baseline) / time(data2vec 2.0)``, hence the interval ``[low_b / high_d, high_b / low_d]``: e.g.
-data2vec 2.0 not reaching the target gives "speedup < T_baseline / T_budget(data2vec 2.0)", and
-reaching it at its first checkpoint gives "speedup >= T_baseline / T_first(data2vec 2.0)".
+data2vec 2.0 over a baseline is ``time(baseline) / time(data2vec 2.0)``, hence the interval
+``[low_b / high_d, high_b / low_d]``: e.g. data2vec 2.0 not reaching the target gives
+"speedup < T_baseline / T_budget(data2vec 2.0)", and reaching it at its first checkpoint gives
+"speedup >= T_baseline / T_first(data2vec 2.0)".
 
 The target of a baseline is, by default, its own final quality at the full budget: the median over
 seeds, where for an even number of seeds the worse of the two middle values is taken, so that at least
