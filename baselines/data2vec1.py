@@ -24,7 +24,7 @@ docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT bac
 """
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 import pydantic
 import torch
@@ -37,7 +37,7 @@ from d2v2.model.blocks import init_bert_params
 from d2v2.config import MODALITIES, Config
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
-from d2v2.method import Masker, MethodOutput, PretrainMethod, register_method
+from d2v2.method import Masker, MethodOutput, PretrainMethod, collapse_guard, register_method
 from d2v2.model.targets import feature_std, make_targets
 
 __all__ = ["Data2Vec1Config", "Data2Vec1"]
@@ -64,6 +64,11 @@ class Data2Vec1Config(Config):
     ema_end_decay: float = pydantic.Field(0.9999, gt=0, le=1)      # tau_e
     ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n in updates
     ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)   # tau_n in budget (d2v2.model.ema)
+    # collapse guard (METHOD.md#collapse-guard; 0 disables): fairseq's audio model has it (0.1 / 0.01 after 5,000
+    # updates, the speech presets), its vision and text models none
+    min_target_var: float = pydantic.Field(0.0, ge=0)
+    min_pred_var: float = pydantic.Field(0.0, ge=0)
+    collapse_check_after: int = pydantic.Field(5000, ge=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "Data2Vec1Config":
@@ -100,6 +105,7 @@ class Data2Vec1(PretrainMethod):
             self.head.apply(init_bert_params)
         self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else D ** -0.5
+        self.num_updates = 0
         self.current_decay = cfg.ema_decay
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
@@ -113,8 +119,13 @@ class Data2Vec1(PretrainMethod):
 
     def after_step(self, num_updates: int, fraction: float) -> None:
         """EMA step of the teacher's blocks with tau at this point of the run (skipped when tau >= 1)."""
+        self.num_updates = num_updates
         self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
         self.teacher.step(self.student, self.current_decay)
+
+    def check_health(self, logs: dict[str, Any]) -> None:
+        """The collapse guard of fairseq's audio model, where the config turns it on (data2vec 2.0's)."""
+        collapse_guard("data2vec 1.0", self.cfg, self.num_updates, logs)
 
     def log_snapshot(self) -> dict[str, float]:
         """``ema_decay``, the tau of the teacher's last EMA step, read at logging intervals (as data2vec 2.0's)."""

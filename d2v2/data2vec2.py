@@ -37,7 +37,7 @@ from d2v2.model.decoder import Decoder, DecoderConfig
 from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
-from d2v2.method import CollapseError, MethodOutput, PretrainMethod, register_method
+from d2v2.method import MethodOutput, PretrainMethod, collapse_guard, register_method
 from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import feature_std, make_targets, position_share
 
@@ -306,19 +306,7 @@ class Data2Vec2(PretrainMethod):
         run is past ``collapse_check_after`` updates. fairseq checks in every forward; here the engine calls it
         at each logging interval, where it reads the diagnostics anyway: a check in the step would make the
         host wait for the device at every update."""
-        c = self.cfg
-        if self.num_updates <= c.collapse_check_after:
-            return
-        target_var, pred_var = float(logs["target_var"]), float(logs["pred_var"])
-        if c.min_target_var > 0 and target_var < c.min_target_var:
-            raise CollapseError(f"data2vec 2.0 collapse guard: target std {target_var:.4f} < "
-                                f"min_target_var {c.min_target_var} after {self.num_updates} updates "
-                                "(representation collapse; try a lower LR, check the EMA schedule, or set "
-                                "min_target_var=0)")
-        if c.min_pred_var > 0 and pred_var < c.min_pred_var:
-            raise CollapseError(f"data2vec 2.0 collapse guard: prediction std {pred_var:.4f} < "
-                                f"min_pred_var {c.min_pred_var} after {self.num_updates} updates (set "
-                                "min_pred_var=0 to disable)")
+        collapse_guard("data2vec 2.0", self.cfg, self.num_updates, logs)
 
     @torch.no_grad()
     def log_snapshot(self) -> dict[str, Any]:

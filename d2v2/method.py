@@ -22,7 +22,7 @@ from d2v2.presets import available_presets, method_settings
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
-    "method_dataset", "available_methods", "CollapseError",
+    "method_dataset", "available_methods", "CollapseError", "collapse_guard",
 ]
 
 
@@ -37,6 +37,21 @@ class MethodOutput:
 
 class CollapseError(RuntimeError):
     """A method's collapse guard fired (METHOD.md#loss, METHOD.md#collapse-guard): the run must stop and say so."""
+
+
+def collapse_guard(method: str, cfg: Config, num_updates: int, logs: Mapping[str, Any]) -> None:
+    """fairseq's collapse guard (data2vec 2.0, and data2vec 1.0's audio model): once past
+    ``cfg.collapse_check_after`` updates, raise :class:`CollapseError` if the last update's target std
+    (``logs["target_var"]``) is below ``cfg.min_target_var`` or its prediction std below ``cfg.min_pred_var``;
+    a threshold of 0 is off."""
+    if num_updates <= cfg.collapse_check_after:
+        return
+    for name, stat, what in (("min_target_var", "target_var", "target"), ("min_pred_var", "pred_var", "prediction")):
+        threshold, value = getattr(cfg, name), float(logs[stat])
+        if threshold > 0 and value < threshold:
+            raise CollapseError(f"{method} collapse guard: {what} std {value:.4f} < {name} {threshold} after "
+                                f"{num_updates} updates (representation collapse; try a lower LR, check the EMA "
+                                f"schedule, or set {name}=0 to disable)")
 
 
 class Masker(Protocol):

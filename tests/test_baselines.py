@@ -9,7 +9,7 @@ from baselines.mae import patchify
 from baselines.masking import MASK
 from d2v2.config import ConfigError
 from d2v2.model.encoder import Encoder
-from d2v2.method import MethodOutput, available_methods, build_method, method_config
+from d2v2.method import CollapseError, MethodOutput, available_methods, build_method, method_config
 
 BASELINES = [("image", "mae"), ("image", "data2vec1"), ("speech", "data2vec1"), ("text", "data2vec1"),
              ("text", "mlm")]
@@ -211,6 +211,26 @@ def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
     method.after_step(0, fraction=0.0)
     tau = method.cfg.ema_decay
     assert torch.allclose(teacher.blocks[0].mlp.fc1.weight, tau * before + (1 - tau) * student)
+
+
+def test_data2vec1_has_fairseqs_collapse_guard_for_speech_only():
+    """fairseq's data2vec_audio stops a run whose target std falls below 0.1 (prediction std 0.01) after 5,000
+    updates; its vision and text models have no guard (METHOD.md#collapse-guard)."""
+    for modality in ("image", "speech", "text"):
+        cfg = method_config(modality, "data2vec1", "base")
+        on = (cfg.min_target_var, cfg.min_pred_var, cfg.collapse_check_after) == (0.1, 0.01, 5000)
+        assert on == (modality == "speech") and (on or cfg.min_target_var == cfg.min_pred_var == 0)
+    method = build_method("speech", "data2vec1", "smoke", {"min_target_var": 100.0, "collapse_check_after": 1})
+    logs = method(masked(method, make_batch("speech"))).logs
+    method.after_step(1, fraction=0.0)
+    method.check_health(logs)                                    # not past collapse_check_after yet
+    method.after_step(2, fraction=0.0)
+    with pytest.raises(CollapseError, match="data2vec 1.0 collapse guard: target std .* < min_target_var 100.0"):
+        method.check_health(logs)
+    healthy = build_method("speech", "data2vec1", "smoke", {"min_target_var": 1e-9, "min_pred_var": 1e-9,
+                                                             "collapse_check_after": 0})
+    healthy.after_step(1, fraction=0.0)
+    healthy.check_health(healthy(masked(healthy, make_batch("speech"))).logs)
 
 
 def test_data2vec1_targets_are_normalised_top_k_teacher_layers():

@@ -367,8 +367,8 @@ class Pretrainer:
         return scale
 
     def check_health(self) -> None:
-        """The method's check of the last update's diagnostics (data2vec 2.0's collapse guard,
-        METHOD.md#collapse-guard) as a divergence; every process stops if it fails on any of them."""
+        """The method's check of the last update's diagnostics (the collapse guard of data2vec 2.0 and of data2vec
+        1.0 for speech, METHOD.md#collapse-guard) as a divergence; every process stops if it fails on any of them."""
         try:
             self.method.check_health(self.stats.last_logs)
             failure = None
