@@ -156,6 +156,14 @@ def test_identity_must_agree_with_checkpoint(image_checkpoint, tmp_path):
         F.finetune(cfg, image_checkpoint)
 
 
+def test_a_budget_fraction_matches_as_its_file_name_writes_it():
+    """The workflow passes a checkpoint's exact fraction; a user may pass the file name's 3 decimals."""
+    assert F.same_identity("budget_fraction", 0.062, 0.0625) and F.same_identity("budget_fraction", 0.0625, 0.0625)
+    assert F.same_identity("budget_fraction", 0.25, 0.25) and F.same_identity("budget_fraction", 0.333, 1 / 3)
+    assert not F.same_identity("budget_fraction", 0.063, 0.0625)
+    assert not F.same_identity("budget_fraction", 0.3, 0.25) and not F.same_identity("seed", 1, 2)
+
+
 def test_random_init_reports_budget_fraction_zero(image_checkpoint, tmp_path):
     root = _data("image")
     cfg = finetune_config({"modality": "image", "preset": "smoke", "init": "random", "data": {"root": str(root),

@@ -371,6 +371,14 @@ def _check_vocabulary(cfg: FinetuneConfig, pre: Pretrained) -> None:
                           "checkpoints need data.text.gpt2_dict, docs/CONVERT.md)")
 
 
+def same_identity(key: str, given: float, stored: float) -> bool:
+    """Whether a fine-tune's ``identity.key`` names the checkpoint's: a budget fraction as the exact value or
+    as the 3 decimals of the checkpoint's file name (``checkpoint_f0.062.pt`` holds 0.0625)."""
+    if key == "budget_fraction":
+        return given == stored or f"{given:.3f}" == f"{stored:.3f}"
+    return given == stored
+
+
 def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_format: str = "d2v2",
              save: str | Path | None = None, log=None) -> dict[str, Any]:
     """Fine-tune (with the LR sweep, if any) and return the metrics record of docs/ARCHITECTURE.md."""
@@ -382,10 +390,10 @@ def finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, checkpoint_form
     if cfg.primary_metric is not None:
         info = {**info, "primary_metric": cfg.primary_metric}
     pre = load_pretrained(cfg, checkpoint, checkpoint_format)
-    for key, tolerance in (("seed", 0), ("budget_fraction", 5e-4)):   # fractions: 3 decimals in file names
+    for key in ("seed", "budget_fraction"):
         given, stored = getattr(cfg.identity, key), getattr(pre, key)
         if pre.encoder_state is not None and given is not None and stored is not None \
-                and abs(given - stored) > tolerance:
+                and not same_identity(key, given, stored):
             raise ConfigError(f"identity.{key}: config says {given} but the checkpoint has {stored}")
     if cfg.modality == "text":
         _check_vocabulary(cfg, pre)
