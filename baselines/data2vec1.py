@@ -24,7 +24,7 @@ docs/FIDELITY_BASELINES.md lists what differs from the original models (BEiT bac
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Union
 
 import pydantic
 import torch
@@ -35,9 +35,9 @@ from baselines.common import ensure_masked, eval_mode, num_tokens
 from baselines.masking import BertMaskConfig, BlockMaskConfig, SpanMaskConfig, WithMaskedPositions, masked_positions
 from d2v2.model.blocks import init_bert_params
 from d2v2.config import MODALITIES, Config
-from d2v2.model.ema import EMATeacher, teacher_decay
+from d2v2.model.ema import EMATeacher
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
-from d2v2.method import Masker, MethodOutput, PretrainMethod, collapse_guard, register_method
+from d2v2.method import Masker, MethodOutput, SelfDistillation, register_method
 from d2v2.model.targets import feature_std, make_targets
 
 __all__ = ["Data2Vec1Config", "Data2Vec1"]
@@ -84,8 +84,10 @@ class Data2Vec1Config(Config):
         return self
 
 
-class Data2Vec1(PretrainMethod):
+class Data2Vec1(SelfDistillation):
     """``student`` Encoder + ``mask_emb`` + ``head``; EMA ``teacher`` of the student's blocks."""
+
+    label = "data2vec 1.0"
 
     def __init__(self, cfg: Data2Vec1Config):
         super().__init__()
@@ -105,7 +107,6 @@ class Data2Vec1(PretrainMethod):
             self.head.apply(init_bert_params)
         self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else D ** -0.5
-        self.num_updates = 0
         self.current_decay = cfg.ema_decay
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
@@ -113,19 +114,6 @@ class Data2Vec1(PretrainMethod):
         if self.modality == "text":
             return WithMaskedPositions(self.cfg.mask.masker(self.cfg.encoder, loss_on="masked"))
         return WithMaskedPositions(self.cfg.mask.masker(self.cfg.encoder))
-
-    def encoder(self) -> Encoder:
-        return self.student
-
-    def after_step(self, num_updates: int, fraction: float) -> None:
-        """EMA step of the teacher's blocks with tau at this point of the run (skipped when tau >= 1)."""
-        self.num_updates = num_updates
-        self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
-        self.teacher.step(self.student, self.current_decay)
-
-    def check_health(self, logs: dict[str, Any]) -> None:
-        """The collapse guard of fairseq's audio model, where the config turns it on (data2vec 2.0's)."""
-        collapse_guard("data2vec 1.0", self.cfg, self.num_updates, logs)
 
     def log_snapshot(self) -> dict[str, float]:
         """``ema_decay``, the tau of the teacher's last EMA step, read at logging intervals (as data2vec 2.0's)."""

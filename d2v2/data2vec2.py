@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from d2v2.model.blocks import init_bert_params
 from d2v2.config import MODALITIES, Config
 from d2v2.model.decoder import Decoder, DecoderConfig
-from d2v2.model.ema import EMATeacher, teacher_decay
+from d2v2.model.ema import EMATeacher
 from d2v2.model.encoder import Encoder, EncoderConfig, EncoderOutput
 from d2v2.model.masking import block_mask, mask_indices, num_kept, random_mask
-from d2v2.method import MethodOutput, PretrainMethod, collapse_guard, register_method
+from d2v2.method import MethodOutput, SelfDistillation, register_method
 from d2v2.model.modalities.speech import frame_count
 from d2v2.model.targets import feature_std, make_targets, position_share
 
@@ -164,8 +164,10 @@ class Details:
     cls_target: torch.Tensor | None = None
 
 
-class Data2Vec2(PretrainMethod):
+class Data2Vec2(SelfDistillation):
     """data2vec 2.0: ``student`` Encoder, EMA ``teacher``, conv ``decoder`` (see module doc)."""
+
+    label = "data2vec 2.0"
 
     def __init__(self, cfg: Data2Vec2Config):
         super().__init__()
@@ -186,7 +188,6 @@ class Data2Vec2(PretrainMethod):
         self.teacher_shares = cfg.teacher_shares or TEACHER_SHARES[self.modality]
         self.teacher = EMATeacher(self.student, shared=_SHARED_MODULES[self.teacher_shares])
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else cfg.encoder.embed_dim ** -0.5
-        self.num_updates = 0
         self.current_decay = cfg.ema_decay
 
     # ---- PretrainMethod interface -----------------------------------------------------------------
@@ -197,15 +198,6 @@ class Data2Vec2(PretrainMethod):
             self.cfg.inverse_mask,
             grid=enc.image.grid if self.modality == "image" else None,
             conv_layers=tuple(map(tuple, enc.speech.conv_layers)) if self.modality == "speech" else None)
-
-    def encoder(self) -> Encoder:
-        return self.student
-
-    def after_step(self, num_updates: int, fraction: float) -> None:
-        """EMA step with tau at this point of the run (skipped when tau >= 1)."""
-        self.num_updates = num_updates
-        self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
-        self.teacher.step(self.student, self.current_decay)
 
     def encoder_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Student tokens (B*M clones x visible + extra) + teacher tokens (B x all + extra)."""
@@ -300,13 +292,6 @@ class Data2Vec2(PretrainMethod):
         :meth:`check_health` looks at them."""
         return {"target_var": feature_std(target), "pred_var": feature_std(pred),
                 "masked_pct": sample_size / mask.numel()}
-
-    def check_health(self, logs: dict[str, Any]) -> None:
-        """The optional collapse guard (METHOD.md#collapse-guard) on the last update's diagnostics, once the
-        run is past ``collapse_check_after`` updates. fairseq checks in every forward; here the engine calls it
-        at each logging interval, where it reads the diagnostics anyway: a check in the step would make the
-        host wait for the device at every update."""
-        collapse_guard("data2vec 2.0", self.cfg, self.num_updates, logs)
 
     @torch.no_grad()
     def log_snapshot(self) -> dict[str, Any]:

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from d2v2.config import Config, ConfigError, merge, renamed_modality, validate
+from d2v2.model.ema import EMATeacher, teacher_decay
 from d2v2.plugins import entry_points
 from d2v2.presets import available_presets, method_settings
 
 __all__ = [
     "MethodOutput", "Masker", "PretrainMethod", "register_method", "build_method", "method_config",
-    "method_dataset", "available_methods", "CollapseError", "collapse_guard",
+    "method_dataset", "available_methods", "CollapseError", "SelfDistillation",
 ]
 
 
@@ -37,21 +38,6 @@ class MethodOutput:
 
 class CollapseError(RuntimeError):
     """A method's collapse guard fired (METHOD.md#loss, METHOD.md#collapse-guard): the run must stop and say so."""
-
-
-def collapse_guard(method: str, cfg: Config, num_updates: int, logs: Mapping[str, Any]) -> None:
-    """fairseq's collapse guard (data2vec 2.0, and data2vec 1.0's audio model): once past
-    ``cfg.collapse_check_after`` updates, raise :class:`CollapseError` if the last update's target std
-    (``logs["target_var"]``) is below ``cfg.min_target_var`` or its prediction std below ``cfg.min_pred_var``;
-    a threshold of 0 is off."""
-    if num_updates <= cfg.collapse_check_after:
-        return
-    for name, stat, what in (("min_target_var", "target_var", "target"), ("min_pred_var", "pred_var", "prediction")):
-        threshold, value = getattr(cfg, name), float(logs[stat])
-        if threshold > 0 and value < threshold:
-            raise CollapseError(f"{method} collapse guard: {what} std {value:.4f} < {name} {threshold} after "
-                                f"{num_updates} updates (representation collapse; try a lower LR, check the EMA "
-                                f"schedule, or set {name}=0 to disable)")
 
 
 class Masker(Protocol):
@@ -107,6 +93,43 @@ class PretrainMethod(nn.Module):
         """Names of parameters excluded from weight decay beyond biases and 1-D tensors; default: the
         encoder's (:meth:`~d2v2.model.encoder.Encoder.no_weight_decay`)."""
         return self.encoder().no_weight_decay()
+
+
+class SelfDistillation(PretrainMethod):
+    """What data2vec 2.0 and 1.0 share: a ``student`` encoder whose EMA ``teacher`` (:class:`EMATeacher`) takes a
+    step after every update at the scheduled tau (``current_decay``, read at logging intervals), and fairseq's
+    optional collapse guard on the logged target and prediction stds (METHOD.md#collapse-guard): once past
+    ``cfg.collapse_check_after`` updates, a std below ``cfg.min_target_var`` / ``cfg.min_pred_var`` (0: off)
+    stops the run. fairseq checks in every forward; the engine calls :meth:`check_health` at each logging
+    interval, where it reads the diagnostics anyway: a check in the step would make the host wait for the
+    device at every update."""
+
+    label: str                         # the method as messages name it
+    student: nn.Module
+    teacher: EMATeacher
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_updates = 0
+
+    def encoder(self) -> nn.Module:
+        return self.student
+
+    def after_step(self, num_updates: int, fraction: float) -> None:
+        """EMA step of the teacher with tau at this point of the run (skipped when tau >= 1)."""
+        self.num_updates = num_updates
+        self.current_decay = teacher_decay(self.cfg, num_updates, fraction)
+        self.teacher.step(self.student, self.current_decay)
+
+    def check_health(self, logs: dict[str, Any]) -> None:
+        if self.num_updates <= self.cfg.collapse_check_after:
+            return
+        for name, stat, what in (("min_target_var", "target_var", "target"), ("min_pred_var", "pred_var", "prediction")):
+            threshold, value = getattr(self.cfg, name), float(logs[stat])
+            if threshold > 0 and value < threshold:
+                raise CollapseError(f"{self.label} collapse guard: {what} std {value:.4f} < {name} {threshold} after "
+                                    f"{self.num_updates} updates (representation collapse; try a lower LR, check the "
+                                    f"EMA schedule, or set {name}=0 to disable)")
 
 
 @dataclass(frozen=True)
