@@ -7,8 +7,9 @@ Each method is run next to the fairseq model it reproduces:
 - ``data2vec2`` (image, speech, text): fairseq's ``Data2VecMultiModel`` (examples/data2vec/models/data2vec2.py)
   with the configuration of our preset; ITS freshly initialised weights are converted with our converter
   (``d2v2.interop.fairseq``, so the converter is exercised on a state dict that fairseq itself wrote).
-- ``data2vec1`` (text): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
-  (examples/data2vec/models/data2vec_text.py).
+- ``data2vec1`` (text, speech): ``baselines/data2vec1.py`` against fairseq's ``Data2VecTextModel``
+  (examples/data2vec/models/data2vec_text.py) and ``Data2VecAudioModel`` (data2vec_audio.py; our encoder without
+  ALiBi).
 - ``mlm`` (text): ``baselines/mlm.py`` against fairseq's ``RobertaModel`` and its ``masked_lm`` criterion.
 - ``bert`` (text): ``baselines/bert.py`` against fairseq's BERT (``MaskedLMModel`` at ``bert_base``: segment
   embeddings, NSP pooler and head) and its ``legacy_masked_lm`` criterion (MLM + NSP).
@@ -508,7 +509,7 @@ def regression_recorded(loss: torch.Tensor, calls: list[tuple]) -> dict[str, tor
 
 
 # ---- data2vec 1.0 text -----------------------------------------------------------------------------------
-def data2vec1_pair(preset: str, batch_size: int) -> Pair:
+def data2vec1_text_pair(preset: str, batch_size: int) -> Pair:
     """``baselines/data2vec1.py`` (text) and fairseq's ``Data2VecTextModel`` with the same settings."""
     from omegaconf import OmegaConf
     import examples.data2vec.models.data2vec_text as data2vec_text
@@ -815,6 +816,71 @@ def wav2vec2_pair(preset: str, batch_size: int) -> Pair:
                 fresh_ours=lambda: Wav2Vec2(cfg))
 
 
+# ---- data2vec 1.0 speech ---------------------------------------------------------------------------------
+def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
+    """``baselines/data2vec1.py`` (speech) and fairseq's ``Data2VecAudioModel`` with the same settings and masks
+    (ours, passed as its ``mask_indices``), our encoder without ALiBi (fairseq's has none). fairseq's teacher
+    is an EMA of its whole Transformer encoder but the conv positions, which it copies from the student; ours
+    reads the student's context stage (docs/FIDELITY_BASELINES.md, "What the teacher shares"), so here
+    fairseq's EMA copies the encoder's LayerNorm too, and the rest of the step is compared exactly."""
+    from omegaconf import OmegaConf
+    import examples.data2vec.models.data2vec_audio as data2vec_audio
+
+    cfg = method_config("speech", "data2vec1", preset,
+                        merge(merge(NO_DROPOUT, {"encoder": {"speech": {"use_alibi": False}}}), UPDATES_ANNEAL))
+    fs = data2vec_audio.Data2VecAudioModel(OmegaConf.merge(OmegaConf.structured(data2vec_audio.Data2VecAudioConfig), {
+        **speech_backbone_config(cfg.encoder), "feature_grad_mult": 1.0, "loss_beta": cfg.loss_beta,
+        "loss_scale": cfg.loss_scale, "average_top_k_layers": cfg.average_top_k_layers,
+        "layer_norm_target_layer": cfg.layer_norm_target_layer,
+        "instance_norm_target_layer": cfg.instance_norm_target_layer, "layer_norm_targets": cfg.layer_norm_targets,
+        "ema_decay": cfg.ema_decay, "ema_end_decay": cfg.ema_end_decay,
+        "ema_anneal_end_step": cfg.ema_anneal_end_step, "max_update": 100_000}))
+    fs.set_num_updates(0)                                        # fairseq makes its EMA teacher here
+    fs.ema.skip_keys.update(f"layer_norm.{p}" for p in ("weight", "bias"))
+    ours = Data2Vec1(cfg)
+    fs.train(), ours.train()
+
+    names = {n: t for n, t in wav2vec2_names(cfg).items() if not n.startswith(("quantizer.", "project_q.", "final_proj."))}
+    names.update({f"head.{p}": (f"final_proj.{p}",) for p in ("weight", "bias")})
+    teacher = block_names(cfg.encoder.depth, "teacher.model.blocks.", "layers.")
+    context = {k for k in fs.ema.model.state_dict() if k.startswith(("pos_conv.", "layer_norm."))}   # ours: the student's
+
+    def ours_teacher() -> dict[str, torch.Tensor]:
+        return dict(ours.teacher.named_parameters(prefix="teacher"))
+
+    def fairseq_teacher() -> dict[str, torch.Tensor]:
+        return as_ours(fs.ema.model.state_dict(), teacher, ours_teacher(), context)
+
+    weights = as_ours(fs.state_dict(), names, {k: v for k, v in ours.state_dict().items() if not k.startswith("teacher.")},
+                      {"_ema"})
+    ours.load_state_dict({**weights, **fairseq_teacher()}, strict=True)
+
+    def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return ours.masker()({"source": batch_for(cfg.encoder, batch_size, generator)}, generator)
+
+    def ours_data2vec1_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ours computes the L2 loss without ``mse_loss``: its targets (B, T, D) and predictions are recorded."""
+        targets, original = [], ours._targets
+        ours._targets = lambda *args: targets.append(original(*args)) or targets[-1]
+        try:
+            with outputs_of(ours.head) as pred:
+                out = ours(b)
+        finally:
+            del ours._targets
+        y = targets[0][b["mask"]].float()
+        return regression_outputs(y, pred[0], (pred[0] - y).pow(2), out.loss)
+
+    def fairseq_data2vec1_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with recorded_losses(data2vec_audio, ("mse_loss",)) as calls:
+            result = fs(b["source"], mask_indices=b["mask"])
+        return regression_recorded(result["losses"]["regression"] / result["sample_size"], calls)
+
+    return Pair(ours, fs, batch, ours_data2vec1_step, fairseq_data2vec1_step,
+                fairseq_grads=lambda: grads_by_table(fs, names, ours), fresh_ours=lambda: Data2Vec1(cfg),
+                ours_teacher=ours_teacher, fairseq_teacher=fairseq_teacher,
+                fairseq_decay=lambda: fs.ema.get_decay())
+
+
 # ---- HuBERT ------------------------------------------------------------------------------------------------
 def hubert_pair(preset: str, batch_size: int) -> Pair:
     """``baselines/hubert.py`` and fairseq's ``HubertModel`` + ``hubert`` criterion, with the same masks (ours,
@@ -892,18 +958,20 @@ def over_classes(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-BASELINES = {"data2vec1": ("text", data2vec1_pair), "mlm": ("text", mlm_pair), "bert": ("text", bert_pair),
-             "wav2vec2": ("speech", wav2vec2_pair),
-             "hubert": ("speech", hubert_pair)}
+# each baseline in the modalities it is checked in
+BASELINES = {("data2vec1", "text"): data2vec1_text_pair, ("data2vec1", "speech"): data2vec1_speech_pair,
+             ("mlm", "text"): mlm_pair, ("bert", "text"): bert_pair, ("wav2vec2", "speech"): wav2vec2_pair,
+             ("hubert", "speech"): hubert_pair}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fairseq", type=Path, required=True, help="a fairseq checkout")
-    ap.add_argument("--method", choices=["data2vec2", *BASELINES, "all"], default="all")
+    baselines = list(dict.fromkeys(method for method, _ in BASELINES))
+    ap.add_argument("--method", choices=["data2vec2", *baselines, "all"], default="all")
     ap.add_argument("--modality", choices=["image", "speech", "text", "all"], default="all",
-                    help="data2vec2's modalities; each baseline is checked in its own (data2vec1, mlm: text; "
-                         "wav2vec2: speech)")
+                    help="data2vec2's modalities; each baseline is checked in its own (data2vec1: speech and "
+                         "text; mlm, bert: text; wav2vec2, hubert: speech)")
     ap.add_argument("--preset", choices=["tiny", "smoke", "base"], default="tiny",
                     help="base: the paper's Base models (slow on a CPU: minutes)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -913,19 +981,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     report = Report(args.atol, reference="fairseq")
-    methods = ["data2vec2", *BASELINES] if args.method == "all" else [args.method]
+    methods = ["data2vec2", *baselines] if args.method == "all" else [args.method]
     modalities = ["image", "speech", "text"] if args.modality == "all" else [args.modality]
     with tempfile.TemporaryDirectory() as tmp:
         importable_fairseq(args.fairseq.resolve(), Path(tmp))
         for method in methods:
             for modality in modalities:
-                if method != "data2vec2" and modality != BASELINES[method][0]:
+                if method != "data2vec2" and (method, modality) not in BASELINES:
                     continue
                 torch.manual_seed(0)
                 if method == "data2vec2":
                     pair = data2vec2_pair(modality, args.preset, args.batch_size, report)
                 else:
-                    pair = BASELINES[method][1](args.preset, args.batch_size)
+                    pair = BASELINES[method, modality](args.preset, args.batch_size)
                 if not args.skip_init:
                     compare_init(pair, f"{method} {modality}", report)
                 compare_steps(pair, f"{method} {modality}", report, torch.Generator().manual_seed(0))
