@@ -216,10 +216,11 @@ def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
 def test_data2vec1_has_fairseqs_collapse_guard_for_speech_only():
     """fairseq's data2vec_audio stops a run whose target std falls below 0.1 (prediction std 0.01) after 5,000
     updates; its vision and text models have no guard (METHOD.md#collapse-guard)."""
-    for modality in ("image", "speech", "text"):
-        cfg = method_config(modality, "data2vec1", "base")
-        on = (cfg.min_target_var, cfg.min_pred_var, cfg.collapse_check_after) == (0.1, 0.01, 5000)
-        assert on == (modality == "speech") and (on or cfg.min_target_var == cfg.min_pred_var == 0)
+    for preset in ("smoke", "tiny", "base"):
+        for modality in ("image", "speech", "text"):
+            cfg = method_config(modality, "data2vec1", preset)
+            on = (cfg.min_target_var, cfg.min_pred_var, cfg.collapse_check_after) == (0.1, 0.01, 5000)
+            assert on == (modality == "speech") and (on or cfg.min_target_var == cfg.min_pred_var == 0), preset
     method = build_method("speech", "data2vec1", "smoke", {"min_target_var": 100.0, "collapse_check_after": 1})
     logs = method(masked(method, make_batch("speech"))).logs
     method.after_step(1, fraction=0.0)
