@@ -147,7 +147,7 @@ BASE_SPEECH = yaml.safe_load((REPO / "d2v2" / "presets" / "base.yaml").read_text
 @pytest.mark.parametrize("modality, seeds, budgets, anneal", [
     ("image", (0, 1), [60, 120, 240, 480], {"data2vec2": 0.8, "data2vec1": 0.8, "mae": None}),
     # the released configs' shares, the base preset's
-    ("speech", (0, 1, 2), [60, 240, 960],
+    ("speech", (0, 1, 2, 3, 4), [60, 240, 960],
      {m: BASE_SPEECH[m]["ema_anneal_end_fraction"] for m in ("data2vec2", "data2vec1")})])
 def test_cpu_sweep_configs_are_budget_sweeps_of_every_tiny_method_of_a_modality_with_fitted_anneals(
         modality, seeds, budgets, anneal):
