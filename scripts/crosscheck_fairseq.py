@@ -861,7 +861,12 @@ def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
     def ours_data2vec1_step(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Ours computes the L2 loss without ``mse_loss``: its targets (B, T, D) and predictions are recorded."""
         targets, original = [], ours._targets
-        ours._targets = lambda *args: targets.append(original(*args)) or targets[-1]
+
+        def recorded(*args):
+            targets.append(original(*args))
+            return targets[-1]
+
+        ours._targets = recorded
         try:
             with outputs_of(ours.head) as pred:
                 out = ours(b)

@@ -375,7 +375,7 @@ def same_identity(key: str, given: float, stored: float) -> bool:
     """Whether a fine-tune's ``identity.key`` names the checkpoint's: a budget fraction as the exact value or
     as the 3 decimals of the checkpoint's file name (``checkpoint_f0.062.pt`` holds 0.0625)."""
     if key == "budget_fraction":
-        return given == stored or f"{given:.3f}" == f"{stored:.3f}"
+        return f"{given:.3f}" == f"{stored:.3f}"
     return given == stored
 
 
