@@ -64,6 +64,9 @@ class Data2Vec1Config(Config):
     ema_end_decay: float = pydantic.Field(0.9999, gt=0, le=1)      # tau_e
     ema_anneal_end_step: int = pydantic.Field(30_000, ge=0)        # tau_n in updates
     ema_anneal_end_fraction: float | None = pydantic.Field(None, gt=0, le=1)   # tau_n in budget (d2v2.model.ema)
+    # speech: the teacher averages the context stage's LayerNorm, its positional convolution copied from the student
+    # (fairseq's data2vec_audio; base), instead of reading the student's whole context stage
+    ema_context_norm: bool = False
     # collapse guard (METHOD.md#collapse-guard; 0 disables): fairseq's audio model has it (0.1 / 0.01 after 5,000
     # updates, the speech presets), its vision and text models none
     min_target_var: float = pydantic.Field(0.0, ge=0)
@@ -81,6 +84,9 @@ class Data2Vec1Config(Config):
                              f"{self.encoder.num_blocks} blocks")
         if self.instance_norm_target_layer and self.layer_norm_target_layer:
             raise ValueError("instance_norm_target_layer and layer_norm_target_layer are exclusive")
+        if self.ema_context_norm and modality != "speech":
+            raise ValueError(f"ema_context_norm is fairseq's audio teacher; a {modality} teacher shares the context "
+                             "stage as fairseq's does")
         return self
 
 
@@ -105,7 +111,11 @@ class Data2Vec1(SelfDistillation):
             nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
         if self.modality == "text":     # fairseq's data2vec_text applies init_bert_params to its head too
             self.head.apply(init_bert_params)
-        self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
+        if cfg.ema_context_norm:
+            self.teacher = EMATeacher(self.student, shared=("local_encoder",), copied=(
+                "context_encoder.relative_positional_encoder.", "context_encoder.alibi_scale"))
+        else:
+            self.teacher = EMATeacher(self.student, shared=("local_encoder", "context_encoder"))
         self.loss_scale = cfg.loss_scale if cfg.loss_scale is not None else D ** -0.5
         self.current_decay = cfg.ema_decay
 
@@ -161,12 +171,14 @@ class Data2Vec1(SelfDistillation):
     def _targets(self, batch: dict[str, torch.Tensor], x_local: torch.Tensor,
                  padding_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, D) targets: the EMA blocks on the unmasked input (text: the original tokens), embedded
-        by the student's local and context stages in eval mode."""
-        student, c = self.student, self.cfg
+        by the student's local stage and the student's context stage (``ema_context_norm``: the teacher's) in
+        eval mode."""
+        student, teacher, c = self.student, self.teacher.compute, self.cfg
+        context = teacher if c.ema_context_norm else student
         with eval_mode(student.local_encoder, student.context_encoder):
             if self.modality == "text":
                 x_local, padding_mask = student.local_features(batch["mlm_target"], batch.get("padding_mask"))
-            out: EncoderOutput = self.teacher.compute.run_blocks(student.prepare(x_local.detach(), None, padding_mask))
+            out: EncoderOutput = teacher.run_blocks(context.prepare(x_local.detach(), None, padding_mask))
         return make_targets(out.layer_results, c.average_top_k_layers,
                             instance_norm_target_layer=c.instance_norm_target_layer,
                             layer_norm_target_layer=c.layer_norm_target_layer,

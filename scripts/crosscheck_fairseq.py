@@ -820,14 +820,14 @@ def wav2vec2_pair(preset: str, batch_size: int) -> Pair:
 def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
     """``baselines/data2vec1.py`` (speech) and fairseq's ``Data2VecAudioModel`` with the same settings and masks
     (ours, passed as its ``mask_indices``), our encoder without ALiBi (fairseq's has none). fairseq's teacher
-    is an EMA of its whole Transformer encoder but the conv positions, which it copies from the student; ours
-    reads the student's context stage (docs/FIDELITY_BASELINES.md, "What the teacher shares"), so here
-    fairseq's EMA copies the encoder's LayerNorm too, and the rest of the step is compared exactly."""
+    is an EMA of its whole Transformer encoder but the positional convolution, which it copies from the student:
+    ours with ``ema_context_norm`` (the ``base`` preset's; tiny's teacher reads the student's LayerNorm)."""
     from omegaconf import OmegaConf
     import examples.data2vec.models.data2vec_audio as data2vec_audio
 
     cfg = method_config("speech", "data2vec1", preset,
-                        merge(merge(NO_DROPOUT, {"encoder": {"speech": {"use_alibi": False}}}), UPDATES_ANNEAL))
+                        merge(merge(NO_DROPOUT, {"encoder": {"speech": {"use_alibi": False}}, "ema_context_norm": True}),
+                              UPDATES_ANNEAL))
     fs = data2vec_audio.Data2VecAudioModel(OmegaConf.merge(OmegaConf.structured(data2vec_audio.Data2VecAudioConfig), {
         **speech_backbone_config(cfg.encoder), "feature_grad_mult": 1.0, "loss_beta": cfg.loss_beta,
         "loss_scale": cfg.loss_scale, "average_top_k_layers": cfg.average_top_k_layers,
@@ -836,20 +836,20 @@ def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
         "ema_decay": cfg.ema_decay, "ema_end_decay": cfg.ema_end_decay,
         "ema_anneal_end_step": cfg.ema_anneal_end_step, "max_update": 100_000}))
     fs.set_num_updates(0)                                        # fairseq makes its EMA teacher here
-    fs.ema.skip_keys.update(f"layer_norm.{p}" for p in ("weight", "bias"))
     ours = Data2Vec1(cfg)
     fs.train(), ours.train()
 
     names = {n: t for n, t in wav2vec2_names(cfg).items() if not n.startswith(("quantizer.", "project_q.", "final_proj."))}
     names.update({f"head.{p}": (f"final_proj.{p}",) for p in ("weight", "bias")})
-    teacher = block_names(cfg.encoder.depth, "teacher.model.blocks.", "layers.")
-    context = {k for k in fs.ema.model.state_dict() if k.startswith(("pos_conv.", "layer_norm."))}   # ours: the student's
+    teacher = block_names(cfg.encoder.depth, "teacher.model.blocks.", "layers.")       # fairseq's: its encoder's
+    teacher.update({n.replace("student.", "teacher.model.", 1): tuple(t.removeprefix("encoder.") for t in parts)
+                    for n, parts in names.items() if n.startswith("student.context_encoder.")})
 
     def ours_teacher() -> dict[str, torch.Tensor]:
         return dict(ours.teacher.named_parameters(prefix="teacher"))
 
     def fairseq_teacher() -> dict[str, torch.Tensor]:
-        return as_ours(fs.ema.model.state_dict(), teacher, ours_teacher(), context)
+        return as_ours(fs.ema.model.state_dict(), teacher, ours_teacher())
 
     weights = as_ours(fs.state_dict(), names, {k: v for k, v in ours.state_dict().items() if not k.startswith("teacher.")},
                       {"_ema"})

@@ -213,6 +213,38 @@ def test_data2vec1_teacher_holds_only_blocks_and_follows_ema():
     assert torch.allclose(teacher.blocks[0].mlp.fc1.weight, tau * before + (1 - tau) * student)
 
 
+def test_data2vec1_speech_teacher_can_average_the_context_norm_as_fairseqs():
+    """``ema_context_norm`` (base): the teacher holds the context stage, averages its LayerNorm, copies the
+    positional convolution from the student, and its targets read the teacher's LayerNorm, not the student's."""
+    assert method_config("speech", "data2vec1", "base").ema_context_norm
+    assert not method_config("speech", "data2vec1", "tiny").ema_context_norm
+    with pytest.raises(ConfigError, match="ema_context_norm"):
+        method_config("image", "data2vec1", "smoke", {"ema_context_norm": True})
+    torch.manual_seed(0)
+    method = build_method("speech", "data2vec1", "smoke", {"ema_context_norm": True}).train()
+    teacher, student = method.teacher.model.context_encoder, method.student.context_encoder
+    assert method.teacher.model.local_encoder is None and teacher is not None
+    norm = teacher.norm.weight.clone()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5)
+    method.after_step(1, fraction=0.0)
+    tau = method.current_decay
+    torch.testing.assert_close(teacher.norm.weight, tau * norm + (1 - tau) * student.norm.weight)
+    positions = zip(teacher.relative_positional_encoder.parameters(), student.relative_positional_encoder.parameters())
+    for ours, theirs in positions:
+        torch.testing.assert_close(ours, theirs)
+    batch = masked(method, make_batch("speech"))
+    x = method.student.local_features(batch["source"])[0]
+    targets = method._targets(batch, x, None)
+    with torch.no_grad():
+        student.norm.weight.mul_(3.0)
+    torch.testing.assert_close(method._targets(batch, x, None), targets)      # the student's LayerNorm: unread
+    with torch.no_grad():
+        teacher.norm.weight.mul_(3.0)
+    assert not torch.allclose(method._targets(batch, x, None), targets)
+
+
 def test_data2vec1_has_fairseqs_collapse_guard_for_speech_only():
     """fairseq's data2vec_audio stops a run whose target std falls below 0.1 (prediction std 0.01) after 5,000
     updates; its vision and text models have no guard (METHOD.md#collapse-guard)."""

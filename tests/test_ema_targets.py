@@ -89,6 +89,19 @@ def test_ema_step_formula_copies_frozen_tensors_and_ignores_missing():
     torch.testing.assert_close(teacher.model.a.weight, frozen)
 
 
+def test_ema_step_copies_the_tensors_named_copied():
+    """fairseq's ``skip_keys``: a trained tensor under a ``copied`` prefix follows the student exactly."""
+    student = Toy()
+    teacher = EMATeacher(student, copied=("head.",))
+    before = teacher.model.a.weight.clone()
+    with torch.no_grad():
+        student.a.weight.add_(1.0)
+        student.head.weight.add_(1.0)
+    teacher.step(student, 0.9)
+    torch.testing.assert_close(teacher.model.head.weight, student.head.weight)
+    torch.testing.assert_close(teacher.model.a.weight, 0.9 * before + 0.1 * student.a.weight)
+
+
 def test_ema_step_pairs_once_and_again_after_a_move_or_a_frozen_parameter():
     """The step matches the teacher's tensors with the student's once; a cast (new buffers) or a parameter that
     stops training makes it match them again, so the formula holds throughout."""

@@ -45,13 +45,16 @@ def teacher_decay(cfg, num_updates: int, fraction: float) -> float:
 
 class EMATeacher(nn.Module):
     """Holds ``model``, the EMA copy of a student module; see module doc. Submodules named in
-    ``shared`` are removed from the copy (the teacher uses the student's instead, METHOD.md#teacher table)."""
+    ``shared`` are removed from the copy (the teacher uses the student's instead, METHOD.md#teacher table);
+    tensors whose names start with one of ``copied`` are copied from the student at every step instead of
+    averaged (fairseq's ``skip_keys``)."""
 
-    def __init__(self, student: nn.Module, shared: tuple[str, ...] = ()):
+    def __init__(self, student: nn.Module, shared: tuple[str, ...] = (), copied: tuple[str, ...] = ()):
         super().__init__()
         self.model = copy.deepcopy(student).float()
         for name in shared:
             setattr(self.model, name, None)
+        self.copied = copied
         self.model.requires_grad_(False)
         self.model.eval()
         self._low: _AutocastCopy | None = None      # `compute`'s copy (not a submodule: neither saved nor moved)
@@ -103,7 +106,7 @@ class EMATeacher(nn.Module):
         pairs = self._pairs
         if (pairs is None or pairs.student is not student
                 or any(p.requires_grad != trains for p, trains in zip(pairs.params, pairs.trains))):
-            self._pairs = pairs = _Pairs.of(self.model, student)
+            self._pairs = pairs = _Pairs.of(self.model, student, self.copied)
         return pairs
 
     def _apply(self, fn, *args, **kwargs):
@@ -114,7 +117,8 @@ class EMATeacher(nn.Module):
 @dataclass
 class _Pairs:
     """What :meth:`EMATeacher.step` updates: the teacher's tensors whose student parameters train (``ema_t``,
-    averaged towards ``ema_s``) and the rest it has (frozen parameters, buffers: ``copy_t`` copied from ``copy_s``)."""
+    averaged towards ``ema_s``) and the rest it has (frozen parameters, buffers and the names under ``copied``:
+    ``copy_t`` copied from ``copy_s``)."""
 
     student: nn.Module
     params: list[torch.Tensor]             # the student's matched parameters, and whether each trained
@@ -125,15 +129,16 @@ class _Pairs:
     copy_s: list[torch.Tensor]
 
     @classmethod
-    def of(cls, model: nn.Module, student: nn.Module) -> "_Pairs":
+    def of(cls, model: nn.Module, student: nn.Module, copied: tuple[str, ...] = ()) -> "_Pairs":
         pairs = cls(student, [], [], [], [], [], [])
         teacher_params = dict(model.named_parameters())
         for name, p_s in student.named_parameters():
             if (p_t := teacher_params.get(name)) is not None:
                 pairs.params.append(p_s)
                 pairs.trains.append(p_s.requires_grad)
-                (pairs.ema_t if p_s.requires_grad else pairs.copy_t).append(p_t)
-                (pairs.ema_s if p_s.requires_grad else pairs.copy_s).append(p_s)
+                averaged = p_s.requires_grad and not name.startswith(copied)
+                (pairs.ema_t if averaged else pairs.copy_t).append(p_t)
+                (pairs.ema_s if averaged else pairs.copy_s).append(p_s)
         teacher_buffers = dict(model.named_buffers())
         for name, b_s in student.named_buffers():
             if (b_t := teacher_buffers.get(name)) is not None:
