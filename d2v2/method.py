@@ -124,7 +124,8 @@ class SelfDistillation(PretrainMethod):
     def check_health(self, logs: dict[str, Any]) -> None:
         if self.num_updates <= self.cfg.collapse_check_after:
             return
-        for name, stat, what in (("min_target_var", "target_var", "target"), ("min_pred_var", "pred_var", "prediction")):
+        guards = (("min_target_var", "target_var", "target"), ("min_pred_var", "pred_var", "prediction"))
+        for name, stat, what in guards:
             threshold, value = getattr(self.cfg, name), float(logs[stat])
             if threshold > 0 and value < threshold:
                 raise CollapseError(f"{self.label} collapse guard: {what} std {value:.4f} < {name} {threshold} after "

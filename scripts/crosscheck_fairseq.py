@@ -825,9 +825,8 @@ def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
     from omegaconf import OmegaConf
     import examples.data2vec.models.data2vec_audio as data2vec_audio
 
-    cfg = method_config("speech", "data2vec1", preset,
-                        merge(merge(NO_DROPOUT, {"encoder": {"speech": {"use_alibi": False}}, "ema_context_norm": True}),
-                              UPDATES_ANNEAL))
+    overrides = {"encoder": {"speech": {"use_alibi": False}}, "ema_context_norm": True}
+    cfg = method_config("speech", "data2vec1", preset, merge(merge(NO_DROPOUT, overrides), UPDATES_ANNEAL))
     fs = data2vec_audio.Data2VecAudioModel(OmegaConf.merge(OmegaConf.structured(data2vec_audio.Data2VecAudioConfig), {
         **speech_backbone_config(cfg.encoder), "feature_grad_mult": 1.0, "loss_beta": cfg.loss_beta,
         "loss_scale": cfg.loss_scale, "average_top_k_layers": cfg.average_top_k_layers,
@@ -839,7 +838,8 @@ def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
     ours = Data2Vec1(cfg)
     fs.train(), ours.train()
 
-    names = {n: t for n, t in wav2vec2_names(cfg).items() if not n.startswith(("quantizer.", "project_q.", "final_proj."))}
+    names = {n: t for n, t in wav2vec2_names(cfg).items()
+             if not n.startswith(("quantizer.", "project_q.", "final_proj."))}
     names.update({f"head.{p}": (f"final_proj.{p}",) for p in ("weight", "bias")})
     teacher = block_names(cfg.encoder.depth, "teacher.model.blocks.", "layers.")       # fairseq's: its encoder's
     teacher.update({n.replace("student.", "teacher.model.", 1): tuple(t.removeprefix("encoder.") for t in parts)
@@ -851,8 +851,8 @@ def data2vec1_speech_pair(preset: str, batch_size: int) -> Pair:
     def fairseq_teacher() -> dict[str, torch.Tensor]:
         return as_ours(fs.ema.model.state_dict(), teacher, ours_teacher())
 
-    weights = as_ours(fs.state_dict(), names, {k: v for k, v in ours.state_dict().items() if not k.startswith("teacher.")},
-                      {"_ema"})
+    student = {k: v for k, v in ours.state_dict().items() if not k.startswith("teacher.")}
+    weights = as_ours(fs.state_dict(), names, student, {"_ema"})
     ours.load_state_dict({**weights, **fairseq_teacher()}, strict=True)
 
     def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
