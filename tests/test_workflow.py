@@ -18,6 +18,7 @@ import yaml
 
 from d2v2 import workflow as wfc
 from d2v2.config import get_dotted, merge
+from d2v2.engine.finetune import same_identity
 from d2v2.launch import _slurm_options, build_parser
 from d2v2.workflow import jobs
 
@@ -169,16 +170,15 @@ def test_cpu_sweep_configs_are_budget_sweeps_of_every_tiny_method_of_a_modality_
 
 
 def test_a_fine_tune_names_the_exact_fraction_its_file_name_rounds():
-    """File names keep 3 decimals (the speech sweep's anytime checkpoint at 0.0625 is ``f0.062``); the fine-tune's
-    identity, which the engine checks against the checkpoint's own fraction, carries the exact 0.0625."""
+    """File names keep 3 decimals (the speech sweep's anytime checkpoint at 0.0625 is ``f0.062``); the fine-tune
+    the workflow requests from the file name's fraction names that checkpoint for the engine's identity check."""
     config = resolved(**config_files("cpu-speech-sweep.yaml"))
     full = next(r for r in wfc.expand_runs(config) if r.budget_scale == 1)
     assert wfc.fraction_tag(0.0625) == "0.062"
     for fraction in (0.0625, 0.25, 1.0):
-        exact = wfc.finetuned_fraction(config, full, wfc.fraction_tag(fraction))
-        assert exact == fraction and wfc.finetune_request(config, full, exact)["identity"]["budget_fraction"] == fraction
-    with pytest.raises(wfc.WorkflowConfigError, match=f"{full.key}: no single fine-tuned fraction is written f0.500"):
-        wfc.finetuned_fraction(config, full, "0.500")
+        requested = wfc.finetune_request(config, full, float(wfc.fraction_tag(fraction)))["identity"]["budget_fraction"]
+        assert same_identity("budget_fraction", requested, fraction)
+        assert not same_identity("budget_fraction", requested, fraction + 0.001)
 
 
 def test_cpu_image_sweep_own_lr_overlay_is_the_sweep_at_tinys_own_lrs_in_its_own_folders():

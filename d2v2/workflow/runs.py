@@ -16,9 +16,9 @@ from d2v2.config import MODALITIES, ConfigError, merge
 from d2v2.presets import MODEL_KEYS, load_preset
 
 __all__ = ["MODALITIES", "WorkflowConfigError", "Run", "coerce_scalars", "with_preset", "run_field", "variants",
-           "expand_runs", "run_config", "data_key", "finetune_fractions", "finetuned_fraction", "finetune_request",
-           "random_init_request", "schema_error", "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS",
-           "HUBERT", "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
+           "expand_runs", "run_config", "data_key", "finetune_fractions", "finetune_request", "random_init_request",
+           "schema_error", "fraction_tag", "budget_sweep", "active_data", "LABEL_CHAIN_METHODS", "HUBERT",
+           "HUBERT_INPUT_COSTS", "chain_owner", "label_chains", "hubert_chain", "hubert_labels_args",
            "hubert_iteration1_config", "job_priority", "PRIORITY_STAGES"]
 
 
@@ -114,16 +114,6 @@ def finetune_fractions(config: Mapping[str, Any], run: Run) -> list[float]:
     kept; a sweep's run: its final checkpoint)."""
     return run.fractions or list(config.get("finetune_fractions", {}).get(run.modality)
                                  or config["checkpoint_fractions"])
-
-
-def finetuned_fraction(config: Mapping[str, Any], run: Run, tag: str) -> float:
-    """The fine-tuned fraction of ``run`` that appears as ``tag`` in file names: a file name keeps 3 decimals
-    (0.0625 -> ``f0.062``), the fine-tune's identity, checked against the checkpoint's, the exact value."""
-    exact = [f for f in finetune_fractions(config, run) if fraction_tag(f) == tag]
-    if len(exact) != 1:
-        raise WorkflowConfigError(f"{run.key}: no single fine-tuned fraction is written f{tag} "
-                                  f"(finetune_fractions {finetune_fractions(config, run)})")
-    return float(exact[0])
 
 
 def budget_sweep(config: Mapping[str, Any], modality: str) -> list[float]:

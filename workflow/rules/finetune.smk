@@ -20,9 +20,7 @@ rule finetune:
     output:
         f"{METRICS}/{{modality}}/{{method}}/{{variant}}/seed{{seed}}{{sweep}}/f{{fraction}}.json",
     params:
-        ft_config=lambda w: json.dumps(
-            wfc.finetune_request(config, run_of(w), wfc.finetuned_fraction(config, run_of(w), w.fraction)),
-            sort_keys=True),
+        ft_config=lambda w: json.dumps(wfc.finetune_request(config, run_of(w), float(w.fraction)), sort_keys=True),
         checkpoint=f"{RUN_DIR}/checkpoints/checkpoint_f{{fraction}}.pt",
         **ft_launch_params(FT_LOG),
     log:
